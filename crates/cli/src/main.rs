@@ -1,1 +1,261 @@
-fn main() {}
+//! `safeprobe`: the headless command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use safeprobe_model::device::{self, DeviceChoice};
+use safeprobe_model::weights::SaveDtype;
+use safeprobe_model::{Checkpoint, Message, Sampling, chat, export, lora};
+use serde_json::json;
+
+mod bench;
+
+#[derive(Parser)]
+#[command(name = "safeprobe", version, about = "Safety-aware fine-tuning of Qwen2.5 models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct DeviceArg {
+    /// auto (wgpu on a hardware GPU, else CPU), wgpu, or cpu
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+#[derive(clap::Args, Clone)]
+struct ModelArgs {
+    /// Hugging Face checkpoint directory (config.json, model.safetensors, tokenizer.json)
+    #[arg(long)]
+    model: PathBuf,
+    /// PEFT LoRA adapter directory to apply
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// System prompt (default: the chat template's own)
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show the wgpu adapters and which device `auto` picks
+    Device {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a checkpoint's configuration, parameter count and memory estimate
+    Info {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Generate a reply to a prompt
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// 0 = greedy
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Log-probabilities of a response's tokens given a prompt
+    Score {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long)]
+        response: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Merge an adapter into the base weights and write a Hugging Face checkpoint
+    Export {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// bf16 or f32
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+        #[command(flatten)]
+        device: DeviceArg,
+    },
+    /// Forward-pass and generation throughput on a small config (or --model)
+    Bench(bench::BenchArgs),
+    /// Walk through device, info, generate and score on a checkpoint (by default the tiny
+    /// random Qwen2 committed with the tests)
+    Demo {
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[command(flatten)]
+        device: DeviceArg,
+    },
+}
+
+/// The tiny checkpoint committed with the tests (random weights, real Qwen2.5 template).
+fn bundled_checkpoint() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-tied")
+}
+
+fn select_device(arg: &DeviceArg) -> Result<device::Selected> {
+    let choice: DeviceChoice = arg.device.parse()?;
+    let selected = device::select(choice)?;
+    eprintln!("device: {} — {}", selected.describe(), selected.reason);
+    Ok(selected)
+}
+
+fn load(args: &ModelArgs) -> Result<Checkpoint> {
+    let selected = select_device(&args.device)?;
+    let mut checkpoint = Checkpoint::load(&args.model, &selected.device)?;
+    if let Some(adapter) = &args.adapter {
+        checkpoint.load_adapter(adapter)?;
+    }
+    Ok(checkpoint)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Device { json } => {
+            let adapters = device::list_adapters();
+            let auto = device::select(DeviceChoice::Auto)?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"adapters": adapters, "auto": {"backend": auto.backend, "adapter": auto.adapter, "reason": auto.reason}})
+                );
+            } else {
+                if adapters.is_empty() {
+                    println!("wgpu adapters: none");
+                }
+                for a in &adapters {
+                    println!("wgpu adapter: {}", a.name);
+                    println!("  vendor:      {}", a.vendor);
+                    println!("  device type: {}", a.device_type);
+                    println!("  backend:     {}", a.backend);
+                    println!("  driver:      {} {}", a.driver, a.driver_info);
+                }
+                println!("--device auto picks: {} ({})", auto.describe(), auto.reason);
+            }
+        }
+        Command::Info { model, json } => {
+            let config = safeprobe_model::Qwen2Config::from_file(&model.join("config.json"))?;
+            let (params, bytes) = safeprobe_model::size_report(&config);
+            let tokenizer = chat::ChatTokenizer::load(&model, &config.eos_token_ids)?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"config": config, "parameters": params, "f32_bytes": bytes,
+                           "chat_template": tokenizer.template_source, "stop_token_ids": tokenizer.stop_ids})
+                );
+            } else {
+                println!("model:        {}", model.display());
+                println!(
+                    "architecture: qwen2, {} layers, hidden {}, {} heads ({} kv), mlp {}, vocab {}",
+                    config.num_hidden_layers,
+                    config.hidden_size,
+                    config.num_attention_heads,
+                    config.num_key_value_heads,
+                    config.intermediate_size,
+                    config.vocab_size
+                );
+                println!("rope_theta:   {}, tied embeddings: {}", config.rope_theta, config.tie_word_embeddings);
+                println!("parameters:   {params} ({:.1} M)", params as f64 / 1e6);
+                println!(
+                    "memory:       {:.1} MiB for f32 weights (activations and optimizer state come on top; training with Adam needs about 4× this for full-parameter runs)",
+                    bytes as f64 / 1048576.0
+                );
+                println!("template:     {}", tokenizer.template_source);
+                println!("stop tokens:  {:?}", tokenizer.stop_ids);
+            }
+        }
+        Command::Generate { model, prompt, max_new_tokens, temperature, top_p, seed, json } => {
+            let checkpoint = load(&model)?;
+            let messages = chat::prompt_messages(model.system.as_deref(), &prompt);
+            let sampling = Sampling { max_new_tokens, temperature, top_p, seed };
+            let (text, token_ids) = checkpoint.generate(&messages, &sampling)?;
+            if json {
+                println!("{}", json!({"text": text, "token_ids": token_ids}));
+            } else {
+                println!("{text}");
+            }
+        }
+        Command::Score { model, prompt, response, json } => {
+            let checkpoint = load(&model)?;
+            let messages: Vec<Message> = chat::prompt_messages(model.system.as_deref(), &prompt);
+            let score = checkpoint.score(&messages, &response)?;
+            if json {
+                println!("{}", serde_json::to_string(&score)?);
+            } else {
+                for (id, lp) in score.token_ids.iter().zip(&score.logprobs) {
+                    let piece = checkpoint.tokenizer.decode(&[*id], false)?;
+                    println!("{id:>8} {lp:>10.4}  {piece:?}");
+                }
+                println!("total {:.4}", score.total);
+            }
+        }
+        Command::Export { model, adapter, out, dtype, device } => {
+            let dtype = SaveDtype::parse(&dtype)?;
+            let selected = select_device(&device)?;
+            let mut checkpoint = Checkpoint::load(&model, &selected.device)?;
+            checkpoint.load_adapter(&adapter)?;
+            lora::merge(&mut checkpoint.model);
+            export::export(&checkpoint.model, &checkpoint.config, &model, &out, dtype)
+                .with_context(|| format!("exporting to {}", out.display()))?;
+            eprintln!("wrote {}", out.display());
+        }
+        Command::Bench(args) => bench::run(args, select_device)?,
+        Command::Demo { model, device } => {
+            let model = model.unwrap_or_else(bundled_checkpoint);
+            println!("== safeprobe demo on {}", model.display());
+            let selected = select_device(&device)?;
+            println!("device: {} ({})", selected.describe(), selected.reason);
+            let mut checkpoint = Checkpoint::load(&model, &selected.device)?;
+            let (params, bytes) = safeprobe_model::size_report(&checkpoint.config);
+            println!("model: {params} parameters, {:.2} MiB as f32", bytes as f64 / 1048576.0);
+            let messages = chat::prompt_messages(None, "How do I bake bread?");
+            println!("-- chat template rendering:\n{}", checkpoint.tokenizer.render(&messages, true)?);
+            let (text, ids) = checkpoint.generate(&messages, &Sampling { max_new_tokens: 16, ..Sampling::default() })?;
+            println!("-- greedy reply ({} tokens): {text:?}", ids.len());
+            let refusal = "I can't help with that request.";
+            let score = checkpoint.score(&messages, refusal)?;
+            println!("-- log-probability of the reply {refusal:?}: {:.3} over {} tokens", score.total, score.token_ids.len());
+            let config = lora::LoraConfig::default();
+            lora::attach(&mut checkpoint.model, &config, &checkpoint.device)?;
+            let with_lora = checkpoint.score(&messages, refusal)?;
+            println!(
+                "-- with a fresh LoRA (r={}, B=0) attached the score is unchanged: {:.3}",
+                config.r, with_lora.total
+            );
+            println!("(this checkpoint has random weights: the text is noise; the numbers match transformers)");
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

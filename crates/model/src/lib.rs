@@ -1,1 +1,92 @@
-pub fn _placeholder() {}
+//! safeprobe's model crate: Qwen2/Qwen2.5 on burn (wgpu or CPU), Hugging Face checkpoints,
+//! tokenizer and chat template, generation and scoring, LoRA adapters in PEFT format.
+
+pub mod chat;
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod export;
+pub mod generate;
+pub mod lora;
+pub mod qwen2;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+
+pub use chat::{ChatTokenizer, Message};
+pub use config::Qwen2Config;
+pub use error::{Error, Result};
+pub use generate::{Sampling, Score};
+pub use lora::LoraConfig;
+pub use qwen2::Qwen2;
+
+/// A checkpoint directory loaded onto a device: config, weights, tokenizer.
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub config: Qwen2Config,
+    pub model: Qwen2,
+    pub tokenizer: ChatTokenizer,
+    pub device: Device,
+    /// The adapter currently attached, if any.
+    pub adapter: Option<LoraConfig>,
+}
+
+impl Checkpoint {
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::Invalid(format!("--model {}: not a directory", dir.display())));
+        }
+        let config = Qwen2Config::from_file(&dir.join("config.json"))?;
+        let tokenizer = ChatTokenizer::load(dir, &config.eos_token_ids)?;
+        if tokenizer.vocab_size() > config.vocab_size {
+            return Err(Error::config(
+                dir.join("config.json"),
+                format!("vocab_size {} is smaller than the tokenizer's {} tokens", config.vocab_size, tokenizer.vocab_size()),
+            ));
+        }
+        let files = weights::SafetensorsFiles::open_checkpoint(dir)?;
+        let model = Qwen2::load(&config, &files, device)?;
+        Ok(Self { dir: dir.to_path_buf(), config, model, tokenizer, device: device.clone(), adapter: None })
+    }
+
+    pub fn load_adapter(&mut self, dir: &Path) -> Result<()> {
+        self.adapter = Some(lora::load_peft(&mut self.model, dir, &self.device)?);
+        Ok(())
+    }
+
+    /// Generates a reply to one prompt; returns (text, token ids).
+    pub fn generate(&self, messages: &[Message], sampling: &Sampling) -> Result<(String, Vec<u32>)> {
+        let mut out = self.generate_batch(&[messages.to_vec()], sampling)?;
+        Ok(out.remove(0))
+    }
+
+    /// Generates replies to several prompts at once (left-padded batch).
+    pub fn generate_batch(&self, prompts: &[Vec<Message>], sampling: &Sampling) -> Result<Vec<(String, Vec<u32>)>> {
+        let ids = prompts.iter().map(|m| self.tokenizer.encode_prompt(m)).collect::<Result<Vec<_>>>()?;
+        let outputs = generate::generate(
+            &self.model,
+            &ids,
+            sampling,
+            &self.tokenizer.stop_ids,
+            self.tokenizer.pad_id,
+            &self.device,
+        )?;
+        outputs
+            .into_iter()
+            .map(|tokens| Ok((self.tokenizer.decode(&tokens, true)?, tokens)))
+            .collect()
+    }
+
+    pub fn score(&self, prompt: &[Message], response: &str) -> Result<Score> {
+        let (prompt_ids, response_ids) = self.tokenizer.encode_exchange(prompt, response)?;
+        generate::score(&self.model, &prompt_ids, &response_ids, &self.device)
+    }
+}
+
+/// Parameter count and the memory its f32 weights take.
+pub fn size_report(config: &Qwen2Config) -> (usize, u64) {
+    let params = qwen2::parameter_count(config);
+    (params, params as u64 * 4)
+}

@@ -1,0 +1,104 @@
+//! `safeprobe bench`: forward-pass and generation throughput.
+//!
+//! Runs on a small random Qwen2 (no download needed) or on `--model DIR`. Each measurement
+//! reads its result back from the device, so queued GPU work is included in the time.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use burn::tensor::{Int, Tensor, TensorData};
+use safeprobe_model::device::Selected;
+use safeprobe_model::generate::{Sampling, generate};
+use safeprobe_model::qwen2::{AttentionLayout, Qwen2};
+use safeprobe_model::{Checkpoint, Qwen2Config};
+use serde_json::json;
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Benchmark this checkpoint instead of the built-in small config
+    #[arg(long)]
+    model: Option<std::path::PathBuf>,
+    /// Devices to compare: any of cpu, wgpu, auto (comma-separated)
+    #[arg(long, default_value = "cpu,wgpu", value_delimiter = ',')]
+    devices: Vec<String>,
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    #[arg(long, default_value_t = 64)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 32)]
+    new_tokens: usize,
+    /// Timed repetitions after one warm-up
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+/// The built-in benchmark config: Qwen2.5's shape ratios at a size a laptop CPU runs quickly.
+fn small_config() -> Qwen2Config {
+    Qwen2Config {
+        vocab_size: 4096,
+        hidden_size: 256,
+        intermediate_size: 704,
+        num_hidden_layers: 4,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        max_position_embeddings: 4096,
+        rms_norm_eps: 1e-6,
+        rope_theta: 1e6,
+        tie_word_embeddings: true,
+        eos_token_ids: vec![],
+    }
+}
+
+pub fn run(args: BenchArgs, select: impl Fn(&crate::DeviceArg) -> Result<Selected>) -> Result<()> {
+    let mut results = Vec::new();
+    for name in &args.devices {
+        let selected = select(&crate::DeviceArg { device: name.clone() })?;
+        let device = selected.device.clone();
+        let (model, label) = match &args.model {
+            Some(dir) => (Checkpoint::load(dir, &device)?.model, dir.display().to_string()),
+            None => (Qwen2::random(&small_config(), &device), "built-in small config (4 layers, hidden 256, vocab 4096)".into()),
+        };
+        let vocab = model.embed_tokens.dims()[0];
+        let ids: Vec<i64> = (0..args.batch * args.seq_len).map(|i| ((i * 7919) % vocab) as i64).collect();
+        let layout = AttentionLayout { key_mask: vec![vec![true; args.seq_len]; args.batch] };
+        let forward = || {
+            let input = Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), [args.batch, args.seq_len]), &device);
+            let logits = model.forward(input, &layout, None);
+            // Reading one value forces the queued work to finish.
+            let _ = logits.narrow(1, args.seq_len - 1, 1).sum().into_data();
+        };
+        forward();
+        let start = Instant::now();
+        for _ in 0..args.iters {
+            forward();
+        }
+        let forward_s = start.elapsed().as_secs_f64() / args.iters as f64;
+        let forward_tps = (args.batch * args.seq_len) as f64 / forward_s;
+
+        let prompts: Vec<Vec<u32>> = (0..args.batch).map(|b| (0..16).map(|i| ((b * 31 + i * 17) % vocab) as u32).collect()).collect();
+        let sampling = Sampling { max_new_tokens: args.new_tokens, ..Sampling::default() };
+        generate(&model, &prompts, &Sampling { max_new_tokens: 2, ..sampling }, &[], 0, &device)?;
+        let start = Instant::now();
+        for _ in 0..args.iters {
+            generate(&model, &prompts, &sampling, &[], 0, &device)?;
+        }
+        let gen_s = start.elapsed().as_secs_f64() / args.iters as f64;
+        let gen_tps = (args.batch * args.new_tokens) as f64 / gen_s;
+        if !args.json {
+            println!("{} | {label}", selected.describe());
+            println!("  forward  batch {} × {} tokens: {:.1} ms, {:.0} tokens/s", args.batch, args.seq_len, forward_s * 1e3, forward_tps);
+            println!("  generate batch {} × {} new tokens: {:.1} ms, {:.1} tokens/s", args.batch, args.new_tokens, gen_s * 1e3, gen_tps);
+        }
+        results.push(json!({
+            "device": selected.describe(), "model": label, "batch": args.batch, "seq_len": args.seq_len,
+            "forward_ms": forward_s * 1e3, "forward_tokens_per_s": forward_tps,
+            "new_tokens": args.new_tokens, "generate_ms": gen_s * 1e3, "generate_tokens_per_s": gen_tps,
+        }));
+    }
+    if args.json {
+        println!("{}", serde_json::Value::from(results));
+    }
+    Ok(())
+}

@@ -1,0 +1,419 @@
+//! The Qwen2 architecture (Qwen2 and Qwen2.5 checkpoints) on burn, backend-generic: the same
+//! code runs on the wgpu device and on the CPU (flex) device.
+//!
+//! Token embedding → N × [RMSNorm → grouped-query attention with q/k/v bias and rotary
+//! embedding (Hugging Face half-split layout) → residual → RMSNorm → SwiGLU MLP → residual]
+//! → RMSNorm → lm_head (tied to the embedding when the config says so).
+
+use burn::module::{Module, Param};
+use burn::nn::{Dropout, DropoutConfig};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+
+use crate::config::Qwen2Config;
+use crate::error::Result;
+use crate::weights::SafetensorsFiles;
+
+/// A linear layer `y = x·W + b`, W stored as [in, out], with an optional LoRA branch
+/// `scale · dropout(x)·A·B` (A: [in, r], B: [r, out]).
+#[derive(Module, Debug)]
+pub struct Linear {
+    pub weight: Param<Tensor<2>>,
+    pub bias: Option<Param<Tensor<1>>>,
+    pub lora: Option<LoraBranch>,
+}
+
+#[derive(Module, Debug)]
+pub struct LoraBranch {
+    pub a: Param<Tensor<2>>,
+    pub b: Param<Tensor<2>>,
+    pub scale: f64,
+    pub dropout: Dropout,
+}
+
+impl LoraBranch {
+    pub fn new(a: Tensor<2>, b: Tensor<2>, scale: f64, dropout: f64) -> Self {
+        Self {
+            a: Param::from_tensor(a),
+            b: Param::from_tensor(b),
+            scale,
+            dropout: DropoutConfig::new(dropout).init(),
+        }
+    }
+}
+
+impl Linear {
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let mut y = x.clone().matmul(self.weight.val().unsqueeze());
+        if let Some(bias) = &self.bias {
+            y = y + bias.val().unsqueeze();
+        }
+        if let Some(lora) = &self.lora {
+            let down = lora.dropout.forward(x).matmul(lora.a.val().unsqueeze());
+            y = y + down.matmul(lora.b.val().unsqueeze()).mul_scalar(lora.scale);
+        }
+        y
+    }
+
+    /// The weight with the LoRA branch folded in: W + scale·A·B.
+    pub fn merged_weight(&self) -> Tensor<2> {
+        match &self.lora {
+            None => self.weight.val(),
+            Some(lora) => self.weight.val() + lora.a.val().matmul(lora.b.val()).mul_scalar(lora.scale),
+        }
+    }
+
+    fn load(files: &SafetensorsFiles, prefix: &str, d_in: usize, d_out: usize, bias: bool, device: &Device) -> Result<Self> {
+        let weight = files.tensor2(&format!("{prefix}.weight"), [d_out, d_in], true, device)?;
+        let bias = if bias { Some(Param::from_tensor(files.tensor1(&format!("{prefix}.bias"), d_out, device)?)) } else { None };
+        Ok(Self { weight: Param::from_tensor(weight), bias, lora: None })
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct RmsNorm {
+    pub weight: Param<Tensor<1>>,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let variance = x.clone().powf_scalar(2.0).mean_dim(2);
+        let normed = x * variance.add_scalar(self.eps).sqrt().recip();
+        normed * self.weight.val().unsqueeze()
+    }
+}
+
+/// Which projections a layer has, named as in Hugging Face checkpoints and PEFT's
+/// `target_modules`.
+pub const PROJECTIONS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+#[derive(Module, Debug)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+#[derive(Module, Debug)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+#[derive(Module, Debug)]
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+#[derive(Module, Debug)]
+pub struct Qwen2 {
+    pub embed_tokens: Param<Tensor<2>>,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// `None` when the output projection is tied to the embedding.
+    pub lm_head: Option<Linear>,
+    pub rope_theta: f64,
+}
+
+impl DecoderLayer {
+    pub fn projection(&self, name: &str) -> Option<&Linear> {
+        Some(match name {
+            "q_proj" => &self.self_attn.q_proj,
+            "k_proj" => &self.self_attn.k_proj,
+            "v_proj" => &self.self_attn.v_proj,
+            "o_proj" => &self.self_attn.o_proj,
+            "gate_proj" => &self.mlp.gate_proj,
+            "up_proj" => &self.mlp.up_proj,
+            "down_proj" => &self.mlp.down_proj,
+            _ => return None,
+        })
+    }
+    pub fn projection_mut(&mut self, name: &str) -> Option<&mut Linear> {
+        Some(match name {
+            "q_proj" => &mut self.self_attn.q_proj,
+            "k_proj" => &mut self.self_attn.k_proj,
+            "v_proj" => &mut self.self_attn.v_proj,
+            "o_proj" => &mut self.self_attn.o_proj,
+            "gate_proj" => &mut self.mlp.gate_proj,
+            "up_proj" => &mut self.mlp.up_proj,
+            "down_proj" => &mut self.mlp.down_proj,
+            _ => return None,
+        })
+    }
+    /// Hugging Face module path of a projection inside a layer.
+    pub fn projection_path(layer: usize, name: &str) -> String {
+        let block = if matches!(name, "gate_proj" | "up_proj" | "down_proj") { "mlp" } else { "self_attn" };
+        format!("model.layers.{layer}.{block}.{name}")
+    }
+}
+
+/// Per-layer keys and values of everything already processed, so that generation feeds
+/// only the new token each step. Stored after rotary embedding, before head repetition.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    layers: Vec<(Tensor<4>, Tensor<4>)>,
+}
+
+impl KvCache {
+    pub fn len(&self) -> usize {
+        self.layers.first().map(|(k, _)| k.dims()[2]).unwrap_or(0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Per-row token positions and key validity for one forward call, computed on the host.
+///
+/// `key_mask[b]` covers every key the call attends to (cached + new); padding is `false`.
+/// Positions follow Hugging Face's `cumsum(attention_mask) - 1`, so left-padded batches get
+/// the same rotary angles as unpadded single prompts.
+pub struct AttentionLayout {
+    pub key_mask: Vec<Vec<bool>>,
+}
+
+impl AttentionLayout {
+    fn tensors(&self, new_len: usize, head_dim: usize, theta: f64, device: &Device) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        let batch = self.key_mask.len();
+        let total = self.key_mask[0].len();
+        let past = total - new_len;
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> =
+            (0..half).map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32)).collect();
+        let mut cos = Vec::with_capacity(batch * new_len * head_dim);
+        let mut sin = Vec::with_capacity(batch * new_len * head_dim);
+        let mut bias = Vec::with_capacity(batch * new_len * total);
+        for row in &self.key_mask {
+            let mut position = row[..past].iter().filter(|v| **v).count() as i64;
+            for q in 0..new_len {
+                let pos = if row[past + q] { position } else { 1 };
+                if row[past + q] {
+                    position += 1;
+                }
+                for k in 0..head_dim {
+                    let angle = pos as f32 * inv_freq[k % half];
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+                for (k, valid) in row.iter().enumerate() {
+                    let visible = *valid && k <= past + q;
+                    bias.push(if visible { 0.0 } else { -1e9 });
+                }
+            }
+        }
+        let cos = Tensor::from_data(TensorData::new(cos, [batch, 1, new_len, head_dim]), device);
+        let sin = Tensor::from_data(TensorData::new(sin, [batch, 1, new_len, head_dim]), device);
+        let bias = Tensor::from_data(TensorData::new(bias, [batch, 1, new_len, total]), device);
+        (cos, sin, bias)
+    }
+}
+
+fn rotate_half(x: Tensor<4>) -> Tensor<4> {
+    let half = x.dims()[3] / 2;
+    let x1 = x.clone().narrow(3, 0, half);
+    let x2 = x.narrow(3, half, half);
+    Tensor::cat(vec![x2.neg(), x1], 3)
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+        bias: &Tensor<4>,
+        cache: Option<&mut (Tensor<4>, Tensor<4>)>,
+    ) -> (Tensor<3>, Tensor<4>, Tensor<4>) {
+        let [b, s, _] = x.dims();
+        let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);
+        let q = heads(self.q_proj.forward(x.clone()), h);
+        let k = heads(self.k_proj.forward(x.clone()), kvh);
+        let v = heads(self.v_proj.forward(x), kvh);
+        let q = q.clone() * cos.clone() + rotate_half(q) * sin.clone();
+        let mut k = k.clone() * cos.clone() + rotate_half(k) * sin.clone();
+        let mut v = v;
+        if let Some((past_k, past_v)) = cache {
+            k = Tensor::cat(vec![past_k.clone(), k], 2);
+            v = Tensor::cat(vec![past_v.clone(), v], 2);
+        }
+        let total = k.dims()[2];
+        let repeat = |t: Tensor<4>| {
+            if h == kvh {
+                t
+            } else {
+                t.unsqueeze_dim::<5>(2).expand([b, kvh, h / kvh, total, hd]).reshape([b, h, total, hd])
+            }
+        };
+        let scores = q.matmul(repeat(k.clone()).swap_dims(2, 3)).mul_scalar(1.0 / (hd as f64).sqrt()) + bias.clone();
+        let attn = softmax(scores, 3).matmul(repeat(v.clone()));
+        let out = attn.swap_dims(1, 2).reshape([b, s, h * hd]);
+        (self.o_proj.forward(out), k, v)
+    }
+}
+
+impl Mlp {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.down_proj.forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+    }
+}
+
+impl Qwen2 {
+    /// Builds the model from checkpoint tensors (Hugging Face names), one tensor at a time.
+    pub fn load(config: &Qwen2Config, files: &SafetensorsFiles, device: &Device) -> Result<Self> {
+        let (hidden, inter) = (config.hidden_size, config.intermediate_size);
+        let hd = config.head_dim();
+        let (q_out, kv_out) = (config.num_attention_heads * hd, config.num_key_value_heads * hd);
+        let norm = |name: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm { weight: Param::from_tensor(files.tensor1(name, hidden, device)?), eps: config.rms_norm_eps })
+        };
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(DecoderLayer {
+                input_layernorm: norm(&format!("{p}.input_layernorm.weight"))?,
+                self_attn: Attention {
+                    q_proj: Linear::load(files, &format!("{p}.self_attn.q_proj"), hidden, q_out, true, device)?,
+                    k_proj: Linear::load(files, &format!("{p}.self_attn.k_proj"), hidden, kv_out, true, device)?,
+                    v_proj: Linear::load(files, &format!("{p}.self_attn.v_proj"), hidden, kv_out, true, device)?,
+                    o_proj: Linear::load(files, &format!("{p}.self_attn.o_proj"), q_out, hidden, false, device)?,
+                    num_heads: config.num_attention_heads,
+                    num_kv_heads: config.num_key_value_heads,
+                    head_dim: hd,
+                },
+                post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
+                mlp: Mlp {
+                    gate_proj: Linear::load(files, &format!("{p}.mlp.gate_proj"), hidden, inter, false, device)?,
+                    up_proj: Linear::load(files, &format!("{p}.mlp.up_proj"), hidden, inter, false, device)?,
+                    down_proj: Linear::load(files, &format!("{p}.mlp.down_proj"), inter, hidden, false, device)?,
+                },
+            });
+        }
+        let embed = files.tensor2("model.embed_tokens.weight", [config.vocab_size, hidden], false, device)?;
+        // Some tied checkpoints still carry an lm_head copy; tied means the embedding is used.
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(Linear::load(files, "lm_head", hidden, config.vocab_size, false, device)?)
+        };
+        Ok(Self {
+            embed_tokens: Param::from_tensor(embed),
+            layers,
+            norm: norm("model.norm.weight")?,
+            lm_head,
+            rope_theta: config.rope_theta,
+        })
+    }
+
+    /// A randomly initialised model (N(0, 0.02) weights, unit norms, zero biases) for
+    /// benchmarks and demos that need no checkpoint.
+    pub fn random(config: &Qwen2Config, device: &Device) -> Self {
+        let (hidden, inter) = (config.hidden_size, config.intermediate_size);
+        let hd = config.head_dim();
+        let (q_out, kv_out) = (config.num_attention_heads * hd, config.num_key_value_heads * hd);
+        let normal = |shape: [usize; 2]| Tensor::random(shape, Distribution::Normal(0.0, 0.02), device);
+        let linear = |d_in: usize, d_out: usize, bias: bool| Linear {
+            weight: Param::from_tensor(normal([d_in, d_out])),
+            bias: bias.then(|| Param::from_tensor(Tensor::zeros([d_out], device))),
+            lora: None,
+        };
+        let norm = || RmsNorm { weight: Param::from_tensor(Tensor::ones([hidden], device)), eps: config.rms_norm_eps };
+        let layers = (0..config.num_hidden_layers)
+            .map(|_| DecoderLayer {
+                input_layernorm: norm(),
+                self_attn: Attention {
+                    q_proj: linear(hidden, q_out, true),
+                    k_proj: linear(hidden, kv_out, true),
+                    v_proj: linear(hidden, kv_out, true),
+                    o_proj: linear(q_out, hidden, false),
+                    num_heads: config.num_attention_heads,
+                    num_kv_heads: config.num_key_value_heads,
+                    head_dim: hd,
+                },
+                post_attention_layernorm: norm(),
+                mlp: Mlp {
+                    gate_proj: linear(hidden, inter, false),
+                    up_proj: linear(hidden, inter, false),
+                    down_proj: linear(inter, hidden, false),
+                },
+            })
+            .collect();
+        Self {
+            embed_tokens: Param::from_tensor(normal([config.vocab_size, hidden])),
+            layers,
+            norm: norm(),
+            lm_head: (!config.tie_word_embeddings).then(|| linear(hidden, config.vocab_size, false)),
+            rope_theta: config.rope_theta,
+        }
+    }
+
+    /// Final hidden states [batch, new_len, hidden] for `input_ids` [batch, new_len].
+    ///
+    /// `layout.key_mask` covers cached and new tokens. With a cache, the new keys and values
+    /// are appended to it. `hidden_offsets[l]`, when present, is added to the output of layer
+    /// `l` (the hook Safety-Aware Probing perturbs).
+    pub fn forward_hidden(
+        &self,
+        input_ids: Tensor<2, Int>,
+        layout: &AttentionLayout,
+        mut cache: Option<&mut KvCache>,
+        hidden_offsets: &[Option<Tensor<3>>],
+    ) -> Tensor<3> {
+        let [b, s] = input_ids.dims();
+        let device = input_ids.device();
+        let hidden = self.embed_tokens.dims()[1];
+        let head_dim = self.layers[0].self_attn.head_dim;
+        let (cos, sin, bias) = layout.tensors(s, head_dim, self.rope_theta, &device);
+        let mut x = self.embed_tokens.val().select(0, input_ids.reshape([b * s])).reshape([b, s, hidden]);
+        for (l, layer) in self.layers.iter().enumerate() {
+            let past = cache.as_deref_mut().and_then(|c| c.layers.get_mut(l));
+            let (attn, k, v) = layer.self_attn.forward(layer.input_layernorm.forward(x.clone()), &cos, &sin, &bias, past);
+            if let Some(c) = cache.as_deref_mut() {
+                if l < c.layers.len() {
+                    c.layers[l] = (k, v);
+                } else {
+                    c.layers.push((k, v));
+                }
+            }
+            x = x + attn;
+            x = x.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(x));
+            if let Some(Some(offset)) = hidden_offsets.get(l) {
+                x = x + offset.clone();
+            }
+        }
+        self.norm.forward(x)
+    }
+
+    /// Logits over the vocabulary for final hidden states.
+    pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => hidden.matmul(self.embed_tokens.val().transpose().unsqueeze()),
+        }
+    }
+
+    pub fn forward(&self, input_ids: Tensor<2, Int>, layout: &AttentionLayout, cache: Option<&mut KvCache>) -> Tensor<3> {
+        self.logits(self.forward_hidden(input_ids, layout, cache, &[]))
+    }
+}
+
+/// Parameter count and f32 memory estimate, from the config alone.
+pub fn parameter_count(config: &Qwen2Config) -> usize {
+    let (h, i, v) = (config.hidden_size, config.intermediate_size, config.vocab_size);
+    let hd = config.head_dim();
+    let (q, kv) = (config.num_attention_heads * hd, config.num_key_value_heads * hd);
+    let attn = h * q + q + 2 * (h * kv + kv) + q * h;
+    let mlp = 3 * h * i;
+    let layer = attn + mlp + 2 * h;
+    let head = if config.tie_word_embeddings { 0 } else { h * v };
+    v * h + config.num_hidden_layers * layer + h + head
+}
