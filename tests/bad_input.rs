@@ -7,7 +7,9 @@ use safeprobe_model::qwen2::Qwen2;
 use safeprobe_model::{Checkpoint, LoraConfig, Qwen2Config, lora};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
 }
 
 /// A writable copy of a fixture checkpoint.
@@ -28,14 +30,18 @@ fn load_error(dir: &Path) -> String {
 }
 
 fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
-    let mut value: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut value: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     edit(&mut value);
     std::fs::write(path, value.to_string()).unwrap();
 }
 
 fn assert_mentions(message: &str, parts: &[&str]) {
     for part in parts {
-        assert!(message.contains(part), "error \"{message}\" does not mention \"{part}\"");
+        assert!(
+            message.contains(part),
+            "error \"{message}\" does not mention \"{part}\""
+        );
     }
 }
 
@@ -55,42 +61,69 @@ fn missing_files() {
 
     let dir = copy_of("tiny-untied");
     std::fs::remove_file(dir.path().join("model-00003-of-00011.safetensors")).unwrap();
-    assert_mentions(&load_error(dir.path()), &["model-00003-of-00011.safetensors"]);
+    assert_mentions(
+        &load_error(dir.path()),
+        &["model-00003-of-00011.safetensors"],
+    );
 
-    assert_mentions(&load_error(Path::new("/nonexistent/model")), &["/nonexistent/model", "not a directory"]);
+    assert_mentions(
+        &load_error(Path::new("/nonexistent/model")),
+        &["/nonexistent/model", "not a directory"],
+    );
 }
 
 #[test]
 fn malformed_json() {
     let dir = copy_of("tiny-tied");
-    std::fs::write(dir.path().join("config.json"), "{\"model_type\": \"qwen2\",").unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        "{\"model_type\": \"qwen2\",",
+    )
+    .unwrap();
     assert_mentions(&load_error(dir.path()), &["config.json", "malformed JSON"]);
 
     let dir = copy_of("tiny-untied");
     std::fs::write(dir.path().join("model.safetensors.index.json"), "[1, 2").unwrap();
-    assert_mentions(&load_error(dir.path()), &["model.safetensors.index.json", "malformed JSON"]);
+    assert_mentions(
+        &load_error(dir.path()),
+        &["model.safetensors.index.json", "malformed JSON"],
+    );
 }
 
 #[test]
 fn unknown_model_type_and_unsupported_fields() {
     let dir = copy_of("tiny-tied");
-    edit_json(&dir.path().join("config.json"), |c| c["model_type"] = "llama".into());
-    assert_mentions(&load_error(dir.path()), &["config.json", "unsupported model_type \"llama\""]);
+    edit_json(&dir.path().join("config.json"), |c| {
+        c["model_type"] = "llama".into()
+    });
+    assert_mentions(
+        &load_error(dir.path()),
+        &["config.json", "unsupported model_type \"llama\""],
+    );
 
     let dir = copy_of("tiny-tied");
     edit_json(&dir.path().join("config.json"), |c| {
         c["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0})
     });
-    assert_mentions(&load_error(dir.path()), &["config.json", "rope_scaling.rope_type \"yarn\""]);
+    assert_mentions(
+        &load_error(dir.path()),
+        &["config.json", "rope_scaling.rope_type \"yarn\""],
+    );
 }
 
 #[test]
 fn tensor_shape_mismatch() {
     let dir = copy_of("tiny-tied");
-    edit_json(&dir.path().join("config.json"), |c| c["intermediate_size"] = 128.into());
+    edit_json(&dir.path().join("config.json"), |c| {
+        c["intermediate_size"] = 128.into()
+    });
     assert_mentions(
         &load_error(dir.path()),
-        &["model.safetensors", "model.layers.0.mlp.gate_proj.weight", "has shape [160, 64], expected [128, 64]"],
+        &[
+            "model.safetensors",
+            "model.layers.0.mlp.gate_proj.weight",
+            "has shape [160, 64], expected [128, 64]",
+        ],
     );
 }
 
@@ -113,7 +146,10 @@ fn tensor_dtype_mismatch() {
     ));
     let out = safetensors::serialize(views, None).unwrap();
     std::fs::write(&path, out).unwrap();
-    assert_mentions(&load_error(dir.path()), &["model.safetensors", "model.norm.weight", "dtype I32"]);
+    assert_mentions(
+        &load_error(dir.path()),
+        &["model.safetensors", "model.norm.weight", "dtype I32"],
+    );
 }
 
 #[test]
@@ -125,31 +161,59 @@ fn truncated_safetensors() {
     assert_mentions(&load_error(dir.path()), &["model.safetensors", "truncated"]);
 
     std::fs::write(&path, &bytes[..5]).unwrap();
-    assert_mentions(&load_error(dir.path()), &["model.safetensors", "not a valid safetensors file"]);
+    assert_mentions(
+        &load_error(dir.path()),
+        &["model.safetensors", "not a valid safetensors file"],
+    );
 }
 
 #[test]
 fn adapter_for_a_different_base_model() {
     // An adapter trained on a wider model (hidden 32 instead of 64).
-    let other = Qwen2Config { hidden_size: 32, ..Qwen2Config::from_file(&fixture("tiny-tied/config.json")).unwrap() };
+    let other = Qwen2Config {
+        hidden_size: 32,
+        ..Qwen2Config::from_file(&fixture("tiny-tied/config.json")).unwrap()
+    };
     let device = Device::flex();
     let mut model = Qwen2::random(&other, &device);
-    let config = LoraConfig { target_modules: vec!["q_proj".into()], ..LoraConfig::default() };
-    lora::attach(&mut model, &config, &device).unwrap();
+    let config = LoraConfig {
+        target_modules: vec!["q_proj".into()],
+        ..LoraConfig::default()
+    };
+    lora::attach(&mut model, &config, 0, &device).unwrap();
     let adapter = tempfile::tempdir().unwrap();
     lora::save_peft(&model, &config, adapter.path(), "other").unwrap();
 
     let mut checkpoint = Checkpoint::load(&fixture("tiny-tied"), &device).unwrap();
-    let error = checkpoint.load_adapter(adapter.path()).unwrap_err().to_string();
-    assert_mentions(&error, &["adapter_model.safetensors", "lora_A", "different base model"]);
+    let error = checkpoint
+        .load_adapter(adapter.path())
+        .unwrap_err()
+        .to_string();
+    assert_mentions(
+        &error,
+        &[
+            "adapter_model.safetensors",
+            "lora_A",
+            "different base model",
+        ],
+    );
 
     // One with more layers than the base has.
-    let deeper = Qwen2Config { num_hidden_layers: 3, ..other.clone() };
-    let deeper = Qwen2Config { hidden_size: 64, ..deeper };
+    let deeper = Qwen2Config {
+        num_hidden_layers: 3,
+        ..other.clone()
+    };
+    let deeper = Qwen2Config {
+        hidden_size: 64,
+        ..deeper
+    };
     let mut model = Qwen2::random(&deeper, &device);
-    lora::attach(&mut model, &config, &device).unwrap();
+    lora::attach(&mut model, &config, 0, &device).unwrap();
     lora::save_peft(&model, &config, adapter.path(), "deeper").unwrap();
-    let error = checkpoint.load_adapter(adapter.path()).unwrap_err().to_string();
+    let error = checkpoint
+        .load_adapter(adapter.path())
+        .unwrap_err()
+        .to_string();
     assert_mentions(&error, &["model.layers.2", "different base model"]);
 }
 
@@ -157,12 +221,30 @@ fn adapter_for_a_different_base_model() {
 fn bad_adapter_config() {
     let adapter = tempfile::tempdir().unwrap();
     for file in ["adapter_config.json", "adapter_model.safetensors"] {
-        std::fs::copy(fixture("peft-adapter").join(file), adapter.path().join(file)).unwrap();
+        std::fs::copy(
+            fixture("peft-adapter").join(file),
+            adapter.path().join(file),
+        )
+        .unwrap();
     }
     let mut checkpoint = Checkpoint::load(&fixture("tiny-untied"), &Device::flex()).unwrap();
-    edit_json(&adapter.path().join("adapter_config.json"), |c| c["use_dora"] = true.into());
-    assert_mentions(&checkpoint.load_adapter(adapter.path()).unwrap_err().to_string(), &["adapter_config.json", "use_dora"]);
+    edit_json(&adapter.path().join("adapter_config.json"), |c| {
+        c["use_dora"] = true.into()
+    });
+    assert_mentions(
+        &checkpoint
+            .load_adapter(adapter.path())
+            .unwrap_err()
+            .to_string(),
+        &["adapter_config.json", "use_dora"],
+    );
 
     std::fs::remove_file(adapter.path().join("adapter_config.json")).unwrap();
-    assert_mentions(&checkpoint.load_adapter(adapter.path()).unwrap_err().to_string(), &["adapter_config.json", "cannot read"]);
+    assert_mentions(
+        &checkpoint
+            .load_adapter(adapter.path())
+            .unwrap_err()
+            .to_string(),
+        &["adapter_config.json", "cannot read"],
+    );
 }

@@ -25,14 +25,19 @@ fn reference() -> Value {
 }
 
 fn devices() -> Vec<(&'static str, Device)> {
-    let wgpu = select(DeviceChoice::Wgpu).expect("a wgpu adapter (install mesa-vulkan-drivers without a GPU)");
+    let wgpu = select(DeviceChoice::Wgpu)
+        .expect("a wgpu adapter (install mesa-vulkan-drivers without a GPU)");
     vec![("cpu", Device::flex()), ("wgpu", wgpu.device)]
 }
 
 const MODELS: [&str; 2] = ["tiny-tied", "tiny-untied"];
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn floats(v: &Value) -> Vec<f32> {
@@ -44,16 +49,28 @@ fn floats(v: &Value) -> Vec<f32> {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
-fn logits(checkpoint: &Checkpoint, rows: &[Vec<u32>], key_mask: Vec<Vec<bool>>) -> (Vec<f32>, [usize; 3]) {
+fn logits(
+    checkpoint: &Checkpoint,
+    rows: &[Vec<u32>],
+    key_mask: Vec<Vec<bool>>,
+) -> (Vec<f32>, [usize; 3]) {
     let (b, s) = (rows.len(), rows[0].len());
     let flat: Vec<i64> = rows.iter().flatten().map(|t| *t as i64).collect();
     let input = Tensor::<2, Int>::from_data(TensorData::new(flat, [b, s]), &checkpoint.device);
-    let out = checkpoint.model.forward(input, &AttentionLayout { key_mask }, None);
+    let out = checkpoint
+        .model
+        .forward(input, &AttentionLayout { key_mask }, None);
     let dims = out.dims();
-    (out.into_data().convert::<f32>().try_into_vec().unwrap(), dims)
+    (
+        out.into_data().convert::<f32>().try_into_vec().unwrap(),
+        dims,
+    )
 }
 
 #[test]
@@ -66,7 +83,10 @@ fn logits_match_transformers() {
             let input = ids(&r["logits_ids"]);
             let (got, _) = logits(&checkpoint, &[input.clone()], vec![vec![true; input.len()]]);
             let diff = max_abs_diff(&got, &floats(&r["logits"]));
-            assert!(diff <= TOLERANCE, "{name} on {backend}: max |Δlogits| = {diff}");
+            assert!(
+                diff <= TOLERANCE,
+                "{name} on {backend}: max |Δlogits| = {diff}"
+            );
         }
     }
 }
@@ -81,15 +101,26 @@ fn left_padded_batch_matches_transformers() {
             let long = ids(&r["logits_ids"]);
             let short = ids(&r["padded_short_ids"]);
             let pad = long.len() - short.len();
-            let padded: Vec<u32> = std::iter::repeat_n(0, pad).chain(short.iter().copied()).collect();
-            let mask = vec![vec![true; long.len()], (0..long.len()).map(|i| i >= pad).collect()];
+            let padded: Vec<u32> = std::iter::repeat_n(0, pad)
+                .chain(short.iter().copied())
+                .collect();
+            let mask = vec![
+                vec![true; long.len()],
+                (0..long.len()).map(|i| i >= pad).collect(),
+            ];
             let (got, [_, s, v]) = logits(&checkpoint, &[long.clone(), padded], mask);
             let short_rows = &got[(s + pad) * v..2 * s * v];
             let diff = max_abs_diff(short_rows, &floats(&r["padded_short_logits"]));
-            assert!(diff <= TOLERANCE, "{name} on {backend}: padded row max |Δlogits| = {diff}");
+            assert!(
+                diff <= TOLERANCE,
+                "{name} on {backend}: padded row max |Δlogits| = {diff}"
+            );
             // The long row is unaffected by its neighbour's padding.
             let diff = max_abs_diff(&got[..s * v], &floats(&r["logits"]));
-            assert!(diff <= TOLERANCE, "{name} on {backend}: long row max |Δlogits| = {diff}");
+            assert!(
+                diff <= TOLERANCE,
+                "{name} on {backend}: long row max |Δlogits| = {diff}"
+            );
         }
     }
 }
@@ -97,21 +128,58 @@ fn left_padded_batch_matches_transformers() {
 #[test]
 fn greedy_generation_matches_transformers() {
     let reference = reference();
-    let sampling = Sampling { max_new_tokens: 12, ..Sampling::default() };
+    let sampling = Sampling {
+        max_new_tokens: 12,
+        ..Sampling::default()
+    };
     for (backend, device) in devices() {
         for name in MODELS {
             let r = &reference["models"][name];
             let checkpoint = Checkpoint::load(&fixtures().join(name), &device).unwrap();
-            let prompts: Vec<Vec<u32>> = r["greedy_prompts"].as_array().unwrap().iter().map(ids).collect();
-            let expected: Vec<Vec<u32>> = r["greedy_single"].as_array().unwrap().iter().map(ids).collect();
+            let prompts: Vec<Vec<u32>> = r["greedy_prompts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(ids)
+                .collect();
+            let expected: Vec<Vec<u32>> = r["greedy_single"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(ids)
+                .collect();
             let tok = &checkpoint.tokenizer;
             for (prompt, want) in prompts.iter().zip(&expected) {
-                let got = safeprobe_model::generate::generate(&checkpoint.model, &[prompt.clone()], &sampling, &tok.stop_ids, tok.pad_id, &device).unwrap();
+                let got = safeprobe_model::generate::generate(
+                    &checkpoint.model,
+                    &[prompt.clone()],
+                    &sampling,
+                    &tok.stop_ids,
+                    tok.pad_id,
+                    &device,
+                )
+                .unwrap();
                 assert_eq!(&got[0], want, "{name} on {backend}: single prompt");
             }
-            let batch = safeprobe_model::generate::generate(&checkpoint.model, &prompts, &sampling, &tok.stop_ids, tok.pad_id, &device).unwrap();
-            let expected_batch: Vec<Vec<u32>> = r["greedy_batch"].as_array().unwrap().iter().map(ids).collect();
-            assert_eq!(batch, expected_batch, "{name} on {backend}: left-padded batch");
+            let batch = safeprobe_model::generate::generate(
+                &checkpoint.model,
+                &prompts,
+                &sampling,
+                &tok.stop_ids,
+                tok.pad_id,
+                &device,
+            )
+            .unwrap();
+            let expected_batch: Vec<Vec<u32>> = r["greedy_batch"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(ids)
+                .collect();
+            assert_eq!(
+                batch, expected_batch,
+                "{name} on {backend}: left-padded batch"
+            );
         }
     }
 }
@@ -126,7 +194,11 @@ fn chat_template_renderings_equal_transformers() {
             let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
             let generation = case["add_generation_prompt"].as_bool().unwrap();
             let got = checkpoint.tokenizer.render(&messages, generation).unwrap();
-            assert_eq!(got, case["text"].as_str().unwrap(), "{name}: {messages:?} (generation prompt {generation})");
+            assert_eq!(
+                got,
+                case["text"].as_str().unwrap(),
+                "{name}: {messages:?} (generation prompt {generation})"
+            );
         }
     }
 }
@@ -138,12 +210,25 @@ fn response_scores_match_transformers() {
         for name in MODELS {
             let checkpoint = Checkpoint::load(&fixtures().join(name), &device).unwrap();
             for case in reference["models"][name]["scores"].as_array().unwrap() {
-                let messages = prompt_messages(case["system"].as_str(), case["prompt"].as_str().unwrap());
-                let score = checkpoint.score(&messages, case["response"].as_str().unwrap()).unwrap();
-                assert_eq!(score.token_ids, ids(&case["token_ids"]), "{name}: response tokens");
-                assert_eq!(*score.token_ids.last().unwrap(), checkpoint.tokenizer.end_of_turn_id.unwrap());
+                let messages =
+                    prompt_messages(case["system"].as_str(), case["prompt"].as_str().unwrap());
+                let score = checkpoint
+                    .score(&messages, case["response"].as_str().unwrap())
+                    .unwrap();
+                assert_eq!(
+                    score.token_ids,
+                    ids(&case["token_ids"]),
+                    "{name}: response tokens"
+                );
+                assert_eq!(
+                    *score.token_ids.last().unwrap(),
+                    checkpoint.tokenizer.end_of_turn_id.unwrap()
+                );
                 let diff = max_abs_diff(&score.logprobs, &floats(&case["logprobs"]));
-                assert!(diff <= TOLERANCE, "{name} on {backend}: max |Δlogprob| = {diff}");
+                assert!(
+                    diff <= TOLERANCE,
+                    "{name} on {backend}: max |Δlogprob| = {diff}"
+                );
                 let sum: f32 = score.logprobs.iter().sum();
                 assert!((score.total - sum).abs() < 1e-5);
             }
@@ -158,11 +243,16 @@ fn peft_adapter_matches_peft() {
     for (backend, device) in devices() {
         let mut checkpoint = Checkpoint::load(&fixtures().join("tiny-untied"), &device).unwrap();
         let (plain, _) = logits(&checkpoint, &[input.clone()], vec![vec![true; input.len()]]);
-        checkpoint.load_adapter(&fixtures().join("peft-adapter")).unwrap();
+        checkpoint
+            .load_adapter(&fixtures().join("peft-adapter"))
+            .unwrap();
         let (adapted, _) = logits(&checkpoint, &[input.clone()], vec![vec![true; input.len()]]);
         let expected = floats(&reference["adapter_logits"]);
         let diff = max_abs_diff(&adapted, &expected);
-        assert!(diff <= TOLERANCE, "adapter on {backend}: max |Δlogits| = {diff}");
+        assert!(
+            diff <= TOLERANCE,
+            "adapter on {backend}: max |Δlogits| = {diff}"
+        );
         // The adapter really changes the model, so the comparison above can fail.
         assert!(max_abs_diff(&plain, &expected) > 100.0 * TOLERANCE);
     }
@@ -175,7 +265,11 @@ fn tensors(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
         .names()
         .map(|name| {
             let (shape, _) = files.info(name).unwrap();
-            (name.to_string(), shape.clone(), files.read_f32(name, &shape).unwrap())
+            (
+                name.to_string(),
+                shape.clone(),
+                files.read_f32(name, &shape).unwrap(),
+            )
         })
         .collect()
 }
@@ -185,7 +279,9 @@ fn adapter_round_trip_keeps_peft_format() {
     let out = tempfile::tempdir().unwrap();
     let device = Device::flex();
     let mut checkpoint = Checkpoint::load(&fixtures().join("tiny-untied"), &device).unwrap();
-    checkpoint.load_adapter(&fixtures().join("peft-adapter")).unwrap();
+    checkpoint
+        .load_adapter(&fixtures().join("peft-adapter"))
+        .unwrap();
     let config = checkpoint.adapter.clone().unwrap();
     lora::save_peft(&checkpoint.model, &config, out.path(), "tiny-untied").unwrap();
     // Same tensor names, shapes and values as the file peft wrote.
@@ -196,7 +292,10 @@ fn adapter_round_trip_keeps_peft_format() {
     assert_eq!(lora::read_peft_config(out.path()).unwrap(), config);
     // peft verified this very format (make_fixtures.py check-rust on rust-adapter/).
     let verified = fixtures().join("rust-adapter/adapter_model.safetensors");
-    assert_eq!(tensors(&out.path().join("adapter_model.safetensors")), tensors(&verified));
+    assert_eq!(
+        tensors(&out.path().join("adapter_model.safetensors")),
+        tensors(&verified)
+    );
 }
 
 #[test]
@@ -206,13 +305,25 @@ fn merged_export_loads_back_with_merged_logits() {
     for (backend, device) in devices() {
         let out = tempfile::tempdir().unwrap();
         let mut checkpoint = Checkpoint::load(&fixtures().join("tiny-untied"), &device).unwrap();
-        checkpoint.load_adapter(&fixtures().join("peft-adapter")).unwrap();
+        checkpoint
+            .load_adapter(&fixtures().join("peft-adapter"))
+            .unwrap();
         lora::merge(&mut checkpoint.model);
-        export::export(&checkpoint.model, &checkpoint.config, &fixtures().join("tiny-untied"), out.path(), SaveDtype::F32).unwrap();
+        export::export(
+            &checkpoint.model,
+            &checkpoint.config,
+            &fixtures().join("tiny-untied"),
+            out.path(),
+            SaveDtype::F32,
+        )
+        .unwrap();
         let exported = Checkpoint::load(out.path(), &device).unwrap();
         let (got, _) = logits(&exported, &[input.clone()], vec![vec![true; input.len()]]);
         let diff = max_abs_diff(&got, &floats(&reference["merged_logits"]));
-        assert!(diff <= TOLERANCE, "export on {backend}: max |Δlogits| = {diff}");
+        assert!(
+            diff <= TOLERANCE,
+            "export on {backend}: max |Δlogits| = {diff}"
+        );
         if backend == "cpu" {
             // transformers verified this format (make_fixtures.py check-rust on rust-export/).
             let ours = tensors(&out.path().join("model.safetensors"));
@@ -231,16 +342,25 @@ fn bf16_export_is_readable() {
     let out = tempfile::tempdir().unwrap();
     let device = Device::flex();
     let mut checkpoint = Checkpoint::load(&fixtures().join("tiny-tied"), &device).unwrap();
-    lora::attach(&mut checkpoint.model, &Default::default(), &device).unwrap();
+    lora::attach(&mut checkpoint.model, &Default::default(), 0, &device).unwrap();
     lora::merge(&mut checkpoint.model);
-    export::export(&checkpoint.model, &checkpoint.config, &fixtures().join("tiny-tied"), out.path(), SaveDtype::Bf16).unwrap();
+    export::export(
+        &checkpoint.model,
+        &checkpoint.config,
+        &fixtures().join("tiny-tied"),
+        out.path(),
+        SaveDtype::Bf16,
+    )
+    .unwrap();
     let exported = Checkpoint::load(out.path(), &device).unwrap();
     let input: Vec<u32> = vec![5, 6, 7];
     let (a, _) = logits(&checkpoint, &[input.clone()], vec![vec![true; 3]]);
     let (b, _) = logits(&exported, &[input], vec![vec![true; 3]]);
     // tiny-tied's weights are bf16 already and a fresh LoRA has B = 0, so nothing is rounded.
     assert!(max_abs_diff(&a, &b) <= TOLERANCE);
-    let config: Value = serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap()).unwrap();
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap())
+            .unwrap();
     assert_eq!(config["torch_dtype"], "bfloat16");
 }
 
@@ -248,9 +368,26 @@ fn bf16_export_is_readable() {
 fn generation_stops_at_end_of_turn() {
     let device = Device::flex();
     let checkpoint = Checkpoint::load(&fixtures().join("tiny-tied"), &device).unwrap();
-    let prompt = checkpoint.tokenizer.encode_prompt(&prompt_messages(None, "Hello!")).unwrap();
-    let free = Sampling { max_new_tokens: 6, ..Sampling::default() };
-    let run = |stop: &[u32]| safeprobe_model::generate::generate(&checkpoint.model, &[prompt.clone()], &free, stop, 0, &device).unwrap().remove(0);
+    let prompt = checkpoint
+        .tokenizer
+        .encode_prompt(&prompt_messages(None, "Hello!"))
+        .unwrap();
+    let free = Sampling {
+        max_new_tokens: 6,
+        ..Sampling::default()
+    };
+    let run = |stop: &[u32]| {
+        safeprobe_model::generate::generate(
+            &checkpoint.model,
+            &[prompt.clone()],
+            &free,
+            stop,
+            0,
+            &device,
+        )
+        .unwrap()
+        .remove(0)
+    };
     let unstopped = run(&[]);
     assert_eq!(unstopped.len(), 6);
     // Declare the third greedy token a stop token: generation ends right after it.
@@ -264,7 +401,18 @@ fn seeded_sampling_is_reproducible() {
     let checkpoint = Checkpoint::load(&fixtures().join("tiny-tied"), &device).unwrap();
     let messages = prompt_messages(None, "Hello!");
     let sampled = |seed| {
-        checkpoint.generate(&messages, &Sampling { max_new_tokens: 8, temperature: 1.0, top_p: 0.9, seed }).unwrap().1
+        checkpoint
+            .generate(
+                &messages,
+                &Sampling {
+                    max_new_tokens: 8,
+                    temperature: 1.0,
+                    top_p: 0.9,
+                    seed,
+                },
+            )
+            .unwrap()
+            .1
     };
     assert_eq!(sampled(7), sampled(7));
     assert_ne!(sampled(7), sampled(8));
@@ -278,9 +426,24 @@ fn seeded_sampling_is_reproducible() {
 fn write_fixture_outputs() {
     let device = Device::flex();
     let mut checkpoint = Checkpoint::load(&fixtures().join("tiny-untied"), &device).unwrap();
-    checkpoint.load_adapter(&fixtures().join("peft-adapter")).unwrap();
+    checkpoint
+        .load_adapter(&fixtures().join("peft-adapter"))
+        .unwrap();
     let config = checkpoint.adapter.clone().unwrap();
-    lora::save_peft(&checkpoint.model, &config, &fixtures().join("rust-adapter"), "tiny-untied").unwrap();
+    lora::save_peft(
+        &checkpoint.model,
+        &config,
+        &fixtures().join("rust-adapter"),
+        "tiny-untied",
+    )
+    .unwrap();
     lora::merge(&mut checkpoint.model);
-    export::export(&checkpoint.model, &checkpoint.config, &fixtures().join("tiny-untied"), &fixtures().join("rust-export"), SaveDtype::F32).unwrap();
+    export::export(
+        &checkpoint.model,
+        &checkpoint.config,
+        &fixtures().join("tiny-untied"),
+        &fixtures().join("rust-export"),
+        SaveDtype::F32,
+    )
+    .unwrap();
 }

@@ -54,17 +54,32 @@ fn small_config() -> Qwen2Config {
 pub fn run(args: BenchArgs, select: impl Fn(&crate::DeviceArg) -> Result<Selected>) -> Result<()> {
     let mut results = Vec::new();
     for name in &args.devices {
-        let selected = select(&crate::DeviceArg { device: name.clone() })?;
+        let selected = select(&crate::DeviceArg {
+            device: name.clone(),
+        })?;
         let device = selected.device.clone();
         let (model, label) = match &args.model {
-            Some(dir) => (Checkpoint::load(dir, &device)?.model, dir.display().to_string()),
-            None => (Qwen2::random(&small_config(), &device), "built-in small config (4 layers, hidden 256, vocab 4096)".into()),
+            Some(dir) => (
+                Checkpoint::load(dir, &device)?.model,
+                dir.display().to_string(),
+            ),
+            None => (
+                Qwen2::random(&small_config(), &device),
+                "built-in small config (4 layers, hidden 256, vocab 4096)".into(),
+            ),
         };
         let vocab = model.embed_tokens.dims()[0];
-        let ids: Vec<i64> = (0..args.batch * args.seq_len).map(|i| ((i * 7919) % vocab) as i64).collect();
-        let layout = AttentionLayout { key_mask: vec![vec![true; args.seq_len]; args.batch] };
+        let ids: Vec<i64> = (0..args.batch * args.seq_len)
+            .map(|i| ((i * 7919) % vocab) as i64)
+            .collect();
+        let layout = AttentionLayout {
+            key_mask: vec![vec![true; args.seq_len]; args.batch],
+        };
         let forward = || {
-            let input = Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), [args.batch, args.seq_len]), &device);
+            let input = Tensor::<2, Int>::from_data(
+                TensorData::new(ids.clone(), [args.batch, args.seq_len]),
+                &device,
+            );
             let logits = model.forward(input, &layout, None);
             // Reading one value forces the queued work to finish.
             let _ = logits.narrow(1, args.seq_len - 1, 1).sum().into_data();
@@ -77,9 +92,28 @@ pub fn run(args: BenchArgs, select: impl Fn(&crate::DeviceArg) -> Result<Selecte
         let forward_s = start.elapsed().as_secs_f64() / args.iters as f64;
         let forward_tps = (args.batch * args.seq_len) as f64 / forward_s;
 
-        let prompts: Vec<Vec<u32>> = (0..args.batch).map(|b| (0..16).map(|i| ((b * 31 + i * 17) % vocab) as u32).collect()).collect();
-        let sampling = Sampling { max_new_tokens: args.new_tokens, ..Sampling::default() };
-        generate(&model, &prompts, &Sampling { max_new_tokens: 2, ..sampling }, &[], 0, &device)?;
+        let prompts: Vec<Vec<u32>> = (0..args.batch)
+            .map(|b| {
+                (0..16)
+                    .map(|i| ((b * 31 + i * 17) % vocab) as u32)
+                    .collect()
+            })
+            .collect();
+        let sampling = Sampling {
+            max_new_tokens: args.new_tokens,
+            ..Sampling::default()
+        };
+        generate(
+            &model,
+            &prompts,
+            &Sampling {
+                max_new_tokens: 2,
+                ..sampling
+            },
+            &[],
+            0,
+            &device,
+        )?;
         let start = Instant::now();
         for _ in 0..args.iters {
             generate(&model, &prompts, &sampling, &[], 0, &device)?;
@@ -88,8 +122,20 @@ pub fn run(args: BenchArgs, select: impl Fn(&crate::DeviceArg) -> Result<Selecte
         let gen_tps = (args.batch * args.new_tokens) as f64 / gen_s;
         if !args.json {
             println!("{} | {label}", selected.describe());
-            println!("  forward  batch {} × {} tokens: {:.1} ms, {:.0} tokens/s", args.batch, args.seq_len, forward_s * 1e3, forward_tps);
-            println!("  generate batch {} × {} new tokens: {:.1} ms, {:.1} tokens/s", args.batch, args.new_tokens, gen_s * 1e3, gen_tps);
+            println!(
+                "  forward  batch {} × {} tokens: {:.1} ms, {:.0} tokens/s",
+                args.batch,
+                args.seq_len,
+                forward_s * 1e3,
+                forward_tps
+            );
+            println!(
+                "  generate batch {} × {} new tokens: {:.1} ms, {:.1} tokens/s",
+                args.batch,
+                args.new_tokens,
+                gen_s * 1e3,
+                gen_tps
+            );
         }
         results.push(json!({
             "device": selected.describe(), "model": label, "batch": args.batch, "seq_len": args.seq_len,

@@ -13,7 +13,11 @@ use serde_json::json;
 mod bench;
 
 #[derive(Parser)]
-#[command(name = "safeprobe", version, about = "Safety-aware fine-tuning of Qwen2.5 models")]
+#[command(
+    name = "safeprobe",
+    version,
+    about = "Safety-aware fine-tuning of Qwen2.5 models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -98,6 +102,17 @@ enum Command {
         #[command(flatten)]
         device: DeviceArg,
     },
+    /// Fine-tune with SFT or Safety-Aware Probing from a TOML run config
+    Train {
+        #[arg(long)]
+        config: PathBuf,
+        /// Override a config key, e.g. --set sap.rho=1e-4 (repeatable)
+        #[arg(long = "set")]
+        overrides: Vec<String>,
+        /// Overrides the config's device
+        #[arg(long)]
+        device: Option<String>,
+    },
     /// Forward-pass and generation throughput on a small config (or --model)
     Bench(bench::BenchArgs),
     /// Walk through device, info, generate and score on a checkpoint (by default the tiny
@@ -176,7 +191,10 @@ fn run(cli: Cli) -> Result<()> {
                     config.intermediate_size,
                     config.vocab_size
                 );
-                println!("rope_theta:   {}, tied embeddings: {}", config.rope_theta, config.tie_word_embeddings);
+                println!(
+                    "rope_theta:   {}, tied embeddings: {}",
+                    config.rope_theta, config.tie_word_embeddings
+                );
                 println!("parameters:   {params} ({:.1} M)", params as f64 / 1e6);
                 println!(
                     "memory:       {:.1} MiB for f32 weights (activations and optimizer state come on top; training with Adam needs about 4× this for full-parameter runs)",
@@ -186,10 +204,23 @@ fn run(cli: Cli) -> Result<()> {
                 println!("stop tokens:  {:?}", tokenizer.stop_ids);
             }
         }
-        Command::Generate { model, prompt, max_new_tokens, temperature, top_p, seed, json } => {
+        Command::Generate {
+            model,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            json,
+        } => {
             let checkpoint = load(&model)?;
             let messages = chat::prompt_messages(model.system.as_deref(), &prompt);
-            let sampling = Sampling { max_new_tokens, temperature, top_p, seed };
+            let sampling = Sampling {
+                max_new_tokens,
+                temperature,
+                top_p,
+                seed,
+            };
             let (text, token_ids) = checkpoint.generate(&messages, &sampling)?;
             if json {
                 println!("{}", json!({"text": text, "token_ids": token_ids}));
@@ -197,7 +228,12 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{text}");
             }
         }
-        Command::Score { model, prompt, response, json } => {
+        Command::Score {
+            model,
+            prompt,
+            response,
+            json,
+        } => {
             let checkpoint = load(&model)?;
             let messages: Vec<Message> = chat::prompt_messages(model.system.as_deref(), &prompt);
             let score = checkpoint.score(&messages, &response)?;
@@ -211,7 +247,13 @@ fn run(cli: Cli) -> Result<()> {
                 println!("total {:.4}", score.total);
             }
         }
-        Command::Export { model, adapter, out, dtype, device } => {
+        Command::Export {
+            model,
+            adapter,
+            out,
+            dtype,
+            device,
+        } => {
             let dtype = SaveDtype::parse(&dtype)?;
             let selected = select_device(&device)?;
             let mut checkpoint = Checkpoint::load(&model, &selected.device)?;
@@ -222,6 +264,53 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("wrote {}", out.display());
         }
         Command::Bench(args) => bench::run(args, select_device)?,
+        Command::Train {
+            config,
+            overrides,
+            device,
+        } => {
+            let text = std::fs::read_to_string(&config)
+                .with_context(|| format!("reading {}", config.display()))?;
+            let run = safeprobe_train::run::RunConfig::parse(&text, &overrides, &config)?;
+            let selected = select_device(&DeviceArg {
+                device: device.unwrap_or_else(|| run.device.clone()),
+            })?;
+            let started = std::time::Instant::now();
+            safeprobe_train::run::train(&run, &selected.device, |event| {
+                use safeprobe_train::run::Event;
+                match event {
+                    Event::Step {
+                        step,
+                        metrics,
+                        tokens_per_s,
+                        ..
+                    } => {
+                        let eta = started.elapsed().as_secs_f64() / *step as f64
+                            * (run.max_steps - step) as f64;
+                        let sap = match (metrics.su_loss, metrics.safety_loss) {
+                            (Some(su), safety) => format!(
+                                " | L_su {su:.4}{} | ‖ΔW‖ {:.2e}",
+                                safety
+                                    .map(|s| format!(" | safety {s:.4}"))
+                                    .unwrap_or_default(),
+                                metrics.delta_norm.unwrap_or(0.0)
+                            ),
+                            _ => String::new(),
+                        };
+                        eprintln!(
+                            "step {step}/{} | loss {:.4}{sap} | {tokens_per_s:.0} tok/s | ETA {eta:.0}s",
+                            run.max_steps, metrics.task_loss
+                        );
+                    }
+                    Event::Validation { step, loss } => {
+                        eprintln!("step {step}: validation loss {loss:.4}")
+                    }
+                    Event::Done { adapter, .. } => {
+                        eprintln!("adapter written to {}", adapter.display())
+                    }
+                }
+            })?;
+        }
         Command::Demo { model, device } => {
             let model = model.unwrap_or_else(bundled_checkpoint);
             println!("== safeprobe demo on {}", model.display());
@@ -229,22 +318,40 @@ fn run(cli: Cli) -> Result<()> {
             println!("device: {} ({})", selected.describe(), selected.reason);
             let mut checkpoint = Checkpoint::load(&model, &selected.device)?;
             let (params, bytes) = safeprobe_model::size_report(&checkpoint.config);
-            println!("model: {params} parameters, {:.2} MiB as f32", bytes as f64 / 1048576.0);
+            println!(
+                "model: {params} parameters, {:.2} MiB as f32",
+                bytes as f64 / 1048576.0
+            );
             let messages = chat::prompt_messages(None, "How do I bake bread?");
-            println!("-- chat template rendering:\n{}", checkpoint.tokenizer.render(&messages, true)?);
-            let (text, ids) = checkpoint.generate(&messages, &Sampling { max_new_tokens: 16, ..Sampling::default() })?;
+            println!(
+                "-- chat template rendering:\n{}",
+                checkpoint.tokenizer.render(&messages, true)?
+            );
+            let (text, ids) = checkpoint.generate(
+                &messages,
+                &Sampling {
+                    max_new_tokens: 16,
+                    ..Sampling::default()
+                },
+            )?;
             println!("-- greedy reply ({} tokens): {text:?}", ids.len());
             let refusal = "I can't help with that request.";
             let score = checkpoint.score(&messages, refusal)?;
-            println!("-- log-probability of the reply {refusal:?}: {:.3} over {} tokens", score.total, score.token_ids.len());
+            println!(
+                "-- log-probability of the reply {refusal:?}: {:.3} over {} tokens",
+                score.total,
+                score.token_ids.len()
+            );
             let config = lora::LoraConfig::default();
-            lora::attach(&mut checkpoint.model, &config, &checkpoint.device)?;
+            lora::attach(&mut checkpoint.model, &config, 0, &checkpoint.device)?;
             let with_lora = checkpoint.score(&messages, refusal)?;
             println!(
                 "-- with a fresh LoRA (r={}, B=0) attached the score is unchanged: {:.3}",
                 config.r, with_lora.total
             );
-            println!("(this checkpoint has random weights: the text is noise; the numbers match transformers)");
+            println!(
+                "(this checkpoint has random weights: the text is noise; the numbers match transformers)"
+            );
         }
     }
     Ok(())

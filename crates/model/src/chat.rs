@@ -22,7 +22,10 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: &str, content: impl Into<String>) -> Self {
-        Self { role: role.to_string(), content: content.into() }
+        Self {
+            role: role.to_string(),
+            content: content.into(),
+        }
     }
 }
 
@@ -57,10 +60,16 @@ impl ChatTokenizer {
     pub fn load(dir: &Path, config_eos: &[u32]) -> Result<Self> {
         let tokenizer_path = dir.join("tokenizer.json");
         if !tokenizer_path.exists() {
-            return Err(Error::Tokenizer { path: tokenizer_path, message: "file not found".into() });
+            return Err(Error::Tokenizer {
+                path: tokenizer_path,
+                message: "file not found".into(),
+            });
         }
-        let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
-            .map_err(|e| Error::Tokenizer { path: tokenizer_path.clone(), message: e.to_string() })?;
+        let tokenizer =
+            tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| Error::Tokenizer {
+                path: tokenizer_path.clone(),
+                message: e.to_string(),
+            })?;
 
         let config_path = dir.join("tokenizer_config.json");
         let tok_config: serde_json::Map<String, Value> = if config_path.exists() {
@@ -84,27 +93,52 @@ impl ChatTokenizer {
 
         let jinja_path = dir.join("chat_template.jinja");
         let (template, template_source) = if jinja_path.exists() {
-            let text = std::fs::read_to_string(&jinja_path).map_err(|e| Error::io(&jinja_path, e))?;
+            let text =
+                std::fs::read_to_string(&jinja_path).map_err(|e| Error::io(&jinja_path, e))?;
             (text, jinja_path.display().to_string())
         } else {
             match tok_config.get("chat_template") {
-                Some(Value::String(s)) => (s.clone(), format!("{} (chat_template)", config_path.display())),
+                Some(Value::String(s)) => (
+                    s.clone(),
+                    format!("{} (chat_template)", config_path.display()),
+                ),
                 Some(Value::Array(named)) => {
-                    let default = named.iter().find(|t| t.get("name").and_then(Value::as_str) == Some("default"));
-                    match default.and_then(|t| t.get("template")).and_then(Value::as_str) {
-                        Some(s) => (s.to_string(), format!("{} (chat_template \"default\")", config_path.display())),
-                        None => return Err(Error::config(&config_path, "chat_template list has no \"default\" entry")),
+                    let default = named
+                        .iter()
+                        .find(|t| t.get("name").and_then(Value::as_str) == Some("default"));
+                    match default
+                        .and_then(|t| t.get("template"))
+                        .and_then(Value::as_str)
+                    {
+                        Some(s) => (
+                            s.to_string(),
+                            format!("{} (chat_template \"default\")", config_path.display()),
+                        ),
+                        None => {
+                            return Err(Error::config(
+                                &config_path,
+                                "chat_template list has no \"default\" entry",
+                            ));
+                        }
                     }
                 }
                 Some(other) => {
-                    return Err(Error::config(&config_path, format!("chat_template must be a string, found {other}")));
+                    return Err(Error::config(
+                        &config_path,
+                        format!("chat_template must be a string, found {other}"),
+                    ));
                 }
-                None => (CHATML_FALLBACK.to_string(), "ChatML fallback (checkpoint has no chat template)".to_string()),
+                None => (
+                    CHATML_FALLBACK.to_string(),
+                    "ChatML fallback (checkpoint has no chat template)".to_string(),
+                ),
             }
         };
-        let env = template_env(template).map_err(|e| Error::Template(format!("{template_source}: {e:#}")))?;
+        let env = template_env(template)
+            .map_err(|e| Error::Template(format!("{template_source}: {e:#}")))?;
 
-        let id_of = |token: &Option<String>| token.as_deref().and_then(|t| tokenizer.token_to_id(t));
+        let id_of =
+            |token: &Option<String>| token.as_deref().and_then(|t| tokenizer.token_to_id(t));
         let mut stop_ids: Vec<u32> = config_eos.to_vec();
         let generation_path = dir.join("generation_config.json");
         if generation_path.exists() {
@@ -118,15 +152,29 @@ impl ChatTokenizer {
         }
         stop_ids.sort_unstable();
         stop_ids.dedup();
-        let pad_id = id_of(&pad_token).or_else(|| stop_ids.first().copied()).unwrap_or(0);
+        let pad_id = id_of(&pad_token)
+            .or_else(|| stop_ids.first().copied())
+            .unwrap_or(0);
 
-        Ok(Self { tokenizer, env, template_source, bos_token, eos_token, stop_ids, end_of_turn_id, pad_id })
+        Ok(Self {
+            tokenizer,
+            env,
+            template_source,
+            bos_token,
+            eos_token,
+            stop_ids,
+            end_of_turn_id,
+            pad_id,
+        })
     }
 
     /// The conversation as text, exactly as `apply_chat_template(messages, tokenize=False,
     /// add_generation_prompt=...)` renders it.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let template = self.env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
+        let template = self
+            .env
+            .get_template("chat")
+            .map_err(|e| Error::Template(e.to_string()))?;
         template
             .render(minijinja::context! {
                 messages => messages,
@@ -139,12 +187,17 @@ impl ChatTokenizer {
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         // Chat renderings already contain every special token; add none (as transformers does).
-        let encoding = self.tokenizer.encode(text, false).map_err(|e| Error::Invalid(format!("tokenizer: {e}")))?;
+        let encoding = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| Error::Invalid(format!("tokenizer: {e}")))?;
         Ok(encoding.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.tokenizer.decode(ids, skip_special).map_err(|e| Error::Invalid(format!("tokenizer: {e}")))
+        self.tokenizer
+            .decode(ids, skip_special)
+            .map_err(|e| Error::Invalid(format!("tokenizer: {e}")))
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -159,7 +212,11 @@ impl ChatTokenizer {
     /// The project-wide response-token convention: the tokens the full rendering adds after
     /// the prompt rendered with its generation prompt, up to and including the first
     /// end-of-turn token. Returns (prompt ids, response ids).
-    pub fn encode_exchange(&self, prompt: &[Message], response: &str) -> Result<(Vec<u32>, Vec<u32>)> {
+    pub fn encode_exchange(
+        &self,
+        prompt: &[Message],
+        response: &str,
+    ) -> Result<(Vec<u32>, Vec<u32>)> {
         let prompt_ids = self.encode_prompt(prompt)?;
         let mut conversation = prompt.to_vec();
         conversation.push(Message::new("assistant", response));
@@ -172,7 +229,9 @@ impl ChatTokenizer {
             ));
         }
         let mut response_ids = full_ids[prompt_ids.len()..].to_vec();
-        let end = self.end_of_turn_id.or_else(|| self.stop_ids.first().copied());
+        let end = self
+            .end_of_turn_id
+            .or_else(|| self.stop_ids.first().copied());
         if let Some(end) = end
             && let Some(pos) = response_ids.iter().position(|t| *t == end)
         {
@@ -194,9 +253,12 @@ fn template_env(source: String) -> std::result::Result<Environment<'static>, min
     // The settings transformers renders chat templates with.
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
-    env.add_function("raise_exception", |message: String| -> std::result::Result<JinjaValue, minijinja::Error> {
-        Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
-    });
+    env.add_function(
+        "raise_exception",
+        |message: String| -> std::result::Result<JinjaValue, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+        },
+    );
     env.set_unknown_method_callback(python_string_methods);
     env.add_template_owned("chat", source)?;
     Ok(env)

@@ -36,7 +36,10 @@ impl Qwen2Config {
     pub fn from_file(path: &Path) -> Result<Self> {
         let value: Value = read_json(path)?;
         let Value::Object(map) = value else {
-            return Err(Error::config(path, "expected a JSON object at the top level"));
+            return Err(Error::config(
+                path,
+                "expected a JSON object at the top level",
+            ));
         };
         Self::from_map(&map, path)
     }
@@ -48,7 +51,9 @@ impl Qwen2Config {
             Some(other) => {
                 return Err(Error::config(
                     path,
-                    format!("unsupported model_type \"{other}\" (safeprobe runs \"qwen2\", the Qwen2/Qwen2.5 family)"),
+                    format!(
+                        "unsupported model_type \"{other}\" (safeprobe runs \"qwen2\", the Qwen2/Qwen2.5 family)"
+                    ),
                 ));
             }
             None => return Err(Error::config(path, "missing field \"model_type\"")),
@@ -56,15 +61,24 @@ impl Qwen2Config {
         if let Some(act) = map.get("hidden_act").and_then(Value::as_str)
             && act != "silu"
         {
-            return Err(Error::config(path, format!("hidden_act \"{act}\" is not supported (only \"silu\")")));
+            return Err(Error::config(
+                path,
+                format!("hidden_act \"{act}\" is not supported (only \"silu\")"),
+            ));
         }
         if map.get("use_sliding_window").and_then(Value::as_bool) == Some(true) {
-            return Err(Error::config(path, "use_sliding_window is true: sliding-window attention is not supported"));
+            return Err(Error::config(
+                path,
+                "use_sliding_window is true: sliding-window attention is not supported",
+            ));
         }
         if let Some(Value::Array(types)) = map.get("layer_types")
             && let Some(bad) = types.iter().find(|t| t.as_str() != Some("full_attention"))
         {
-            return Err(Error::config(path, format!("layer_types contains {bad}: only \"full_attention\" is supported")));
+            return Err(Error::config(
+                path,
+                format!("layer_types contains {bad}: only \"full_attention\" is supported"),
+            ));
         }
 
         let rope_theta = rope_theta(map, path)?;
@@ -77,18 +91,25 @@ impl Qwen2Config {
         if num_attention_heads == 0 || hidden_size % num_attention_heads != 0 {
             return Err(Error::config(
                 path,
-                format!("hidden_size {hidden_size} is not a multiple of num_attention_heads {num_attention_heads}"),
+                format!(
+                    "hidden_size {hidden_size} is not a multiple of num_attention_heads {num_attention_heads}"
+                ),
             ));
         }
         if let Some(head_dim) = map.get("head_dim").and_then(Value::as_u64)
             && head_dim as usize != hidden_size / num_attention_heads
         {
-            return Err(Error::config(path, format!("head_dim {head_dim} differs from hidden_size / num_attention_heads")));
+            return Err(Error::config(
+                path,
+                format!("head_dim {head_dim} differs from hidden_size / num_attention_heads"),
+            ));
         }
         if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
             return Err(Error::config(
                 path,
-                format!("num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads {num_key_value_heads}"),
+                format!(
+                    "num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads {num_key_value_heads}"
+                ),
             ));
         }
         let config = Self {
@@ -105,7 +126,10 @@ impl Qwen2Config {
             eos_token_ids: token_ids(map.get("eos_token_id")),
         };
         if config.head_dim() % 2 != 0 {
-            return Err(Error::config(path, "head dimension must be even for rotary embeddings"));
+            return Err(Error::config(
+                path,
+                "head dimension must be even for rotary embeddings",
+            ));
         }
         Ok(config)
     }
@@ -144,26 +168,38 @@ fn rope_theta(map: &Map<String, Value>, path: &Path) -> Result<f64> {
     // rope_scaling (4.x) or rope_parameters (5.x): only plain RoPE is implemented.
     for key in ["rope_scaling", "rope_parameters"] {
         if let Some(Value::Object(params)) = map.get(key) {
-            let kind = params.get("rope_type").or_else(|| params.get("type")).and_then(Value::as_str);
+            let kind = params
+                .get("rope_type")
+                .or_else(|| params.get("type"))
+                .and_then(Value::as_str);
             if let Some(kind) = kind
                 && kind != "default"
             {
-                return Err(Error::config(path, format!("{key}.rope_type \"{kind}\" is not supported (only \"default\")")));
+                return Err(Error::config(
+                    path,
+                    format!("{key}.rope_type \"{kind}\" is not supported (only \"default\")"),
+                ));
             }
         }
     }
     if let Some(Value::Object(params)) = map.get("rope_parameters")
         && let Some(theta) = params.get("rope_theta")
     {
-        return theta
-            .as_f64()
-            .ok_or_else(|| Error::config(path, format!("rope_parameters.rope_theta must be a number, found {theta}")));
+        return theta.as_f64().ok_or_else(|| {
+            Error::config(
+                path,
+                format!("rope_parameters.rope_theta must be a number, found {theta}"),
+            )
+        });
     }
     match map.get("rope_theta") {
-        Some(theta) => {
-            theta.as_f64().ok_or_else(|| Error::config(path, format!("rope_theta must be a number, found {theta}")))
-        }
-        None => Err(Error::config(path, "missing field \"rope_theta\" (or \"rope_parameters.rope_theta\")")),
+        Some(theta) => theta.as_f64().ok_or_else(|| {
+            Error::config(path, format!("rope_theta must be a number, found {theta}"))
+        }),
+        None => Err(Error::config(
+            path,
+            "missing field \"rope_theta\" (or \"rope_parameters.rope_theta\")",
+        )),
     }
 }
 
@@ -171,7 +207,11 @@ fn rope_theta(map: &Map<String, Value>, path: &Path) -> Result<f64> {
 pub(crate) fn token_ids(value: Option<&Value>) -> Vec<u32> {
     match value {
         Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-        Some(Value::Array(items)) => items.iter().filter_map(Value::as_u64).map(|v| v as u32).collect(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(Value::as_u64)
+            .map(|v| v as u32)
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -185,29 +225,41 @@ impl Fields<'_> {
     fn usize(&self, key: &str) -> Result<usize> {
         match self.map.get(key) {
             None => Err(Error::config(self.path, format!("missing field \"{key}\""))),
-            Some(v) => v
-                .as_u64()
-                .map(|n| n as usize)
-                .ok_or_else(|| Error::config(self.path, format!("field \"{key}\" must be a non-negative integer, found {v}"))),
+            Some(v) => v.as_u64().map(|n| n as usize).ok_or_else(|| {
+                Error::config(
+                    self.path,
+                    format!("field \"{key}\" must be a non-negative integer, found {v}"),
+                )
+            }),
         }
     }
     fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
-        if self.map.get(key).is_none_or(Value::is_null) { Ok(default) } else { self.usize(key) }
+        if self.map.get(key).is_none_or(Value::is_null) {
+            Ok(default)
+        } else {
+            self.usize(key)
+        }
     }
     fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
         match self.map.get(key) {
             None | Some(Value::Null) => Ok(default),
-            Some(v) => v
-                .as_f64()
-                .ok_or_else(|| Error::config(self.path, format!("field \"{key}\" must be a number, found {v}"))),
+            Some(v) => v.as_f64().ok_or_else(|| {
+                Error::config(
+                    self.path,
+                    format!("field \"{key}\" must be a number, found {v}"),
+                )
+            }),
         }
     }
     fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
         match self.map.get(key) {
             None | Some(Value::Null) => Ok(default),
-            Some(v) => v
-                .as_bool()
-                .ok_or_else(|| Error::config(self.path, format!("field \"{key}\" must be true or false, found {v}"))),
+            Some(v) => v.as_bool().ok_or_else(|| {
+                Error::config(
+                    self.path,
+                    format!("field \"{key}\" must be true or false, found {v}"),
+                )
+            }),
         }
     }
 }
@@ -217,7 +269,9 @@ mod tests {
     use super::*;
 
     fn parse(json: &str) -> Result<Qwen2Config> {
-        let Value::Object(map) = serde_json::from_str(json).unwrap() else { panic!() };
+        let Value::Object(map) = serde_json::from_str(json).unwrap() else {
+            panic!()
+        };
         Qwen2Config::from_map(&map, Path::new("config.json"))
     }
 
@@ -237,12 +291,31 @@ mod tests {
 
     #[test]
     fn refuses_what_it_cannot_honour() {
-        let scaled = parse(&format!("{{{BASE},\"rope_theta\":1e6,\"rope_scaling\":{{\"type\":\"yarn\",\"factor\":4}}}}"));
-        assert!(scaled.unwrap_err().to_string().contains("rope_scaling.rope_type \"yarn\""));
-        let sliding = parse(&format!("{{{BASE},\"rope_theta\":1e6,\"use_sliding_window\":true}}"));
-        assert!(sliding.unwrap_err().to_string().contains("use_sliding_window"));
+        let scaled = parse(&format!(
+            "{{{BASE},\"rope_theta\":1e6,\"rope_scaling\":{{\"type\":\"yarn\",\"factor\":4}}}}"
+        ));
+        assert!(
+            scaled
+                .unwrap_err()
+                .to_string()
+                .contains("rope_scaling.rope_type \"yarn\"")
+        );
+        let sliding = parse(&format!(
+            "{{{BASE},\"rope_theta\":1e6,\"use_sliding_window\":true}}"
+        ));
+        assert!(
+            sliding
+                .unwrap_err()
+                .to_string()
+                .contains("use_sliding_window")
+        );
         let llama = parse(r#"{"model_type":"llama"}"#);
-        assert!(llama.unwrap_err().to_string().contains("unsupported model_type \"llama\""));
+        assert!(
+            llama
+                .unwrap_err()
+                .to_string()
+                .contains("unsupported model_type \"llama\"")
+        );
         let missing = parse(&format!("{{{BASE}}}"));
         assert!(missing.unwrap_err().to_string().contains("rope_theta"));
         let wrong = parse(r#"{"model_type":"qwen2","vocab_size":"ten","rope_theta":1}"#);

@@ -24,7 +24,9 @@ impl std::str::FromStr for DeviceChoice {
             "auto" => Ok(Self::Auto),
             "wgpu" | "gpu" => Ok(Self::Wgpu),
             "cpu" => Ok(Self::Cpu),
-            other => Err(Error::Device(format!("unknown device \"{other}\": expected auto, wgpu or cpu"))),
+            other => Err(Error::Device(format!(
+                "unknown device \"{other}\": expected auto, wgpu or cpu"
+            ))),
         }
     }
 }
@@ -42,7 +44,10 @@ pub struct AdapterReport {
 
 impl AdapterReport {
     fn is_hardware(&self) -> bool {
-        matches!(self.device_type.as_str(), "DiscreteGpu" | "IntegratedGpu" | "VirtualGpu")
+        matches!(
+            self.device_type.as_str(),
+            "DiscreteGpu" | "IntegratedGpu" | "VirtualGpu"
+        )
     }
 }
 
@@ -82,7 +87,11 @@ fn vendor_name(id: u32) -> String {
         0x10005 => "Mesa",
         _ => "",
     };
-    if known.is_empty() { format!("0x{id:04x}") } else { format!("{known} (0x{id:04x})") }
+    if known.is_empty() {
+        format!("0x{id:04x}")
+    } else {
+        format!("{known} (0x{id:04x})")
+    }
 }
 
 /// Every adapter wgpu can see, over all graphics APIs compiled in.
@@ -152,7 +161,12 @@ pub fn select(choice: DeviceChoice) -> Result<Selected> {
 }
 
 fn cpu(reason: String) -> Selected {
-    Selected { device: Device::flex(), backend: "cpu", adapter: None, reason }
+    Selected {
+        device: Device::flex(),
+        backend: "cpu",
+        adapter: None,
+        reason,
+    }
 }
 
 /// Drives a future to completion on this thread. wgpu's native adapter enumeration resolves

@@ -6,10 +6,16 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{path}: cannot read: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
     #[error("{path}: malformed JSON: {source}")]
-    Json { path: PathBuf, source: serde_json::Error },
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
 
     #[error("{path}: {message}")]
     Config { path: PathBuf, message: String },
@@ -37,21 +43,36 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
     pub(crate) fn config(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        Error::Config { path: path.into(), message: message.into() }
+        Error::Config {
+            path: path.into(),
+            message: message.into(),
+        }
     }
     pub(crate) fn weights(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        Error::Weights { path: path.into(), message: message.into() }
+        Error::Weights {
+            path: path.into(),
+            message: message.into(),
+        }
     }
     pub(crate) fn adapter(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        Error::Adapter { path: path.into(), message: message.into() }
+        Error::Adapter {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 }
 
 /// Reads and parses a JSON file, naming the file in either failure.
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|source| Error::Json { path: path.into(), source })
+    serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: path.into(),
+        source,
+    })
 }

@@ -23,14 +23,26 @@ const TOKENIZER_FILES: [&str; 7] = [
 /// Every weight under its Hugging Face name and layout, LoRA branches merged.
 pub fn hf_tensors(model: &Qwen2) -> BTreeMap<String, HostTensor> {
     let mut out = BTreeMap::new();
-    out.insert("model.embed_tokens.weight".into(), HostTensor::from_tensor2(model.embed_tokens.val(), false));
-    out.insert("model.norm.weight".into(), HostTensor::from_tensor1(model.norm.weight.val()));
+    out.insert(
+        "model.embed_tokens.weight".into(),
+        HostTensor::from_tensor2(model.embed_tokens.val(), false),
+    );
+    out.insert(
+        "model.norm.weight".into(),
+        HostTensor::from_tensor1(model.norm.weight.val()),
+    );
     if let Some(head) = &model.lm_head {
-        out.insert("lm_head.weight".into(), HostTensor::from_tensor2(head.merged_weight(), true));
+        out.insert(
+            "lm_head.weight".into(),
+            HostTensor::from_tensor2(head.merged_weight(), true),
+        );
     }
     for (l, layer) in model.layers.iter().enumerate() {
         let p = format!("model.layers.{l}");
-        out.insert(format!("{p}.input_layernorm.weight"), HostTensor::from_tensor1(layer.input_layernorm.weight.val()));
+        out.insert(
+            format!("{p}.input_layernorm.weight"),
+            HostTensor::from_tensor1(layer.input_layernorm.weight.val()),
+        );
         out.insert(
             format!("{p}.post_attention_layernorm.weight"),
             HostTensor::from_tensor1(layer.post_attention_layernorm.weight.val()),
@@ -38,7 +50,10 @@ pub fn hf_tensors(model: &Qwen2) -> BTreeMap<String, HostTensor> {
         for name in PROJECTIONS {
             let linear = layer.projection(name).expect("known projection");
             let path = DecoderLayer::projection_path(l, name);
-            out.insert(format!("{path}.weight"), HostTensor::from_tensor2(linear.merged_weight(), true));
+            out.insert(
+                format!("{path}.weight"),
+                HostTensor::from_tensor2(linear.merged_weight(), true),
+            );
             if let Some(bias) = &linear.bias {
                 out.insert(format!("{path}.bias"), HostTensor::from_tensor1(bias.val()));
             }
@@ -47,14 +62,32 @@ pub fn hf_tensors(model: &Qwen2) -> BTreeMap<String, HostTensor> {
     out
 }
 
-pub fn export(model: &Qwen2, config: &Qwen2Config, source_dir: &Path, out_dir: &Path, dtype: SaveDtype) -> Result<()> {
-    if out_dir.exists() && out_dir.join("model.safetensors").exists() && same_dir(source_dir, out_dir) {
-        return Err(Error::Invalid(format!("--out {} is the source checkpoint; choose another directory", out_dir.display())));
+pub fn export(
+    model: &Qwen2,
+    config: &Qwen2Config,
+    source_dir: &Path,
+    out_dir: &Path,
+    dtype: SaveDtype,
+) -> Result<()> {
+    if out_dir.exists()
+        && out_dir.join("model.safetensors").exists()
+        && same_dir(source_dir, out_dir)
+    {
+        return Err(Error::Invalid(format!(
+            "--out {} is the source checkpoint; choose another directory",
+            out_dir.display()
+        )));
     }
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    write_safetensors(&out_dir.join("model.safetensors"), &hf_tensors(model), dtype, Some(metadata))?;
-    let config_json = serde_json::to_string_pretty(&config.to_hf_json(dtype.torch_name())).expect("json");
+    write_safetensors(
+        &out_dir.join("model.safetensors"),
+        &hf_tensors(model),
+        dtype,
+        Some(metadata),
+    )?;
+    let config_json =
+        serde_json::to_string_pretty(&config.to_hf_json(dtype.torch_name())).expect("json");
     write_atomic(&out_dir.join("config.json"), config_json.as_bytes())?;
     for name in TOKENIZER_FILES {
         let from = source_dir.join(name);

@@ -20,17 +20,28 @@ pub struct Sampling {
 
 impl Default for Sampling {
     fn default() -> Self {
-        Self { max_new_tokens: 64, temperature: 0.0, top_p: 1.0, seed: 0 }
+        Self {
+            max_new_tokens: 64,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+        }
     }
 }
 
 impl Sampling {
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(Error::Invalid(format!("--temperature {}: must be a finite number ≥ 0", self.temperature)));
+            return Err(Error::Invalid(format!(
+                "--temperature {}: must be a finite number ≥ 0",
+                self.temperature
+            )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::Invalid(format!("--top-p {}: must be in (0, 1]", self.top_p)));
+            return Err(Error::Invalid(format!(
+                "--top-p {}: must be in (0, 1]",
+                self.top_p
+            )));
         }
         Ok(())
     }
@@ -61,7 +72,9 @@ pub fn generate(
     }
     let vocab = model.embed_tokens.dims()[0];
     if let Some(bad) = prompts.iter().flatten().find(|t| **t as usize >= vocab) {
-        return Err(Error::Invalid(format!("token id {bad} is outside the model's vocabulary of {vocab}")));
+        return Err(Error::Invalid(format!(
+            "token id {bad} is outside the model's vocabulary of {vocab}"
+        )));
     }
     let width = prompts.iter().map(Vec::len).max().unwrap();
     // Left padding keeps every row's last prompt token in the last column.
@@ -70,7 +83,11 @@ pub fn generate(
     for p in prompts {
         let pad = width - p.len();
         key_mask.push((0..width).map(|i| i >= pad).collect());
-        rows.push(std::iter::repeat_n(pad_id, pad).chain(p.iter().copied()).collect());
+        rows.push(
+            std::iter::repeat_n(pad_id, pad)
+                .chain(p.iter().copied())
+                .collect(),
+        );
     }
 
     let mut rng = StdRng::seed_from_u64(sampling.seed);
@@ -79,16 +96,30 @@ pub fn generate(
     let mut done = vec![false; prompts.len()];
     let mut input = int_tensor(&rows, device);
     for _ in 0..sampling.max_new_tokens {
-        let layout = AttentionLayout { key_mask: key_mask.clone() };
+        let layout = AttentionLayout {
+            key_mask: key_mask.clone(),
+        };
         let logits = model.forward(input, &layout, Some(&mut cache));
         let [b, s, v] = logits.dims();
         let last = logits.narrow(1, s - 1, 1).reshape([b, v]);
         let next: Vec<u32> = if sampling.temperature == 0.0 {
-            let ids = last.argmax(1).into_data().convert::<i64>().try_into_vec::<i64>().map_err(data_error)?;
+            let ids = last
+                .argmax(1)
+                .into_data()
+                .convert::<i64>()
+                .try_into_vec::<i64>()
+                .map_err(data_error)?;
             ids.into_iter().map(|t| t as u32).collect()
         } else {
-            let probs = last.into_data().convert::<f32>().try_into_vec::<f32>().map_err(data_error)?;
-            probs.chunks(v).map(|row| sample(row, sampling, &mut rng)).collect()
+            let probs = last
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .map_err(data_error)?;
+            probs
+                .chunks(v)
+                .map(|row| sample(row, sampling, &mut rng))
+                .collect()
         };
         for (i, token) in next.iter().enumerate() {
             if !done[i] {
@@ -116,8 +147,11 @@ fn data_error(e: burn::tensor::DataError) -> Error {
 /// Temperature and nucleus (top-p) sampling from one row of logits.
 fn sample(logits: &[f32], sampling: &Sampling, rng: &mut StdRng) -> u32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut probs: Vec<(u32, f32)> =
-        logits.iter().enumerate().map(|(i, l)| (i as u32, ((l - max) / sampling.temperature).exp())).collect();
+    let mut probs: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i as u32, ((l - max) / sampling.temperature).exp()))
+        .collect();
     let total: f32 = probs.iter().map(|p| p.1).sum();
     probs.iter_mut().for_each(|p| p.1 /= total);
     probs.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -150,24 +184,43 @@ pub struct Score {
 }
 
 /// Log-probability of each response token given everything before it (natural log).
-pub fn score(model: &Qwen2, prompt_ids: &[u32], response_ids: &[u32], device: &Device) -> Result<Score> {
+pub fn score(
+    model: &Qwen2,
+    prompt_ids: &[u32],
+    response_ids: &[u32],
+    device: &Device,
+) -> Result<Score> {
     if prompt_ids.is_empty() || response_ids.is_empty() {
-        return Err(Error::Invalid("score needs a non-empty prompt and response".into()));
+        return Err(Error::Invalid(
+            "score needs a non-empty prompt and response".into(),
+        ));
     }
     let ids: Vec<u32> = prompt_ids.iter().chain(response_ids).copied().collect();
     let vocab = model.embed_tokens.dims()[0];
     if let Some(bad) = ids.iter().find(|t| **t as usize >= vocab) {
-        return Err(Error::Invalid(format!("token id {bad} is outside the model's vocabulary of {vocab}")));
+        return Err(Error::Invalid(format!(
+            "token id {bad} is outside the model's vocabulary of {vocab}"
+        )));
     }
-    let layout = AttentionLayout { key_mask: vec![vec![true; ids.len()]] };
+    let layout = AttentionLayout {
+        key_mask: vec![vec![true; ids.len()]],
+    };
     let logits = model.forward(int_tensor(&[ids], device), &layout, None);
     let (p, r) = (prompt_ids.len(), response_ids.len());
     // Logits at position t predict token t + 1.
     let predicting = log_softmax(logits.narrow(1, p - 1, r), 2);
     let targets: Vec<i64> = response_ids.iter().map(|t| *t as i64).collect();
     let targets = Tensor::<3, Int>::from_data(TensorData::new(targets, [1, r, 1]), device);
-    let logprobs: Vec<f32> =
-        predicting.gather(2, targets).into_data().convert::<f32>().try_into_vec::<f32>().map_err(data_error)?;
+    let logprobs: Vec<f32> = predicting
+        .gather(2, targets)
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(data_error)?;
     let total = logprobs.iter().sum();
-    Ok(Score { token_ids: response_ids.to_vec(), logprobs, total })
+    Ok(Score {
+        token_ids: response_ids.to_vec(),
+        logprobs,
+        total,
+    })
 }

@@ -36,19 +36,33 @@ pub struct Checkpoint {
 impl Checkpoint {
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(Error::Invalid(format!("--model {}: not a directory", dir.display())));
+            return Err(Error::Invalid(format!(
+                "--model {}: not a directory",
+                dir.display()
+            )));
         }
         let config = Qwen2Config::from_file(&dir.join("config.json"))?;
         let tokenizer = ChatTokenizer::load(dir, &config.eos_token_ids)?;
         if tokenizer.vocab_size() > config.vocab_size {
             return Err(Error::config(
                 dir.join("config.json"),
-                format!("vocab_size {} is smaller than the tokenizer's {} tokens", config.vocab_size, tokenizer.vocab_size()),
+                format!(
+                    "vocab_size {} is smaller than the tokenizer's {} tokens",
+                    config.vocab_size,
+                    tokenizer.vocab_size()
+                ),
             ));
         }
         let files = weights::SafetensorsFiles::open_checkpoint(dir)?;
         let model = Qwen2::load(&config, &files, device)?;
-        Ok(Self { dir: dir.to_path_buf(), config, model, tokenizer, device: device.clone(), adapter: None })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            model,
+            tokenizer,
+            device: device.clone(),
+            adapter: None,
+        })
     }
 
     pub fn load_adapter(&mut self, dir: &Path) -> Result<()> {
@@ -57,14 +71,25 @@ impl Checkpoint {
     }
 
     /// Generates a reply to one prompt; returns (text, token ids).
-    pub fn generate(&self, messages: &[Message], sampling: &Sampling) -> Result<(String, Vec<u32>)> {
+    pub fn generate(
+        &self,
+        messages: &[Message],
+        sampling: &Sampling,
+    ) -> Result<(String, Vec<u32>)> {
         let mut out = self.generate_batch(&[messages.to_vec()], sampling)?;
         Ok(out.remove(0))
     }
 
     /// Generates replies to several prompts at once (left-padded batch).
-    pub fn generate_batch(&self, prompts: &[Vec<Message>], sampling: &Sampling) -> Result<Vec<(String, Vec<u32>)>> {
-        let ids = prompts.iter().map(|m| self.tokenizer.encode_prompt(m)).collect::<Result<Vec<_>>>()?;
+    pub fn generate_batch(
+        &self,
+        prompts: &[Vec<Message>],
+        sampling: &Sampling,
+    ) -> Result<Vec<(String, Vec<u32>)>> {
+        let ids = prompts
+            .iter()
+            .map(|m| self.tokenizer.encode_prompt(m))
+            .collect::<Result<Vec<_>>>()?;
         let outputs = generate::generate(
             &self.model,
             &ids,

@@ -9,7 +9,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use burn::module::Param;
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -18,6 +19,7 @@ use crate::qwen2::{DecoderLayer, LoraBranch, PROJECTIONS, Qwen2};
 use crate::weights::{HostTensor, SafetensorsFiles, SaveDtype, write_atomic, write_safetensors};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct LoraConfig {
     pub r: usize,
     pub alpha: f64,
@@ -40,7 +42,11 @@ impl Default for LoraConfig {
 
 impl LoraConfig {
     pub fn scale(&self) -> f64 {
-        if self.use_rslora { self.alpha / (self.r as f64).sqrt() } else { self.alpha / self.r as f64 }
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
     }
 
     pub fn validate(&self) -> std::result::Result<(), String> {
@@ -53,8 +59,15 @@ impl LoraConfig {
         if self.target_modules.is_empty() {
             return Err("target_modules is empty".into());
         }
-        if let Some(bad) = self.target_modules.iter().find(|m| !PROJECTIONS.contains(&m.as_str())) {
-            return Err(format!("target module \"{bad}\" is not one of {}", PROJECTIONS.join(", ")));
+        if let Some(bad) = self
+            .target_modules
+            .iter()
+            .find(|m| !PROJECTIONS.contains(&m.as_str()))
+        {
+            return Err(format!(
+                "target module \"{bad}\" is not one of {}",
+                PROJECTIONS.join(", ")
+            ));
         }
         Ok(())
     }
@@ -62,14 +75,21 @@ impl LoraConfig {
 
 /// Adds fresh LoRA branches to the target projections of every layer, initialised as PEFT
 /// does: A from Kaiming-uniform (a = √5, i.e. U(±1/√in)), B zero, so the model is unchanged.
-pub fn attach(model: &mut Qwen2, config: &LoraConfig, device: &Device) -> Result<()> {
+/// A is drawn on the host from `seed`, so a run starts the same on every backend.
+pub fn attach(model: &mut Qwen2, config: &LoraConfig, seed: u64, device: &Device) -> Result<()> {
     config.validate().map_err(Error::Invalid)?;
+    let mut rng = StdRng::seed_from_u64(seed);
     for layer in &mut model.layers {
         for name in &config.target_modules {
-            let linear = layer.projection_mut(name).expect("validated projection name");
+            let linear = layer
+                .projection_mut(name)
+                .expect("validated projection name");
             let [d_in, d_out] = linear.weight.dims();
-            let bound = 1.0 / (d_in as f64).sqrt();
-            let a = Tensor::random([d_in, config.r], Distribution::Uniform(-bound, bound), device);
+            let bound = 1.0 / (d_in as f32).sqrt();
+            let values: Vec<f32> = (0..d_in * config.r)
+                .map(|_| rng.random_range(-bound..bound))
+                .collect();
+            let a = Tensor::from_data(TensorData::new(values, [d_in, config.r]), device);
             let b = Tensor::zeros([config.r, d_out], device);
             linear.lora = Some(LoraBranch::new(a, b, config.scale(), config.dropout));
         }
@@ -78,7 +98,10 @@ pub fn attach(model: &mut Qwen2, config: &LoraConfig, device: &Device) -> Result
 }
 
 fn peft_name(layer: usize, projection: &str, part: &str) -> String {
-    format!("base_model.model.{}.{part}.weight", DecoderLayer::projection_path(layer, projection))
+    format!(
+        "base_model.model.{}.{part}.weight",
+        DecoderLayer::projection_path(layer, projection)
+    )
 }
 
 /// Writes the adapter in PEFT's format (atomically, file by file).
@@ -90,13 +113,26 @@ pub fn save_peft(model: &Qwen2, config: &LoraConfig, dir: &Path, base_model: &st
             let lora = layer
                 .projection(name)
                 .and_then(|p| p.lora.as_ref())
-                .ok_or_else(|| Error::adapter(dir, format!("layer {l} {name} has no LoRA branch to save")))?;
-            tensors.insert(peft_name(l, name, "lora_A"), HostTensor::from_tensor2(lora.a.val(), true));
-            tensors.insert(peft_name(l, name, "lora_B"), HostTensor::from_tensor2(lora.b.val(), true));
+                .ok_or_else(|| {
+                    Error::adapter(dir, format!("layer {l} {name} has no LoRA branch to save"))
+                })?;
+            tensors.insert(
+                peft_name(l, name, "lora_A"),
+                HostTensor::from_tensor2(lora.a.val(), true),
+            );
+            tensors.insert(
+                peft_name(l, name, "lora_B"),
+                HostTensor::from_tensor2(lora.b.val(), true),
+            );
         }
     }
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    write_safetensors(&dir.join("adapter_model.safetensors"), &tensors, SaveDtype::F32, Some(metadata))?;
+    write_safetensors(
+        &dir.join("adapter_model.safetensors"),
+        &tensors,
+        SaveDtype::F32,
+        Some(metadata),
+    )?;
     let adapter_config = serde_json::json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -128,36 +164,63 @@ pub fn read_peft_config(dir: &Path) -> Result<LoraConfig> {
     if let Some(kind) = json.get("peft_type").and_then(Value::as_str)
         && kind != "LORA"
     {
-        return Err(bad(format!("peft_type \"{kind}\" is not supported (only LORA)")));
+        return Err(bad(format!(
+            "peft_type \"{kind}\" is not supported (only LORA)"
+        )));
     }
-    let r = json.get("r").and_then(Value::as_u64).ok_or_else(|| bad("missing integer field \"r\"".into()))? as usize;
-    let alpha = json.get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
-    let dropout = json.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0);
+    let r = json
+        .get("r")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| bad("missing integer field \"r\"".into()))? as usize;
+    let alpha = json
+        .get("lora_alpha")
+        .and_then(Value::as_f64)
+        .unwrap_or(8.0);
+    let dropout = json
+        .get("lora_dropout")
+        .and_then(Value::as_f64)
+        .unwrap_or(0.0);
     let target_modules = match json.get("target_modules") {
         Some(Value::Array(items)) => items
             .iter()
-            .map(|v| v.as_str().map(str::to_string).ok_or_else(|| bad(format!("target_modules entry {v} is not a string"))))
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| bad(format!("target_modules entry {v} is not a string")))
+            })
             .collect::<Result<Vec<_>>>()?,
-        Some(Value::String(s)) => return Err(bad(format!("target_modules as a regular expression (\"{s}\") is not supported; list the modules"))),
+        Some(Value::String(s)) => {
+            return Err(bad(format!(
+                "target_modules as a regular expression (\"{s}\") is not supported; list the modules"
+            )));
+        }
         _ => return Err(bad("missing list \"target_modules\"".into())),
     };
     let flag = |key: &str| json.get(key).and_then(Value::as_bool).unwrap_or(false);
     if flag("use_dora") {
-        return Err(bad("use_dora is true: DoRA adapters are not supported".into()));
+        return Err(bad(
+            "use_dora is true: DoRA adapters are not supported".into()
+        ));
     }
     if flag("fan_in_fan_out") {
-        return Err(bad("fan_in_fan_out is true: not supported for Qwen2 linear layers".into()));
+        return Err(bad(
+            "fan_in_fan_out is true: not supported for Qwen2 linear layers".into(),
+        ));
     }
     if let Some(bias) = json.get("bias").and_then(Value::as_str)
         && bias != "none"
     {
-        return Err(bad(format!("bias \"{bias}\" is not supported (only \"none\")")));
+        return Err(bad(format!(
+            "bias \"{bias}\" is not supported (only \"none\")"
+        )));
     }
     for key in ["rank_pattern", "alpha_pattern"] {
         if let Some(Value::Object(map)) = json.get(key)
             && !map.is_empty()
         {
-            return Err(bad(format!("{key} is not supported (per-module ranks or alphas)")));
+            return Err(bad(format!(
+                "{key} is not supported (per-module ranks or alphas)"
+            )));
         }
     }
     for key in ["modules_to_save", "layers_to_transform"] {
@@ -165,7 +228,13 @@ pub fn read_peft_config(dir: &Path) -> Result<LoraConfig> {
             return Err(bad(format!("{key} is not supported")));
         }
     }
-    let config = LoraConfig { r, alpha, dropout, target_modules, use_rslora: flag("use_rslora") };
+    let config = LoraConfig {
+        r,
+        alpha,
+        dropout,
+        target_modules,
+        use_rslora: flag("use_rslora"),
+    };
     config.validate().map_err(bad)?;
     Ok(config)
 }
@@ -175,36 +244,53 @@ pub fn load_peft(model: &mut Qwen2, dir: &Path, device: &Device) -> Result<LoraC
     let config = read_peft_config(dir)?;
     let path = dir.join("adapter_model.safetensors");
     if !path.exists() {
-        return Err(Error::adapter(&path, "file not found (only safetensors adapters are supported)"));
+        return Err(Error::adapter(
+            &path,
+            "file not found (only safetensors adapters are supported)",
+        ));
     }
     let files = SafetensorsFiles::open_files(&[path.clone()])?;
     let layers = model.layers.len();
     // Every tensor in the file must belong to a projection of this model.
     for name in files.names() {
         let known = (0..layers).any(|l| {
-            config.target_modules.iter().any(|m| name == peft_name(l, m, "lora_A") || name == peft_name(l, m, "lora_B"))
+            config
+                .target_modules
+                .iter()
+                .any(|m| name == peft_name(l, m, "lora_A") || name == peft_name(l, m, "lora_B"))
         });
         if !known {
             return Err(Error::adapter(
                 &path,
-                format!("tensor \"{name}\" does not match any target module of this {layers}-layer model; is the adapter for a different base model?"),
+                format!(
+                    "tensor \"{name}\" does not match any target module of this {layers}-layer model; is the adapter for a different base model?"
+                ),
             ));
         }
     }
     for (l, layer) in model.layers.iter_mut().enumerate() {
         for name in &config.target_modules {
-            let linear = layer.projection_mut(name).expect("validated projection name");
+            let linear = layer
+                .projection_mut(name)
+                .expect("validated projection name");
             let [d_in, d_out] = linear.weight.dims();
             let (a_name, b_name) = (peft_name(l, name, "lora_A"), peft_name(l, name, "lora_B"));
             let mismatch = |e: Error| match e {
                 Error::Weights { message, .. } => Error::adapter(
                     &path,
-                    format!("{message} (the base model has {name} of {d_in}→{d_out} with r={}; is the adapter for a different base model?)", config.r),
+                    format!(
+                        "{message} (the base model has {name} of {d_in}→{d_out} with r={}; is the adapter for a different base model?)",
+                        config.r
+                    ),
                 ),
                 other => other,
             };
-            let a = files.tensor2(&a_name, [config.r, d_in], true, device).map_err(mismatch)?;
-            let b = files.tensor2(&b_name, [d_out, config.r], true, device).map_err(mismatch)?;
+            let a = files
+                .tensor2(&a_name, [config.r, d_in], true, device)
+                .map_err(mismatch)?;
+            let b = files
+                .tensor2(&b_name, [d_out, config.r], true, device)
+                .map_err(mismatch)?;
             linear.lora = Some(LoraBranch::new(a, b, config.scale(), config.dropout));
         }
     }

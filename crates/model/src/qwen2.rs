@@ -59,14 +59,35 @@ impl Linear {
     pub fn merged_weight(&self) -> Tensor<2> {
         match &self.lora {
             None => self.weight.val(),
-            Some(lora) => self.weight.val() + lora.a.val().matmul(lora.b.val()).mul_scalar(lora.scale),
+            Some(lora) => {
+                self.weight.val() + lora.a.val().matmul(lora.b.val()).mul_scalar(lora.scale)
+            }
         }
     }
 
-    fn load(files: &SafetensorsFiles, prefix: &str, d_in: usize, d_out: usize, bias: bool, device: &Device) -> Result<Self> {
+    fn load(
+        files: &SafetensorsFiles,
+        prefix: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+        device: &Device,
+    ) -> Result<Self> {
         let weight = files.tensor2(&format!("{prefix}.weight"), [d_out, d_in], true, device)?;
-        let bias = if bias { Some(Param::from_tensor(files.tensor1(&format!("{prefix}.bias"), d_out, device)?)) } else { None };
-        Ok(Self { weight: Param::from_tensor(weight), bias, lora: None })
+        let bias = if bias {
+            Some(Param::from_tensor(files.tensor1(
+                &format!("{prefix}.bias"),
+                d_out,
+                device,
+            )?))
+        } else {
+            None
+        };
+        Ok(Self {
+            weight: Param::from_tensor(weight),
+            bias,
+            lora: None,
+        })
     }
 }
 
@@ -86,7 +107,15 @@ impl RmsNorm {
 
 /// Which projections a layer has, named as in Hugging Face checkpoints and PEFT's
 /// `target_modules`.
-pub const PROJECTIONS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+pub const PROJECTIONS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
 
 #[derive(Module, Debug)]
 pub struct Attention {
@@ -151,7 +180,11 @@ impl DecoderLayer {
     }
     /// Hugging Face module path of a projection inside a layer.
     pub fn projection_path(layer: usize, name: &str) -> String {
-        let block = if matches!(name, "gate_proj" | "up_proj" | "down_proj") { "mlp" } else { "self_attn" };
+        let block = if matches!(name, "gate_proj" | "up_proj" | "down_proj") {
+            "mlp"
+        } else {
+            "self_attn"
+        };
         format!("model.layers.{layer}.{block}.{name}")
     }
 }
@@ -182,13 +215,20 @@ pub struct AttentionLayout {
 }
 
 impl AttentionLayout {
-    fn tensors(&self, new_len: usize, head_dim: usize, theta: f64, device: &Device) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+    fn tensors(
+        &self,
+        new_len: usize,
+        head_dim: usize,
+        theta: f64,
+        device: &Device,
+    ) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
         let batch = self.key_mask.len();
         let total = self.key_mask[0].len();
         let past = total - new_len;
         let half = head_dim / 2;
-        let inv_freq: Vec<f32> =
-            (0..half).map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32)).collect();
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+            .collect();
         let mut cos = Vec::with_capacity(batch * new_len * head_dim);
         let mut sin = Vec::with_capacity(batch * new_len * head_dim);
         let mut bias = Vec::with_capacity(batch * new_len * total);
@@ -251,10 +291,15 @@ impl Attention {
             if h == kvh {
                 t
             } else {
-                t.unsqueeze_dim::<5>(2).expand([b, kvh, h / kvh, total, hd]).reshape([b, h, total, hd])
+                t.unsqueeze_dim::<5>(2)
+                    .expand([b, kvh, h / kvh, total, hd])
+                    .reshape([b, h, total, hd])
             }
         };
-        let scores = q.matmul(repeat(k.clone()).swap_dims(2, 3)).mul_scalar(1.0 / (hd as f64).sqrt()) + bias.clone();
+        let scores = q
+            .matmul(repeat(k.clone()).swap_dims(2, 3))
+            .mul_scalar(1.0 / (hd as f64).sqrt())
+            + bias.clone();
         let attn = softmax(scores, 3).matmul(repeat(v.clone()));
         let out = attn.swap_dims(1, 2).reshape([b, s, h * hd]);
         (self.o_proj.forward(out), k, v)
@@ -263,7 +308,8 @@ impl Attention {
 
 impl Mlp {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.down_proj.forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+        self.down_proj
+            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
     }
 }
 
@@ -272,9 +318,15 @@ impl Qwen2 {
     pub fn load(config: &Qwen2Config, files: &SafetensorsFiles, device: &Device) -> Result<Self> {
         let (hidden, inter) = (config.hidden_size, config.intermediate_size);
         let hd = config.head_dim();
-        let (q_out, kv_out) = (config.num_attention_heads * hd, config.num_key_value_heads * hd);
+        let (q_out, kv_out) = (
+            config.num_attention_heads * hd,
+            config.num_key_value_heads * hd,
+        );
         let norm = |name: &str| -> Result<RmsNorm> {
-            Ok(RmsNorm { weight: Param::from_tensor(files.tensor1(name, hidden, device)?), eps: config.rms_norm_eps })
+            Ok(RmsNorm {
+                weight: Param::from_tensor(files.tensor1(name, hidden, device)?),
+                eps: config.rms_norm_eps,
+            })
         };
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
@@ -282,28 +334,89 @@ impl Qwen2 {
             layers.push(DecoderLayer {
                 input_layernorm: norm(&format!("{p}.input_layernorm.weight"))?,
                 self_attn: Attention {
-                    q_proj: Linear::load(files, &format!("{p}.self_attn.q_proj"), hidden, q_out, true, device)?,
-                    k_proj: Linear::load(files, &format!("{p}.self_attn.k_proj"), hidden, kv_out, true, device)?,
-                    v_proj: Linear::load(files, &format!("{p}.self_attn.v_proj"), hidden, kv_out, true, device)?,
-                    o_proj: Linear::load(files, &format!("{p}.self_attn.o_proj"), q_out, hidden, false, device)?,
+                    q_proj: Linear::load(
+                        files,
+                        &format!("{p}.self_attn.q_proj"),
+                        hidden,
+                        q_out,
+                        true,
+                        device,
+                    )?,
+                    k_proj: Linear::load(
+                        files,
+                        &format!("{p}.self_attn.k_proj"),
+                        hidden,
+                        kv_out,
+                        true,
+                        device,
+                    )?,
+                    v_proj: Linear::load(
+                        files,
+                        &format!("{p}.self_attn.v_proj"),
+                        hidden,
+                        kv_out,
+                        true,
+                        device,
+                    )?,
+                    o_proj: Linear::load(
+                        files,
+                        &format!("{p}.self_attn.o_proj"),
+                        q_out,
+                        hidden,
+                        false,
+                        device,
+                    )?,
                     num_heads: config.num_attention_heads,
                     num_kv_heads: config.num_key_value_heads,
                     head_dim: hd,
                 },
                 post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
                 mlp: Mlp {
-                    gate_proj: Linear::load(files, &format!("{p}.mlp.gate_proj"), hidden, inter, false, device)?,
-                    up_proj: Linear::load(files, &format!("{p}.mlp.up_proj"), hidden, inter, false, device)?,
-                    down_proj: Linear::load(files, &format!("{p}.mlp.down_proj"), inter, hidden, false, device)?,
+                    gate_proj: Linear::load(
+                        files,
+                        &format!("{p}.mlp.gate_proj"),
+                        hidden,
+                        inter,
+                        false,
+                        device,
+                    )?,
+                    up_proj: Linear::load(
+                        files,
+                        &format!("{p}.mlp.up_proj"),
+                        hidden,
+                        inter,
+                        false,
+                        device,
+                    )?,
+                    down_proj: Linear::load(
+                        files,
+                        &format!("{p}.mlp.down_proj"),
+                        inter,
+                        hidden,
+                        false,
+                        device,
+                    )?,
                 },
             });
         }
-        let embed = files.tensor2("model.embed_tokens.weight", [config.vocab_size, hidden], false, device)?;
+        let embed = files.tensor2(
+            "model.embed_tokens.weight",
+            [config.vocab_size, hidden],
+            false,
+            device,
+        )?;
         // Some tied checkpoints still carry an lm_head copy; tied means the embedding is used.
         let lm_head = if config.tie_word_embeddings {
             None
         } else {
-            Some(Linear::load(files, "lm_head", hidden, config.vocab_size, false, device)?)
+            Some(Linear::load(
+                files,
+                "lm_head",
+                hidden,
+                config.vocab_size,
+                false,
+                device,
+            )?)
         };
         Ok(Self {
             embed_tokens: Param::from_tensor(embed),
@@ -319,14 +432,21 @@ impl Qwen2 {
     pub fn random(config: &Qwen2Config, device: &Device) -> Self {
         let (hidden, inter) = (config.hidden_size, config.intermediate_size);
         let hd = config.head_dim();
-        let (q_out, kv_out) = (config.num_attention_heads * hd, config.num_key_value_heads * hd);
-        let normal = |shape: [usize; 2]| Tensor::random(shape, Distribution::Normal(0.0, 0.02), device);
+        let (q_out, kv_out) = (
+            config.num_attention_heads * hd,
+            config.num_key_value_heads * hd,
+        );
+        let normal =
+            |shape: [usize; 2]| Tensor::random(shape, Distribution::Normal(0.0, 0.02), device);
         let linear = |d_in: usize, d_out: usize, bias: bool| Linear {
             weight: Param::from_tensor(normal([d_in, d_out])),
             bias: bias.then(|| Param::from_tensor(Tensor::zeros([d_out], device))),
             lora: None,
         };
-        let norm = || RmsNorm { weight: Param::from_tensor(Tensor::ones([hidden], device)), eps: config.rms_norm_eps };
+        let norm = || RmsNorm {
+            weight: Param::from_tensor(Tensor::ones([hidden], device)),
+            eps: config.rms_norm_eps,
+        };
         let layers = (0..config.num_hidden_layers)
             .map(|_| DecoderLayer {
                 input_layernorm: norm(),
@@ -351,7 +471,8 @@ impl Qwen2 {
             embed_tokens: Param::from_tensor(normal([config.vocab_size, hidden])),
             layers,
             norm: norm(),
-            lm_head: (!config.tie_word_embeddings).then(|| linear(hidden, config.vocab_size, false)),
+            lm_head: (!config.tie_word_embeddings)
+                .then(|| linear(hidden, config.vocab_size, false)),
             rope_theta: config.rope_theta,
         }
     }
@@ -373,10 +494,20 @@ impl Qwen2 {
         let hidden = self.embed_tokens.dims()[1];
         let head_dim = self.layers[0].self_attn.head_dim;
         let (cos, sin, bias) = layout.tensors(s, head_dim, self.rope_theta, &device);
-        let mut x = self.embed_tokens.val().select(0, input_ids.reshape([b * s])).reshape([b, s, hidden]);
+        let mut x = self
+            .embed_tokens
+            .val()
+            .select(0, input_ids.reshape([b * s]))
+            .reshape([b, s, hidden]);
         for (l, layer) in self.layers.iter().enumerate() {
             let past = cache.as_deref_mut().and_then(|c| c.layers.get_mut(l));
-            let (attn, k, v) = layer.self_attn.forward(layer.input_layernorm.forward(x.clone()), &cos, &sin, &bias, past);
+            let (attn, k, v) = layer.self_attn.forward(
+                layer.input_layernorm.forward(x.clone()),
+                &cos,
+                &sin,
+                &bias,
+                past,
+            );
             if let Some(c) = cache.as_deref_mut() {
                 if l < c.layers.len() {
                     c.layers[l] = (k, v);
@@ -401,16 +532,28 @@ impl Qwen2 {
         }
     }
 
-    pub fn forward(&self, input_ids: Tensor<2, Int>, layout: &AttentionLayout, cache: Option<&mut KvCache>) -> Tensor<3> {
+    pub fn forward(
+        &self,
+        input_ids: Tensor<2, Int>,
+        layout: &AttentionLayout,
+        cache: Option<&mut KvCache>,
+    ) -> Tensor<3> {
         self.logits(self.forward_hidden(input_ids, layout, cache, &[]))
     }
 }
 
 /// Parameter count and f32 memory estimate, from the config alone.
 pub fn parameter_count(config: &Qwen2Config) -> usize {
-    let (h, i, v) = (config.hidden_size, config.intermediate_size, config.vocab_size);
+    let (h, i, v) = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.vocab_size,
+    );
     let hd = config.head_dim();
-    let (q, kv) = (config.num_attention_heads * hd, config.num_key_value_heads * hd);
+    let (q, kv) = (
+        config.num_attention_heads * hd,
+        config.num_key_value_heads * hd,
+    );
     let attn = h * q + q + 2 * (h * kv + kv) + q * h;
     let mlp = 3 * h * i;
     let layer = attn + mlp + 2 * h;

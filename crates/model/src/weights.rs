@@ -32,9 +32,12 @@ impl SafetensorsFiles {
             let mut shards: Vec<String> = Vec::new();
             let mut wanted: BTreeMap<String, String> = BTreeMap::new();
             for (name, file) in map {
-                let file = file
-                    .as_str()
-                    .ok_or_else(|| Error::weights(&index, format!("weight_map[\"{name}\"] must be a file name")))?;
+                let file = file.as_str().ok_or_else(|| {
+                    Error::weights(
+                        &index,
+                        format!("weight_map[\"{name}\"] must be a file name"),
+                    )
+                })?;
                 if !shards.iter().any(|s| s == file) {
                     shards.push(file.to_string());
                 }
@@ -45,14 +48,20 @@ impl SafetensorsFiles {
             for (name, file) in wanted {
                 let shard = shards.iter().position(|s| *s == file).unwrap();
                 if files.location.get(&name) != Some(&shard) {
-                    return Err(Error::weights(dir.join(&file), format!("tensor \"{name}\" listed in {} is missing", index.display())));
+                    return Err(Error::weights(
+                        dir.join(&file),
+                        format!("tensor \"{name}\" listed in {} is missing", index.display()),
+                    ));
                 }
             }
             Ok(files)
         } else if single.exists() {
             Self::open_files(&[single])
         } else {
-            Err(Error::weights(dir, "no model.safetensors or model.safetensors.index.json in this directory"))
+            Err(Error::weights(
+                dir,
+                "no model.safetensors or model.safetensors.index.json in this directory",
+            ))
         }
     }
 
@@ -64,8 +73,12 @@ impl SafetensorsFiles {
             // SAFETY: the file is opened read-only; like every mmap-based loader we rely on the
             // user not truncating a checkpoint while it is being read.
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-            let tensors = SafeTensors::deserialize(&mmap)
-                .map_err(|e| Error::weights(path, format!("not a valid safetensors file ({e}); is it truncated?")))?;
+            let tensors = SafeTensors::deserialize(&mmap).map_err(|e| {
+                Error::weights(
+                    path,
+                    format!("not a valid safetensors file ({e}); is it truncated?"),
+                )
+            })?;
             for name in tensors.names() {
                 location.insert(name.to_string(), i);
             }
@@ -89,13 +102,15 @@ impl SafetensorsFiles {
     }
 
     fn view(&self, name: &str) -> Result<(&Path, safetensors::tensor::TensorView<'_>)> {
-        let i = *self
-            .location
-            .get(name)
-            .ok_or_else(|| Error::weights(&self.files[0].0, format!("missing tensor \"{name}\"")))?;
+        let i = *self.location.get(name).ok_or_else(|| {
+            Error::weights(&self.files[0].0, format!("missing tensor \"{name}\""))
+        })?;
         let (path, mmap) = &self.files[i];
-        let tensors = SafeTensors::deserialize(mmap).map_err(|e| Error::weights(path, e.to_string()))?;
-        let view = tensors.tensor(name).map_err(|e| Error::weights(path, format!("tensor \"{name}\": {e}")))?;
+        let tensors =
+            SafeTensors::deserialize(mmap).map_err(|e| Error::weights(path, e.to_string()))?;
+        let view = tensors
+            .tensor(name)
+            .map_err(|e| Error::weights(path, format!("tensor \"{name}\": {e}")))?;
         Ok((path, view))
     }
 
@@ -105,20 +120,33 @@ impl SafetensorsFiles {
         if view.shape() != expected_shape {
             return Err(Error::weights(
                 path,
-                format!("tensor \"{name}\" has shape {:?}, expected {:?}", view.shape(), expected_shape),
+                format!(
+                    "tensor \"{name}\" has shape {:?}, expected {:?}",
+                    view.shape(),
+                    expected_shape
+                ),
             ));
         }
         let bytes = view.data();
         let values = match view.dtype() {
-            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            Dtype::BF16 => {
-                bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
-            }
-            Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
             other => {
                 return Err(Error::weights(
                     path,
-                    format!("tensor \"{name}\" has dtype {other:?}; only BF16, F16 and F32 are supported"),
+                    format!(
+                        "tensor \"{name}\" has dtype {other:?}; only BF16, F16 and F32 are supported"
+                    ),
                 ));
             }
         };
@@ -127,7 +155,13 @@ impl SafetensorsFiles {
 
     /// A 2-D tensor on the device, optionally transposed (Hugging Face stores linear weights
     /// as [out, in]; we compute `x · W` with W as [in, out]).
-    pub fn tensor2(&self, name: &str, shape: [usize; 2], transpose: bool, device: &Device) -> Result<Tensor<2>> {
+    pub fn tensor2(
+        &self,
+        name: &str,
+        shape: [usize; 2],
+        transpose: bool,
+        device: &Device,
+    ) -> Result<Tensor<2>> {
         let values = self.read_f32(name, &shape)?;
         Ok(if transpose {
             let [rows, cols] = shape;
@@ -161,7 +195,9 @@ impl SaveDtype {
         match s {
             "f32" | "float32" => Ok(Self::F32),
             "bf16" | "bfloat16" => Ok(Self::Bf16),
-            other => Err(Error::Invalid(format!("--dtype \"{other}\": expected bf16 or f32"))),
+            other => Err(Error::Invalid(format!(
+                "--dtype \"{other}\": expected bf16 or f32"
+            ))),
         }
     }
     pub fn torch_name(self) -> &'static str {
@@ -182,7 +218,11 @@ impl HostTensor {
     /// Reads a device tensor back, transposing a 2-D [in, out] weight to Hugging Face's [out, in].
     pub fn from_tensor2(tensor: Tensor<2>, transpose: bool) -> Self {
         let [rows, cols] = tensor.dims();
-        let values: Vec<f32> = tensor.into_data().convert::<f32>().try_into_vec().expect("f32 tensor data");
+        let values: Vec<f32> = tensor
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec()
+            .expect("f32 tensor data");
         if transpose {
             let mut t = vec![0f32; values.len()];
             for r in 0..rows {
@@ -190,14 +230,27 @@ impl HostTensor {
                     t[c * rows + r] = values[r * cols + c];
                 }
             }
-            Self { shape: vec![cols, rows], values: t }
+            Self {
+                shape: vec![cols, rows],
+                values: t,
+            }
         } else {
-            Self { shape: vec![rows, cols], values }
+            Self {
+                shape: vec![rows, cols],
+                values,
+            }
         }
     }
     pub fn from_tensor1(tensor: Tensor<1>) -> Self {
         let [n] = tensor.dims();
-        Self { shape: vec![n], values: tensor.into_data().convert::<f32>().try_into_vec().expect("f32 tensor data") }
+        Self {
+            shape: vec![n],
+            values: tensor
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec()
+                .expect("f32 tensor data"),
+        }
     }
 }
 
@@ -214,7 +267,11 @@ pub fn write_safetensors(
         .map(|(name, t)| {
             let bytes = match dtype {
                 SaveDtype::F32 => t.values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                SaveDtype::Bf16 => t.values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
+                SaveDtype::Bf16 => t
+                    .values
+                    .iter()
+                    .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                    .collect(),
             };
             (name.clone(), bytes, t.shape.clone())
         })
@@ -231,7 +288,8 @@ pub fn write_safetensors(
             Ok((name.clone(), view))
         })
         .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(views, metadata).map_err(|e| Error::weights(path, e.to_string()))?;
+    let bytes =
+        safetensors::serialize(views, metadata).map_err(|e| Error::weights(path, e.to_string()))?;
     write_atomic(path, &bytes)
 }
 

@@ -1,0 +1,19 @@
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{path}:{line}: {message}")]
+    Data {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("config: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Model(#[from] safeprobe_model::Error),
+}
+
+pub type Result<T> = std::result::Result<T, TrainError>;

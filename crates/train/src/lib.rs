@@ -1,0 +1,11 @@
+//! safeprobe's trainer: supervised fine-tuning and Safety-Aware Probing on burn.
+
+pub mod adamw;
+pub mod data;
+pub mod error;
+pub mod loss;
+pub mod params;
+pub mod run;
+pub mod sap;
+
+pub use error::{Result, TrainError};

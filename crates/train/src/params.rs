@@ -1,0 +1,118 @@
+//! The trainable parameters of a model as one flat list, whatever the mode: the LoRA
+//! factors when fine-tuning with LoRA (base weights frozen), every weight in full mode.
+//!
+//! Optimiser and SAP arithmetic works on these lists of plain (non-autodiff) tensors; the
+//! model's parameters are then replaced with the results, tracked again for the next pass.
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::{Gradients, Tensor};
+use safeprobe_model::qwen2::Qwen2;
+
+struct Collect<'a> {
+    grads: Option<&'a Gradients>,
+    out: Vec<Tensor<1>>,
+}
+
+impl ModuleVisitor for Collect<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let tensor = param.val();
+        if !tensor.is_require_grad() {
+            return;
+        }
+        let n = tensor.shape().num_elements();
+        let value = match self.grads {
+            None => tensor.inner(),
+            Some(grads) => match tensor.grad(grads) {
+                Some(grad) => grad,
+                // A trainable tensor the loss does not reach has a zero gradient.
+                None => tensor.inner().zeros_like(),
+            },
+        };
+        self.out.push(value.reshape([n]));
+    }
+}
+
+/// Current values of the trainable parameters (flattened, plain tensors).
+pub fn values(model: &Qwen2) -> Vec<Tensor<1>> {
+    let mut collect = Collect {
+        grads: None,
+        out: Vec::new(),
+    };
+    model.visit(&mut collect);
+    collect.out
+}
+
+/// Gradients of the trainable parameters from a backward pass, in `values` order.
+pub fn gradients(model: &Qwen2, grads: &Gradients) -> Vec<Tensor<1>> {
+    let mut collect = Collect {
+        grads: Some(grads),
+        out: Vec::new(),
+    };
+    model.visit(&mut collect);
+    collect.out
+}
+
+struct Replace {
+    values: std::vec::IntoIter<Tensor<1>>,
+    track: bool,
+}
+
+impl ModuleMapper for Replace {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        if !param.val().is_require_grad() {
+            return param;
+        }
+        let value = self
+            .values
+            .next()
+            .expect("one value per trainable parameter");
+        let track = self.track;
+        param.map(|old| {
+            let shaped = Tensor::from_inner(value.reshape(old.dims()));
+            if track { shaped.require_grad() } else { shaped }
+        })
+    }
+}
+
+/// The model with its trainable parameters replaced (same order as `values`), still trainable.
+pub fn with_values(model: Qwen2, values: Vec<Tensor<1>>) -> Qwen2 {
+    model.map(&mut Replace {
+        values: values.into_iter(),
+        track: true,
+    })
+}
+
+/// A throw-away copy with replaced parameters that are not tracked (for passes that only
+/// need gradients with respect to something else, like the probe).
+pub fn frozen_with_values(model: &Qwen2, values: Vec<Tensor<1>>) -> Qwen2 {
+    model.clone().map(&mut Replace {
+        values: values.into_iter(),
+        track: false,
+    })
+}
+
+/// √(Σ‖tᵢ‖²) over a list of tensors, read back to the host.
+pub fn global_norm(tensors: &[Tensor<1>]) -> f64 {
+    if tensors.is_empty() {
+        return 0.0;
+    }
+    let squares: Vec<Tensor<1>> = tensors
+        .iter()
+        .map(|t| t.clone().powf_scalar(2.0).sum())
+        .collect();
+    let total = Tensor::cat(squares, 0).sum().sqrt();
+    scalar(&total)
+}
+
+/// A one-element tensor's value on the host (autodiff or not).
+pub fn scalar(t: &Tensor<1>) -> f64 {
+    let t = if t.is_autodiff() {
+        t.clone().inner()
+    } else {
+        t.clone()
+    };
+    t.into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .expect("f32 data")[0] as f64
+}

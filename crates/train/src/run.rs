@@ -1,0 +1,480 @@
+//! A training run: config (TOML), data, the step loop, metrics and outputs.
+//!
+//! The run directory holds `config.toml` (resolved), `metrics.jsonl` (one event per line),
+//! and at the end `adapter/` (PEFT format) and `probe.safetensors`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::tensor::Device;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use safeprobe_model::chat::{Message, prompt_messages};
+use safeprobe_model::weights::{HostTensor, SaveDtype, write_atomic, write_safetensors};
+use safeprobe_model::{Checkpoint, LoraConfig, lora};
+use serde::{Deserialize, Serialize};
+
+use crate::adamw::{AdamW, AdamWConfig};
+use crate::data::{self, Batch, Sequence, with_system};
+use crate::error::{Result, TrainError};
+use crate::loss::task_loss;
+use crate::sap::{SapConfig, SapState, StepMetrics, sft_step};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    Sft,
+    Sap,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub model: PathBuf,
+    pub train_data: PathBuf,
+    #[serde(default)]
+    pub safety_data: Option<PathBuf>,
+    #[serde(default)]
+    pub validation_data: Option<PathBuf>,
+    pub output_dir: PathBuf,
+    #[serde(default = "default_method")]
+    pub method: Method,
+    #[serde(default)]
+    pub system: Option<String>,
+    #[serde(default = "default_max_len")]
+    pub max_len: usize,
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    #[serde(default = "default_batch")]
+    pub safety_batch_size: usize,
+    pub max_steps: usize,
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    #[serde(default = "default_schedule")]
+    pub lr_schedule: LrSchedule,
+    #[serde(default)]
+    pub warmup_steps: usize,
+    #[serde(default)]
+    pub max_grad_norm: Option<f64>,
+    #[serde(default)]
+    pub seed: u64,
+    /// Shuffle the data each epoch (seeded); false keeps the order as given.
+    #[serde(default = "default_true")]
+    pub shuffle: bool,
+    #[serde(default = "default_eval_every")]
+    pub eval_every: usize,
+    #[serde(default)]
+    pub adamw: AdamWConfig,
+    #[serde(default)]
+    pub lora: LoraConfig,
+    #[serde(default)]
+    pub sap: SapConfig,
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+fn default_method() -> Method {
+    Method::Sap
+}
+fn default_max_len() -> usize {
+    256
+}
+fn default_batch() -> usize {
+    4
+}
+fn default_lr() -> f64 {
+    1e-4
+}
+fn default_schedule() -> LrSchedule {
+    LrSchedule::Constant
+}
+fn default_true() -> bool {
+    true
+}
+fn default_eval_every() -> usize {
+    50
+}
+fn default_device() -> String {
+    "auto".into()
+}
+
+impl RunConfig {
+    /// Parses a TOML config, applying `key=value` overrides (dotted keys, TOML values; a
+    /// value that is not valid TOML is taken as a string).
+    pub fn parse(text: &str, overrides: &[String], origin: &Path) -> Result<Self> {
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e| TrainError::Config(format!("{}: {e}", origin.display())))?;
+        for item in overrides {
+            let (key, value) = item
+                .split_once('=')
+                .ok_or_else(|| TrainError::Config(format!("--set {item}: expected key=value")))?;
+            let value: toml::Value = format!("v = {value}")
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(value.to_string()));
+            let mut parts: Vec<&str> = key.trim().split('.').collect();
+            let last = parts.pop().unwrap();
+            let mut cursor = &mut table;
+            for part in parts {
+                cursor = cursor
+                    .entry(part)
+                    .or_insert_with(|| toml::Value::Table(Default::default()))
+                    .as_table_mut()
+                    .ok_or_else(|| {
+                        TrainError::Config(format!("--set {key}: \"{part}\" is not a table"))
+                    })?;
+            }
+            cursor.insert(last.to_string(), value);
+        }
+        let config: RunConfig =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| {
+                    TrainError::Config(format!("{}: {}", origin.display(), e.message()))
+                })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks that need no model, so a broken config fails before any loading.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(TrainError::Config(m));
+        if self.max_steps == 0 {
+            return bad("max_steps must be at least 1".into());
+        }
+        if self.batch_size == 0 || self.safety_batch_size == 0 {
+            return bad("batch_size and safety_batch_size must be at least 1".into());
+        }
+        if !(self.lr > 0.0) {
+            return bad(format!("lr {} must be positive", self.lr));
+        }
+        if self.method == Method::Sap && self.safety_data.is_none() {
+            return bad("method = \"sap\" needs safety_data (safety pairs)".into());
+        }
+        if self.sap.refresh_every == 0 {
+            return bad("sap.refresh_every must be at least 1".into());
+        }
+        if self.sap.rho < 0.0 || self.sap.temperature <= 0.0 {
+            return bad("sap.rho must be ≥ 0 and sap.temperature > 0".into());
+        }
+        self.lora
+            .validate()
+            .map_err(|m| TrainError::Config(format!("lora: {m}")))?;
+        for path in [
+            Some(&self.train_data),
+            self.safety_data.as_ref(),
+            self.validation_data.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if !path.is_file() {
+                return bad(format!("{}: data file not found", path.display()));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn learning_rate(&self, step: usize) -> f64 {
+        if step < self.warmup_steps {
+            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let span = (self.max_steps - self.warmup_steps).max(1) as f64;
+        let progress = (step - self.warmup_steps) as f64 / span;
+        match self.lr_schedule {
+            LrSchedule::Constant => self.lr,
+            LrSchedule::Linear => self.lr * (1.0 - progress),
+            LrSchedule::Cosine => self.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+        }
+    }
+}
+
+/// One line of metrics.jsonl.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    Step {
+        step: usize,
+        lr: f64,
+        tokens_per_s: f64,
+        step_time_s: f64,
+        #[serde(flatten)]
+        metrics: StepMetrics,
+    },
+    Validation {
+        step: usize,
+        loss: f64,
+    },
+    Done {
+        steps: usize,
+        adapter: PathBuf,
+    },
+}
+
+/// Cycles through examples in epochs, reshuffling each epoch with the run's seed.
+struct Sampler<T> {
+    items: Vec<T>,
+    order: Vec<usize>,
+    position: usize,
+    rng: rand::rngs::StdRng,
+    shuffle: bool,
+}
+
+impl<T: Clone> Sampler<T> {
+    fn new(items: Vec<T>, seed: u64, shuffle: bool) -> Self {
+        let mut sampler = Self {
+            order: (0..items.len()).collect(),
+            items,
+            position: 0,
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            shuffle,
+        };
+        sampler.reshuffle();
+        sampler
+    }
+    fn reshuffle(&mut self) {
+        if self.shuffle {
+            self.order.shuffle(&mut self.rng);
+        }
+    }
+    fn next_batch(&mut self, size: usize) -> Vec<T> {
+        (0..size)
+            .map(|_| {
+                if self.position == self.items.len() {
+                    self.position = 0;
+                    self.reshuffle();
+                }
+                self.position += 1;
+                self.items[self.order[self.position - 1]].clone()
+            })
+            .collect()
+    }
+}
+
+fn encode_all(
+    checkpoint: &Checkpoint,
+    examples: &[data::Example],
+    config: &RunConfig,
+    path: &Path,
+) -> Result<Vec<Sequence>> {
+    let mut out = Vec::new();
+    for (i, example) in examples.iter().enumerate() {
+        let prompt = with_system(&example.prompt, config.system.as_deref());
+        let sequence = Sequence::encode(
+            &checkpoint.tokenizer,
+            &prompt,
+            &example.response,
+            config.max_len,
+        )
+        .map_err(|e| TrainError::Data {
+            path: path.into(),
+            line: i + 1,
+            message: e.to_string(),
+        })?;
+        if sequence.response_tokens() == 0 {
+            return Err(TrainError::Data {
+                path: path.into(),
+                line: i + 1,
+                message: format!(
+                    "the prompt alone fills max_len = {}; no response token is left to train on",
+                    config.max_len
+                ),
+            });
+        }
+        out.push(sequence);
+    }
+    Ok(out)
+}
+
+/// Safety pairs as (safe, harmful) sequences sharing a prompt.
+fn encode_pairs(
+    checkpoint: &Checkpoint,
+    pairs: &[data::SafetyPair],
+    config: &RunConfig,
+) -> Result<Vec<(Sequence, Sequence)>> {
+    pairs
+        .iter()
+        .map(|p| {
+            let prompt: Vec<Message> =
+                with_system(&prompt_messages(None, &p.prompt), config.system.as_deref());
+            Ok((
+                Sequence::encode(&checkpoint.tokenizer, &prompt, &p.chosen, config.max_len)?,
+                Sequence::encode(&checkpoint.tokenizer, &prompt, &p.rejected, config.max_len)?,
+            ))
+        })
+        .collect()
+}
+
+/// Runs a whole training run, reporting each event to `on_event` and to metrics.jsonl.
+pub fn train(
+    config: &RunConfig,
+    device: &Device,
+    mut on_event: impl FnMut(&Event),
+) -> Result<Checkpoint> {
+    config.validate()?;
+    let io = |path: &Path, e: std::io::Error| TrainError::File {
+        path: path.into(),
+        message: e.to_string(),
+    };
+    std::fs::create_dir_all(&config.output_dir).map_err(|e| io(&config.output_dir, e))?;
+    let resolved = toml::to_string_pretty(config).map_err(|e| TrainError::Config(e.to_string()))?;
+    write_atomic(&config.output_dir.join("config.toml"), resolved.as_bytes())?;
+
+    // Checked from config.json alone, before the weights are loaded.
+    let num_layers = safeprobe_model::Qwen2Config::from_file(&config.model.join("config.json"))?
+        .num_hidden_layers;
+    if let Some(bad) = config.sap.layers.iter().find(|l| **l >= num_layers) {
+        return Err(TrainError::Config(format!(
+            "sap.layers: layer {bad} is out of range (the model has {num_layers} layers)"
+        )));
+    }
+    let device = device.clone().autodiff();
+    let mut checkpoint = Checkpoint::load(&config.model, &device)?;
+    // LoRA: base weights frozen, fresh adapter trainable.
+    checkpoint.model = burn::module::Module::no_grad(checkpoint.model);
+    lora::attach(&mut checkpoint.model, &config.lora, config.seed, &device)?;
+
+    let train = encode_all(
+        &checkpoint,
+        &data::read_examples(&config.train_data)?,
+        config,
+        &config.train_data,
+    )?;
+    let validation = match &config.validation_data {
+        Some(path) => Some(encode_all(
+            &checkpoint,
+            &data::read_examples(path)?,
+            config,
+            path,
+        )?),
+        None => None,
+    };
+    let pairs = match &config.safety_data {
+        Some(path) => encode_pairs(&checkpoint, &data::read_pairs(path)?, config)?,
+        None => Vec::new(),
+    };
+
+    let pad = checkpoint.tokenizer.pad_id;
+    let mut task_sampler = Sampler::new(train, config.seed, config.shuffle);
+    let mut pair_sampler = Sampler::new(pairs, config.seed.wrapping_add(1), config.shuffle);
+    let mut optimizer = AdamW::new(config.adamw);
+    let mut sap = (config.method == Method::Sap)
+        .then(|| SapState::new(config.sap.clone(), &checkpoint.model, &device));
+
+    let metrics_path = config.output_dir.join("metrics.jsonl");
+    let mut metrics_file =
+        std::fs::File::create(&metrics_path).map_err(|e| io(&metrics_path, e))?;
+    let mut emit = |event: Event, on_event: &mut dyn FnMut(&Event)| -> Result<()> {
+        let line = serde_json::to_string(&event).expect("json");
+        writeln!(metrics_file, "{line}").map_err(|e| io(&metrics_path, e))?;
+        on_event(&event);
+        Ok(())
+    };
+
+    for step in 0..config.max_steps {
+        let started = Instant::now();
+        let lr = config.learning_rate(step);
+        let task = Batch::new(&task_sampler.next_batch(config.batch_size), pad, &device);
+        let metrics = match &mut sap {
+            None => sft_step(
+                &mut checkpoint.model,
+                &mut optimizer,
+                &task,
+                lr,
+                config.max_grad_norm,
+            ),
+            Some(state) => {
+                let pairs = pair_sampler.next_batch(config.safety_batch_size);
+                let rows: Vec<Sequence> = pairs
+                    .iter()
+                    .map(|p| p.0.clone())
+                    .chain(pairs.iter().map(|p| p.1.clone()))
+                    .collect();
+                let safety = Batch::new(&rows, pad, &device);
+                state.step(
+                    &mut checkpoint.model,
+                    &mut optimizer,
+                    &task,
+                    &safety,
+                    lr,
+                    config.max_grad_norm,
+                )
+            }
+        };
+        let elapsed = started.elapsed().as_secs_f64();
+        let tokens = task.input_ids.dims().iter().product::<usize>() as f64;
+        emit(
+            Event::Step {
+                step: step + 1,
+                lr,
+                tokens_per_s: tokens / elapsed,
+                step_time_s: elapsed,
+                metrics,
+            },
+            &mut on_event,
+        )?;
+
+        if let Some(validation) = &validation
+            && ((step + 1) % config.eval_every.max(1) == 0 || step + 1 == config.max_steps)
+        {
+            let mut total = 0.0;
+            let mut tokens = 0usize;
+            for chunk in validation.chunks(config.batch_size) {
+                let batch = Batch::new(chunk, pad, &device);
+                let loss = task_loss(&checkpoint.model, &batch, None);
+                total += crate::params::scalar(&loss) * batch.response_tokens as f64;
+                tokens += batch.response_tokens;
+            }
+            emit(
+                Event::Validation {
+                    step: step + 1,
+                    loss: total / tokens.max(1) as f64,
+                },
+                &mut on_event,
+            )?;
+        }
+    }
+
+    let adapter_dir = config.output_dir.join("adapter");
+    lora::save_peft(
+        &checkpoint.model,
+        &config.lora,
+        &adapter_dir,
+        &config.model.display().to_string(),
+    )?;
+    if let Some(state) = &sap {
+        let mut tensors = BTreeMap::new();
+        for (layer, v) in state.probe.layers.iter().zip(&state.probe.vectors) {
+            tensors.insert(
+                format!("probe.layers.{layer}"),
+                HostTensor::from_tensor1(v.clone()),
+            );
+        }
+        write_safetensors(
+            &config.output_dir.join("probe.safetensors"),
+            &tensors,
+            SaveDtype::F32,
+            None,
+        )?;
+    }
+    emit(
+        Event::Done {
+            steps: config.max_steps,
+            adapter: adapter_dir,
+        },
+        &mut on_event,
+    )?;
+    Ok(checkpoint)
+}

@@ -1,0 +1,320 @@
+//! One training step: plain SFT, or Safety-Aware Probing (SAP, arXiv 2505.16737).
+//!
+//! SAP, with W the trainable parameters, a task batch b and a safety batch c:
+//! 1. harmful direction: g = ∇_W L_safety(W, V; c), d = g / (‖g‖ + 1e-8), ΔW = ε·d with
+//!    ε = ρ·‖W‖ (recomputed every `refresh_every` steps, reused in between);
+//! 2. the probe V ascends L_su(V) = L_task(W + ΔW, V; b) − L_task(W, V; b), the loss gap
+//!    that a step towards harm opens;
+//! 3. W takes its optimiser step on ∇_W L_task(W, V; b) with the probe in place.
+//!
+//! `Lagged` (the official code's order, 3 passes): the probe gradient is taken at the current
+//! probe, sharing the clean pass that gives ∇_W; after W's step V is reset to zero and takes
+//! one Adam ascent step (moments persist across steps).
+//! `Exact` (the paper's Algorithm 1, 4 passes): V = 0, V_safe = β·∇_V L_su at V = 0 (plain or
+//! Adam-normalised), and W steps on ∇_W L_task(W, V_safe).
+//!
+//! Deviations from the official code: its safety log-probabilities are taken on prompt-only
+//! inputs and without the causal shift; here they are teacher-forced response log-probs,
+//! shifted like every other loss.
+
+use burn::tensor::Tensor;
+use safeprobe_model::qwen2::Qwen2;
+use serde::{Deserialize, Serialize};
+
+use crate::adamw::{AdamW, AdamWConfig};
+use crate::data::Batch;
+use crate::loss::{Probe, safety_loss, task_loss};
+use crate::params::{self, global_norm, scalar};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    Lagged,
+    Exact,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeUpdate {
+    Gradient,
+    Adam,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SapConfig {
+    /// Relative radius of the harmful perturbation: ε = ρ·‖W‖.
+    pub rho: f64,
+    /// Temperature T of the contrastive safety loss.
+    pub temperature: f64,
+    /// Probe step size β.
+    pub beta: f64,
+    /// Probed layers; empty means the middle ten layers, clamped to the model's depth.
+    pub layers: Vec<usize>,
+    pub schedule: Schedule,
+    /// How the exact schedule turns ∇_V L_su into V_safe.
+    pub exact_update: ProbeUpdate,
+    /// Recompute the harmful direction every k steps.
+    pub refresh_every: usize,
+}
+
+impl Default for SapConfig {
+    fn default() -> Self {
+        Self {
+            rho: 2e-5,
+            temperature: 1.0,
+            beta: 0.05,
+            layers: Vec::new(),
+            schedule: Schedule::Lagged,
+            exact_update: ProbeUpdate::Gradient,
+            refresh_every: 1,
+        }
+    }
+}
+
+impl SapConfig {
+    pub fn probe_layers(&self, num_layers: usize) -> Vec<usize> {
+        if !self.layers.is_empty() {
+            return self.layers.clone();
+        }
+        let count = num_layers.min(10);
+        let start = (num_layers - count) / 2;
+        (start..start + count).collect()
+    }
+}
+
+/// Everything one step reports.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StepMetrics {
+    pub task_loss: f64,
+    pub safety_loss: Option<f64>,
+    pub su_loss: Option<f64>,
+    pub perturbed_loss: Option<f64>,
+    pub delta_norm: Option<f64>,
+    pub probe_norms: Vec<f64>,
+    pub grad_norm: f64,
+}
+
+/// The probe as leaves of the autodiff graph (so ∇_V can be read after a backward).
+fn tracked_probe(vectors: &[Tensor<1>], layers: &[usize]) -> Probe {
+    Probe {
+        layers: layers.to_vec(),
+        vectors: vectors
+            .iter()
+            .map(|v| Tensor::from_inner(v.clone()).require_grad())
+            .collect(),
+    }
+}
+
+/// Step 1: ΔW = ρ‖W‖ · g/(‖g‖ + 1e-8) with g = ∇_W L_safety (probe in place). Returns ΔW and
+/// the safety loss.
+pub fn harmful_direction(
+    model: &Qwen2,
+    safety: &Batch,
+    probe: &Probe,
+    config: &SapConfig,
+) -> (Vec<Tensor<1>>, f64) {
+    let loss = safety_loss(model, safety, Some(probe), config.temperature);
+    let g = params::gradients(model, &loss.backward());
+    let epsilon = config.rho * global_norm(&params::values(model));
+    let scale = epsilon / (global_norm(&g) + 1e-8);
+    (
+        g.into_iter().map(|gi| gi.mul_scalar(scale)).collect(),
+        scalar(&loss),
+    )
+}
+
+/// Step 2's gradient, ∇_V L_su at probe `vectors`: the probe gradient of the perturbed task
+/// loss L_task(W + ΔW, V) minus that of the clean one L_task(W, V). Also returns the clean
+/// pass's ∇_W (step 3 reuses it) and both loss values (clean, perturbed).
+pub fn loss_gap_gradient(
+    model: &Qwen2,
+    delta: &[Tensor<1>],
+    task: &Batch,
+    layers: &[usize],
+    vectors: &[Tensor<1>],
+) -> (Vec<Tensor<1>>, Vec<Tensor<1>>, f64, f64) {
+    let clean_probe = tracked_probe(vectors, layers);
+    let clean = task_loss(model, task, Some(&clean_probe));
+    let clean_grads = clean.backward();
+    let grad_w = params::gradients(model, &clean_grads);
+    let grad_v_clean: Vec<Tensor<1>> = clean_probe
+        .vectors
+        .iter()
+        .map(|v| v.grad(&clean_grads).expect("probe gradient"))
+        .collect();
+
+    let shifted: Vec<Tensor<1>> = params::values(model)
+        .into_iter()
+        .zip(delta)
+        .map(|(w, d)| w + d.clone())
+        .collect();
+    let perturbed_model = params::frozen_with_values(model, shifted);
+    let perturbed_probe = tracked_probe(vectors, layers);
+    let perturbed = task_loss(&perturbed_model, task, Some(&perturbed_probe));
+    let perturbed_grads = perturbed.backward();
+    let grad_su = perturbed_probe
+        .vectors
+        .iter()
+        .zip(grad_v_clean)
+        .map(|(v, clean)| v.grad(&perturbed_grads).expect("probe gradient") - clean)
+        .collect();
+    (grad_su, grad_w, scalar(&clean), scalar(&perturbed))
+}
+
+/// Rescales gradients so their global norm is at most `max_norm` (as torch's
+/// `clip_grad_norm_`). Returns the norm before clipping.
+fn clip(grads: Vec<Tensor<1>>, max_norm: Option<f64>) -> (Vec<Tensor<1>>, f64) {
+    let norm = global_norm(&grads);
+    match max_norm {
+        Some(max) if norm > max => {
+            let factor = max / (norm + 1e-6);
+            (
+                grads.into_iter().map(|g| g.mul_scalar(factor)).collect(),
+                norm,
+            )
+        }
+        _ => (grads, norm),
+    }
+}
+
+fn apply_update(model: &mut Qwen2, optimizer: &mut AdamW, grads: Vec<Tensor<1>>, lr: f64) {
+    let updated = optimizer.step(params::values(model), grads, lr);
+    *model = params::with_values(model.clone(), updated);
+}
+
+/// One supervised step (the baseline).
+pub fn sft_step(
+    model: &mut Qwen2,
+    optimizer: &mut AdamW,
+    task: &Batch,
+    lr: f64,
+    max_grad_norm: Option<f64>,
+) -> StepMetrics {
+    let loss = task_loss(model, task, None);
+    let grads = params::gradients(model, &loss.backward());
+    let (grads, grad_norm) = clip(grads, max_grad_norm);
+    apply_update(model, optimizer, grads, lr);
+    StepMetrics {
+        task_loss: scalar(&loss),
+        grad_norm,
+        ..Default::default()
+    }
+}
+
+/// The probe and what SAP carries from step to step.
+pub struct SapState {
+    pub config: SapConfig,
+    pub probe: Probe,
+    probe_optimizer: AdamW,
+    /// ΔW, kept between refreshes of the harmful direction.
+    delta: Option<Vec<Tensor<1>>>,
+    pub step: usize,
+}
+
+impl SapState {
+    pub fn new(config: SapConfig, model: &Qwen2, device: &burn::tensor::Device) -> Self {
+        let hidden = model.embed_tokens.dims()[1];
+        let layers = config.probe_layers(model.layers.len());
+        let mut probe = Probe::zeros(layers, hidden, device);
+        // The probe lives outside the autodiff graph between steps.
+        probe.vectors = probe
+            .vectors
+            .into_iter()
+            .map(|v| if v.is_autodiff() { v.inner() } else { v })
+            .collect();
+        let probe_optimizer = AdamW::new(AdamWConfig::default());
+        Self {
+            config,
+            probe,
+            probe_optimizer,
+            delta: None,
+            step: 0,
+        }
+    }
+
+    fn constant_probe(&self, vectors: &[Tensor<1>]) -> Probe {
+        Probe {
+            layers: self.probe.layers.clone(),
+            vectors: vectors
+                .iter()
+                .map(|v| Tensor::from_inner(v.clone()))
+                .collect(),
+        }
+    }
+
+    /// One SAP step.
+    pub fn step(
+        &mut self,
+        model: &mut Qwen2,
+        optimizer: &mut AdamW,
+        task: &Batch,
+        safety: &Batch,
+        lr: f64,
+        max_grad_norm: Option<f64>,
+    ) -> StepMetrics {
+        let mut metrics = StepMetrics::default();
+        let zeros: Vec<Tensor<1>> = self.probe.vectors.iter().map(|v| v.zeros_like()).collect();
+        // In the exact schedule the probe starts every step at zero.
+        let start = match self.config.schedule {
+            Schedule::Lagged => self.probe.vectors.clone(),
+            Schedule::Exact => zeros.clone(),
+        };
+
+        // 1. The harmful direction, refreshed every k steps.
+        if self.delta.is_none() || self.step % self.config.refresh_every.max(1) == 0 {
+            let probe = self.constant_probe(&start);
+            let (delta, safety) = harmful_direction(model, safety, &probe, &self.config);
+            metrics.safety_loss = Some(safety);
+            self.delta = Some(delta);
+        }
+        let delta = self.delta.clone().expect("direction computed");
+        metrics.delta_norm = Some(global_norm(&delta));
+
+        // 2. The probe's gradient on the loss gap.
+        let (grad_su, grad_w, clean, perturbed) =
+            loss_gap_gradient(model, &delta, task, &self.probe.layers, &start);
+        metrics.perturbed_loss = Some(perturbed);
+        metrics.su_loss = Some(perturbed - clean);
+
+        // 3. W's step with the probe in place, and the probe's own update.
+        let grad_w = match self.config.schedule {
+            Schedule::Lagged => {
+                metrics.task_loss = clean;
+                // Ascent from zero: Adam descends on −∇_V L_su.
+                let ascent: Vec<Tensor<1>> = grad_su.into_iter().map(|g| g.neg()).collect();
+                self.probe.vectors = self.probe_optimizer.step(zeros, ascent, self.config.beta);
+                grad_w
+            }
+            Schedule::Exact => {
+                let v_safe = match self.config.exact_update {
+                    ProbeUpdate::Gradient => grad_su
+                        .into_iter()
+                        .map(|g| g.mul_scalar(self.config.beta))
+                        .collect(),
+                    ProbeUpdate::Adam => {
+                        let ascent: Vec<Tensor<1>> = grad_su.into_iter().map(|g| g.neg()).collect();
+                        self.probe_optimizer.step(zeros, ascent, self.config.beta)
+                    }
+                };
+                let probe = self.constant_probe(&v_safe);
+                let loss = task_loss(model, task, Some(&probe));
+                metrics.task_loss = scalar(&loss);
+                let grads = params::gradients(model, &loss.backward());
+                self.probe.vectors = v_safe;
+                grads
+            }
+        };
+        let (grad_w, grad_norm) = clip(grad_w, max_grad_norm);
+        metrics.grad_norm = grad_norm;
+        apply_update(model, optimizer, grad_w, lr);
+        metrics.probe_norms = self
+            .probe
+            .vectors
+            .iter()
+            .map(|v| global_norm(std::slice::from_ref(v)))
+            .collect();
+        self.step += 1;
+        metrics
+    }
+}

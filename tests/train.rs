@@ -1,0 +1,329 @@
+//! The trainer: SAP's math (finite differences, ρ = 0 reduces to SFT), that SFT learns,
+//! and config errors that stop a run before the model loads.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Tensor, TensorData};
+use safeprobe_model::Checkpoint;
+use safeprobe_model::weights::SafetensorsFiles;
+use safeprobe_train::data::{self, Batch, Sequence};
+use safeprobe_train::loss::{Probe, task_loss};
+use safeprobe_train::run::{Event, RunConfig, train};
+use safeprobe_train::sap::{SapConfig, harmful_direction, loss_gap_gradient};
+use safeprobe_train::{TrainError, params};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
+}
+
+fn config(output: &Path, extra: &[&str]) -> RunConfig {
+    let text = format!(
+        "model = {:?}\ntrain_data = {:?}\nsafety_data = {:?}\noutput_dir = {:?}\nmax_steps = 3\nbatch_size = 2\nsafety_batch_size = 2\nlr = 0.01\nmax_len = 256\n[lora]\nr = 4\nalpha = 8.0\ndropout = 0.0\n",
+        fixture("tiny-tied"),
+        fixture("data/train.jsonl"),
+        fixture("data/safety.jsonl"),
+        output
+    );
+    let overrides: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    RunConfig::parse(&text, &overrides, Path::new("test.toml")).unwrap()
+}
+
+fn adapter_tensors(run: &Path) -> Vec<(String, Vec<f32>)> {
+    let files =
+        SafetensorsFiles::open_files(&[run.join("adapter/adapter_model.safetensors")]).unwrap();
+    files
+        .names()
+        .map(|n| {
+            let (shape, _) = files.info(n).unwrap();
+            (n.to_string(), files.read_f32(n, &shape).unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn sap_with_zero_radius_follows_sft_exactly() {
+    let (sft_dir, sap_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let device = Device::flex();
+    train(
+        &config(sft_dir.path(), &["method=\"sft\""]),
+        &device,
+        |_| {},
+    )
+    .unwrap();
+    let mut probe_norms = Vec::new();
+    train(
+        &config(sap_dir.path(), &["method=\"sap\"", "sap.rho=0.0"]),
+        &device,
+        |e| {
+            if let Event::Step { metrics, .. } = e {
+                probe_norms.extend(metrics.probe_norms.clone());
+            }
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        adapter_tensors(sft_dir.path()),
+        adapter_tensors(sap_dir.path())
+    );
+    assert!(
+        !probe_norms.is_empty() && probe_norms.iter().all(|n| *n == 0.0),
+        "{probe_norms:?}"
+    );
+    // And a non-zero radius does move the trajectory (so the comparison can fail).
+    let moved = tempfile::tempdir().unwrap();
+    train(
+        &config(
+            moved.path(),
+            &["method=\"sap\"", "sap.rho=0.5", "sap.beta=1.0"],
+        ),
+        &device,
+        |_| {},
+    )
+    .unwrap();
+    assert_ne!(
+        adapter_tensors(sft_dir.path()),
+        adapter_tensors(moved.path())
+    );
+}
+
+#[test]
+fn loss_gap_gradient_matches_finite_differences() {
+    let device = Device::flex().autodiff();
+    let mut checkpoint = Checkpoint::load(&fixture("tiny-tied"), &device).unwrap();
+    checkpoint.model = burn::module::Module::no_grad(checkpoint.model);
+    let lora = safeprobe_model::LoraConfig {
+        dropout: 0.0,
+        ..Default::default()
+    };
+    safeprobe_model::lora::attach(&mut checkpoint.model, &lora, 1, &device).unwrap();
+    // Make B non-zero so ΔW on A matters.
+    let values: Vec<Tensor<1>> = params::values(&checkpoint.model)
+        .into_iter()
+        .map(|v| v.clone().add_scalar(0.05) * v.ones_like())
+        .collect();
+    checkpoint.model = params::with_values(checkpoint.model, values);
+
+    let tok = &checkpoint.tokenizer;
+    let examples = data::read_examples(&fixture("data/train.jsonl")).unwrap();
+    let sequences: Vec<Sequence> = examples
+        .iter()
+        .take(3)
+        .map(|e| Sequence::encode(tok, &e.prompt, &e.response, 256).unwrap())
+        .collect();
+    let task = Batch::new(&sequences, tok.pad_id, &device);
+    let pairs = data::read_pairs(&fixture("data/safety.jsonl")).unwrap();
+    let prompt = |p: &str| safeprobe_model::chat::prompt_messages(None, p);
+    let rows: Vec<Sequence> = pairs
+        .iter()
+        .map(|p| Sequence::encode(tok, &prompt(&p.prompt), &p.chosen, 256).unwrap())
+        .chain(
+            pairs
+                .iter()
+                .map(|p| Sequence::encode(tok, &prompt(&p.prompt), &p.rejected, 256).unwrap()),
+        )
+        .collect();
+    let safety = Batch::new(&rows, tok.pad_id, &device);
+
+    let layers = vec![0, 1];
+    let inner = Device::flex();
+    let v: Vec<Tensor<1>> = (0..2)
+        .map(|i| {
+            Tensor::from_data(
+                TensorData::new(
+                    (0..64)
+                        .map(|j| ((i * 64 + j) as f32 * 0.37).sin() * 0.1)
+                        .collect::<Vec<f32>>(),
+                    [64],
+                ),
+                &inner,
+            )
+        })
+        .collect();
+    let sap = SapConfig {
+        rho: 0.05,
+        ..Default::default()
+    };
+    let probe = Probe {
+        layers: layers.clone(),
+        vectors: v.iter().map(|t| Tensor::from_inner(t.clone())).collect(),
+    };
+    let (delta, _) = harmful_direction(&checkpoint.model, &safety, &probe, &sap);
+    let (grad, _, clean, perturbed) =
+        loss_gap_gradient(&checkpoint.model, &delta, &task, &layers, &v);
+    assert!(
+        (perturbed - clean).abs() > 1e-6,
+        "the perturbation must open a loss gap"
+    );
+
+    // L_su(V) in f64 from the two task losses, evaluated without gradients.
+    let shifted: Vec<Tensor<1>> = params::values(&checkpoint.model)
+        .into_iter()
+        .zip(&delta)
+        .map(|(w, d)| w + d.clone())
+        .collect();
+    let perturbed_model = params::frozen_with_values(&checkpoint.model, shifted);
+    let l_su = |vs: &[Tensor<1>]| {
+        let p = Probe {
+            layers: layers.clone(),
+            vectors: vs.iter().map(|t| Tensor::from_inner(t.clone())).collect(),
+        };
+        params::scalar(&task_loss(&perturbed_model, &task, Some(&p)))
+            - params::scalar(&task_loss(&checkpoint.model, &task, Some(&p)))
+    };
+    // Directional derivative along a fixed direction u, by central differences.
+    let u: Vec<Tensor<1>> = (0..2)
+        .map(|i| {
+            Tensor::from_data(
+                TensorData::new(
+                    (0..64)
+                        .map(|j| ((i * 64 + j) as f32 * 1.3).cos())
+                        .collect::<Vec<f32>>(),
+                    [64],
+                ),
+                &inner,
+            )
+        })
+        .collect();
+    let h = 0.05f32;
+    let plus: Vec<Tensor<1>> = v
+        .iter()
+        .zip(&u)
+        .map(|(a, b)| a.clone() + b.clone().mul_scalar(h))
+        .collect();
+    let minus: Vec<Tensor<1>> = v
+        .iter()
+        .zip(&u)
+        .map(|(a, b)| a.clone() - b.clone().mul_scalar(h))
+        .collect();
+    let numeric = (l_su(&plus) - l_su(&minus)) / (2.0 * h as f64);
+    let analytic: f64 = grad
+        .iter()
+        .zip(&u)
+        .map(|(g, d)| params::scalar(&(g.clone() * d.clone()).sum()))
+        .sum();
+    let scale = analytic.abs().max(numeric.abs());
+    assert!(scale > 1e-4, "derivative too small to test: {analytic}");
+    assert!(
+        (analytic - numeric).abs() <= 0.05 * scale,
+        "analytic {analytic} vs finite differences {numeric}"
+    );
+}
+
+#[test]
+fn sft_lowers_the_task_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut losses = Vec::new();
+    train(
+        &config(
+            dir.path(),
+            &[
+                "method=\"sft\"",
+                "max_steps=12",
+                "batch_size=6",
+                "shuffle=false",
+            ],
+        ),
+        &Device::flex(),
+        |e| {
+            if let Event::Step { metrics, .. } = e {
+                losses.push(metrics.task_loss);
+            }
+        },
+    )
+    .unwrap();
+    assert!(losses.last().unwrap() < &(losses[0] * 0.9), "{losses:?}");
+    assert!(
+        dir.path().join("metrics.jsonl").exists()
+            && dir.path().join("adapter/adapter_config.json").exists()
+    );
+}
+
+#[test]
+fn sap_run_writes_probe_and_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    for schedule in ["lagged", "exact"] {
+        let mut events = Vec::new();
+        train(
+            &config(
+                dir.path(),
+                &[&format!("sap.schedule=\"{schedule}\""), "sap.rho=0.1"],
+            ),
+            &Device::flex(),
+            |e| events.push(e.clone()),
+        )
+        .unwrap();
+        let steps: Vec<_> = events
+            .iter()
+            .filter_map(|e| {
+                if let Event::Step { metrics, .. } = e {
+                    Some(metrics.clone())
+                } else {
+                    None
+                }
+            })
+            .collect();
+        assert_eq!(steps.len(), 3);
+        assert!(steps.iter().all(|m| m.safety_loss.is_some()
+            && m.su_loss.is_some()
+            && m.delta_norm.unwrap() > 0.0));
+        assert!(
+            steps.last().unwrap().probe_norms.iter().any(|n| *n > 0.0),
+            "{schedule}: the probe moved"
+        );
+        let probe = SafetensorsFiles::open_files(&[dir.path().join("probe.safetensors")]).unwrap();
+        assert_eq!(
+            probe.names().count(),
+            2,
+            "both layers of the tiny model are probed"
+        );
+    }
+}
+
+#[test]
+fn bad_configs_fail_before_loading() {
+    let out = tempfile::tempdir().unwrap();
+    let base = format!(
+        "model = {:?}\ntrain_data = {:?}\noutput_dir = {:?}\nmax_steps = 1\n",
+        fixture("tiny-tied"),
+        fixture("data/train.jsonl"),
+        out.path()
+    );
+    let parse = |extra: &str, sets: &[&str]| {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        RunConfig::parse(&format!("{base}{extra}"), &sets, Path::new("run.toml"))
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(
+        parse("method = \"sft\"\nlearning_rate = 1.0\n", &[])
+            .contains("unknown field `learning_rate`")
+    );
+    assert!(parse("", &[]).contains("needs safety_data"));
+    assert!(parse("method = \"sft\"\n", &["lora.target_modules=[\"qkv\"]"]).contains("\"qkv\""));
+    assert!(parse("method = \"sft\"\n", &["max_steps=0"]).contains("max_steps"));
+    let missing = parse("method = \"sft\"\n", &["train_data=\"/nope.jsonl\""]);
+    assert!(missing.contains("/nope.jsonl"), "{missing}");
+
+    let config = RunConfig::parse(
+        &base,
+        &[
+            format!(
+                "safety_data={:?}",
+                fixture("data/safety.jsonl").display().to_string()
+            ),
+            "sap.layers=[1, 7]".into(),
+        ],
+        Path::new("run.toml"),
+    )
+    .unwrap();
+    let error = train(&config, &Device::flex(), |_| {})
+        .map(|_| ())
+        .unwrap_err();
+    assert!(
+        matches!(error, TrainError::Config(ref m) if m.contains("layer 7 is out of range")),
+        "{error}"
+    );
+}
