@@ -327,3 +327,84 @@ fn bad_configs_fail_before_loading() {
         "{error}"
     );
 }
+
+/// ‖a − b‖ / ‖b‖
+fn relative_error(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let diff: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let norm: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt();
+    diff / norm
+}
+
+/// The same steps as tests/fixtures/make_train_reference.py computes with PyTorch + peft.
+#[test]
+fn sft_and_sap_match_the_pytorch_reference() {
+    let text = std::fs::read_to_string(fixture("train_reference.json")).unwrap();
+    let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let numbers = |v: &serde_json::Value| -> Vec<f32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect()
+    };
+    for method in ["sft", "sap"] {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "model = {:?}\ninit_adapter = {:?}\ntrain_data = {:?}\nsafety_data = {:?}\noutput_dir = {:?}\nmethod = {method:?}\nshuffle = false\nmax_len = 256\nmax_steps = {}\nbatch_size = {}\nsafety_batch_size = {}\nlr = {}\n[sap]\nrho = {}\ntemperature = {}\nbeta = {}\n",
+            fixture("tiny-untied"),
+            fixture("peft-adapter"),
+            fixture("data/train.jsonl"),
+            fixture("data/safety.jsonl"),
+            dir.path(),
+            reference["steps"],
+            reference["batch_size"],
+            reference["safety_batch_size"],
+            reference["lr"],
+            reference["rho"],
+            reference["temperature"],
+            reference["beta"],
+        );
+        let config = RunConfig::parse(&text, &[], Path::new("reference.toml")).unwrap();
+        let mut losses = Vec::new();
+        train(&config, &Device::flex(), |e| {
+            if let Event::Step { metrics, .. } = e {
+                losses.push(metrics.task_loss as f32);
+            }
+        })
+        .unwrap();
+        let expected = &reference[method];
+        let loss_error = relative_error(&losses, &numbers(&expected["losses"]));
+        assert!(
+            loss_error <= 1e-5,
+            "{method}: losses {losses:?} vs {}",
+            expected["losses"]
+        );
+        for (name, values) in adapter_tensors(dir.path()) {
+            let want = numbers(&expected["adapter"][&name]);
+            let error = relative_error(&values, &want);
+            assert!(error <= 1e-4, "{method}: {name} relative error {error}");
+        }
+        if method == "sap" {
+            let files =
+                SafetensorsFiles::open_files(&[dir.path().join("probe.safetensors")]).unwrap();
+            let got: Vec<f32> = ["probe.layers.0", "probe.layers.1"]
+                .iter()
+                .flat_map(|n| files.read_f32(n, &[64]).unwrap())
+                .collect();
+            let want: Vec<f32> = expected["probe"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(numbers)
+                .collect();
+            let error = relative_error(&got, &want);
+            assert!(error <= 1e-4, "probe relative error {error}");
+        }
+    }
+}

@@ -47,6 +47,10 @@ pub struct RunConfig {
     #[serde(default)]
     pub validation_data: Option<PathBuf>,
     pub output_dir: PathBuf,
+    /// Start from this PEFT adapter instead of a fresh one (its r, alpha and targets win
+    /// over the [lora] table).
+    #[serde(default)]
+    pub init_adapter: Option<PathBuf>,
     #[serde(default = "default_method")]
     pub method: Method,
     #[serde(default)]
@@ -342,9 +346,15 @@ pub fn train(
     }
     let device = device.clone().autodiff();
     let mut checkpoint = Checkpoint::load(&config.model, &device)?;
-    // LoRA: base weights frozen, fresh adapter trainable.
+    // LoRA: base weights frozen, the adapter trainable.
     checkpoint.model = burn::module::Module::no_grad(checkpoint.model);
-    lora::attach(&mut checkpoint.model, &config.lora, config.seed, &device)?;
+    let lora_config = match &config.init_adapter {
+        Some(dir) => lora::load_peft(&mut checkpoint.model, dir, &device)?,
+        None => {
+            lora::attach(&mut checkpoint.model, &config.lora, config.seed, &device)?;
+            config.lora.clone()
+        }
+    };
 
     let train = encode_all(
         &checkpoint,
@@ -450,7 +460,7 @@ pub fn train(
     let adapter_dir = config.output_dir.join("adapter");
     lora::save_peft(
         &checkpoint.model,
-        &config.lora,
+        &lora_config,
         &adapter_dir,
         &config.model.display().to_string(),
     )?;
