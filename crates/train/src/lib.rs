@@ -3,6 +3,7 @@
 pub mod adamw;
 pub mod data;
 pub mod error;
+pub mod kernels;
 pub mod loss;
 pub mod params;
 pub mod run;

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::adamw::{AdamW, AdamWConfig};
 use crate::data::Batch;
+use crate::kernels::{self, Implementation, ProbeAdam};
 use crate::loss::{Probe, safety_loss, task_loss};
 use crate::params::{self, global_norm, scalar};
 
@@ -106,6 +107,21 @@ fn tracked_probe(vectors: &[Tensor<1>], layers: &[usize]) -> Probe {
     }
 }
 
+/// Step 1's result: ΔW = scale · g, kept as the direction and its scale so that W + ΔW is one
+/// fused `axpy` kernel per tensor.
+#[derive(Clone)]
+pub struct HarmfulDirection {
+    pub gradient: Vec<Tensor<1>>,
+    pub scale: f32,
+}
+
+impl HarmfulDirection {
+    /// ‖ΔW‖ = scale·‖g‖.
+    pub fn norm(&self) -> f64 {
+        self.scale as f64 * global_norm(&self.gradient)
+    }
+}
+
 /// Step 1: ΔW = ρ‖W‖ · g/(‖g‖ + 1e-8) with g = ∇_W L_safety (probe in place). Returns ΔW and
 /// the safety loss.
 pub fn harmful_direction(
@@ -113,15 +129,12 @@ pub fn harmful_direction(
     safety: &Batch,
     probe: &Probe,
     config: &SapConfig,
-) -> (Vec<Tensor<1>>, f64) {
+) -> (HarmfulDirection, f64) {
     let loss = safety_loss(model, safety, Some(probe), config.temperature);
-    let g = params::gradients(model, &loss.backward());
+    let gradient = params::gradients(model, &loss.backward());
     let epsilon = config.rho * global_norm(&params::values(model));
-    let scale = epsilon / (global_norm(&g) + 1e-8);
-    (
-        g.into_iter().map(|gi| gi.mul_scalar(scale)).collect(),
-        scalar(&loss),
-    )
+    let scale = (epsilon / (global_norm(&gradient) + 1e-8)) as f32;
+    (HarmfulDirection { gradient, scale }, scalar(&loss))
 }
 
 /// Step 2's gradient, ∇_V L_su at probe `vectors`: the probe gradient of the perturbed task
@@ -129,7 +142,7 @@ pub fn harmful_direction(
 /// pass's ∇_W (step 3 reuses it) and both loss values (clean, perturbed).
 pub fn loss_gap_gradient(
     model: &Qwen2,
-    delta: &[Tensor<1>],
+    delta: &HarmfulDirection,
     task: &Batch,
     layers: &[usize],
     vectors: &[Tensor<1>],
@@ -146,8 +159,8 @@ pub fn loss_gap_gradient(
 
     let shifted: Vec<Tensor<1>> = params::values(model)
         .into_iter()
-        .zip(delta)
-        .map(|(w, d)| w + d.clone())
+        .zip(&delta.gradient)
+        .map(|(w, g)| kernels::axpy(w, g.clone(), delta.scale, Implementation::Auto))
         .collect();
     let perturbed_model = params::frozen_with_values(model, shifted);
     let perturbed_probe = tracked_probe(vectors, layers);
@@ -206,9 +219,11 @@ pub fn sft_step(
 pub struct SapState {
     pub config: SapConfig,
     pub probe: Probe,
-    probe_optimizer: AdamW,
+    /// The probe's Adam moments, carried across steps.
+    moments: (Vec<Tensor<1>>, Vec<Tensor<1>>),
+    probe_updates: u64,
     /// ΔW, kept between refreshes of the harmful direction.
-    delta: Option<Vec<Tensor<1>>>,
+    delta: Option<HarmfulDirection>,
     pub step: usize,
 }
 
@@ -223,11 +238,12 @@ impl SapState {
             .into_iter()
             .map(|v| if v.is_autodiff() { v.inner() } else { v })
             .collect();
-        let probe_optimizer = AdamW::new(AdamWConfig::default());
+        let moments = (probe.vectors.clone(), probe.vectors.clone());
         Self {
             config,
             probe,
-            probe_optimizer,
+            moments,
+            probe_updates: 0,
             delta: None,
             step: 0,
         }
@@ -241,6 +257,32 @@ impl SapState {
                 .map(|v| Tensor::from_inner(v.clone()))
                 .collect(),
         }
+    }
+
+    /// V from ∇_V L_su: one Adam ascent step from zero (moments persist) or β·∇_V L_su, as the
+    /// fused WGSL kernel on wgpu.
+    fn probe_update(&mut self, grad_su: Vec<Tensor<1>>, plain_gradient: bool) -> Vec<Tensor<1>> {
+        let adam = AdamWConfig::default();
+        if !plain_gradient {
+            self.probe_updates += 1;
+        }
+        let hp = ProbeAdam {
+            lr: self.config.beta as f32,
+            beta1: adam.beta1 as f32,
+            beta2: adam.beta2 as f32,
+            eps: adam.eps as f32,
+            step: self.probe_updates,
+            plain_gradient,
+        };
+        let mut vectors = Vec::new();
+        for (i, g) in grad_su.into_iter().enumerate() {
+            let (m, v) = (self.moments.0[i].clone(), self.moments.1[i].clone());
+            let (probe, m, v) = kernels::probe_adam(g, m, v, &hp, Implementation::Auto);
+            self.moments.0[i] = m;
+            self.moments.1[i] = v;
+            vectors.push(probe);
+        }
+        vectors
     }
 
     /// One SAP step.
@@ -269,7 +311,7 @@ impl SapState {
             self.delta = Some(delta);
         }
         let delta = self.delta.clone().expect("direction computed");
-        metrics.delta_norm = Some(global_norm(&delta));
+        metrics.delta_norm = Some(delta.norm());
 
         // 2. The probe's gradient on the loss gap.
         let (grad_su, grad_w, clean, perturbed) =
@@ -281,22 +323,12 @@ impl SapState {
         let grad_w = match self.config.schedule {
             Schedule::Lagged => {
                 metrics.task_loss = clean;
-                // Ascent from zero: Adam descends on −∇_V L_su.
-                let ascent: Vec<Tensor<1>> = grad_su.into_iter().map(|g| g.neg()).collect();
-                self.probe.vectors = self.probe_optimizer.step(zeros, ascent, self.config.beta);
+                self.probe.vectors = self.probe_update(grad_su, false);
                 grad_w
             }
             Schedule::Exact => {
-                let v_safe = match self.config.exact_update {
-                    ProbeUpdate::Gradient => grad_su
-                        .into_iter()
-                        .map(|g| g.mul_scalar(self.config.beta))
-                        .collect(),
-                    ProbeUpdate::Adam => {
-                        let ascent: Vec<Tensor<1>> = grad_su.into_iter().map(|g| g.neg()).collect();
-                        self.probe_optimizer.step(zeros, ascent, self.config.beta)
-                    }
-                };
+                let plain = self.config.exact_update == ProbeUpdate::Gradient;
+                let v_safe = self.probe_update(grad_su, plain);
                 let probe = self.constant_probe(&v_safe);
                 let loss = task_loss(model, task, Some(&probe));
                 metrics.task_loss = scalar(&loss);
