@@ -458,3 +458,58 @@ fn sap_on_wgpu_matches_the_cpu() {
         }
     }
 }
+
+#[test]
+fn full_finetuning_epochs_split_and_mixing() {
+    // Full fine-tuning writes a whole checkpoint that loads back and differs from the base.
+    let dir = tempfile::tempdir().unwrap();
+    let mut steps = 0;
+    let mut validations = 0;
+    let sets = [
+        "finetune=\"full\"",
+        "method=\"sft\"",
+        "max_steps=0",
+        "epochs=2.0",
+        "batch_size=2",
+        "validation_fraction=0.34",
+        "lr=0.001",
+    ];
+    train(&config(dir.path(), &sets), &Device::flex(), |e| match e {
+        Event::Step { .. } => steps += 1,
+        Event::Validation { .. } => validations += 1,
+        _ => {}
+    })
+    .unwrap();
+    // 6 examples, 2 held out, 4 left: 2 epochs of batches of 2 = 4 steps.
+    assert_eq!(steps, 4);
+    assert_eq!(validations, 1, "validation at the end (eval_every 50 > 4)");
+    let trained = Checkpoint::load(&dir.path().join("model"), &Device::flex()).unwrap();
+    let base = Checkpoint::load(&fixture("tiny-tied"), &Device::flex()).unwrap();
+    let (a, b) = (
+        trained.model.norm.weight.val(),
+        base.model.norm.weight.val(),
+    );
+    let moved: f32 = (a - b).abs().sum().into_scalar();
+    assert!(
+        moved > 0.0,
+        "full fine-tuning moves every weight, the final norm included"
+    );
+
+    // Mixing the safe answers in adds three examples: 9 examples, one epoch of 3 = 3 steps.
+    let dir = tempfile::tempdir().unwrap();
+    let mut steps = 0;
+    let sets = [
+        "method=\"sft\"",
+        "max_steps=0",
+        "epochs=1.0",
+        "batch_size=3",
+        "mix_safety_data=true",
+    ];
+    train(&config(dir.path(), &sets), &Device::flex(), |e| {
+        if let Event::Step { .. } = e {
+            steps += 1
+        }
+    })
+    .unwrap();
+    assert_eq!(steps, 3);
+}

@@ -31,6 +31,17 @@ pub enum Method {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+pub enum Finetune {
+    Lora,
+    Full,
+}
+
+fn default_finetune() -> Finetune {
+    Finetune::Lora
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LrSchedule {
     Constant,
     Linear,
@@ -61,7 +72,23 @@ pub struct RunConfig {
     pub batch_size: usize,
     #[serde(default = "default_batch")]
     pub safety_batch_size: usize,
+    /// Number of optimiser steps; 0 means "from `epochs`".
+    #[serde(default)]
     pub max_steps: usize,
+    /// Passes over the training data (used when max_steps is 0).
+    #[serde(default)]
+    pub epochs: Option<f64>,
+    /// Hold out this fraction of the training data for validation (when no
+    /// validation_data is given).
+    #[serde(default)]
+    pub validation_fraction: Option<f64>,
+    /// Also train on the safety pairs' safe answers as ordinary examples (the "SafeInstr"
+    /// baseline); combines with SAP.
+    #[serde(default)]
+    pub mix_safety_data: bool,
+    /// "lora" (base frozen, adapter trained) or "full" (every weight trained).
+    #[serde(default = "default_finetune")]
+    pub finetune: Finetune,
     #[serde(default = "default_lr")]
     pub lr: f64,
     #[serde(default = "default_schedule")]
@@ -155,8 +182,25 @@ impl RunConfig {
     /// Checks that need no model, so a broken config fails before any loading.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(TrainError::Config(m));
-        if self.max_steps == 0 {
-            return bad("max_steps must be at least 1".into());
+        match (self.max_steps, self.epochs) {
+            (0, None) => return bad("set max_steps (≥ 1) or epochs".into()),
+            (0, Some(e)) if !(e > 0.0) => return bad(format!("epochs {e} must be positive")),
+            (n, Some(_)) if n > 0 => return bad("set either max_steps or epochs, not both".into()),
+            _ => {}
+        }
+        if let Some(f) = self.validation_fraction {
+            if !(f > 0.0 && f < 1.0) {
+                return bad(format!("validation_fraction {f} must be in (0, 1)"));
+            }
+            if self.validation_data.is_some() {
+                return bad("set either validation_data or validation_fraction, not both".into());
+            }
+        }
+        if self.mix_safety_data && self.safety_data.is_none() {
+            return bad("mix_safety_data needs safety_data".into());
+        }
+        if self.finetune == Finetune::Full && self.init_adapter.is_some() {
+            return bad("init_adapter is a LoRA adapter: it needs finetune = \"lora\"".into());
         }
         if self.batch_size == 0 || self.safety_batch_size == 0 {
             return bad("batch_size and safety_batch_size must be at least 1".into());
@@ -346,35 +390,67 @@ pub fn train(
     }
     let device = device.clone().autodiff();
     let mut checkpoint = Checkpoint::load(&config.model, &device)?;
-    // LoRA: base weights frozen, the adapter trainable.
-    checkpoint.model = burn::module::Module::no_grad(checkpoint.model);
-    let lora_config = match &config.init_adapter {
-        Some(dir) => lora::load_peft(&mut checkpoint.model, dir, &device)?,
-        None => {
-            lora::attach(&mut checkpoint.model, &config.lora, config.seed, &device)?;
-            config.lora.clone()
+    let lora_config = match config.finetune {
+        // Every weight stays trainable.
+        Finetune::Full => None,
+        // LoRA: base weights frozen, the adapter trainable.
+        Finetune::Lora => {
+            checkpoint.model = burn::module::Module::no_grad(checkpoint.model);
+            Some(match &config.init_adapter {
+                Some(dir) => lora::load_peft(&mut checkpoint.model, dir, &device)?,
+                None => {
+                    lora::attach(&mut checkpoint.model, &config.lora, config.seed, &device)?;
+                    config.lora.clone()
+                }
+            })
         }
     };
 
-    let train = encode_all(
+    let mut train = encode_all(
         &checkpoint,
         &data::read_examples(&config.train_data)?,
         config,
         &config.train_data,
     )?;
-    let validation = match &config.validation_data {
-        Some(path) => Some(encode_all(
+    let pairs = match &config.safety_data {
+        Some(path) => encode_pairs(&checkpoint, &data::read_pairs(path)?, config)?,
+        None => Vec::new(),
+    };
+    if config.mix_safety_data {
+        train.extend(pairs.iter().map(|(safe, _)| safe.clone()));
+    }
+    let validation = match (&config.validation_data, config.validation_fraction) {
+        (Some(path), _) => Some(encode_all(
             &checkpoint,
             &data::read_examples(path)?,
             config,
             path,
         )?),
-        None => None,
+        (None, Some(fraction)) => {
+            // A seeded split, independent of the shuffling seed stream.
+            let mut order: Vec<usize> = (0..train.len()).collect();
+            order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(config.seed ^ 0x5eed));
+            let held = ((train.len() as f64 * fraction).round() as usize).clamp(1, train.len() - 1);
+            let held_out: Vec<usize> = order[..held].to_vec();
+            let validation = held_out.iter().map(|i| train[*i].clone()).collect();
+            train = (0..train.len())
+                .filter(|i| !held_out.contains(i))
+                .map(|i| train[i].clone())
+                .collect();
+            Some(validation)
+        }
+        (None, None) => None,
     };
-    let pairs = match &config.safety_data {
-        Some(path) => encode_pairs(&checkpoint, &data::read_pairs(path)?, config)?,
-        None => Vec::new(),
-    };
+    if train.is_empty() {
+        return Err(TrainError::Config("no training examples".into()));
+    }
+    let mut config = config.clone();
+    if let Some(epochs) = config.epochs {
+        config.max_steps = ((epochs * train.len() as f64) / config.batch_size as f64)
+            .ceil()
+            .max(1.0) as usize;
+    }
+    let config = &config;
 
     let pad = checkpoint.tokenizer.pad_id;
     let mut task_sampler = Sampler::new(train, config.seed, config.shuffle);
@@ -457,13 +533,29 @@ pub fn train(
         }
     }
 
-    let adapter_dir = config.output_dir.join("adapter");
-    lora::save_peft(
-        &checkpoint.model,
-        &lora_config,
-        &adapter_dir,
-        &config.model.display().to_string(),
-    )?;
+    let adapter_dir = match &lora_config {
+        Some(lora_config) => {
+            let dir = config.output_dir.join("adapter");
+            lora::save_peft(
+                &checkpoint.model,
+                lora_config,
+                &dir,
+                &config.model.display().to_string(),
+            )?;
+            dir
+        }
+        None => {
+            let dir = config.output_dir.join("model");
+            safeprobe_model::export::export(
+                &checkpoint.model,
+                &checkpoint.config,
+                &config.model,
+                &dir,
+                SaveDtype::F32,
+            )?;
+            dir
+        }
+    };
     if let Some(state) = &sap {
         let mut tensors = BTreeMap::new();
         for (layer, v) in state.probe.layers.iter().zip(&state.probe.vectors) {
