@@ -32,6 +32,9 @@ pub struct BenchArgs {
     iters: usize,
     #[arg(long)]
     json: bool,
+    /// Benchmark training steps (SFT against SAP) instead of inference
+    #[arg(long)]
+    train: bool,
 }
 
 /// The built-in benchmark config: Qwen2.5's shape ratios at a size a laptop CPU runs quickly.
@@ -52,6 +55,9 @@ fn small_config() -> Qwen2Config {
 }
 
 pub fn run(args: BenchArgs, select: impl Fn(&crate::DeviceArg) -> Result<Selected>) -> Result<()> {
+    if args.train {
+        return run_train(&args, select);
+    }
     let mut results = Vec::new();
     for name in &args.devices {
         let selected = select(&crate::DeviceArg {
@@ -142,6 +148,108 @@ pub fn run(args: BenchArgs, select: impl Fn(&crate::DeviceArg) -> Result<Selecte
             "forward_ms": forward_s * 1e3, "forward_tokens_per_s": forward_tps,
             "new_tokens": args.new_tokens, "generate_ms": gen_s * 1e3, "generate_tokens_per_s": gen_tps,
         }));
+    }
+    if args.json {
+        println!("{}", serde_json::Value::from(results));
+    }
+    Ok(())
+}
+
+/// Time per training step of SFT and SAP (both schedules, direction refreshed every step
+/// and every 4 steps) on the built-in small config with LoRA, and the SAP/SFT ratio.
+pub fn run_train(
+    args: &BenchArgs,
+    select: impl Fn(&crate::DeviceArg) -> Result<Selected>,
+) -> Result<()> {
+    use safeprobe_train::adamw::{AdamW, AdamWConfig};
+    use safeprobe_train::data::{Batch, Sequence};
+    use safeprobe_train::sap::{SapConfig, SapState, Schedule, sft_step};
+
+    let mut results = Vec::new();
+    for name in &args.devices {
+        let selected = select(&crate::DeviceArg {
+            device: name.clone(),
+        })?;
+        let device = selected.device.clone().autodiff();
+        let config = small_config();
+        let mut base = burn::module::Module::no_grad(Qwen2::random(&config, &device));
+        safeprobe_model::lora::attach(&mut base, &Default::default(), 0, &device)?;
+        let sequence = |seed: usize| Sequence {
+            ids: (0..args.seq_len)
+                .map(|i| ((seed * 7919 + i * 104729) % config.vocab_size) as u32)
+                .collect(),
+            prompt_len: args.seq_len / 4,
+        };
+        let task = Batch::new(
+            &(0..args.batch).map(sequence).collect::<Vec<_>>(),
+            0,
+            &device,
+        );
+        let safety = Batch::new(
+            &(100..100 + 2 * args.batch)
+                .map(sequence)
+                .collect::<Vec<_>>(),
+            0,
+            &device,
+        );
+        let tokens = (args.batch * args.seq_len) as f64;
+
+        let variants: [(&str, Option<(Schedule, usize)>); 5] = [
+            ("sft", None),
+            ("sap lagged k=1", Some((Schedule::Lagged, 1))),
+            ("sap lagged k=4", Some((Schedule::Lagged, 4))),
+            ("sap exact k=1", Some((Schedule::Exact, 1))),
+            ("sap exact k=4", Some((Schedule::Exact, 4))),
+        ];
+        let mut sft_time = None;
+        println!(
+            "{} | built-in small config, LoRA r=8, batch {} × {} tokens",
+            selected.describe(),
+            args.batch,
+            args.seq_len
+        );
+        for (label, sap) in variants {
+            let mut model = base.clone();
+            let mut optimizer = AdamW::new(AdamWConfig::default());
+            let mut state = sap.map(|(schedule, k)| {
+                SapState::new(
+                    SapConfig {
+                        schedule,
+                        refresh_every: k,
+                        rho: 1e-3,
+                        ..Default::default()
+                    },
+                    &model,
+                    &device,
+                )
+            });
+            let mut step = |model: &mut Qwen2| match &mut state {
+                None => sft_step(model, &mut optimizer, &task, 1e-4, None),
+                Some(state) => state.step(model, &mut optimizer, &task, &safety, 1e-4, None),
+            };
+            step(&mut model);
+            // At least 4 timed steps so that k = 4 averages over one refresh cycle.
+            let iters = args.iters.max(4);
+            let start = Instant::now();
+            for _ in 0..iters {
+                step(&mut model);
+            }
+            let per_step = start.elapsed().as_secs_f64() / iters as f64;
+            let ratio = match sft_time {
+                None => {
+                    sft_time = Some(per_step);
+                    1.0
+                }
+                Some(sft) => per_step / sft,
+            };
+            println!(
+                "  {label:<16} {:>9.1} ms/step {:>9.0} tokens/s  {ratio:.2}× SFT",
+                per_step * 1e3,
+                tokens / per_step
+            );
+            results.push(json!({"device": selected.describe(), "variant": label, "ms_per_step": per_step * 1e3,
+                                "tokens_per_s": tokens / per_step, "ratio_to_sft": ratio}));
+        }
     }
     if args.json {
         println!("{}", serde_json::Value::from(results));
