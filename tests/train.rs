@@ -156,6 +156,15 @@ fn loss_gap_gradient_matches_finite_differences() {
         (perturbed - clean).abs() > 1e-6,
         "the perturbation must open a loss gap"
     );
+    // The per-layer gradient cosine: 1 with itself, −1 with its negation.
+    let g = &delta.gradient;
+    let negated: Vec<Tensor<1>> = g.iter().map(|t| t.clone().neg()).collect();
+    for c in params::cosine_per_layer(&checkpoint.model, g, g) {
+        assert!((c - 1.0).abs() < 1e-5, "{c}");
+    }
+    for c in params::cosine_per_layer(&checkpoint.model, g, &negated) {
+        assert!((c + 1.0).abs() < 1e-5, "{c}");
+    }
 
     // L_su(V) in f64 from the two task losses, evaluated without gradients.
     let shifted: Vec<Tensor<1>> = params::values(&checkpoint.model)
@@ -265,6 +274,17 @@ fn sap_run_writes_probe_and_metrics() {
             })
             .collect();
         assert_eq!(steps.len(), 3);
+        // Measured on step 0 (cosine_every = 10), one value per layer, each a cosine.
+        let cosines = steps[0]
+            .grad_cosine
+            .clone()
+            .expect("cosines on the first step");
+        assert_eq!(cosines.len(), 2);
+        assert!(
+            cosines.iter().all(|c| c.abs() <= 1.0 + 1e-9 && *c != 0.0),
+            "{cosines:?}"
+        );
+        assert!(steps[1].grad_cosine.is_none());
         assert!(steps.iter().all(|m| m.safety_loss.is_some()
             && m.su_loss.is_some()
             && m.delta_norm.unwrap() > 0.0));

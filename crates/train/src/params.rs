@@ -32,6 +32,63 @@ impl ModuleVisitor for Collect<'_> {
     }
 }
 
+struct Layers {
+    path: Vec<String>,
+    out: Vec<Option<usize>>,
+}
+
+impl ModuleVisitor for Layers {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if !param.val().is_require_grad() {
+            return;
+        }
+        let layer = self
+            .path
+            .windows(2)
+            .find(|w| w[0] == "layers")
+            .and_then(|w| w[1].parse().ok());
+        self.out.push(layer);
+    }
+}
+
+/// The decoder layer each trainable parameter belongs to (None for the embedding and the
+/// final norm), in `values` order.
+pub fn layer_of_each(model: &Qwen2) -> Vec<Option<usize>> {
+    let mut layers = Layers {
+        path: Vec::new(),
+        out: Vec::new(),
+    };
+    model.visit(&mut layers);
+    layers.out
+}
+
+/// Cosine similarity of two gradients per decoder layer (the paper's gradient-entanglement
+/// observation), from the dot/norm reduction kernels.
+pub fn cosine_per_layer(model: &Qwen2, a: &[Tensor<1>], b: &[Tensor<1>]) -> Vec<f64> {
+    use crate::kernels::{Implementation, dot};
+    let owners = layer_of_each(model);
+    let layers = owners.iter().flatten().max().map_or(0, |m| m + 1);
+    let mut sums = vec![[0.0f64; 3]; layers];
+    for ((owner, x), y) in owners.iter().zip(a).zip(b) {
+        if let Some(layer) = owner {
+            let dots = [(x, y), (x, x), (y, y)]
+                .map(|(p, q)| scalar(&dot(p.clone(), q.clone(), Implementation::Auto)));
+            for k in 0..3 {
+                sums[*layer][k] += dots[k];
+            }
+        }
+    }
+    sums.iter()
+        .map(|[xy, xx, yy]| xy / (xx.sqrt() * yy.sqrt()).max(1e-30))
+        .collect()
+}
+
 /// Current values of the trainable parameters (flattened, plain tensors).
 pub fn values(model: &Qwen2) -> Vec<Tensor<1>> {
     let mut collect = Collect {

@@ -57,6 +57,9 @@ pub struct SapConfig {
     pub exact_update: ProbeUpdate,
     /// Recompute the harmful direction every k steps.
     pub refresh_every: usize,
+    /// Report the per-layer cosine between the task and safety gradients every N steps
+    /// (0: never). Measured on steps that refresh the direction.
+    pub cosine_every: usize,
 }
 
 impl Default for SapConfig {
@@ -69,6 +72,7 @@ impl Default for SapConfig {
             schedule: Schedule::Lagged,
             exact_update: ProbeUpdate::Gradient,
             refresh_every: 1,
+            cosine_every: 10,
         }
     }
 }
@@ -94,6 +98,9 @@ pub struct StepMetrics {
     pub delta_norm: Option<f64>,
     pub probe_norms: Vec<f64>,
     pub grad_norm: f64,
+    /// Per layer, cos(∇_W L_task, ∇_W L_safety), on steps where it was measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_cosine: Option<Vec<f64>>,
 }
 
 /// The probe as leaves of the autodiff graph (so ∇_V can be read after a backward).
@@ -304,7 +311,8 @@ impl SapState {
         };
 
         // 1. The harmful direction, refreshed every k steps.
-        if self.delta.is_none() || self.step % self.config.refresh_every.max(1) == 0 {
+        let refresh = self.delta.is_none() || self.step % self.config.refresh_every.max(1) == 0;
+        if refresh {
             let probe = self.constant_probe(&start);
             let (delta, safety) = harmful_direction(model, safety, &probe, &self.config);
             metrics.safety_loss = Some(safety);
@@ -337,6 +345,11 @@ impl SapState {
                 grads
             }
         };
+        let every = self.config.cosine_every;
+        if refresh && every > 0 && self.step % every == 0 {
+            let safety_gradient = &self.delta.as_ref().expect("direction computed").gradient;
+            metrics.grad_cosine = Some(params::cosine_per_layer(model, &grad_w, safety_gradient));
+        }
         let (grad_w, grad_norm) = clip(grad_w, max_grad_norm);
         metrics.grad_norm = grad_norm;
         apply_update(model, optimizer, grad_w, lr);
