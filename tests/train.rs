@@ -533,3 +533,55 @@ fn full_finetuning_epochs_split_and_mixing() {
     .unwrap();
     assert_eq!(steps, 3);
 }
+
+#[test]
+fn resume_equals_an_uninterrupted_run() {
+    let sets = [
+        "max_steps=5",
+        "checkpoint_every=2",
+        "sap.refresh_every=3",
+        "sap.rho=0.1",
+        "sap.temperature=20.0",
+    ];
+    let whole = tempfile::tempdir().unwrap();
+    train(&config(whole.path(), &sets), &Device::flex(), |_| {}).unwrap();
+
+    let broken = tempfile::tempdir().unwrap();
+    train(&config(broken.path(), &sets), &Device::flex(), |_| {}).unwrap();
+    // Pretend the run died after step 3: its last checkpoint is step 2, outputs are missing.
+    std::fs::remove_dir_all(broken.path().join("checkpoints/step-4")).unwrap();
+    std::fs::remove_dir_all(broken.path().join("adapter")).unwrap();
+    std::fs::remove_file(broken.path().join("probe.safetensors")).unwrap();
+    let mut resumed_steps = Vec::new();
+    safeprobe_train::run::resume(broken.path(), &Device::flex(), |e| {
+        if let Event::Step { step, .. } = e {
+            resumed_steps.push(*step)
+        }
+    })
+    .unwrap();
+    assert_eq!(resumed_steps, vec![3, 4, 5]);
+    assert_eq!(
+        adapter_tensors(whole.path()),
+        adapter_tensors(broken.path())
+    );
+    let probe = |dir: &Path| std::fs::read(dir.join("probe.safetensors")).unwrap();
+    assert_eq!(probe(whole.path()), probe(broken.path()));
+    let steps = |dir: &Path| {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("\"event\":\"step\""))
+            .count()
+    };
+    assert_eq!(
+        steps(broken.path()),
+        5,
+        "metrics.jsonl keeps one line per step"
+    );
+
+    let empty = tempfile::tempdir().unwrap();
+    let error = safeprobe_train::run::resume(empty.path(), &Device::flex(), |_| {})
+        .map(|_| ())
+        .unwrap_err();
+    assert!(error.to_string().contains("config.toml"), "{error}");
+}

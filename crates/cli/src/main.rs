@@ -104,8 +104,11 @@ enum Command {
     },
     /// Fine-tune with SFT or Safety-Aware Probing from a TOML run config
     Train {
-        #[arg(long)]
-        config: PathBuf,
+        #[arg(long, required_unless_present = "resume")]
+        config: Option<PathBuf>,
+        /// Continue the run in this directory from its newest checkpoint
+        #[arg(long, conflicts_with = "config")]
+        resume: Option<PathBuf>,
         /// Override a config key, e.g. --set sap.rho=1e-4 (repeatable)
         #[arg(long = "set")]
         overrides: Vec<String>,
@@ -266,27 +269,48 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => bench::run(args, select_device)?,
         Command::Train {
             config,
+            resume,
             overrides,
             device,
         } => {
-            let text = std::fs::read_to_string(&config)
-                .with_context(|| format!("reading {}", config.display()))?;
-            let run = safeprobe_train::run::RunConfig::parse(&text, &overrides, &config)?;
+            let run = match (&config, &resume) {
+                (Some(config), _) => {
+                    let text = std::fs::read_to_string(config)
+                        .with_context(|| format!("reading {}", config.display()))?;
+                    safeprobe_train::run::RunConfig::parse(&text, &overrides, config)?
+                }
+                (None, Some(dir)) => {
+                    let path = dir.join("config.toml");
+                    let text = std::fs::read_to_string(&path).with_context(|| {
+                        format!(
+                            "reading {} (is {} a run directory?)",
+                            path.display(),
+                            dir.display()
+                        )
+                    })?;
+                    safeprobe_train::run::RunConfig::parse(&text, &[], &path)?
+                }
+                (None, None) => unreachable!("clap requires --config or --resume"),
+            };
             let selected = select_device(&DeviceArg {
                 device: device.unwrap_or_else(|| run.device.clone()),
             })?;
             let started = std::time::Instant::now();
-            safeprobe_train::run::train(&run, &selected.device, |event| {
+            let mut first_step = None;
+            let report = |event: &safeprobe_train::run::Event| {
                 use safeprobe_train::run::Event;
                 match event {
                     Event::Step {
                         step,
+                        total_steps,
                         metrics,
                         tokens_per_s,
                         ..
                     } => {
-                        let eta = started.elapsed().as_secs_f64() / *step as f64
-                            * (run.max_steps - step) as f64;
+                        let first = *first_step.get_or_insert(*step);
+                        let done = (step + 1 - first) as f64;
+                        let eta =
+                            started.elapsed().as_secs_f64() / done * (total_steps - step) as f64;
                         let sap = match (metrics.su_loss, metrics.safety_loss) {
                             (Some(su), safety) => format!(
                                 " | L_su {su:.4}{} | ‖ΔW‖ {:.2e}",
@@ -298,18 +322,22 @@ fn run(cli: Cli) -> Result<()> {
                             _ => String::new(),
                         };
                         eprintln!(
-                            "step {step}/{} | loss {:.4}{sap} | {tokens_per_s:.0} tok/s | ETA {eta:.0}s",
-                            run.max_steps, metrics.task_loss
+                            "step {step}/{total_steps} | loss {:.4}{sap} | {tokens_per_s:.0} tok/s | ETA {eta:.0}s",
+                            metrics.task_loss
                         );
                     }
                     Event::Validation { step, loss } => {
                         eprintln!("step {step}: validation loss {loss:.4}")
                     }
                     Event::Done { adapter, .. } => {
-                        eprintln!("adapter written to {}", adapter.display())
+                        eprintln!("written to {}", adapter.display())
                     }
                 }
-            })?;
+            };
+            match &resume {
+                Some(dir) => safeprobe_train::run::resume(dir, &selected.device, report)?,
+                None => safeprobe_train::run::train(&run, &selected.device, report)?,
+            };
         }
         Command::Demo { model, device } => {
             let model = model.unwrap_or_else(bundled_checkpoint);
@@ -358,6 +386,15 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    // Mesa's Vulkan drivers print an error on every start when XDG_RUNTIME_DIR is unset
+    // (containers, CI); any private writable folder silences it.
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        let dir = std::env::temp_dir().join("safeprobe-xdg-runtime");
+        if std::fs::create_dir_all(&dir).is_ok() {
+            // SAFETY: still single-threaded; nothing has read the environment yet.
+            unsafe { std::env::set_var("XDG_RUNTIME_DIR", &dir) };
+        }
+    }
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -26,8 +26,8 @@ impl Default for AdamWConfig {
 pub struct AdamW {
     pub config: AdamWConfig,
     pub step: u64,
-    first: Vec<Tensor<1>>,
-    second: Vec<Tensor<1>>,
+    pub(crate) first: Vec<Tensor<1>>,
+    pub(crate) second: Vec<Tensor<1>>,
 }
 
 impl AdamW {

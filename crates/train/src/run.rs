@@ -17,6 +17,7 @@ use safeprobe_model::{Checkpoint, LoraConfig, lora};
 use serde::{Deserialize, Serialize};
 
 use crate::adamw::{AdamW, AdamWConfig};
+use crate::checkpoint;
 use crate::data::{self, Batch, Sequence, with_system};
 use crate::error::{Result, TrainError};
 use crate::loss::task_loss;
@@ -104,6 +105,9 @@ pub struct RunConfig {
     pub shuffle: bool,
     #[serde(default = "default_eval_every")]
     pub eval_every: usize,
+    /// Write a resumable checkpoint every N steps (0: none).
+    #[serde(default)]
+    pub checkpoint_every: usize,
     #[serde(default)]
     pub adamw: AdamWConfig,
     #[serde(default)]
@@ -255,6 +259,7 @@ impl RunConfig {
 pub enum Event {
     Step {
         step: usize,
+        total_steps: usize,
         lr: f64,
         tokens_per_s: f64,
         step_time_s: f64,
@@ -369,6 +374,28 @@ fn encode_pairs(
 pub fn train(
     config: &RunConfig,
     device: &Device,
+    on_event: impl FnMut(&Event),
+) -> Result<Checkpoint> {
+    run(config, device, false, on_event)
+}
+
+/// Continues the run in `run_dir` from its newest checkpoint, with the config it was started
+/// with; the result equals an uninterrupted run.
+pub fn resume(run_dir: &Path, device: &Device, on_event: impl FnMut(&Event)) -> Result<Checkpoint> {
+    let path = run_dir.join("config.toml");
+    let text = std::fs::read_to_string(&path).map_err(|e| TrainError::File {
+        path: path.clone(),
+        message: format!("cannot read ({e}); is this a run directory?"),
+    })?;
+    let mut config = RunConfig::parse(&text, &[], &path)?;
+    config.output_dir = run_dir.to_path_buf();
+    run(&config, device, true, on_event)
+}
+
+fn run(
+    config: &RunConfig,
+    device: &Device,
+    resuming: bool,
     mut on_event: impl FnMut(&Event),
 ) -> Result<Checkpoint> {
     config.validate()?;
@@ -377,8 +404,11 @@ pub fn train(
         message: e.to_string(),
     };
     std::fs::create_dir_all(&config.output_dir).map_err(|e| io(&config.output_dir, e))?;
-    let resolved = toml::to_string_pretty(config).map_err(|e| TrainError::Config(e.to_string()))?;
-    write_atomic(&config.output_dir.join("config.toml"), resolved.as_bytes())?;
+    if !resuming {
+        let resolved =
+            toml::to_string_pretty(config).map_err(|e| TrainError::Config(e.to_string()))?;
+        write_atomic(&config.output_dir.join("config.toml"), resolved.as_bytes())?;
+    }
 
     // Checked from config.json alone, before the weights are loaded.
     let num_layers = safeprobe_model::Qwen2Config::from_file(&config.model.join("config.json"))?
@@ -459,9 +489,50 @@ pub fn train(
     let mut sap = (config.method == Method::Sap)
         .then(|| SapState::new(config.sap.clone(), &checkpoint.model, &device));
 
+    let mut start = 0;
+    if resuming {
+        let (_, dir) = checkpoint::latest(&config.output_dir).ok_or_else(|| TrainError::File {
+            path: config.output_dir.join("checkpoints"),
+            message: "no checkpoint to resume from (set checkpoint_every)".into(),
+        })?;
+        start = checkpoint::load(
+            &dir,
+            &mut checkpoint.model,
+            &mut optimizer,
+            sap.as_mut(),
+            &device,
+        )?;
+        // Replay the deterministic samplers to the saved position.
+        for _ in 0..start {
+            task_sampler.next_batch(config.batch_size);
+            if sap.is_some() {
+                pair_sampler.next_batch(config.safety_batch_size);
+            }
+        }
+    }
+
     let metrics_path = config.output_dir.join("metrics.jsonl");
-    let mut metrics_file =
-        std::fs::File::create(&metrics_path).map_err(|e| io(&metrics_path, e))?;
+    // On resume, keep the events up to the checkpoint and drop what came after it.
+    let kept: String = if resuming {
+        std::fs::read_to_string(&metrics_path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| {
+                serde_json::from_str::<serde_json::Value>(line)
+                    .ok()
+                    .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                    .is_some_and(|s| s as usize <= start)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect()
+    } else {
+        String::new()
+    };
+    write_atomic(&metrics_path, kept.as_bytes())?;
+    let mut metrics_file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&metrics_path)
+        .map_err(|e| io(&metrics_path, e))?;
     let mut emit = |event: Event, on_event: &mut dyn FnMut(&Event)| -> Result<()> {
         let line = serde_json::to_string(&event).expect("json");
         writeln!(metrics_file, "{line}").map_err(|e| io(&metrics_path, e))?;
@@ -469,7 +540,7 @@ pub fn train(
         Ok(())
     };
 
-    for step in 0..config.max_steps {
+    for step in start..config.max_steps {
         let started = Instant::now();
         let lr = config.learning_rate(step);
         let task = Batch::new(&task_sampler.next_batch(config.batch_size), pad, &device);
@@ -504,6 +575,7 @@ pub fn train(
         emit(
             Event::Step {
                 step: step + 1,
+                total_steps: config.max_steps,
                 lr,
                 tokens_per_s: tokens / elapsed,
                 step_time_s: elapsed,
@@ -529,6 +601,15 @@ pub fn train(
                     loss: total / tokens.max(1) as f64,
                 },
                 &mut on_event,
+            )?;
+        }
+        if config.checkpoint_every > 0 && (step + 1) % config.checkpoint_every == 0 {
+            checkpoint::save(
+                &config.output_dir,
+                step + 1,
+                &checkpoint.model,
+                &optimizer,
+                sap.as_ref(),
             )?;
         }
     }

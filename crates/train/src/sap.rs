@@ -227,10 +227,10 @@ pub struct SapState {
     pub config: SapConfig,
     pub probe: Probe,
     /// The probe's Adam moments, carried across steps.
-    moments: (Vec<Tensor<1>>, Vec<Tensor<1>>),
-    probe_updates: u64,
+    pub(crate) moments: (Vec<Tensor<1>>, Vec<Tensor<1>>),
+    pub(crate) probe_updates: u64,
     /// ΔW, kept between refreshes of the harmful direction.
-    delta: Option<HarmfulDirection>,
+    pub(crate) delta: Option<HarmfulDirection>,
     pub step: usize,
 }
 

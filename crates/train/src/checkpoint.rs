@@ -1,0 +1,215 @@
+//! Training checkpoints: everything a run needs to continue exactly where it stopped.
+//!
+//! `checkpoints/step-N/` holds `state.safetensors` (trainable parameters, AdamW moments, the
+//! probe and its moments, the cached harmful direction) and `state.json` (counters). The data
+//! position needs no storage: the samplers are deterministic in the seed and are replayed to
+//! the saved step. A checkpoint is written to a temporary folder and renamed into place, so
+//! an interrupted save never replaces a good checkpoint with a broken one.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Tensor, TensorData};
+use safeprobe_model::qwen2::Qwen2;
+use safeprobe_model::weights::{
+    HostTensor, SafetensorsFiles, SaveDtype, write_atomic, write_safetensors,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::adamw::AdamW;
+use crate::error::{Result, TrainError};
+use crate::params;
+use crate::sap::{HarmfulDirection, SapState};
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Counters {
+    step: usize,
+    adam_step: u64,
+    params: usize,
+    sap: Option<SapCounters>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SapCounters {
+    step: usize,
+    probe_updates: u64,
+    probe_vectors: usize,
+    delta_scale: Option<f32>,
+}
+
+fn host(tensors: &[Tensor<1>], prefix: &str, out: &mut BTreeMap<String, HostTensor>) {
+    for (i, t) in tensors.iter().enumerate() {
+        out.insert(format!("{prefix}.{i}"), HostTensor::from_tensor1(t.clone()));
+    }
+}
+
+/// Saves the state after `step` completed steps; returns the checkpoint folder.
+pub fn save(
+    run_dir: &Path,
+    step: usize,
+    model: &Qwen2,
+    optimizer: &AdamW,
+    sap: Option<&SapState>,
+) -> Result<PathBuf> {
+    let io = |path: &Path, e: std::io::Error| TrainError::File {
+        path: path.into(),
+        message: e.to_string(),
+    };
+    let parent = run_dir.join("checkpoints");
+    let final_dir = parent.join(format!("step-{step}"));
+    let tmp = parent.join(format!(".step-{step}.tmp"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+
+    let mut tensors = BTreeMap::new();
+    let values = params::values(model);
+    host(&values, "param", &mut tensors);
+    host(&optimizer.first, "adam.m", &mut tensors);
+    host(&optimizer.second, "adam.v", &mut tensors);
+    let sap_counters = sap.map(|state| {
+        host(&state.probe.vectors, "probe", &mut tensors);
+        host(&state.moments.0, "probe.m", &mut tensors);
+        host(&state.moments.1, "probe.v", &mut tensors);
+        if let Some(delta) = &state.delta {
+            host(&delta.gradient, "direction", &mut tensors);
+        }
+        SapCounters {
+            step: state.step,
+            probe_updates: state.probe_updates,
+            probe_vectors: state.probe.vectors.len(),
+            delta_scale: state.delta.as_ref().map(|d| d.scale),
+        }
+    });
+    write_safetensors(
+        &tmp.join("state.safetensors"),
+        &tensors,
+        SaveDtype::F32,
+        None,
+    )?;
+    let counters = Counters {
+        step,
+        adam_step: optimizer.step,
+        params: values.len(),
+        sap: sap_counters,
+    };
+    write_atomic(
+        &tmp.join("state.json"),
+        serde_json::to_string_pretty(&counters)
+            .expect("json")
+            .as_bytes(),
+    )?;
+    let _ = std::fs::remove_dir_all(&final_dir);
+    std::fs::rename(&tmp, &final_dir).map_err(|e| io(&final_dir, e))?;
+    Ok(final_dir)
+}
+
+/// The newest complete checkpoint of a run, if any.
+pub fn latest(run_dir: &Path) -> Option<(usize, PathBuf)> {
+    let entries = std::fs::read_dir(run_dir.join("checkpoints")).ok()?;
+    entries
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let step = e
+                .file_name()
+                .to_str()?
+                .strip_prefix("step-")?
+                .parse::<usize>()
+                .ok()?;
+            e.path()
+                .join("state.json")
+                .exists()
+                .then(|| (step, e.path()))
+        })
+        .max_by_key(|(step, _)| *step)
+}
+
+/// Restores model parameters, optimiser and SAP state; returns the completed step count.
+pub fn load(
+    dir: &Path,
+    model: &mut Qwen2,
+    optimizer: &mut AdamW,
+    sap: Option<&mut SapState>,
+    device: &Device,
+) -> Result<usize> {
+    let json_path = dir.join("state.json");
+    let text = std::fs::read_to_string(&json_path).map_err(|e| TrainError::File {
+        path: json_path.clone(),
+        message: e.to_string(),
+    })?;
+    let counters: Counters = serde_json::from_str(&text).map_err(|e| TrainError::File {
+        path: json_path.clone(),
+        message: format!("malformed JSON: {e}"),
+    })?;
+    let files = SafetensorsFiles::open_files(&[dir.join("state.safetensors")])?;
+    let read = |prefix: &str, count: usize| -> Result<Vec<Tensor<1>>> {
+        (0..count)
+            .map(|i| {
+                let name = format!("{prefix}.{i}");
+                let (shape, _) = files.info(&name).ok_or_else(|| TrainError::File {
+                    path: dir.join("state.safetensors"),
+                    message: format!("missing tensor \"{name}\""),
+                })?;
+                let n: usize = shape.iter().product();
+                let values = files.read_f32(&name, &shape)?;
+                let t: Tensor<1> = Tensor::from_data(TensorData::new(values, [n]), device);
+                Ok(if t.is_autodiff() { t.inner() } else { t })
+            })
+            .collect()
+    };
+    let current = params::values(model);
+    if current.len() != counters.params {
+        return Err(TrainError::File {
+            path: json_path,
+            message: format!(
+                "checkpoint has {} trainable tensors, the run has {}",
+                counters.params,
+                current.len()
+            ),
+        });
+    }
+    let values = read("param", counters.params)?;
+    for (i, (a, b)) in values.iter().zip(&current).enumerate() {
+        if a.dims() != b.dims() {
+            return Err(TrainError::File {
+                path: dir.join("state.safetensors"),
+                message: format!(
+                    "param.{i} has {:?} elements, the run expects {:?}",
+                    a.dims(),
+                    b.dims()
+                ),
+            });
+        }
+    }
+    *model = params::with_values(model.clone(), values);
+    optimizer.step = counters.adam_step;
+    if counters.adam_step > 0 {
+        optimizer.first = read("adam.m", counters.params)?;
+        optimizer.second = read("adam.v", counters.params)?;
+    }
+    match (sap, counters.sap) {
+        (Some(state), Some(c)) => {
+            state.step = c.step;
+            state.probe_updates = c.probe_updates;
+            state.probe.vectors = read("probe", c.probe_vectors)?;
+            state.moments = (
+                read("probe.m", c.probe_vectors)?,
+                read("probe.v", c.probe_vectors)?,
+            );
+            state.delta = match c.delta_scale {
+                Some(scale) => Some(HarmfulDirection {
+                    gradient: read("direction", counters.params)?,
+                    scale,
+                }),
+                None => None,
+            };
+        }
+        (None, None) => {}
+        _ => {
+            return Err(TrainError::File {
+                path: json_path,
+                message: "checkpoint and run disagree on the method (sft vs sap)".into(),
+            });
+        }
+    }
+    Ok(counters.step)
+}
