@@ -585,3 +585,29 @@ fn resume_equals_an_uninterrupted_run() {
         .unwrap_err();
     assert!(error.to_string().contains("config.toml"), "{error}");
 }
+
+#[test]
+fn parquet_and_jsonl_read_the_same() {
+    let examples = |ext: &str| data::read_examples(&fixture(&format!("data/train.{ext}"))).unwrap();
+    assert_eq!(examples("parquet"), examples("jsonl"));
+    assert_eq!(examples("jsonl").len(), 6);
+    let pairs = |ext: &str| data::read_pairs(&fixture(&format!("data/safety.{ext}"))).unwrap();
+    assert_eq!(pairs("parquet"), pairs("jsonl"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.parquet");
+    std::fs::write(&broken, b"PAR1 not really").unwrap();
+    let error = data::read_examples(&broken).unwrap_err().to_string();
+    assert!(
+        error.contains("broken.parquet") && error.contains("Parquet"),
+        "{error}"
+    );
+    let bad_line = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &bad_line,
+        "{\"prompt\": \"a\", \"response\": \"b\"}\n{\"prompt\": 1}\n",
+    )
+    .unwrap();
+    let error = data::read_examples(&bad_line).unwrap_err().to_string();
+    assert!(error.contains("bad.jsonl:2"), "{error}");
+}

@@ -1,4 +1,4 @@
-//! Fine-tuning data and safety pairs from JSONL, tokenised with the chat template and the
+//! Fine-tuning data and safety pairs from JSONL or Parquet, tokenised with the chat template and the
 //! response-token convention, and batched (right padding, loss on response tokens only).
 
 use std::path::Path;
@@ -23,6 +23,46 @@ pub struct SafetyPair {
     pub prompt: String,
     pub chosen: String,
     pub rejected: String,
+}
+
+/// The records of a data file as JSON objects with their line (JSONL) or row (Parquet)
+/// number, 1-based.
+fn records(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, Value>)>> {
+    let rows = match path.extension().and_then(|e| e.to_str()) {
+        Some("parquet") => parquet_rows(path)?,
+        _ => jsonl(path)?,
+    };
+    if rows.is_empty() {
+        return Err(TrainError::File {
+            path: path.into(),
+            message: "no examples".into(),
+        });
+    }
+    Ok(rows)
+}
+
+fn parquet_rows(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, Value>)>> {
+    use parquet::file::reader::SerializedFileReader;
+    let bad = |message: String| TrainError::File {
+        path: path.into(),
+        message,
+    };
+    let file = std::fs::File::open(path).map_err(|e| bad(format!("cannot read: {e}")))?;
+    let reader = SerializedFileReader::new(file)
+        .map_err(|e| bad(format!("not a readable Parquet file: {e}")))?;
+    let mut rows = Vec::new();
+    for (i, row) in reader.into_iter().enumerate() {
+        let row = row.map_err(|e| TrainError::Data {
+            path: path.into(),
+            line: i + 1,
+            message: e.to_string(),
+        })?;
+        match row.to_json_value() {
+            Value::Object(map) => rows.push((i + 1, map)),
+            _ => unreachable!("a Parquet row converts to a JSON object"),
+        }
+    }
+    Ok(rows)
 }
 
 fn jsonl(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, Value>)>> {
@@ -62,7 +102,7 @@ fn text(map: &serde_json::Map<String, Value>, key: &str) -> Option<String> {
 /// Reads `{"messages": [...]}`, `{"instruction", "input", "output"}` or
 /// `{"prompt", "response"}` lines. A conversation's reply is its last assistant message.
 pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
-    jsonl(path)?
+    records(path)?
         .into_iter()
         .map(|(line, map)| {
             let bad = |message: &str| TrainError::Data {
@@ -70,7 +110,7 @@ pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
                 line,
                 message: message.into(),
             };
-            if let Some(messages) = map.get("messages") {
+            if let Some(messages) = map.get("messages").filter(|m| !m.is_null()) {
                 let mut messages: Vec<Message> =
                     serde_json::from_value(messages.clone()).map_err(|e| {
                         bad(&format!(
@@ -117,7 +157,7 @@ pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
 
 /// Reads `{"prompt", "chosen", "rejected"}` (or `safe`/`harmful`) lines.
 pub fn read_pairs(path: &Path) -> Result<Vec<SafetyPair>> {
-    jsonl(path)?
+    records(path)?
         .into_iter()
         .map(|(line, map)| {
             let prompt = text(&map, "prompt");
