@@ -611,3 +611,48 @@ fn parquet_and_jsonl_read_the_same() {
     let error = data::read_examples(&bad_line).unwrap_err().to_string();
     assert!(error.contains("bad.jsonl:2"), "{error}");
 }
+
+/// Two micro-batches of 3 make the same step as one batch of 6 (SFT and SAP).
+#[test]
+fn gradient_accumulation_equals_one_big_batch() {
+    for method in ["sft", "sap"] {
+        let method = format!("method=\"{method}\"");
+        let (big, small) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let common = [
+            method.as_str(),
+            "max_steps=2",
+            "shuffle=false",
+            "sap.rho=0.1",
+            "sap.temperature=20.0",
+        ];
+        let with = |extra: &[&'static str]| {
+            common
+                .iter()
+                .copied()
+                .chain(extra.iter().copied())
+                .collect::<Vec<_>>()
+        };
+        train(
+            &config(big.path(), &with(&["batch_size=6"])),
+            &Device::flex(),
+            |_| {},
+        )
+        .unwrap();
+        train(
+            &config(
+                small.path(),
+                &with(&["batch_size=3", "grad_accumulation=2"]),
+            ),
+            &Device::flex(),
+            |_| {},
+        )
+        .unwrap();
+        for ((name, a), (_, b)) in adapter_tensors(big.path())
+            .iter()
+            .zip(adapter_tensors(small.path()).iter())
+        {
+            let error = relative_error(b, a);
+            assert!(error <= 1e-5, "{method}: {name} relative error {error}");
+        }
+    }
+}

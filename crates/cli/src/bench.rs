@@ -224,8 +224,21 @@ pub fn run_train(
                 )
             });
             let mut step = |model: &mut Qwen2| match &mut state {
-                None => sft_step(model, &mut optimizer, &task, 1e-4, None),
-                Some(state) => state.step(model, &mut optimizer, &task, &safety, 1e-4, None),
+                None => sft_step(
+                    model,
+                    &mut optimizer,
+                    std::slice::from_ref(&task),
+                    1e-4,
+                    None,
+                ),
+                Some(state) => state.step(
+                    model,
+                    &mut optimizer,
+                    std::slice::from_ref(&task),
+                    &safety,
+                    1e-4,
+                    None,
+                ),
             };
             step(&mut model);
             // At least 4 timed steps so that k = 4 averages over one refresh cycle.

@@ -73,6 +73,9 @@ pub struct RunConfig {
     pub batch_size: usize,
     #[serde(default = "default_batch")]
     pub safety_batch_size: usize,
+    /// Micro-batches of `batch_size` per optimiser step.
+    #[serde(default = "default_one")]
+    pub grad_accumulation: usize,
     /// Number of optimiser steps; 0 means "from `epochs`".
     #[serde(default)]
     pub max_steps: usize,
@@ -132,6 +135,9 @@ fn default_lr() -> f64 {
 }
 fn default_schedule() -> LrSchedule {
     LrSchedule::Constant
+}
+fn default_one() -> usize {
+    1
 }
 fn default_true() -> bool {
     true
@@ -206,8 +212,10 @@ impl RunConfig {
         if self.finetune == Finetune::Full && self.init_adapter.is_some() {
             return bad("init_adapter is a LoRA adapter: it needs finetune = \"lora\"".into());
         }
-        if self.batch_size == 0 || self.safety_batch_size == 0 {
-            return bad("batch_size and safety_batch_size must be at least 1".into());
+        if self.batch_size == 0 || self.safety_batch_size == 0 || self.grad_accumulation == 0 {
+            return bad(
+                "batch_size, safety_batch_size and grad_accumulation must be at least 1".into(),
+            );
         }
         if !(self.lr > 0.0) {
             return bad(format!("lr {} must be positive", self.lr));
@@ -476,7 +484,8 @@ fn run(
     }
     let mut config = config.clone();
     if let Some(epochs) = config.epochs {
-        config.max_steps = ((epochs * train.len() as f64) / config.batch_size as f64)
+        config.max_steps = ((epochs * train.len() as f64)
+            / (config.batch_size * config.grad_accumulation.max(1)) as f64)
             .ceil()
             .max(1.0) as usize;
     }
@@ -504,7 +513,9 @@ fn run(
         )?;
         // Replay the deterministic samplers to the saved position.
         for _ in 0..start {
-            task_sampler.next_batch(config.batch_size);
+            for _ in 0..config.grad_accumulation.max(1) {
+                task_sampler.next_batch(config.batch_size);
+            }
             if sap.is_some() {
                 pair_sampler.next_batch(config.safety_batch_size);
             }
@@ -543,12 +554,14 @@ fn run(
     for step in start..config.max_steps {
         let started = Instant::now();
         let lr = config.learning_rate(step);
-        let task = Batch::new(&task_sampler.next_batch(config.batch_size), pad, &device);
+        let tasks: Vec<Batch> = (0..config.grad_accumulation.max(1))
+            .map(|_| Batch::new(&task_sampler.next_batch(config.batch_size), pad, &device))
+            .collect();
         let metrics = match &mut sap {
             None => sft_step(
                 &mut checkpoint.model,
                 &mut optimizer,
-                &task,
+                &tasks,
                 lr,
                 config.max_grad_norm,
             ),
@@ -563,7 +576,7 @@ fn run(
                 state.step(
                     &mut checkpoint.model,
                     &mut optimizer,
-                    &task,
+                    &tasks,
                     &safety,
                     lr,
                     config.max_grad_norm,
@@ -571,7 +584,10 @@ fn run(
             }
         };
         let elapsed = started.elapsed().as_secs_f64();
-        let tokens = task.input_ids.dims().iter().product::<usize>() as f64;
+        let tokens: f64 = tasks
+            .iter()
+            .map(|t| t.input_ids.dims().iter().product::<usize>() as f64)
+            .sum();
         emit(
             Event::Step {
                 step: step + 1,

@@ -207,19 +207,73 @@ fn apply_update(model: &mut Qwen2, optimizer: &mut AdamW, grads: Vec<Tensor<1>>,
 pub fn sft_step(
     model: &mut Qwen2,
     optimizer: &mut AdamW,
-    task: &Batch,
+    tasks: &[Batch],
     lr: f64,
     max_grad_norm: Option<f64>,
 ) -> StepMetrics {
-    let loss = task_loss(model, task, None);
-    let grads = params::gradients(model, &loss.backward());
-    let (grads, grad_norm) = clip(grads, max_grad_norm);
+    let mut pass = accumulate(tasks, |task| {
+        let loss = task_loss(model, task, None);
+        let grads = params::gradients(model, &loss.backward());
+        Pass {
+            grads: vec![grads],
+            losses: vec![scalar(&loss)],
+        }
+    });
+    let (grads, grad_norm) = clip(pass.grads.remove(0), max_grad_norm);
     apply_update(model, optimizer, grads, lr);
     StepMetrics {
-        task_loss: scalar(&loss),
+        task_loss: pass.losses[0],
         grad_norm,
         ..Default::default()
     }
+}
+
+/// Gradients and loss values of one pass.
+struct Pass {
+    grads: Vec<Vec<Tensor<1>>>,
+    losses: Vec<f64>,
+}
+
+/// Gradient accumulation: runs `pass` on each micro-batch and weights each by its share of
+/// the response tokens, so the result equals one pass over all of them (every loss here is a
+/// mean over response tokens).
+fn accumulate(tasks: &[Batch], mut pass: impl FnMut(&Batch) -> Pass) -> Pass {
+    let total = tasks
+        .iter()
+        .map(|t| t.response_tokens)
+        .sum::<usize>()
+        .max(1) as f64;
+    let mut sum: Option<Pass> = None;
+    for task in tasks {
+        let weight = task.response_tokens as f64 / total;
+        let mut p = pass(task);
+        if tasks.len() > 1 {
+            p.grads = p
+                .grads
+                .into_iter()
+                .map(|g| g.into_iter().map(|t| t.mul_scalar(weight)).collect())
+                .collect();
+            p.losses = p.losses.into_iter().map(|l| l * weight).collect();
+        }
+        sum = Some(match sum {
+            None => p,
+            Some(acc) => Pass {
+                grads: acc
+                    .grads
+                    .into_iter()
+                    .zip(p.grads)
+                    .map(|(a, b)| a.into_iter().zip(b).map(|(x, y)| x + y).collect())
+                    .collect(),
+                losses: acc
+                    .losses
+                    .iter()
+                    .zip(&p.losses)
+                    .map(|(a, b)| a + b)
+                    .collect(),
+            },
+        });
+    }
+    sum.expect("at least one micro-batch")
 }
 
 /// The probe and what SAP carries from step to step.
@@ -297,7 +351,7 @@ impl SapState {
         &mut self,
         model: &mut Qwen2,
         optimizer: &mut AdamW,
-        task: &Batch,
+        tasks: &[Batch],
         safety: &Batch,
         lr: f64,
         max_grad_norm: Option<f64>,
@@ -322,8 +376,17 @@ impl SapState {
         metrics.delta_norm = Some(delta.norm());
 
         // 2. The probe's gradient on the loss gap.
-        let (grad_su, grad_w, clean, perturbed) =
-            loss_gap_gradient(model, &delta, task, &self.probe.layers, &start);
+        let layers = self.probe.layers.clone();
+        let mut gap = accumulate(tasks, |task| {
+            let (grad_su, grad_w, clean, perturbed) =
+                loss_gap_gradient(model, &delta, task, &layers, &start);
+            Pass {
+                grads: vec![grad_su, grad_w],
+                losses: vec![clean, perturbed],
+            }
+        });
+        let (grad_w, grad_su) = (gap.grads.pop().unwrap(), gap.grads.pop().unwrap());
+        let (clean, perturbed) = (gap.losses[0], gap.losses[1]);
         metrics.perturbed_loss = Some(perturbed);
         metrics.su_loss = Some(perturbed - clean);
 
@@ -338,11 +401,16 @@ impl SapState {
                 let plain = self.config.exact_update == ProbeUpdate::Gradient;
                 let v_safe = self.probe_update(grad_su, plain);
                 let probe = self.constant_probe(&v_safe);
-                let loss = task_loss(model, task, Some(&probe));
-                metrics.task_loss = scalar(&loss);
-                let grads = params::gradients(model, &loss.backward());
+                let mut pass = accumulate(tasks, |task| {
+                    let loss = task_loss(model, task, Some(&probe));
+                    Pass {
+                        grads: vec![params::gradients(model, &loss.backward())],
+                        losses: vec![scalar(&loss)],
+                    }
+                });
+                metrics.task_loss = pass.losses[0];
                 self.probe.vectors = v_safe;
-                grads
+                pass.grads.remove(0)
             }
         };
         let every = self.config.cosine_every;
