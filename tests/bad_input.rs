@@ -1,16 +1,13 @@
 //! Bad input gets an error that names the file and the problem, never a panic.
 
+mod common;
+use common::*;
+
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
 use safeprobe_model::qwen2::Qwen2;
 use safeprobe_model::{Checkpoint, LoraConfig, Qwen2Config, lora};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
 
 /// A writable copy of a fixture checkpoint.
 fn copy_of(name: &str) -> tempfile::TempDir {

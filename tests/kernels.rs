@@ -2,6 +2,9 @@
 //! random inputs of awkward sizes: tiny, not multiples of the workgroup size, several
 //! reduction passes, and more workgroups than one grid dimension holds.
 
+mod common;
+use common::*;
+
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use safeprobe_model::device::{DeviceChoice, select};
@@ -33,18 +36,6 @@ fn host(t: Tensor<1>) -> Vec<f32> {
         .convert::<f32>()
         .try_into_vec::<f32>()
         .unwrap()
-}
-
-fn relative_error(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let diff: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| ((x - y) as f64).powi(2))
-        .sum::<f64>()
-        .sqrt();
-    let norm: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt();
-    if norm == 0.0 { diff } else { diff / norm }
 }
 
 const SIZES: [usize; 7] = [1, 7, 255, 257, 1023, 1025, 70_001];

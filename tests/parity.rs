@@ -3,6 +3,9 @@
 //! The references in tests/fixtures/reference.json come from tests/fixtures/make_fixtures.py.
 //! wgpu runs on whatever adapter `--device wgpu` would pick (Mesa's lavapipe in CI).
 
+mod common;
+use common::*;
+
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -15,12 +18,8 @@ use serde_json::Value;
 
 const TOLERANCE: f32 = 1e-4;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
 fn reference() -> Value {
-    let text = std::fs::read_to_string(fixtures().join("reference.json")).expect("reference.json");
+    let text = std::fs::read_to_string(fixture("reference.json")).expect("reference.json");
     serde_json::from_str(&text).unwrap()
 }
 
@@ -47,14 +46,6 @@ fn floats(v: &Value) -> Vec<f32> {
     }
 }
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 fn logits(
     checkpoint: &Checkpoint,
     rows: &[Vec<u32>],
@@ -79,7 +70,7 @@ fn logits_match_transformers() {
     for (backend, device) in devices() {
         for name in MODELS {
             let r = &reference["models"][name];
-            let checkpoint = Checkpoint::load(&fixtures().join(name), &device).unwrap();
+            let checkpoint = Checkpoint::load(&fixture(name), &device).unwrap();
             let input = ids(&r["logits_ids"]);
             let (got, _) = logits(&checkpoint, &[input.clone()], vec![vec![true; input.len()]]);
             let diff = max_abs_diff(&got, &floats(&r["logits"]));
@@ -97,7 +88,7 @@ fn left_padded_batch_matches_transformers() {
     for (backend, device) in devices() {
         for name in MODELS {
             let r = &reference["models"][name];
-            let checkpoint = Checkpoint::load(&fixtures().join(name), &device).unwrap();
+            let checkpoint = Checkpoint::load(&fixture(name), &device).unwrap();
             let long = ids(&r["logits_ids"]);
             let short = ids(&r["padded_short_ids"]);
             let pad = long.len() - short.len();
@@ -135,7 +126,7 @@ fn greedy_generation_matches_transformers() {
     for (backend, device) in devices() {
         for name in MODELS {
             let r = &reference["models"][name];
-            let checkpoint = Checkpoint::load(&fixtures().join(name), &device).unwrap();
+            let checkpoint = Checkpoint::load(&fixture(name), &device).unwrap();
             let prompts: Vec<Vec<u32>> = r["greedy_prompts"]
                 .as_array()
                 .unwrap()
@@ -189,7 +180,7 @@ fn chat_template_renderings_equal_transformers() {
     let reference = reference();
     // tiny-tied carries the template in tokenizer_config.json, tiny-untied in chat_template.jinja.
     for name in MODELS {
-        let checkpoint = Checkpoint::load(&fixtures().join(name), &Device::flex()).unwrap();
+        let checkpoint = Checkpoint::load(&fixture(name), &Device::flex()).unwrap();
         for case in reference["templates"].as_array().unwrap() {
             let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
             let generation = case["add_generation_prompt"].as_bool().unwrap();
@@ -208,7 +199,7 @@ fn response_scores_match_transformers() {
     let reference = reference();
     for (backend, device) in devices() {
         for name in MODELS {
-            let checkpoint = Checkpoint::load(&fixtures().join(name), &device).unwrap();
+            let checkpoint = Checkpoint::load(&fixture(name), &device).unwrap();
             for case in reference["models"][name]["scores"].as_array().unwrap() {
                 let messages =
                     prompt_messages(case["system"].as_str(), case["prompt"].as_str().unwrap());
@@ -241,11 +232,9 @@ fn peft_adapter_matches_peft() {
     let reference = reference();
     let input = ids(&reference["models"]["tiny-untied"]["logits_ids"]);
     for (backend, device) in devices() {
-        let mut checkpoint = Checkpoint::load(&fixtures().join("tiny-untied"), &device).unwrap();
+        let mut checkpoint = Checkpoint::load(&fixture("tiny-untied"), &device).unwrap();
         let (plain, _) = logits(&checkpoint, &[input.clone()], vec![vec![true; input.len()]]);
-        checkpoint
-            .load_adapter(&fixtures().join("peft-adapter"))
-            .unwrap();
+        checkpoint.load_adapter(&fixture("peft-adapter")).unwrap();
         let (adapted, _) = logits(&checkpoint, &[input.clone()], vec![vec![true; input.len()]]);
         let expected = floats(&reference["adapter_logits"]);
         let diff = max_abs_diff(&adapted, &expected);
@@ -278,20 +267,18 @@ fn tensors(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
 fn adapter_round_trip_keeps_peft_format() {
     let out = tempfile::tempdir().unwrap();
     let device = Device::flex();
-    let mut checkpoint = Checkpoint::load(&fixtures().join("tiny-untied"), &device).unwrap();
-    checkpoint
-        .load_adapter(&fixtures().join("peft-adapter"))
-        .unwrap();
+    let mut checkpoint = Checkpoint::load(&fixture("tiny-untied"), &device).unwrap();
+    checkpoint.load_adapter(&fixture("peft-adapter")).unwrap();
     let config = checkpoint.adapter.clone().unwrap();
     lora::save_peft(&checkpoint.model, &config, out.path(), "tiny-untied").unwrap();
     // Same tensor names, shapes and values as the file peft wrote.
     assert_eq!(
         tensors(&out.path().join("adapter_model.safetensors")),
-        tensors(&fixtures().join("peft-adapter/adapter_model.safetensors"))
+        tensors(&fixture("peft-adapter/adapter_model.safetensors"))
     );
     assert_eq!(lora::read_peft_config(out.path()).unwrap(), config);
     // peft verified this very format (make_fixtures.py check-rust on rust-adapter/).
-    let verified = fixtures().join("rust-adapter/adapter_model.safetensors");
+    let verified = fixture("rust-adapter/adapter_model.safetensors");
     assert_eq!(
         tensors(&out.path().join("adapter_model.safetensors")),
         tensors(&verified)
@@ -304,15 +291,13 @@ fn merged_export_loads_back_with_merged_logits() {
     let input = ids(&reference["models"]["tiny-untied"]["logits_ids"]);
     for (backend, device) in devices() {
         let out = tempfile::tempdir().unwrap();
-        let mut checkpoint = Checkpoint::load(&fixtures().join("tiny-untied"), &device).unwrap();
-        checkpoint
-            .load_adapter(&fixtures().join("peft-adapter"))
-            .unwrap();
+        let mut checkpoint = Checkpoint::load(&fixture("tiny-untied"), &device).unwrap();
+        checkpoint.load_adapter(&fixture("peft-adapter")).unwrap();
         lora::merge(&mut checkpoint.model);
         export::export(
             &checkpoint.model,
             &checkpoint.config,
-            &fixtures().join("tiny-untied"),
+            &fixture("tiny-untied"),
             out.path(),
             SaveDtype::F32,
         )
@@ -327,7 +312,7 @@ fn merged_export_loads_back_with_merged_logits() {
         if backend == "cpu" {
             // transformers verified this format (make_fixtures.py check-rust on rust-export/).
             let ours = tensors(&out.path().join("model.safetensors"));
-            let verified = tensors(&fixtures().join("rust-export/model.safetensors"));
+            let verified = tensors(&fixture("rust-export/model.safetensors"));
             assert_eq!(ours.len(), verified.len());
             for ((n1, s1, v1), (n2, s2, v2)) in ours.iter().zip(&verified) {
                 assert_eq!((n1, s1), (n2, s2));
@@ -341,13 +326,13 @@ fn merged_export_loads_back_with_merged_logits() {
 fn bf16_export_is_readable() {
     let out = tempfile::tempdir().unwrap();
     let device = Device::flex();
-    let mut checkpoint = Checkpoint::load(&fixtures().join("tiny-tied"), &device).unwrap();
+    let mut checkpoint = Checkpoint::load(&fixture("tiny-tied"), &device).unwrap();
     lora::attach(&mut checkpoint.model, &Default::default(), 0, &device).unwrap();
     lora::merge(&mut checkpoint.model);
     export::export(
         &checkpoint.model,
         &checkpoint.config,
-        &fixtures().join("tiny-tied"),
+        &fixture("tiny-tied"),
         out.path(),
         SaveDtype::Bf16,
     )
@@ -367,7 +352,7 @@ fn bf16_export_is_readable() {
 #[test]
 fn generation_stops_at_end_of_turn() {
     let device = Device::flex();
-    let checkpoint = Checkpoint::load(&fixtures().join("tiny-tied"), &device).unwrap();
+    let checkpoint = Checkpoint::load(&fixture("tiny-tied"), &device).unwrap();
     let prompt = checkpoint
         .tokenizer
         .encode_prompt(&prompt_messages(None, "Hello!"))
@@ -398,7 +383,7 @@ fn generation_stops_at_end_of_turn() {
 #[test]
 fn seeded_sampling_is_reproducible() {
     let device = Device::flex();
-    let checkpoint = Checkpoint::load(&fixtures().join("tiny-tied"), &device).unwrap();
+    let checkpoint = Checkpoint::load(&fixture("tiny-tied"), &device).unwrap();
     let messages = prompt_messages(None, "Hello!");
     let sampled = |seed| {
         checkpoint
@@ -425,15 +410,13 @@ fn seeded_sampling_is_reproducible() {
 #[ignore]
 fn write_fixture_outputs() {
     let device = Device::flex();
-    let mut checkpoint = Checkpoint::load(&fixtures().join("tiny-untied"), &device).unwrap();
-    checkpoint
-        .load_adapter(&fixtures().join("peft-adapter"))
-        .unwrap();
+    let mut checkpoint = Checkpoint::load(&fixture("tiny-untied"), &device).unwrap();
+    checkpoint.load_adapter(&fixture("peft-adapter")).unwrap();
     let config = checkpoint.adapter.clone().unwrap();
     lora::save_peft(
         &checkpoint.model,
         &config,
-        &fixtures().join("rust-adapter"),
+        &fixture("rust-adapter"),
         "tiny-untied",
     )
     .unwrap();
@@ -441,8 +424,8 @@ fn write_fixture_outputs() {
     export::export(
         &checkpoint.model,
         &checkpoint.config,
-        &fixtures().join("tiny-untied"),
-        &fixtures().join("rust-export"),
+        &fixture("tiny-untied"),
+        &fixture("rust-export"),
         SaveDtype::F32,
     )
     .unwrap();

@@ -261,6 +261,9 @@ impl RunConfig {
     }
 }
 
+/// Serialises steps that draw from burn's per-process random generator.
+static DEVICE_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// One line of metrics.jsonl.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -553,6 +556,25 @@ fn run(
 
     for step in start..config.max_steps {
         let started = Instant::now();
+        // LoRA dropout draws from the device's generator, which burn keeps per process: seeding
+        // it per step makes the masks a function of (seed, step), so a resumed run draws the
+        // ones it would have drawn, and the lock keeps concurrent runs from reseeding it
+        // mid-step (their steps with dropout take turns).
+        let _rng = lora_config
+            .as_ref()
+            .is_some_and(|l| l.dropout > 0.0)
+            .then(|| {
+                let guard = DEVICE_RNG
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                device.seed(
+                    config
+                        .seed
+                        .wrapping_mul(1_000_003)
+                        .wrapping_add(step as u64),
+                );
+                guard
+            });
         let lr = config.learning_rate(step);
         let tasks: Vec<Batch> = (0..config.grad_accumulation.max(1))
             .map(|_| Batch::new(&task_sampler.next_batch(config.batch_size), pad, &device))
@@ -605,9 +627,12 @@ fn run(
         {
             let mut total = 0.0;
             let mut tokens = 0usize;
+            // Inference mode: no dropout, no autodiff graph.
+            let eval_model = burn::module::Module::valid(&checkpoint.model);
+            let eval_device = eval_model.embed_tokens.device();
             for chunk in validation.chunks(config.batch_size) {
-                let batch = Batch::new(chunk, pad, &device);
-                let loss = task_loss(&checkpoint.model, &batch, None);
+                let batch = Batch::new(chunk, pad, &eval_device);
+                let loss = task_loss(&eval_model, &batch, None);
                 total += crate::params::scalar(&loss) * batch.response_tokens as f64;
                 tokens += batch.response_tokens;
             }
