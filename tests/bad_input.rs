@@ -3,7 +3,7 @@
 mod common;
 use common::*;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::tensor::Device;
 use safeprobe_model::qwen2::Qwen2;

@@ -6,7 +6,7 @@
 mod common;
 use common::*;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use safeprobe_model::chat::{Message, prompt_messages};

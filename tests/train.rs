@@ -343,6 +343,31 @@ fn bad_configs_fail_before_loading() {
         matches!(error, TrainError::Config(ref m) if m.contains("layer 7 is out of range")),
         "{error}"
     );
+
+    // An empty data file is refused before the model loads (this model folder has only a
+    // config.json, so loading it would fail differently).
+    let empty = out.path().join("empty.jsonl");
+    std::fs::write(&empty, "\n").unwrap();
+    let sets = [
+        format!("train_data={:?}", empty.display().to_string()),
+        "method=\"sft\"".into(),
+    ];
+    let mut config = RunConfig::parse(&base, &sets, Path::new("run.toml")).unwrap();
+    config.model = out.path().join("config-only-model");
+    std::fs::create_dir_all(&config.model).unwrap();
+    std::fs::copy(
+        fixture("tiny-tied/config.json"),
+        config.model.join("config.json"),
+    )
+    .unwrap();
+    let error = train(&config, &Device::flex(), |_| {})
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("empty.jsonl") && error.contains("no examples"),
+        "{error}"
+    );
 }
 
 /// The same steps as tests/fixtures/make_train_reference.py computes with PyTorch + peft.

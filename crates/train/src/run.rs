@@ -429,6 +429,16 @@ fn run(
             "sap.layers: layer {bad} is out of range (the model has {num_layers} layers)"
         )));
     }
+    // The data too: an empty or malformed file fails before the weights load.
+    let raw_train = data::read_examples(&config.train_data)?;
+    let raw_pairs = match &config.safety_data {
+        Some(path) => data::read_pairs(path)?,
+        None => Vec::new(),
+    };
+    let raw_validation = match &config.validation_data {
+        Some(path) => Some(data::read_examples(path)?),
+        None => None,
+    };
     let device = device.clone().autodiff();
     let mut checkpoint = Checkpoint::load(&config.model, &device)?;
     let lora_config = match config.finetune {
@@ -447,14 +457,9 @@ fn run(
         }
     };
 
-    let mut train = encode_all(
-        &checkpoint,
-        &data::read_examples(&config.train_data)?,
-        config,
-        &config.train_data,
-    )?;
+    let mut train = encode_all(&checkpoint, &raw_train, config, &config.train_data)?;
     let pairs = match &config.safety_data {
-        Some(path) => encode_pairs(&checkpoint, &data::read_pairs(path)?, config)?,
+        Some(_) => encode_pairs(&checkpoint, &raw_pairs, config)?,
         None => Vec::new(),
     };
     if config.mix_safety_data {
@@ -463,7 +468,7 @@ fn run(
     let validation = match (&config.validation_data, config.validation_fraction) {
         (Some(path), _) => Some(encode_all(
             &checkpoint,
-            &data::read_examples(path)?,
+            raw_validation.as_deref().expect("read above"),
             config,
             path,
         )?),
