@@ -382,10 +382,14 @@ fn sft_and_sap_match_the_pytorch_reference() {
             .map(|x| x.as_f64().unwrap() as f32)
             .collect()
     };
-    for method in ["sft", "sap"] {
+    for (label, method, schedule) in [
+        ("sft", "sft", "lagged"),
+        ("sap", "sap", "lagged"),
+        ("sap_exact", "sap", "exact"),
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let text = format!(
-            "model = {:?}\ninit_adapter = {:?}\ntrain_data = {:?}\nsafety_data = {:?}\noutput_dir = {:?}\nmethod = {method:?}\nshuffle = false\nmax_len = 256\nmax_steps = {}\nbatch_size = {}\nsafety_batch_size = {}\nlr = {}\n[sap]\nrho = {}\ntemperature = {}\nbeta = {}\n",
+            "model = {:?}\ninit_adapter = {:?}\ntrain_data = {:?}\nsafety_data = {:?}\noutput_dir = {:?}\nmethod = {method:?}\nshuffle = false\nmax_len = 256\nmax_steps = {}\nbatch_size = {}\nsafety_batch_size = {}\nlr = {}\n[sap]\nrho = {}\ntemperature = {}\nbeta = {}\nschedule = {schedule:?}\n",
             fixture("tiny-untied"),
             fixture("peft-adapter"),
             fixture("data/train.jsonl"),
@@ -407,17 +411,17 @@ fn sft_and_sap_match_the_pytorch_reference() {
             }
         })
         .unwrap();
-        let expected = &reference[method];
+        let expected = &reference[label];
         let loss_error = relative_error(&losses, &numbers(&expected["losses"]));
         assert!(
             loss_error <= 1e-5,
-            "{method}: losses {losses:?} vs {}",
+            "{label}: losses {losses:?} vs {}",
             expected["losses"]
         );
         for (name, values) in adapter_tensors(dir.path()) {
             let want = numbers(&expected["adapter"][&name]);
             let error = relative_error(&values, &want);
-            assert!(error <= 1e-4, "{method}: {name} relative error {error}");
+            assert!(error <= 1e-4, "{label}: {name} relative error {error}");
         }
         if method == "sap" {
             let files =
