@@ -116,10 +116,21 @@ pub fn list_adapters() -> Vec<AdapterReport> {
 
 /// Chooses a device. Nothing is initialised on the GPU until the first tensor is made.
 pub fn select(choice: DeviceChoice) -> Result<Selected> {
+    // The CPU needs no adapter list (enumeration starts the graphics drivers).
+    let adapters = if choice == DeviceChoice::Cpu {
+        Vec::new()
+    } else {
+        list_adapters()
+    };
+    select_from(choice, adapters)
+}
+
+/// The choice made from a list of adapters (separate from the enumeration so it can be
+/// tested with any mix of adapters).
+fn select_from(choice: DeviceChoice, adapters: Vec<AdapterReport>) -> Result<Selected> {
     if choice == DeviceChoice::Cpu {
         return Ok(cpu("--device cpu was asked for".into()));
     }
-    let adapters = list_adapters();
     let pick = |ty: &str| adapters.iter().find(|a| a.device_type == ty).cloned();
     let hardware = pick("DiscreteGpu")
         .map(|a| (a, DeviceKind::DiscreteGpu(0)))
@@ -179,5 +190,75 @@ fn block_on<F: std::future::Future>(future: F) -> F::Output {
             return value;
         }
         std::thread::yield_now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn adapter(name: &str, device_type: &str) -> AdapterReport {
+        AdapterReport {
+            name: name.into(),
+            vendor: "test".into(),
+            device_type: device_type.into(),
+            backend: "Vulkan".into(),
+            driver: String::new(),
+            driver_info: String::new(),
+        }
+    }
+
+    #[test]
+    fn auto_never_picks_a_software_adapter() {
+        let chosen = select_from(DeviceChoice::Auto, vec![adapter("llvmpipe", "Cpu")]).unwrap();
+        assert_eq!(chosen.backend, "cpu");
+        assert!(
+            chosen
+                .reason
+                .contains("only software wgpu adapters found (llvmpipe)"),
+            "{}",
+            chosen.reason
+        );
+        let none = select_from(DeviceChoice::Auto, vec![]).unwrap();
+        assert_eq!(
+            (none.backend, none.reason.as_str()),
+            ("cpu", "no wgpu adapter found")
+        );
+    }
+
+    #[test]
+    fn hardware_gpus_win_discrete_first() {
+        let adapters = vec![
+            adapter("llvmpipe", "Cpu"),
+            adapter("iGPU", "IntegratedGpu"),
+            adapter("dGPU", "DiscreteGpu"),
+        ];
+        for choice in [DeviceChoice::Auto, DeviceChoice::Wgpu] {
+            let chosen = select_from(choice, adapters.clone()).unwrap();
+            assert_eq!(chosen.backend, "wgpu");
+            assert_eq!(chosen.adapter.unwrap().name, "dGPU");
+        }
+        let integrated = select_from(DeviceChoice::Auto, adapters[..2].to_vec()).unwrap();
+        assert_eq!(integrated.adapter.unwrap().name, "iGPU");
+    }
+
+    #[test]
+    fn explicit_wgpu_takes_a_software_adapter_or_says_what_to_install() {
+        let chosen = select_from(DeviceChoice::Wgpu, vec![adapter("llvmpipe", "Cpu")]).unwrap();
+        assert_eq!(
+            (chosen.backend, chosen.adapter.unwrap().name.as_str()),
+            ("wgpu", "llvmpipe")
+        );
+        let error = select_from(DeviceChoice::Wgpu, vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("mesa-vulkan-drivers"), "{error}");
+        assert!(
+            "tpu"
+                .parse::<DeviceChoice>()
+                .unwrap_err()
+                .to_string()
+                .contains("expected auto, wgpu or cpu")
+        );
     }
 }
