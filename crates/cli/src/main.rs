@@ -358,6 +358,7 @@ fn run(cli: Cli) -> Result<()> {
             })?;
             let started = std::time::Instant::now();
             let mut first_step = None;
+            let interactive = std::io::IsTerminal::is_terminal(&std::io::stderr());
             let report = |event: &safeprobe_train::run::Event| {
                 use safeprobe_train::run::Event;
                 match event {
@@ -382,12 +383,28 @@ fn run(cli: Cli) -> Result<()> {
                             ),
                             _ => String::new(),
                         };
-                        eprintln!(
+                        let line = format!(
                             "step {step}/{total_steps} | loss {:.4}{sap} | {tokens_per_s:.0} tok/s | ETA {eta:.0}s",
                             metrics.task_loss
                         );
+                        if interactive {
+                            // One redrawn line on a terminal: a bar, then the numbers.
+                            let width = 20;
+                            let filled = (step * width / (*total_steps).max(1)).min(width);
+                            let bar =
+                                format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled));
+                            eprint!("\r\x1b[2K{bar} {line}");
+                            if step == total_steps {
+                                eprintln!();
+                            }
+                        } else {
+                            eprintln!("{line}");
+                        }
                     }
                     Event::Validation { step, loss } => {
+                        if interactive {
+                            eprint!("\r\x1b[2K");
+                        }
                         eprintln!("step {step}: validation loss {loss:.4}")
                     }
                     Event::Done { adapter, .. } => {
