@@ -165,13 +165,10 @@ impl SafetensorsFiles {
         let values = self.read_f32(name, &shape)?;
         Ok(if transpose {
             let [rows, cols] = shape;
-            let mut t = vec![0f32; values.len()];
-            for r in 0..rows {
-                for c in 0..cols {
-                    t[c * rows + r] = values[r * cols + c];
-                }
-            }
-            Tensor::from_data(TensorData::new(t, [cols, rows]), device)
+            Tensor::from_data(
+                TensorData::new(transposed(&values, rows, cols), [cols, rows]),
+                device,
+            )
         } else {
             Tensor::from_data(TensorData::new(values, shape), device)
         })
@@ -181,6 +178,17 @@ impl SafetensorsFiles {
         let values = self.read_f32(name, &[len])?;
         Ok(Tensor::from_data(TensorData::new(values, [len]), device))
     }
+}
+
+/// A row-major [rows, cols] matrix as row-major [cols, rows].
+fn transposed(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c];
+        }
+    }
+    out
 }
 
 /// Output dtype of written checkpoints.
@@ -224,15 +232,9 @@ impl HostTensor {
             .try_into_vec()
             .expect("f32 tensor data");
         if transpose {
-            let mut t = vec![0f32; values.len()];
-            for r in 0..rows {
-                for c in 0..cols {
-                    t[c * rows + r] = values[r * cols + c];
-                }
-            }
             Self {
                 shape: vec![cols, rows],
-                values: t,
+                values: transposed(&values, rows, cols),
             }
         } else {
             Self {
