@@ -196,10 +196,10 @@ pub fn load(
                 read("probe.v", c.probe_vectors)?,
             );
             state.delta = match c.delta_scale {
-                Some(scale) => Some(HarmfulDirection {
-                    gradient: read("direction", counters.params)?,
+                Some(scale) => Some(HarmfulDirection::new(
+                    read("direction", counters.params)?,
                     scale,
-                }),
+                )),
                 None => None,
             };
         }

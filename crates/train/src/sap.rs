@@ -120,12 +120,18 @@ fn tracked_probe(vectors: &[Tensor<1>], layers: &[usize]) -> Probe {
 pub struct HarmfulDirection {
     pub gradient: Vec<Tensor<1>>,
     pub scale: f32,
+    /// ‖ΔW‖ = scale·‖g‖, kept so that steps reusing the direction don't reduce it again.
+    pub norm: f64,
 }
 
 impl HarmfulDirection {
-    /// ‖ΔW‖ = scale·‖g‖.
-    pub fn norm(&self) -> f64 {
-        self.scale as f64 * global_norm(&self.gradient)
+    pub fn new(gradient: Vec<Tensor<1>>, scale: f32) -> Self {
+        let norm = scale as f64 * global_norm(&gradient);
+        Self {
+            gradient,
+            scale,
+            norm,
+        }
     }
 }
 
@@ -140,8 +146,17 @@ pub fn harmful_direction(
     let loss = safety_loss(model, safety, Some(probe), config.temperature);
     let gradient = params::gradients(model, &loss.backward());
     let epsilon = config.rho * global_norm(&params::values(model));
-    let scale = (epsilon / (global_norm(&gradient) + 1e-8)) as f32;
-    (HarmfulDirection { gradient, scale }, scalar(&loss))
+    let gradient_norm = global_norm(&gradient);
+    let scale = (epsilon / (gradient_norm + 1e-8)) as f32;
+    let norm = scale as f64 * gradient_norm;
+    (
+        HarmfulDirection {
+            gradient,
+            scale,
+            norm,
+        },
+        scalar(&loss),
+    )
 }
 
 /// Step 2's gradient, ∇_V L_su at probe `vectors`: the probe gradient of the perturbed task
@@ -357,11 +372,10 @@ impl SapState {
         max_grad_norm: Option<f64>,
     ) -> StepMetrics {
         let mut metrics = StepMetrics::default();
-        let zeros: Vec<Tensor<1>> = self.probe.vectors.iter().map(|v| v.zeros_like()).collect();
         // In the exact schedule the probe starts every step at zero.
         let start = match self.config.schedule {
             Schedule::Lagged => self.probe.vectors.clone(),
-            Schedule::Exact => zeros.clone(),
+            Schedule::Exact => self.probe.vectors.iter().map(|v| v.zeros_like()).collect(),
         };
 
         // 1. The harmful direction, refreshed every k steps.
@@ -373,7 +387,7 @@ impl SapState {
             self.delta = Some(delta);
         }
         let delta = self.delta.clone().expect("direction computed");
-        metrics.delta_norm = Some(delta.norm());
+        metrics.delta_norm = Some(delta.norm);
 
         // 2. The probe's gradient on the loss gap.
         let layers = self.probe.layers.clone();
