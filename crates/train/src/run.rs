@@ -458,10 +458,7 @@ fn run(
     };
 
     let mut train = encode_all(&checkpoint, &raw_train, config, &config.train_data)?;
-    let pairs = match &config.safety_data {
-        Some(_) => encode_pairs(&checkpoint, &raw_pairs, config)?,
-        None => Vec::new(),
-    };
+    let pairs = encode_pairs(&checkpoint, &raw_pairs, config)?;
     if config.mix_safety_data {
         train.extend(pairs.iter().map(|(safe, _)| safe.clone()));
     }
@@ -474,16 +471,22 @@ fn run(
         )?),
         (None, Some(fraction)) => {
             // A seeded split, independent of the shuffling seed stream.
+            if train.len() < 2 {
+                return Err(TrainError::Config(format!(
+                    "validation_fraction needs at least 2 training examples, {} has {}",
+                    config.train_data.display(),
+                    train.len()
+                )));
+            }
             let mut order: Vec<usize> = (0..train.len()).collect();
             order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(config.seed ^ 0x5eed));
             let held = ((train.len() as f64 * fraction).round() as usize).clamp(1, train.len() - 1);
-            let held_out: Vec<usize> = order[..held].to_vec();
-            let validation = held_out.iter().map(|i| train[*i].clone()).collect();
-            train = (0..train.len())
-                .filter(|i| !held_out.contains(i))
-                .map(|i| train[i].clone())
-                .collect();
-            Some(validation)
+            let mut held_out = vec![false; train.len()];
+            order[..held].iter().for_each(|i| held_out[*i] = true);
+            let (validation, kept): (Vec<_>, Vec<_>) =
+                train.into_iter().zip(held_out).partition(|(_, held)| *held);
+            train = kept.into_iter().map(|(s, _)| s).collect();
+            Some(validation.into_iter().map(|(s, _)| s).collect())
         }
         (None, None) => None,
     };
