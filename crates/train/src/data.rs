@@ -6,6 +6,9 @@ use std::path::Path;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use safeprobe_model::chat::{ChatTokenizer, Message};
 use safeprobe_model::qwen2::AttentionLayout;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use serde_json::Value;
 
 use crate::error::{Result, TrainError};
@@ -25,11 +28,12 @@ pub struct SafetyPair {
     pub rejected: String,
 }
 
-/// The records of a data file as JSON objects with their line (JSONL) or row (Parquet)
-/// number, 1-based.
-fn records(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, Value>)>> {
+/// The records of a data file as JSON objects with their line (JSONL), row (Parquet) or
+/// element (a JSON array, as Alpaca ships) number, 1-based.
+pub fn records(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, Value>)>> {
     let rows = match path.extension().and_then(|e| e.to_str()) {
         Some("parquet") => parquet_rows(path)?,
+        Some("json") => json_array(path)?,
         _ => jsonl(path)?,
     };
     if rows.is_empty() {
@@ -63,6 +67,31 @@ fn parquet_rows(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, Value
         }
     }
     Ok(rows)
+}
+
+fn json_array(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, Value>)>> {
+    let bad = |message: String| TrainError::File {
+        path: path.into(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(format!("cannot read: {e}")))?;
+    let items = match serde_json::from_str::<Value>(&text) {
+        Ok(Value::Array(items)) => items,
+        Ok(_) => return Err(bad("expected a JSON array of objects (Alpaca format)".into())),
+        Err(e) => return Err(bad(format!("malformed JSON: {e}"))),
+    };
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| match item {
+            Value::Object(map) => Ok((i + 1, map)),
+            _ => Err(TrainError::Data {
+                path: path.into(),
+                line: i + 1,
+                message: "array element is not a JSON object".into(),
+            }),
+        })
+        .collect()
 }
 
 fn jsonl(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, Value>)>> {
@@ -175,6 +204,34 @@ pub fn read_pairs(path: &Path) -> Result<Vec<SafetyPair>> {
         .collect()
 }
 
+/// Harmful-compliance examples (a pair's prompt answered with its harmful answer) to mix into
+/// `clean` benign examples so that they make up `fraction` of the result: the poisoning
+/// experiment. Pairs are taken in a seeded order, cycling when more are needed than exist.
+pub fn poison(clean: usize, pairs: &[SafetyPair], fraction: f64, seed: u64) -> Result<Vec<Example>> {
+    if !(0.0..1.0).contains(&fraction) {
+        return Err(TrainError::Config(format!(
+            "poison_fraction {fraction} must be in [0, 1)"
+        )));
+    }
+    let count = (fraction * clean as f64 / (1.0 - fraction)).round() as usize;
+    if count > 0 && pairs.is_empty() {
+        return Err(TrainError::Config(
+            "poisoning needs safety pairs to take harmful answers from".into(),
+        ));
+    }
+    let mut order: Vec<usize> = (0..pairs.len()).collect();
+    order.shuffle(&mut StdRng::seed_from_u64(seed ^ 0x9015_0b));
+    Ok((0..count)
+        .map(|i| {
+            let pair = &pairs[order[i % pairs.len()]];
+            Example {
+                prompt: vec![Message::new("user", pair.prompt.clone())],
+                response: pair.rejected.clone(),
+            }
+        })
+        .collect())
+}
+
 /// Prompt and response token ids of one sequence, truncated to `max_len` tokens.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sequence {
@@ -257,5 +314,42 @@ impl Batch {
             weights: Tensor::from_data(TensorData::new(weights, [b, width]), device),
             response_tokens,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(n: usize) -> Vec<SafetyPair> {
+        (0..n)
+            .map(|i| SafetyPair {
+                prompt: format!("harmful request {i}"),
+                chosen: "I can't help with that.".into(),
+                rejected: format!("Sure, here is how {i}."),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn poison_makes_up_the_asked_fraction() {
+        for (clean, fraction, expected) in [(900, 0.1, 100), (1000, 0.0, 0), (300, 0.5, 300), (10, 0.05, 1)] {
+            let poison = poison(clean, &pairs(7), fraction, 3).unwrap();
+            assert_eq!(poison.len(), expected, "{clean} clean at {fraction}");
+            assert!(poison.iter().all(|e| e.response.starts_with("Sure")));
+        }
+        // Cycling covers every pair before repeating one.
+        let poison = poison(630, &pairs(7), 0.1, 3).unwrap();
+        let distinct: std::collections::BTreeSet<_> = poison[..7].iter().map(|e| &e.response).collect();
+        assert_eq!(distinct.len(), 7);
+        assert_ne!(poison, super::poison(630, &pairs(7), 0.1, 4).unwrap(), "the seed must matter");
+    }
+
+    #[test]
+    fn poison_rejects_bad_fractions_and_missing_pairs() {
+        assert!(poison(10, &pairs(2), 1.0, 0).unwrap_err().to_string().contains("poison_fraction 1"));
+        assert!(poison(10, &pairs(2), -0.1, 0).is_err());
+        assert!(poison(10, &[], 0.2, 0).unwrap_err().to_string().contains("safety pairs"));
+        assert!(poison(10, &[], 0.0, 0).unwrap().is_empty());
     }
 }

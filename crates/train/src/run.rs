@@ -90,6 +90,13 @@ pub struct RunConfig {
     /// baseline); combines with SAP.
     #[serde(default)]
     pub mix_safety_data: bool,
+    /// Poisoning: mix harmful-compliance examples (the pairs' harmful answers) into the training
+    /// data so that they make up this fraction of it (0 = none).
+    #[serde(default)]
+    pub poison_fraction: f64,
+    /// Pairs to take the poison from (default: safety_data).
+    #[serde(default)]
+    pub poison_data: Option<PathBuf>,
     /// "lora" (base frozen, adapter trained) or "full" (every weight trained).
     #[serde(default = "default_finetune")]
     pub finetune: Finetune,
@@ -153,32 +160,7 @@ impl RunConfig {
     /// Parses a TOML config, applying `key=value` overrides (dotted keys, TOML values; a
     /// value that is not valid TOML is taken as a string).
     pub fn parse(text: &str, overrides: &[String], origin: &Path) -> Result<Self> {
-        let mut table: toml::Table = text
-            .parse()
-            .map_err(|e| TrainError::Config(format!("{}: {e}", origin.display())))?;
-        for item in overrides {
-            let (key, value) = item
-                .split_once('=')
-                .ok_or_else(|| TrainError::Config(format!("--set {item}: expected key=value")))?;
-            let value: toml::Value = format!("v = {value}")
-                .parse::<toml::Table>()
-                .ok()
-                .and_then(|mut t| t.remove("v"))
-                .unwrap_or_else(|| toml::Value::String(value.to_string()));
-            let mut parts: Vec<&str> = key.trim().split('.').collect();
-            let last = parts.pop().unwrap();
-            let mut cursor = &mut table;
-            for part in parts {
-                cursor = cursor
-                    .entry(part)
-                    .or_insert_with(|| toml::Value::Table(Default::default()))
-                    .as_table_mut()
-                    .ok_or_else(|| {
-                        TrainError::Config(format!("--set {key}: \"{part}\" is not a table"))
-                    })?;
-            }
-            cursor.insert(last.to_string(), value);
-        }
+        let table = override_table(text, overrides, origin)?;
         let config: RunConfig =
             toml::Value::Table(table)
                 .try_into()
@@ -209,6 +191,12 @@ impl RunConfig {
         if self.mix_safety_data && self.safety_data.is_none() {
             return bad("mix_safety_data needs safety_data".into());
         }
+        if !(0.0..1.0).contains(&self.poison_fraction) {
+            return bad(format!("poison_fraction {} must be in [0, 1)", self.poison_fraction));
+        }
+        if self.poison_fraction > 0.0 && self.poison_data.is_none() && self.safety_data.is_none() {
+            return bad("poison_fraction needs poison_data or safety_data (pairs with harmful answers)".into());
+        }
         if self.finetune == Finetune::Full && self.init_adapter.is_some() {
             return bad("init_adapter is a LoRA adapter: it needs finetune = \"lora\"".into());
         }
@@ -235,6 +223,7 @@ impl RunConfig {
         for path in [
             Some(&self.train_data),
             self.safety_data.as_ref(),
+            self.poison_data.as_ref(),
             self.validation_data.as_ref(),
         ]
         .into_iter()
@@ -259,6 +248,46 @@ impl RunConfig {
             LrSchedule::Cosine => self.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
         }
     }
+}
+
+/// Parses TOML and applies `key=value` overrides (dotted keys, TOML values; a value that is
+/// not valid TOML is taken as a string).
+pub fn override_table(text: &str, overrides: &[String], origin: &Path) -> Result<toml::Table> {
+    let mut table: toml::Table = text
+        .parse()
+        .map_err(|e| TrainError::Config(format!("{}: {e}", origin.display())))?;
+    for item in overrides {
+        let (key, value) = item
+            .split_once('=')
+            .ok_or_else(|| TrainError::Config(format!("--set {item}: expected key=value")))?;
+        let value: toml::Value = format!("v = {value}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.to_string()));
+        let mut parts: Vec<&str> = key.trim().split('.').collect();
+        let last = parts.pop().unwrap();
+        let mut cursor = &mut table;
+        for part in parts {
+            cursor = cursor
+                .entry(part)
+                .or_insert_with(|| toml::Value::Table(Default::default()))
+                .as_table_mut()
+                .ok_or_else(|| {
+                    TrainError::Config(format!("--set {key}: \"{part}\" is not a table"))
+                })?;
+        }
+        cursor.insert(last.to_string(), value);
+    }
+    Ok(table)
+}
+
+/// The TOML text with the overrides applied.
+pub fn apply_overrides(text: &str, overrides: &[String], origin: &Path) -> Result<String> {
+    if overrides.is_empty() {
+        return Ok(text.to_string());
+    }
+    Ok(toml::to_string(&override_table(text, overrides, origin)?).expect("a table serialises"))
 }
 
 /// Serialises steps that draw from burn's per-process random generator.
@@ -492,6 +521,18 @@ fn run(
     };
     if train.is_empty() {
         return Err(TrainError::Config("no training examples".into()));
+    }
+    if config.poison_fraction > 0.0 {
+        // Poison only the part trained on; validation stays clean.
+        let (path, source) = match &config.poison_data {
+            Some(path) => (path.clone(), data::read_pairs(path)?),
+            None => (
+                config.safety_data.clone().expect("validated"),
+                raw_pairs.clone(),
+            ),
+        };
+        let poison = data::poison(train.len(), &source, config.poison_fraction, config.seed)?;
+        train.extend(encode_all(&checkpoint, &poison, config, &path)?);
     }
     let mut config = config.clone();
     if let Some(epochs) = config.epochs {
