@@ -54,6 +54,9 @@ pub struct ChatTokenizer {
     /// The token that closes an assistant turn (`<|im_end|>` for Qwen), if the vocabulary has it.
     pub end_of_turn_id: Option<u32>,
     pub pad_id: u32,
+    /// False when the checkpoint brings no chat template of its own (a base model, not a chat
+    /// model) and the ChatML fallback is in use.
+    pub has_chat_template: bool,
 }
 
 impl ChatTokenizer {
@@ -134,6 +137,7 @@ impl ChatTokenizer {
                 ),
             }
         };
+        let has_chat_template = !template_source.starts_with("ChatML fallback");
         let env = template_env(template)
             .map_err(|e| Error::Template(format!("{template_source}: {e:#}")))?;
 
@@ -165,6 +169,7 @@ impl ChatTokenizer {
             stop_ids,
             end_of_turn_id,
             pad_id,
+            has_chat_template,
         })
     }
 
