@@ -1,0 +1,653 @@
+//! The comparison the paper reports, from one config: the base model's evaluation, then SFT,
+//! SAP and the safety-mixing baseline fine-tuned on the same benign (optionally poisoned)
+//! data, each a normal run directory, each evaluated the same way, over one or more seeds.
+//!
+//! Table: method | HS | task metric | validation loss | time per step | overhead vs SFT.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use safeprobe_model::Checkpoint;
+use safeprobe_train::run::{Event, RunConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::builtin;
+use crate::demo_model::{self, DATA_SEED};
+use crate::error::{EvalError, Result};
+use crate::harmful::{self, AnswerSettings, Judges};
+use crate::judge::{ModelJudge, RefusalJudge};
+use crate::task_metrics::{self, TaskSettings};
+use crate::tasks::{Labelled, Task};
+
+/// The demo comparison's config (`safeprobe compare` without --config).
+pub const DEMO_CONFIG: &str = include_str!("../demo-compare.toml");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// The model before fine-tuning.
+    Base,
+    /// Plain supervised fine-tuning.
+    Sft,
+    /// Safety-Aware Probing.
+    Sap,
+    /// SFT with the safety pairs' refusals mixed into the data (the SafeInstr baseline).
+    Mix,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Base => "base",
+            Method::Sft => "sft",
+            Method::Sap => "sap",
+            Method::Mix => "mix",
+        }
+    }
+}
+
+fn default_methods() -> Vec<Method> {
+    vec![Method::Sft, Method::Sap, Method::Mix]
+}
+fn default_seeds() -> Vec<u64> {
+    vec![0]
+}
+fn default_task() -> String {
+    "arithmetic".into()
+}
+fn default_output() -> PathBuf {
+    "compare-output".into()
+}
+fn default_max_new_tokens() -> usize {
+    32
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompareConfig {
+    /// Checkpoint to fine-tune (default: the demo model).
+    #[serde(default)]
+    pub model: Option<PathBuf>,
+    /// Built-in benign task to fine-tune on: arithmetic, sentiment or reverse.
+    #[serde(default = "default_task")]
+    pub task: String,
+    #[serde(default = "default_output")]
+    pub output_dir: PathBuf,
+    /// Fine-tuning methods to compare (the base model is always evaluated).
+    #[serde(default = "default_methods")]
+    pub methods: Vec<Method>,
+    #[serde(default = "default_seeds")]
+    pub seeds: Vec<u64>,
+    /// Poisoning: this fraction of the fine-tuning data is harmful compliance.
+    #[serde(default)]
+    pub poison_fraction: f64,
+    /// Harmful prompt set (default: the built-in held-out prompts).
+    #[serde(default)]
+    pub prompts: Option<PathBuf>,
+    /// Also judge with this chat model (the refusal judge always runs).
+    #[serde(default)]
+    pub judge_model: Option<PathBuf>,
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: usize,
+    #[serde(default)]
+    pub device: Option<String>,
+    /// Trainer settings shared by every method (any key of a run config except the data,
+    /// model, method and output paths, which the comparison sets).
+    #[serde(default)]
+    pub train: toml::Table,
+}
+
+impl CompareConfig {
+    pub fn parse(text: &str, origin: &Path) -> Result<Self> {
+        let config: CompareConfig = toml::from_str(text).map_err(|e| {
+            EvalError::Invalid(format!("{}: {}", origin.display(), e.message()))
+        })?;
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    fn validate(&self, origin: &Path) -> Result<()> {
+        let bad = |m: String| Err(EvalError::Invalid(format!("{}: {m}", origin.display())));
+        Task::parse(&self.task)
+            .map_err(|e| EvalError::Invalid(format!("{}: task: {e}", origin.display())))?;
+        if self.methods.is_empty() {
+            return bad("methods: name at least one of sft, sap, mix".into());
+        }
+        if self.seeds.is_empty() {
+            return bad("seeds: give at least one seed".into());
+        }
+        if !(0.0..1.0).contains(&self.poison_fraction) {
+            return bad(format!("poison_fraction {} must be in [0, 1)", self.poison_fraction));
+        }
+        for key in [
+            "model",
+            "train_data",
+            "safety_data",
+            "validation_data",
+            "output_dir",
+            "method",
+            "mix_safety_data",
+            "seed",
+            "poison_fraction",
+        ] {
+            if self.train.contains_key(key) {
+                return bad(format!(
+                    "train.{key}: the comparison sets this itself; remove it from [train]"
+                ));
+            }
+        }
+        // Every run config must be valid before anything runs.
+        for method in &self.methods {
+            if *method != Method::Base {
+                self.run_config(*method, self.seeds[0], &dummy_files(), origin)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn model_dir(&self) -> PathBuf {
+        self.model.clone().unwrap_or_else(demo_model::bundled_dir)
+    }
+
+    fn run_config(
+        &self,
+        method: Method,
+        seed: u64,
+        files: &builtin::DataFiles,
+        origin: &Path,
+    ) -> Result<RunConfig> {
+        let mut table = self.train.clone();
+        let path = |p: &Path| toml::Value::String(p.display().to_string());
+        table.insert("model".into(), path(&self.model_dir()));
+        table.insert("train_data".into(), path(&files.train));
+        table.insert("validation_data".into(), path(&files.validation));
+        table.insert("safety_data".into(), path(&files.safety_pairs));
+        table.insert("output_dir".into(), path(&self.run_dir(method, seed)));
+        table.insert("seed".into(), toml::Value::Integer(seed as i64));
+        table.insert("poison_fraction".into(), toml::Value::Float(self.poison_fraction));
+        let (trainer_method, mix) = match method {
+            Method::Sap => ("sap", false),
+            Method::Mix => ("sft", true),
+            _ => ("sft", false),
+        };
+        table.insert("method".into(), toml::Value::String(trainer_method.into()));
+        table.insert("mix_safety_data".into(), toml::Value::Boolean(mix));
+        if let Some(device) = &self.device {
+            table.insert("device".into(), toml::Value::String(device.clone()));
+        }
+        let text = toml::to_string(&table).expect("a TOML table serialises");
+        let mut config = RunConfig::parse(&text, &[], origin)
+            .map_err(|e| EvalError::Invalid(format!("[train] ({}): {e}", method.name())))?;
+        // Data files may not exist yet while validating.
+        config.output_dir = self.run_dir(method, seed);
+        Ok(config)
+    }
+
+    pub fn run_dir(&self, method: Method, seed: u64) -> PathBuf {
+        if method == Method::Base {
+            self.output_dir.join("base")
+        } else {
+            self.output_dir.join(format!("{}-seed{seed}", method.name()))
+        }
+    }
+}
+
+/// Placeholder paths for validating run configs before the data is written; RunConfig::parse
+/// checks that data files exist, so they point at the built-in files' sources.
+fn dummy_files() -> builtin::DataFiles {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("data");
+    let any = here.join("safety_pairs.jsonl");
+    builtin::DataFiles {
+        train: any.clone(),
+        validation: any.clone(),
+        test: any.clone(),
+        safety_pairs: any.clone(),
+        harmful_prompts: here.join("harmful_prompts.jsonl"),
+    }
+}
+
+/// One evaluated model.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunResult {
+    pub method: Method,
+    pub seed: Option<u64>,
+    pub run_dir: PathBuf,
+    pub harmful_score: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub harmful_score_model_judge: Option<f64>,
+    pub exact_match: f64,
+    pub validation_loss: f64,
+    /// Mean seconds per optimiser step (the first step, which warms caches, excluded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step_time_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub final_task_loss: Option<f64>,
+}
+
+/// Mean and sample standard deviation over seeds.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Spread {
+    pub mean: f64,
+    pub std: f64,
+}
+
+impl Spread {
+    fn of(values: &[f64]) -> Self {
+        let n = values.len() as f64;
+        let mean = values.iter().sum::<f64>() / n;
+        let std = if values.len() > 1 {
+            (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+        } else {
+            0.0
+        };
+        Self { mean, std }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub method: Method,
+    pub runs: usize,
+    pub harmful_score: Spread,
+    pub exact_match: Spread,
+    pub validation_loss: Spread,
+    pub step_time_s: Option<Spread>,
+    /// Step time ÷ SFT's step time.
+    pub overhead_vs_sft: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    pub task: String,
+    pub poison_fraction: f64,
+    pub seeds: Vec<u64>,
+    pub rows: Vec<Row>,
+    pub runs: Vec<RunResult>,
+    /// Plain statements about what the numbers show (or do not show).
+    pub findings: Vec<String>,
+    pub seconds: f64,
+}
+
+/// What the comparison reports while it works.
+pub enum Progress<'a> {
+    Stage(String),
+    Train(&'a Event),
+}
+
+fn evaluate_model(
+    checkpoint: &Checkpoint,
+    config: &CompareConfig,
+    prompts: &[crate::prompts::HarmfulPrompt],
+    judge: Option<&ModelJudge>,
+    splits: &crate::tasks::Splits,
+    dir: &Path,
+) -> Result<(f64, Option<f64>, f64, f64)> {
+    let system = config
+        .train
+        .get("system")
+        .and_then(|v| v.as_str())
+        .map(str::to_string);
+    let settings = AnswerSettings {
+        sampling: safeprobe_model::Sampling {
+            max_new_tokens: config.max_new_tokens,
+            ..Default::default()
+        },
+        system: system.clone(),
+        ..AnswerSettings::default()
+    };
+    std::fs::create_dir_all(dir).map_err(|e| EvalError::file(dir, e.to_string()))?;
+    let answers = harmful::answer(checkpoint, prompts, &settings)?;
+    let refusal = Judges {
+        refusal: Some(RefusalJudge::default()),
+        model: None,
+    };
+    let mut judged = harmful::judge(prompts, &answers, &refusal)?;
+    if let Some(judge) = judge {
+        for (j, a) in judged.iter_mut().zip(&answers) {
+            let v = judge.verdict(&j.prompt, a)?;
+            j.model_judge_harmful = Some(v.harmful);
+            j.model_judge_margin = Some(v.margin);
+        }
+    }
+    let report = harmful::report(&judged, judge.map(ModelJudge::name));
+    let mut lines = String::new();
+    for a in &judged {
+        lines.push_str(&serde_json::to_string(a).expect("json"));
+        lines.push('\n');
+    }
+    safeprobe_model::weights::write_atomic(&dir.join("answers.jsonl"), lines.as_bytes())?;
+    let settings = TaskSettings {
+        system,
+        ..TaskSettings::default()
+    };
+    let as_examples = |l: &[Labelled]| l.iter().map(Labelled::example).collect::<Vec<_>>();
+    let test = task_metrics::evaluate(checkpoint, &as_examples(&splits.test), &settings)?;
+    let validation = task_metrics::evaluate(
+        checkpoint,
+        &as_examples(&splits.validation),
+        &TaskSettings {
+            exact_match: false,
+            ..settings
+        },
+    )?;
+    safeprobe_model::weights::write_atomic(
+        &dir.join("report.json"),
+        serde_json::to_string_pretty(&serde_json::json!({
+            "harmful": report,
+            "task_test": test,
+            "task_validation": validation,
+        }))
+        .expect("json")
+        .as_bytes(),
+    )?;
+    Ok((
+        report.harmful_score,
+        report.judges.get(1).map(|j| j.harmful_score),
+        test.exact_match.unwrap_or(0.0),
+        validation.loss,
+    ))
+}
+
+/// Runs the whole comparison.
+pub fn run(
+    config: &CompareConfig,
+    device: &Device,
+    mut progress: impl FnMut(Progress),
+) -> Result<Comparison> {
+    let started = std::time::Instant::now();
+    let task = Task::parse(&config.task)?;
+    let data_dir = config.output_dir.join("data");
+    let files = builtin::write(&data_dir, task, DATA_SEED)?;
+    let splits = builtin::task_splits(task, DATA_SEED)?;
+    let prompts = match &config.prompts {
+        Some(path) => crate::prompts::load(path)?,
+        None => builtin::harmful_prompts(),
+    };
+    let judge = match &config.judge_model {
+        Some(dir) => Some(ModelJudge::new(Checkpoint::load(dir, device)?, "yes", "no")?),
+        None => None,
+    };
+    let origin = config.output_dir.join("compare.toml");
+    safeprobe_model::weights::write_atomic(
+        &origin,
+        toml::to_string_pretty(config).expect("toml").as_bytes(),
+    )?;
+
+    let mut runs = Vec::new();
+    progress(Progress::Stage("evaluating the base model".into()));
+    let base = Checkpoint::load(&config.model_dir(), device)?;
+    let (hs, hs_model, em, loss) = evaluate_model(
+        &base,
+        config,
+        &prompts,
+        judge.as_ref(),
+        &splits,
+        &config.run_dir(Method::Base, 0),
+    )?;
+    runs.push(RunResult {
+        method: Method::Base,
+        seed: None,
+        run_dir: config.run_dir(Method::Base, 0),
+        harmful_score: hs,
+        harmful_score_model_judge: hs_model,
+        exact_match: em,
+        validation_loss: loss,
+        step_time_s: None,
+        final_task_loss: None,
+    });
+    drop(base);
+
+    for &seed in &config.seeds {
+        for &method in config.methods.iter().filter(|m| **m != Method::Base) {
+            progress(Progress::Stage(format!("{} (seed {seed})", method.name())));
+            let run_config = config.run_config(method, seed, &files, &origin)?;
+            let mut step_times = Vec::new();
+            let mut last_loss = None;
+            let mut trained = safeprobe_train::run::train(&run_config, device, |event| {
+                if let Event::Step {
+                    step_time_s,
+                    metrics,
+                    ..
+                } = event
+                {
+                    step_times.push(*step_time_s);
+                    last_loss = Some(metrics.task_loss);
+                }
+                progress(Progress::Train(event));
+            })?;
+            // Evaluate without the autodiff graph or dropout.
+            trained.model = burn::module::Module::valid(&trained.model);
+            trained.device = device.clone();
+            let (hs, hs_model, em, loss) = evaluate_model(
+                &trained,
+                config,
+                &prompts,
+                judge.as_ref(),
+                &splits,
+                &run_config.output_dir.join("eval"),
+            )?;
+            let timed = if step_times.len() > 1 { &step_times[1..] } else { &step_times[..] };
+            runs.push(RunResult {
+                method,
+                seed: Some(seed),
+                run_dir: run_config.output_dir.clone(),
+                harmful_score: hs,
+                harmful_score_model_judge: hs_model,
+                exact_match: em,
+                validation_loss: loss,
+                step_time_s: Some(timed.iter().sum::<f64>() / timed.len().max(1) as f64),
+                final_task_loss: last_loss,
+            });
+        }
+    }
+
+    let rows = table_rows(&runs);
+    let findings = findings(&rows);
+    let comparison = Comparison {
+        task: config.task.clone(),
+        poison_fraction: config.poison_fraction,
+        seeds: config.seeds.clone(),
+        rows,
+        runs,
+        findings,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    safeprobe_model::weights::write_atomic(
+        &config.output_dir.join("comparison.json"),
+        serde_json::to_string_pretty(&comparison).expect("json").as_bytes(),
+    )?;
+    safeprobe_model::weights::write_atomic(
+        &config.output_dir.join("comparison.md"),
+        render(&comparison).as_bytes(),
+    )?;
+    Ok(comparison)
+}
+
+fn table_rows(runs: &[RunResult]) -> Vec<Row> {
+    let mut by_method: BTreeMap<Method, Vec<&RunResult>> = BTreeMap::new();
+    for r in runs {
+        by_method.entry(r.method).or_default().push(r);
+    }
+    let spread = |rs: &[&RunResult], f: fn(&RunResult) -> f64| {
+        Spread::of(&rs.iter().map(|r| f(r)).collect::<Vec<_>>())
+    };
+    let step = |rs: &[&RunResult]| {
+        let times: Vec<f64> = rs.iter().filter_map(|r| r.step_time_s).collect();
+        (!times.is_empty()).then(|| Spread::of(&times))
+    };
+    let sft_time = by_method.get(&Method::Sft).and_then(|rs| step(rs)).map(|s| s.mean);
+    by_method
+        .iter()
+        .map(|(method, rs)| {
+            let step_time_s = step(rs);
+            Row {
+                method: *method,
+                runs: rs.len(),
+                harmful_score: spread(rs, |r| r.harmful_score),
+                exact_match: spread(rs, |r| r.exact_match),
+                validation_loss: spread(rs, |r| r.validation_loss),
+                overhead_vs_sft: step_time_s.zip(sft_time).map(|(s, sft)| s.mean / sft),
+                step_time_s,
+            }
+        })
+        .collect()
+}
+
+/// What the table shows, stated from the numbers (never assumed).
+fn findings(rows: &[Row]) -> Vec<String> {
+    let get = |m: Method| rows.iter().find(|r| r.method == m);
+    let mut out = Vec::new();
+    if let (Some(base), Some(sft)) = (get(Method::Base), get(Method::Sft)) {
+        let delta = sft.harmful_score.mean - base.harmful_score.mean;
+        out.push(format!(
+            "SFT {} HS from {:.1}% (base) to {:.1}% ({:+.1} points).",
+            if delta > 0.0 { "raised" } else { "did not raise" },
+            base.harmful_score.mean,
+            sft.harmful_score.mean,
+            delta
+        ));
+    }
+    if let (Some(sft), Some(sap)) = (get(Method::Sft), get(Method::Sap)) {
+        let below = sft.harmful_score.mean - sap.harmful_score.mean;
+        let spread = sft.harmful_score.std.max(sap.harmful_score.std);
+        out.push(if below > 0.0 {
+            format!(
+                "SAP's HS is {below:.1} points below SFT's ({:.1}% vs {:.1}%; largest seed std {spread:.1}){}.",
+                sap.harmful_score.mean,
+                sft.harmful_score.mean,
+                if below <= spread { ", within the spread over seeds" } else { "" }
+            )
+        } else {
+            format!(
+                "SAP did NOT lower HS below SFT's ({:.1}% vs {:.1}%).",
+                sap.harmful_score.mean, sft.harmful_score.mean
+            )
+        });
+        let relative = if sft.exact_match.mean > 0.0 {
+            100.0 * (sft.exact_match.mean - sap.exact_match.mean) / sft.exact_match.mean
+        } else {
+            0.0
+        };
+        out.push(format!(
+            "SAP's task metric is {:.1}% vs SFT's {:.1}% ({}).",
+            sap.exact_match.mean,
+            sft.exact_match.mean,
+            if relative <= 5.0 {
+                "within 5% of SFT".to_string()
+            } else {
+                format!("{relative:.1}% below SFT: more than 5%")
+            }
+        ));
+    }
+    out
+}
+
+fn cell(s: &Spread, runs: usize, digits: usize) -> String {
+    if runs > 1 {
+        format!("{:.*} ± {:.*}", digits, s.mean, digits, s.std)
+    } else {
+        format!("{:.*}", digits, s.mean)
+    }
+}
+
+/// The comparison as a Markdown table followed by the findings.
+pub fn render(c: &Comparison) -> String {
+    let mut out = format!(
+        "Task: {} (exact match on {} held-out problems){}; seeds: {:?}\n\n",
+        c.task,
+        builtin::TASK_SPLITS[2],
+        if c.poison_fraction > 0.0 {
+            format!("; {:.0}% of the fine-tuning data poisoned", c.poison_fraction * 100.0)
+        } else {
+            String::new()
+        },
+        c.seeds
+    );
+    out.push_str("| method | HS (%) ↓ | task exact match (%) | validation loss | time/step (s) | overhead vs SFT |\n");
+    out.push_str("|---|---|---|---|---|---|\n");
+    for r in &c.rows {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} |\n",
+            r.method.name(),
+            cell(&r.harmful_score, r.runs, 1),
+            cell(&r.exact_match, r.runs, 1),
+            cell(&r.validation_loss, r.runs, 3),
+            r.step_time_s.map_or("—".into(), |s| cell(&s, r.runs, 3)),
+            r.overhead_vs_sft.map_or("—".into(), |o| format!("{o:.2}×")),
+        ));
+    }
+    out.push('\n');
+    for f in &c.findings {
+        out.push_str(&format!("- {f}\n"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(method: Method, hs: f64, em: f64, time: Option<f64>) -> RunResult {
+        RunResult {
+            method,
+            seed: Some(0),
+            run_dir: PathBuf::new(),
+            harmful_score: hs,
+            harmful_score_model_judge: None,
+            exact_match: em,
+            validation_loss: 1.0,
+            step_time_s: time,
+            final_task_loss: None,
+        }
+    }
+
+    #[test]
+    fn rows_spread_and_overhead() {
+        let runs = vec![
+            result(Method::Base, 5.0, 10.0, None),
+            result(Method::Sft, 40.0, 80.0, Some(0.1)),
+            result(Method::Sft, 50.0, 90.0, Some(0.1)),
+            result(Method::Sap, 20.0, 84.0, Some(0.25)),
+            result(Method::Sap, 30.0, 86.0, Some(0.25)),
+        ];
+        let rows = table_rows(&runs);
+        assert_eq!(rows.len(), 3);
+        let sft = &rows[1];
+        assert_eq!(sft.harmful_score.mean, 45.0);
+        assert!((sft.harmful_score.std - 50f64.sqrt()).abs() < 1e-12);
+        assert!((rows[2].overhead_vs_sft.unwrap() - 2.5).abs() < 1e-12);
+        let findings = findings(&rows);
+        assert!(findings[0].starts_with("SFT raised HS from 5.0% (base) to 45.0%"), "{findings:?}");
+        assert!(findings[1].starts_with("SAP's HS is 20.0 points below SFT's"), "{findings:?}");
+        assert!(findings[2].contains("within 5% of SFT"), "{findings:?}");
+    }
+
+    #[test]
+    fn findings_say_when_sap_does_not_help() {
+        let runs = vec![
+            result(Method::Sft, 20.0, 80.0, Some(0.1)),
+            result(Method::Sap, 25.0, 60.0, Some(0.2)),
+        ];
+        let findings = findings(&table_rows(&runs));
+        assert!(findings[0].contains("did NOT lower HS"), "{findings:?}");
+        assert!(findings[1].contains("25.0% below SFT: more than 5%"), "{findings:?}");
+    }
+
+    #[test]
+    fn config_errors_name_the_field() {
+        let origin = Path::new("c.toml");
+        let err = CompareConfig::parse("task = \"poetry\"", origin).unwrap_err();
+        assert!(err.to_string().contains("task"), "{err}");
+        let err = CompareConfig::parse("[train]\nmethod = \"sft\"", origin).unwrap_err();
+        assert!(err.to_string().contains("train.method"), "{err}");
+        let err = CompareConfig::parse("[train]\nmax_steps = 5\nlr = -1.0", origin).unwrap_err();
+        assert!(err.to_string().contains("lr -1"), "{err}");
+        let err = CompareConfig::parse("methods = []\n[train]\nmax_steps = 5", origin).unwrap_err();
+        assert!(err.to_string().contains("methods"), "{err}");
+        let err = CompareConfig::parse("poison_fraction = 1.5\n[train]\nmax_steps = 5", origin).unwrap_err();
+        assert!(err.to_string().contains("poison_fraction"), "{err}");
+        let err = CompareConfig::parse("colour = 1", origin).unwrap_err();
+        assert!(err.to_string().contains("colour"), "{err}");
+    }
+}

@@ -1,0 +1,320 @@
+//! The embedded demo model: a small Qwen2-architecture chat model with its own byte-level BPE
+//! tokenizer and a Qwen-style (ChatML) template, in the on-disk layout of a Hugging Face
+//! checkpoint, so that it loads through exactly the code that loads Qwen2.5.
+//!
+//! `build` makes it from nothing with the project's own pipeline: it trains the tokenizer on
+//! the training texts, writes a randomly initialised checkpoint, trains every weight with the
+//! ordinary trainer (SFT, full fine-tuning) to answer the benign tasks and to refuse harmful
+//! requests, and measures the result on the held-out harmful prompts and task test splits.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use safeprobe_model::weights::{SaveDtype, write_atomic, write_safetensors};
+use safeprobe_model::{Checkpoint, Qwen2, Qwen2Config, export};
+use safeprobe_train::run::{Event, RunConfig};
+use serde::Serialize;
+use serde_json::json;
+use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{AddedToken, Tokenizer, TokenizerBuilder};
+
+use crate::builtin::{self, write_labelled};
+use crate::error::{EvalError, Result};
+use crate::harmful::{self, AnswerSettings, Judges};
+use crate::judge::RefusalJudge;
+use crate::task_metrics::{self, TaskSettings};
+use crate::tasks::{Labelled, Task};
+
+/// The seed of the built-in task splits everything uses, so that no test example of one
+/// command is a training example of another.
+pub const DATA_SEED: u64 = 0;
+
+/// The ChatML template Qwen uses, without Qwen's default system prompt (short sequences keep
+/// the demo fast on a CPU).
+pub const CHAT_TEMPLATE: &str = "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}";
+
+const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DemoSpec {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub steps: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub seed: u64,
+    /// How many arithmetic problems the demo model sees (the comparison fine-tunes on more).
+    pub arithmetic_examples: usize,
+    /// How often each refusal example is repeated in the training mix.
+    pub refusal_repeats: usize,
+}
+
+impl Default for DemoSpec {
+    fn default() -> Self {
+        Self {
+            vocab_size: 1024,
+            hidden_size: 192,
+            intermediate_size: 512,
+            layers: 4,
+            heads: 6,
+            kv_heads: 2,
+            steps: 1200,
+            batch_size: 16,
+            lr: 2e-3,
+            seed: 0,
+            arithmetic_examples: 300,
+            refusal_repeats: 4,
+        }
+    }
+}
+
+/// What the build measured, written to build.json beside the weights.
+#[derive(Debug, Clone, Serialize)]
+pub struct DemoReport {
+    pub spec: DemoSpec,
+    pub parameters: usize,
+    pub train_examples: usize,
+    pub final_train_loss: f64,
+    pub harmful_score_refusal_judge: f64,
+    pub held_out_prompts: usize,
+    pub exact_match: Vec<(String, f64)>,
+    pub seconds: f64,
+}
+
+/// The training mix: the benign tasks and the refusals (the safety pairs' safe answers and the
+/// refusal-only examples). The held-out harmful prompts are not in it.
+pub fn training_examples(spec: &DemoSpec) -> Result<Vec<Labelled>> {
+    let mut examples = Vec::new();
+    for task in Task::ALL {
+        let mut train = builtin::task_splits(task, DATA_SEED)?.train;
+        if task == Task::Arithmetic {
+            train.truncate(spec.arithmetic_examples);
+        }
+        examples.extend(train);
+    }
+    let refusals: Vec<Labelled> = builtin::refusal_examples()
+        .into_iter()
+        .map(|r| Labelled {
+            prompt: r.prompt,
+            response: r.refusal,
+        })
+        .chain(builtin::safety_pairs().into_iter().map(|p| Labelled {
+            prompt: p.prompt,
+            response: p.chosen,
+        }))
+        .collect();
+    for _ in 0..spec.refusal_repeats {
+        examples.extend(refusals.iter().cloned());
+    }
+    Ok(examples)
+}
+
+/// Trains a byte-level BPE tokenizer (GPT-2/Qwen style) with the ChatML special tokens.
+pub fn train_tokenizer(texts: &[String], vocab_size: usize) -> Result<Tokenizer> {
+    let failed = |e: tokenizers::Error| EvalError::Invalid(format!("tokenizer training: {e}"));
+    let mut trainer = BpeTrainerBuilder::new()
+        .vocab_size(vocab_size)
+        .min_frequency(2)
+        .show_progress(false)
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .special_tokens(
+            SPECIAL_TOKENS
+                .iter()
+                .map(|t| AddedToken::from(t.to_string(), true))
+                .collect(),
+        )
+        .build();
+    let mut tokenizer = TokenizerBuilder::new()
+        .with_model(BPE::default())
+        .with_normalizer(None::<tokenizers::NormalizerWrapper>)
+        .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
+        .with_post_processor(None::<tokenizers::PostProcessorWrapper>)
+        .with_decoder(Some(ByteLevel::default()))
+        .build()
+        .map_err(failed)?;
+    tokenizer.train(&mut trainer, texts.iter()).map_err(failed)?;
+    Ok(tokenizer.into())
+}
+
+fn config(spec: &DemoSpec, vocab: usize, eos: u32) -> Qwen2Config {
+    Qwen2Config {
+        vocab_size: vocab,
+        hidden_size: spec.hidden_size,
+        intermediate_size: spec.intermediate_size,
+        num_hidden_layers: spec.layers,
+        num_attention_heads: spec.heads,
+        num_key_value_heads: spec.kv_heads,
+        max_position_embeddings: 512,
+        rms_norm_eps: 1e-6,
+        rope_theta: 10000.0,
+        tie_word_embeddings: true,
+        eos_token_ids: vec![eos],
+    }
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> EvalError + '_ {
+    move |e| EvalError::file(path, e.to_string())
+}
+
+/// Writes a randomly initialised checkpoint with the tokenizer into `dir`.
+fn write_initial_checkpoint(
+    dir: &Path,
+    spec: &DemoSpec,
+    tokenizer: &Tokenizer,
+    device: &Device,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let id = |t: &str| tokenizer.token_to_id(t).expect("special token");
+    let (pad, eos) = (id("<|endoftext|>"), id("<|im_end|>"));
+    let config = config(spec, tokenizer.get_vocab_size(true), eos);
+    let tokenizer_path = dir.join("tokenizer.json");
+    tokenizer
+        .save(&tokenizer_path, false)
+        .map_err(|e| EvalError::file(&tokenizer_path, e.to_string()))?;
+    let write_json = |name: &str, value: serde_json::Value| {
+        write_atomic(
+            &dir.join(name),
+            serde_json::to_string_pretty(&value).expect("json").as_bytes(),
+        )
+    };
+    write_json(
+        "tokenizer_config.json",
+        json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "model_max_length": 512,
+            "chat_template": CHAT_TEMPLATE,
+        }),
+    )?;
+    write_json(
+        "generation_config.json",
+        json!({"eos_token_id": [eos], "pad_token_id": pad}),
+    )?;
+    write_json("config.json", config.to_hf_json("float32"))?;
+    device.seed(spec.seed);
+    let model = Qwen2::random(&config, device);
+    write_safetensors(
+        &dir.join("model.safetensors"),
+        &export::hf_tensors(&model),
+        SaveDtype::F32,
+        None,
+    )?;
+    Ok(())
+}
+
+/// Builds the demo model into `out` (replacing what is there only once the build succeeded).
+pub fn build(
+    out: &Path,
+    spec: &DemoSpec,
+    device: &Device,
+    mut on_event: impl FnMut(&Event),
+) -> Result<DemoReport> {
+    let started = std::time::Instant::now();
+    let work = out.with_extension("build");
+    if work.exists() {
+        std::fs::remove_dir_all(&work).map_err(io(&work))?;
+    }
+    std::fs::create_dir_all(&work).map_err(io(&work))?;
+
+    let examples = training_examples(spec)?;
+    let mut texts: Vec<String> = examples
+        .iter()
+        .flat_map(|e| [e.prompt.clone(), e.response.clone()])
+        .collect();
+    texts.extend(["user", "assistant", "system"].map(String::from));
+    let tokenizer = train_tokenizer(&texts, spec.vocab_size)?;
+    let init = work.join("init");
+    write_initial_checkpoint(&init, spec, &tokenizer, device)?;
+
+    let train_path = work.join("train.jsonl");
+    write_labelled(&train_path, &examples)?;
+    let validation: Vec<Labelled> = Task::ALL
+        .iter()
+        .map(|t| builtin::task_splits(*t, DATA_SEED).map(|s| s.validation))
+        .collect::<Result<Vec<_>>>()?
+        .concat();
+    let validation_path = work.join("validation.jsonl");
+    write_labelled(&validation_path, &validation)?;
+
+    let run_dir = work.join("run");
+    let text = format!(
+        "model = {init:?}\ntrain_data = {train_path:?}\nvalidation_data = {validation_path:?}\n\
+         output_dir = {run_dir:?}\nmethod = \"sft\"\nfinetune = \"full\"\nmax_len = 128\n\
+         batch_size = {}\nmax_steps = {}\nlr = {}\nlr_schedule = \"cosine\"\nwarmup_steps = {}\n\
+         max_grad_norm = 1.0\nseed = {}\neval_every = 200\n[adamw]\nweight_decay = 0.01\n",
+        spec.batch_size,
+        spec.steps,
+        spec.lr,
+        (spec.steps / 20).max(1),
+        spec.seed,
+    );
+    let run = RunConfig::parse(&text, &[], Path::new("demo build-model"))?;
+    let mut last_loss = f64::NAN;
+    safeprobe_train::run::train(&run, device, |event| {
+        if let Event::Step { metrics, .. } = event {
+            last_loss = metrics.task_loss;
+        }
+        on_event(event)
+    })?;
+
+    // The trainer exported the trained weights with the tokenizer files; evaluate them.
+    let trained = run_dir.join("model");
+    let checkpoint = Checkpoint::load(&trained, device)?;
+    let prompts = builtin::harmful_prompts();
+    let (report, _) = harmful::evaluate(
+        &checkpoint,
+        &prompts,
+        &Judges {
+            refusal: Some(RefusalJudge::default()),
+            model: None,
+        },
+        &AnswerSettings::default(),
+        Some(&work.join("answers.jsonl")),
+    )?;
+    let mut exact_match = Vec::new();
+    for task in Task::ALL {
+        let test: Vec<_> = builtin::task_splits(task, DATA_SEED)?
+            .test
+            .iter()
+            .map(Labelled::example)
+            .collect();
+        let r = task_metrics::evaluate(&checkpoint, &test, &TaskSettings::default())?;
+        exact_match.push((task.name().to_string(), r.exact_match.unwrap_or(0.0)));
+    }
+    let demo_report = DemoReport {
+        spec: spec.clone(),
+        parameters: safeprobe_model::qwen2::parameter_count(&checkpoint.config),
+        train_examples: examples.len(),
+        final_train_loss: last_loss,
+        harmful_score_refusal_judge: report.harmful_score,
+        held_out_prompts: report.prompts,
+        exact_match,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    write_atomic(
+        &trained.join("build.json"),
+        serde_json::to_string_pretty(&demo_report)
+            .expect("json")
+            .as_bytes(),
+    )?;
+    // Swap the finished model in.
+    let staged: PathBuf = work.join("model-final");
+    std::fs::rename(&trained, &staged).map_err(io(&staged))?;
+    if out.exists() {
+        std::fs::remove_dir_all(out).map_err(io(out))?;
+    }
+    std::fs::rename(&staged, out).map_err(io(out))?;
+    std::fs::remove_dir_all(&work).map_err(io(&work))?;
+    Ok(demo_report)
+}
+
+/// The committed demo model (the default model wherever a user names none).
+pub fn bundled_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("demo-model")
+}
