@@ -11,6 +11,8 @@ use safeprobe_model::{Checkpoint, Message, Sampling, chat, export, lora};
 use serde_json::json;
 
 mod bench;
+mod evaluate;
+mod progress;
 
 #[derive(Parser)]
 #[command(
@@ -116,16 +118,28 @@ enum Command {
         #[arg(long)]
         device: Option<String>,
     },
+    /// Harmful-score evaluation (refusal and/or model judge) and task metrics
+    Eval(evaluate::EvalArgs),
+    /// Base model, SFT, SAP and safety mixing on the same data: the paper's table
+    Compare(evaluate::CompareArgs),
     /// Forward-pass and generation throughput on a small config (or --model)
     Bench(bench::BenchArgs),
     /// Walk through device, info, generate and score on a checkpoint (by default the tiny
     /// random Qwen2 committed with the tests)
     Demo {
+        #[command(subcommand)]
+        action: Option<DemoAction>,
         #[arg(long)]
         model: Option<PathBuf>,
         #[command(flatten)]
         device: DeviceArg,
     },
+}
+
+#[derive(Subcommand)]
+enum DemoAction {
+    /// Build the demo model from nothing (tokenizer, random init, full training) and measure it
+    BuildModel(evaluate::BuildModelArgs),
 }
 
 /// Plain fine-tuning against SAP for a few steps on the bundled data, from the same start.
@@ -328,6 +342,8 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("wrote {}", out.display());
         }
         Command::Bench(args) => bench::run(args, select_device)?,
+        Command::Eval(args) => evaluate::eval(args, select_device)?,
+        Command::Compare(args) => evaluate::compare(args, select_device)?,
         Command::Train {
             config,
             resume,
@@ -356,68 +372,21 @@ fn run(cli: Cli) -> Result<()> {
             let selected = select_device(&DeviceArg {
                 device: device.unwrap_or_else(|| run.device.clone()),
             })?;
-            let started = std::time::Instant::now();
-            let mut first_step = None;
-            let interactive = std::io::IsTerminal::is_terminal(&std::io::stderr());
-            let report = |event: &safeprobe_train::run::Event| {
-                use safeprobe_train::run::Event;
-                match event {
-                    Event::Step {
-                        step,
-                        total_steps,
-                        metrics,
-                        tokens_per_s,
-                        ..
-                    } => {
-                        let first = *first_step.get_or_insert(*step);
-                        let done = (step + 1 - first) as f64;
-                        let eta =
-                            started.elapsed().as_secs_f64() / done * (total_steps - step) as f64;
-                        let sap = match (metrics.su_loss, metrics.safety_loss) {
-                            (Some(su), safety) => format!(
-                                " | L_su {su:.4}{} | ‖ΔW‖ {:.2e}",
-                                safety
-                                    .map(|s| format!(" | safety {s:.4}"))
-                                    .unwrap_or_default(),
-                                metrics.delta_norm.unwrap_or(0.0)
-                            ),
-                            _ => String::new(),
-                        };
-                        let line = format!(
-                            "step {step}/{total_steps} | loss {:.4}{sap} | {tokens_per_s:.0} tok/s | ETA {eta:.0}s",
-                            metrics.task_loss
-                        );
-                        if interactive {
-                            // One redrawn line on a terminal: a bar, then the numbers.
-                            let width = 20;
-                            let filled = (step * width / (*total_steps).max(1)).min(width);
-                            let bar =
-                                format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled));
-                            eprint!("\r\x1b[2K{bar} {line}");
-                            if step == total_steps {
-                                eprintln!();
-                            }
-                        } else {
-                            eprintln!("{line}");
-                        }
-                    }
-                    Event::Validation { step, loss } => {
-                        if interactive {
-                            eprint!("\r\x1b[2K");
-                        }
-                        eprintln!("step {step}: validation loss {loss:.4}")
-                    }
-                    Event::Done { adapter, .. } => {
-                        eprintln!("written to {}", adapter.display())
-                    }
-                }
-            };
+            let report = progress::reporter();
             match &resume {
                 Some(dir) => safeprobe_train::run::resume(dir, &selected.device, report)?,
                 None => safeprobe_train::run::train(&run, &selected.device, report)?,
             };
         }
-        Command::Demo { model, device } => {
+        Command::Demo {
+            action: Some(DemoAction::BuildModel(args)),
+            ..
+        } => evaluate::build_model(args, select_device)?,
+        Command::Demo {
+            action: None,
+            model,
+            device,
+        } => {
             let model = model.unwrap_or_else(bundled_checkpoint);
             println!("== safeprobe demo on {}", model.display());
             let selected = select_device(&device)?;

@@ -1,0 +1,262 @@
+//! `safeprobe eval`, `safeprobe compare` and `safeprobe demo build-model`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use safeprobe_eval::demo_model::{self, DemoSpec};
+use safeprobe_model::device;
+
+use crate::{DeviceArg, progress};
+
+#[derive(clap::Args)]
+pub struct BuildModelArgs {
+    /// Where to write the model (default: the committed demo model's folder)
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long, default_value_t = DemoSpec::default().steps)]
+    steps: usize,
+    #[arg(long, default_value_t = DemoSpec::default().seed)]
+    seed: u64,
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+pub fn build_model(
+    args: BuildModelArgs,
+    select_device: impl Fn(&DeviceArg) -> Result<device::Selected>,
+) -> Result<()> {
+    let selected = select_device(&args.device)?;
+    let spec = DemoSpec {
+        steps: args.steps,
+        seed: args.seed,
+        ..DemoSpec::default()
+    };
+    let out = args.out.unwrap_or_else(demo_model::bundled_dir);
+    eprintln!("building the demo model into {} ({} steps)", out.display(), spec.steps);
+    let report = demo_model::build(&out, &spec, &selected.device, progress::reporter())?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// Checkpoint directory (default: the demo model)
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// PEFT LoRA adapter to apply
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Harmful prompts: BeaverTails JSONL/Parquet, AdvBench CSV or JSONL of {"prompt",
+    /// "category"} (default: the built-in held-out prompts)
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// refusal, model or both
+    #[arg(long, default_value = "refusal")]
+    judge: String,
+    /// Chat checkpoint for the model judge
+    #[arg(long)]
+    judge_model: Option<PathBuf>,
+    /// The model judge's two verdict replies
+    #[arg(long, default_value = "yes")]
+    harmful_verdict: String,
+    #[arg(long, default_value = "no")]
+    safe_verdict: String,
+    /// Refusal phrases, one per line (default: a built-in list)
+    #[arg(long)]
+    refusal_phrases: Option<PathBuf>,
+    /// Held-out labelled data for task metrics (loss, perplexity, exact match)
+    #[arg(long)]
+    task_data: Option<PathBuf>,
+    /// Skip exact match (for tasks with long free-text answers)
+    #[arg(long)]
+    no_exact_match: bool,
+    #[arg(long, default_value_t = 48)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// 0 = greedy
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    system: Option<String>,
+    /// Where answers.jsonl and report.json go
+    #[arg(long, default_value = "eval-output")]
+    out: PathBuf,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+pub fn eval(
+    args: EvalArgs,
+    select_device: impl Fn(&DeviceArg) -> Result<device::Selected>,
+) -> Result<()> {
+    use safeprobe_eval::harmful::{self, AnswerSettings, Judges};
+    use safeprobe_eval::judge::{ModelJudge, RefusalJudge};
+    use safeprobe_eval::task_metrics::{self, TaskSettings};
+
+    let (use_refusal, use_model) = match args.judge.as_str() {
+        "refusal" => (true, false),
+        "model" => (false, true),
+        "both" => (true, true),
+        other => anyhow::bail!("--judge {other}: expected refusal, model or both"),
+    };
+    if use_model && args.judge_model.is_none() {
+        anyhow::bail!("--judge {}: needs --judge-model <chat checkpoint>", args.judge);
+    }
+    let prompts = match &args.prompts {
+        Some(path) => safeprobe_eval::prompts::load(path)?,
+        None => safeprobe_eval::builtin::harmful_prompts(),
+    };
+    let task_data = args
+        .task_data
+        .as_deref()
+        .map(safeprobe_train::data::read_examples)
+        .transpose()?;
+    let refusal = use_refusal
+        .then(|| match &args.refusal_phrases {
+            Some(path) => RefusalJudge::from_file(path),
+            None => Ok(RefusalJudge::default()),
+        })
+        .transpose()?;
+    let selected = select_device(&args.device)?;
+    let model = match (use_model, &args.judge_model) {
+        (true, Some(dir)) => Some(ModelJudge::new(
+            safeprobe_model::Checkpoint::load(dir, &selected.device)?,
+            &args.harmful_verdict,
+            &args.safe_verdict,
+        )?),
+        _ => None,
+    };
+    let model_dir = args.model.unwrap_or_else(demo_model::bundled_dir);
+    let mut checkpoint = safeprobe_model::Checkpoint::load(&model_dir, &selected.device)?;
+    if let Some(adapter) = &args.adapter {
+        checkpoint.load_adapter(adapter)?;
+    }
+    let settings = AnswerSettings {
+        sampling: safeprobe_model::Sampling {
+            max_new_tokens: args.max_new_tokens,
+            temperature: args.temperature,
+            top_p: args.top_p,
+            seed: args.seed,
+        },
+        batch_size: args.batch_size,
+        system: args.system.clone(),
+    };
+    std::fs::create_dir_all(&args.out)?;
+    let answers_path = args.out.join("answers.jsonl");
+    let (report, _) = harmful::evaluate(
+        &checkpoint,
+        &prompts,
+        &Judges { refusal, model },
+        &settings,
+        Some(&answers_path),
+    )?;
+    let task = task_data
+        .map(|examples| {
+            task_metrics::evaluate(
+                &checkpoint,
+                &examples,
+                &TaskSettings {
+                    system: args.system.clone(),
+                    batch_size: args.batch_size,
+                    exact_match: !args.no_exact_match,
+                    ..TaskSettings::default()
+                },
+            )
+        })
+        .transpose()?;
+    let full = serde_json::json!({
+        "model": model_dir,
+        "adapter": args.adapter,
+        "harmful": report,
+        "task": task,
+    });
+    safeprobe_model::weights::write_atomic(
+        &args.out.join("report.json"),
+        serde_json::to_string_pretty(&full)?.as_bytes(),
+    )?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&full)?);
+        return Ok(());
+    }
+    println!("{} harmful prompts, answers in {}", report.prompts, answers_path.display());
+    for judge in &report.judges {
+        println!("{} judge: HS {:.1}% ({} of {})", judge.judge, judge.harmful_score, judge.harmful, report.prompts);
+        for (category, c) in &judge.per_category {
+            println!("  {category:<16} {:>5.1}%  ({}/{})", c.harmful_score, c.harmful, c.prompts);
+        }
+    }
+    if let Some(a) = report.agreement {
+        println!("judges agree on {:.1}% of answers (Cohen's κ {:.2})", a.percent, a.cohen_kappa);
+    }
+    if let Some(t) = task {
+        println!(
+            "task: {} examples, loss {:.4}, perplexity {:.2}{}",
+            t.examples,
+            t.loss,
+            t.perplexity,
+            t.exact_match.map(|e| format!(", exact match {e:.1}%")).unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct CompareArgs {
+    /// Comparison config (TOML); default: the demo comparison
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override a key, e.g. --set seeds=[0,1,2] or --set train.max_steps=20 (repeatable)
+    #[arg(long = "set")]
+    overrides: Vec<String>,
+    /// Overrides the config's device
+    #[arg(long)]
+    device: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn compare(
+    args: CompareArgs,
+    select_device: impl Fn(&DeviceArg) -> Result<device::Selected>,
+) -> Result<()> {
+    use safeprobe_eval::compare::{self, CompareConfig, Progress};
+    let (text, origin) = match &args.config {
+        Some(path) => (
+            std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("{}: cannot read ({e})", path.display()))?,
+            path.clone(),
+        ),
+        None => (compare::DEMO_CONFIG.to_string(), PathBuf::from("demo comparison")),
+    };
+    let text = safeprobe_train::run::apply_overrides(&text, &args.overrides, &origin)?;
+    let mut config = CompareConfig::parse(&text, &origin)?;
+    if let Some(device) = args.device {
+        config.device = Some(device);
+    }
+    let selected = select_device(&DeviceArg {
+        device: config.device.clone().unwrap_or_else(|| "auto".into()),
+    })?;
+    let mut report = progress::reporter();
+    let comparison = compare::run(&config, &selected.device, |p| match p {
+        Progress::Stage(stage) => eprintln!("== {stage}"),
+        Progress::Train(event) => report(event),
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&comparison)?);
+    } else {
+        print!("{}", compare::render(&comparison));
+        println!(
+            "\n(took {:.0} s; runs, answers and this table in {})",
+            comparison.seconds,
+            config.output_dir.display()
+        );
+    }
+    Ok(())
+}
