@@ -12,6 +12,8 @@ pub enum TrainError {
     File { path: PathBuf, message: String },
     #[error("config: {0}")]
     Config(String),
+    #[error("cancelled after step {step}")]
+    Cancelled { step: usize },
     #[error(transparent)]
     Model(#[from] safeprobe_model::Error),
 }

@@ -416,12 +416,46 @@ pub fn train(
     device: &Device,
     on_event: impl FnMut(&Event),
 ) -> Result<Checkpoint> {
-    run(config, device, false, on_event)
+    run(config, device, false, &Cancel::default(), on_event)
 }
 
-/// Continues the run in `run_dir` from its newest checkpoint, with the config it was started
-/// with; the result equals an uninterrupted run.
-pub fn resume(run_dir: &Path, device: &Device, on_event: impl FnMut(&Event)) -> Result<Checkpoint> {
+/// A flag another thread sets to stop a run at the next step boundary.
+#[derive(Debug, Default, Clone)]
+pub struct Cancel(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Cancel {
+    pub fn cancel(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Like `train`, but stops before the next step once `cancel` is set: it then writes a
+/// checkpoint of the steps done (so `resume_cancellable` continues from there) and returns
+/// `TrainError::Cancelled`.
+pub fn train_cancellable(
+    config: &RunConfig,
+    device: &Device,
+    cancel: &Cancel,
+    on_event: impl FnMut(&Event),
+) -> Result<Checkpoint> {
+    run(config, device, false, cancel, on_event)
+}
+
+/// `resume` with a cancel flag (see `train_cancellable`).
+pub fn resume_cancellable(
+    run_dir: &Path,
+    device: &Device,
+    cancel: &Cancel,
+    on_event: impl FnMut(&Event),
+) -> Result<Checkpoint> {
+    let config = read_run_config(run_dir)?;
+    run(&config, device, true, cancel, on_event)
+}
+
+fn read_run_config(run_dir: &Path) -> Result<RunConfig> {
     let path = run_dir.join("config.toml");
     let text = std::fs::read_to_string(&path).map_err(|e| TrainError::File {
         path: path.clone(),
@@ -429,13 +463,20 @@ pub fn resume(run_dir: &Path, device: &Device, on_event: impl FnMut(&Event)) -> 
     })?;
     let mut config = RunConfig::parse(&text, &[], &path)?;
     config.output_dir = run_dir.to_path_buf();
-    run(&config, device, true, on_event)
+    Ok(config)
+}
+
+/// Continues the run in `run_dir` from its newest checkpoint, with the config it was started
+/// with; the result equals an uninterrupted run.
+pub fn resume(run_dir: &Path, device: &Device, on_event: impl FnMut(&Event)) -> Result<Checkpoint> {
+    run(&read_run_config(run_dir)?, device, true, &Cancel::default(), on_event)
 }
 
 fn run(
     config: &RunConfig,
     device: &Device,
     resuming: bool,
+    cancel: &Cancel,
     mut on_event: impl FnMut(&Event),
 ) -> Result<Checkpoint> {
     config.validate()?;
@@ -604,6 +645,12 @@ fn run(
     };
 
     for step in start..config.max_steps {
+        if cancel.is_cancelled() {
+            if step > start {
+                checkpoint::save(&config.output_dir, step, &checkpoint.model, &optimizer, sap.as_ref())?;
+            }
+            return Err(TrainError::Cancelled { step });
+        }
         let started = Instant::now();
         // LoRA dropout draws from the device's generator, which burn keeps per process: seeding
         // it per step makes the masks a function of (seed, step), so a resumed run draws the
