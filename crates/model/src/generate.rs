@@ -63,6 +63,20 @@ pub fn generate(
     pad_id: u32,
     device: &Device,
 ) -> Result<Vec<Vec<u32>>> {
+    generate_streaming(model, prompts, sampling, stop_ids, pad_id, device, |_, _| true)
+}
+
+/// `generate`, reporting each new token of each unfinished row as `on_token(row, token)` the
+/// moment it is chosen (for streamed chat); `on_token` returning false stops generation.
+pub fn generate_streaming(
+    model: &Qwen2,
+    prompts: &[Vec<u32>],
+    sampling: &Sampling,
+    stop_ids: &[u32],
+    pad_id: u32,
+    device: &Device,
+    mut on_token: impl FnMut(usize, u32) -> bool,
+) -> Result<Vec<Vec<u32>>> {
     sampling.validate()?;
     if prompts.is_empty() {
         return Ok(Vec::new());
@@ -121,13 +135,15 @@ pub fn generate(
                 .map(|row| sample(row, sampling, &mut rng))
                 .collect()
         };
+        let mut go_on = true;
         for (i, token) in next.iter().enumerate() {
             if !done[i] {
                 outputs[i].push(*token);
                 done[i] = stop_ids.contains(token);
+                go_on &= on_token(i, *token);
             }
         }
-        if done.iter().all(|d| *d) {
+        if done.iter().all(|d| *d) || !go_on {
             break;
         }
         // Finished rows keep decoding into a discarded tail; rows never attend to each other.
