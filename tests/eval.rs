@@ -327,7 +327,7 @@ fn a_shortened_comparison_fills_every_column() {
     );
     let config = CompareConfig::parse(&text, Path::new("test")).unwrap();
     let mut stages = Vec::new();
-    let comparison = compare::run(&config, &cpu(), |p| {
+    let comparison = compare::run(&config, &cpu(), &Default::default(), |p| {
         if let compare::Progress::Stage(s) = p {
             stages.push(s)
         }

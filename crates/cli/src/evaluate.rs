@@ -244,7 +244,7 @@ pub fn compare(
         device: config.device.clone().unwrap_or_else(|| "auto".into()),
     })?;
     let mut report = progress::reporter();
-    let comparison = compare::run(&config, &selected.device, |p| match p {
+    let comparison = compare::run(&config, &selected.device, &Default::default(), |p| match p {
         Progress::Stage(stage) => eprintln!("== {stage}"),
         Progress::Train(event) => report(event),
     })?;

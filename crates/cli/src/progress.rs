@@ -4,8 +4,9 @@ use safeprobe_train::run::Event;
 
 /// A reporter for the trainer's events.
 pub fn reporter() -> impl FnMut(&Event) {
-    let started = std::time::Instant::now();
+    let mut started = std::time::Instant::now();
     let mut first_step = None;
+    let mut last_step = 0;
     let interactive = std::io::IsTerminal::is_terminal(&std::io::stderr());
     move |event: &Event| {
             match event {
@@ -16,6 +17,12 @@ pub fn reporter() -> impl FnMut(&Event) {
                 tokens_per_s,
                 ..
             } => {
+                // A new run (compare trains several in a row) restarts the clock.
+                if *step <= last_step {
+                    started = std::time::Instant::now();
+                    first_step = None;
+                }
+                last_step = *step;
                 let first = *first_step.get_or_insert(*step);
                 let done = (step + 1 - first) as f64;
                 let eta =

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
 use safeprobe_model::Checkpoint;
-use safeprobe_train::run::{Event, RunConfig};
+use safeprobe_train::run::{Cancel, Event, RunConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::builtin;
@@ -349,10 +349,12 @@ fn evaluate_model(
     ))
 }
 
-/// Runs the whole comparison.
+/// Runs the whole comparison. Setting `cancel` stops the training run in progress at its next
+/// step (`TrainError::Cancelled`).
 pub fn run(
     config: &CompareConfig,
     device: &Device,
+    cancel: &Cancel,
     mut progress: impl FnMut(Progress),
 ) -> Result<Comparison> {
     let started = std::time::Instant::now();
@@ -404,7 +406,7 @@ pub fn run(
             let run_config = config.run_config(method, seed, &files, &origin)?;
             let mut step_times = Vec::new();
             let mut last_loss = None;
-            let mut trained = safeprobe_train::run::train(&run_config, device, |event| {
+            let mut trained = safeprobe_train::run::train_cancellable(&run_config, device, cancel, |event| {
                 if let Event::Step {
                     step_time_s,
                     metrics,
