@@ -1,0 +1,166 @@
+//! `safeprobe serve`: the web control panel's server. axum on tokio; jobs run one at a time
+//! on the server's device through the same library code as the CLI; a SQLite file in the
+//! data directory keeps jobs, configs, metric events and answers across restarts; the
+//! leptos UI is embedded in the binary.
+
+pub mod api;
+mod assets;
+pub mod error;
+pub mod jobs;
+pub mod paths;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::header;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use burn::tensor::Device;
+
+pub use error::ApiError;
+use jobs::{Places, Runner};
+use paths::Roots;
+use store::Store;
+
+/// Request bodies larger than this are refused (413).
+pub const BODY_LIMIT: usize = 1 << 20;
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub bind: SocketAddr,
+    /// Required on every API call and the event stream when set; required to bind to a
+    /// non-loopback address.
+    pub token: Option<String>,
+    /// Holds safeprobe.db and runs/.
+    pub data_dir: PathBuf,
+    /// Directories requests may name models in.
+    pub model_dirs: Vec<PathBuf>,
+    /// Directories requests may name data files (and adapters) in; the data directory is one.
+    pub dataset_dirs: Vec<PathBuf>,
+}
+
+impl ServerConfig {
+    /// Refuses settings that would expose the server without a token.
+    pub fn check(&self) -> Result<(), ApiError> {
+        if !self.bind.ip().is_loopback() && self.token.as_deref().is_none_or(str::is_empty) {
+            return Err(ApiError::Invalid(format!(
+                "refusing to listen on {} without an access token: anyone who can reach this \
+                 address could run jobs and read answers. Pass --token (or SAFEPROBE_TOKEN), \
+                 or bind to 127.0.0.1",
+                self.bind
+            )));
+        }
+        Ok(())
+    }
+}
+
+pub struct AppState {
+    pub runner: Arc<Runner>,
+    pub places: Places,
+    pub token: Option<String>,
+    pub device_description: String,
+    pub chat_device: Device,
+    /// The model chat used last, kept loaded: (model, adapter) and the checkpoint.
+    #[allow(clippy::type_complexity)]
+    pub chat_model: Arc<Mutex<Option<((PathBuf, Option<PathBuf>), safeprobe_model::Checkpoint)>>>,
+}
+
+/// Opens the store, recovers interrupted jobs and starts the worker.
+pub fn state(config: &ServerConfig, device: Device, device_description: String) -> Result<Arc<AppState>, ApiError> {
+    let io = |e: std::io::Error| ApiError::Internal(format!("{}: {e}", config.data_dir.display()));
+    std::fs::create_dir_all(config.data_dir.join("runs")).map_err(io)?;
+    let data_dir = config.data_dir.canonicalize().map_err(io)?;
+    let store = Arc::new(Store::open(&data_dir.join("safeprobe.db"))?);
+    // The built-in data, where forms and presets can name it (builtin/reverse-train.jsonl, ...).
+    for task in safeprobe_eval::tasks::Task::ALL {
+        safeprobe_eval::builtin::write(&data_dir.join("builtin"), task, safeprobe_eval::demo_model::DATA_SEED)?;
+    }
+    let mut dataset_dirs = config.dataset_dirs.clone();
+    dataset_dirs.push(data_dir.clone());
+    let places = Places {
+        models: Roots::new("model", &config.model_dirs),
+        data: Roots::new("data", &dataset_dirs),
+        runs_dir: data_dir.join("runs"),
+    };
+    Ok(Arc::new(AppState {
+        runner: Runner::start(store, device.clone())?,
+        places,
+        token: config.token.clone().filter(|t| !t.is_empty()),
+        device_description,
+        chat_device: device,
+        chat_model: Arc::new(Mutex::new(None)),
+    }))
+}
+
+async fn require_token(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Result<Response, ApiError> {
+    if let Some(expected) = &state.token {
+        let bearer = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        // EventSource cannot set headers: the stream may carry the token in the query.
+        let query = request.uri().query().unwrap_or("").split('&').find_map(|kv| kv.strip_prefix("token="));
+        let given = bearer.or(query);
+        if given.is_none_or(|g| !constant_time_eq(g.as_bytes(), expected.as_bytes())) {
+            return Err(ApiError::Unauthorized(
+                "missing or wrong access token (Authorization: Bearer <token>)".into(),
+            ));
+        }
+    }
+    Ok(next.run(request).await)
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let api = Router::new()
+        .route("/device", get(api::device))
+        .route("/models", get(api::models))
+        .route("/datasets", get(api::datasets))
+        .route("/datasets/preview", get(api::preview))
+        .route("/jobs", get(api::list_jobs).post(api::create_job))
+        .route("/jobs/{id}", get(api::get_job).delete(api::delete_job))
+        .route("/jobs/{id}/cancel", post(api::cancel_job))
+        .route("/jobs/{id}/resume", post(api::resume_job))
+        .route("/jobs/{id}/metrics", get(api::metrics))
+        .route("/events", get(api::events))
+        .route("/chat", post(api::chat))
+        .fallback(|| async { ApiError::NotFound("no such API endpoint".into()) })
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .nest("/api", api)
+        .fallback(assets::serve)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+/// Serves until the process is stopped.
+pub async fn serve(config: ServerConfig, device: Device, device_description: String) -> Result<(), ApiError> {
+    config.check()?;
+    let state = state(&config, device, device_description)?;
+    let listener = tokio::net::TcpListener::bind(config.bind)
+        .await
+        .map_err(|e| ApiError::Internal(format!("cannot listen on {}: {e}", config.bind)))?;
+    let address = listener.local_addr().map_err(|e| ApiError::Internal(e.to_string()))?;
+    println!("safeprobe is serving on http://{address}/");
+    axum::serve(listener, router(state))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+/// `serve` on a new multi-threaded tokio runtime, for callers without one (the CLI).
+pub fn serve_blocking(config: ServerConfig, device: Device, device_description: String) -> Result<(), ApiError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ApiError::Internal(format!("cannot start the async runtime: {e}")))?
+        .block_on(serve(config, device, device_description))
+}

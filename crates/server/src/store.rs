@@ -1,0 +1,394 @@
+//! The run store: one SQLite file in the data directory (WAL, numbered migrations) holding
+//! jobs with their resolved configs, every event they emitted, and their results. Each write
+//! is one transaction, so a crash leaves either the whole change or none of it.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::error::ApiError;
+
+/// Schema changes, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,
+        status TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        run_dir TEXT,
+        result TEXT,
+        error TEXT,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL
+    );
+    CREATE TABLE events (
+        job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        at REAL NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (job_id, seq)
+    );
+    CREATE TABLE answers (
+        job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        idx INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (job_id, idx)
+    );",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Queued,
+    Running,
+    Done,
+    Failed,
+    Cancelled,
+    /// Was running when the server stopped; can be resumed.
+    Interrupted,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Queued => "queued",
+            Status::Running => "running",
+            Status::Done => "done",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+            Status::Interrupted => "interrupted",
+        }
+    }
+    fn parse(s: &str) -> Self {
+        match s {
+            "queued" => Status::Queued,
+            "running" => Status::Running,
+            "done" => Status::Done,
+            "failed" => Status::Failed,
+            "cancelled" => Status::Cancelled,
+            _ => Status::Interrupted,
+        }
+    }
+    pub fn is_active(self) -> bool {
+        matches!(self, Status::Queued | Status::Running)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Job {
+    pub id: i64,
+    pub kind: String,
+    pub status: Status,
+    pub spec: Value,
+    pub run_dir: Option<String>,
+    pub result: Option<Value>,
+    pub error: Option<String>,
+    pub created_at: f64,
+    pub started_at: Option<f64>,
+    pub finished_at: Option<f64>,
+    /// The newest step event, for lists and progress bars.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_step: Option<Value>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StoredEvent {
+    pub seq: i64,
+    pub at: f64,
+    pub body: Value,
+}
+
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+pub fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+fn db(e: rusqlite::Error) -> ApiError {
+    ApiError::Internal(format!("database: {e}"))
+}
+
+fn json(text: Option<String>) -> Option<Value> {
+    text.and_then(|t| serde_json::from_str(&t).ok())
+}
+
+impl Store {
+    /// Opens (creating if needed) the store and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Self, ApiError> {
+        let mut conn = Connection::open(path)
+            .map_err(|e| ApiError::Internal(format!("{}: {e}", path.display())))?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(db)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(db)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(db)?;
+        let version: usize = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(db)?;
+        if version > MIGRATIONS.len() {
+            return Err(ApiError::Internal(format!(
+                "{}: written by a newer safeprobe (schema {version}, this one knows {})",
+                path.display(),
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, migration) in MIGRATIONS.iter().enumerate().skip(version) {
+            let tx = conn.transaction().map_err(db)?;
+            tx.execute_batch(migration).map_err(db)?;
+            tx.pragma_update(None, "user_version", i + 1).map_err(db)?;
+            tx.commit().map_err(db)?;
+        }
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks jobs that were running when the server stopped as interrupted; returns the ids
+    /// of jobs still queued, oldest first.
+    pub fn recover(&self) -> Result<Vec<i64>, ApiError> {
+        let conn = self.conn();
+        conn.execute(
+            "UPDATE jobs SET status = 'interrupted', finished_at = ?1 WHERE status = 'running'",
+            params![now()],
+        )
+        .map_err(db)?;
+        let mut stmt = conn
+            .prepare("SELECT id FROM jobs WHERE status = 'queued' ORDER BY id")
+            .map_err(db)?;
+        let ids = stmt
+            .query_map([], |r| r.get(0))
+            .map_err(db)?
+            .collect::<Result<Vec<i64>, _>>()
+            .map_err(db)?;
+        Ok(ids)
+    }
+
+    pub fn create(&self, kind: &str, spec: &Value) -> Result<i64, ApiError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO jobs (kind, status, spec, created_at) VALUES (?1, 'queued', ?2, ?3)",
+            params![kind, spec.to_string(), now()],
+        )
+        .map_err(db)?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    pub fn set_spec(&self, id: i64, spec: &Value, run_dir: Option<&str>) -> Result<(), ApiError> {
+        self.conn()
+            .execute(
+                "UPDATE jobs SET spec = ?2, run_dir = ?3 WHERE id = ?1",
+                params![id, spec.to_string(), run_dir],
+            )
+            .map_err(db)?;
+        Ok(())
+    }
+
+    pub fn set_status(&self, id: i64, status: Status, error: Option<&str>) -> Result<(), ApiError> {
+        let conn = self.conn();
+        let t = now();
+        match status {
+            Status::Running => conn.execute(
+                "UPDATE jobs SET status = ?2, started_at = ?3, error = NULL, finished_at = NULL WHERE id = ?1",
+                params![id, status.as_str(), t],
+            ),
+            Status::Queued => conn.execute(
+                "UPDATE jobs SET status = ?2, error = NULL, finished_at = NULL WHERE id = ?1",
+                params![id, status.as_str()],
+            ),
+            _ => conn.execute(
+                "UPDATE jobs SET status = ?2, error = ?3, finished_at = ?4 WHERE id = ?1",
+                params![id, status.as_str(), error, t],
+            ),
+        }
+        .map_err(db)?;
+        Ok(())
+    }
+
+    pub fn set_result(&self, id: i64, result: &Value) -> Result<(), ApiError> {
+        self.conn()
+            .execute(
+                "UPDATE jobs SET result = ?2 WHERE id = ?1",
+                params![id, result.to_string()],
+            )
+            .map_err(db)?;
+        Ok(())
+    }
+
+    /// Appends an event; returns its sequence number within the job.
+    pub fn add_event(&self, id: i64, body: &Value) -> Result<i64, ApiError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(db)?;
+        let seq: i64 = tx
+            .query_row(
+                "SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE job_id = ?1",
+                params![id],
+                |r| r.get(0),
+            )
+            .map_err(db)?;
+        tx.execute(
+            "INSERT INTO events (job_id, seq, at, body) VALUES (?1, ?2, ?3, ?4)",
+            params![id, seq, now(), body.to_string()],
+        )
+        .map_err(db)?;
+        tx.commit().map_err(db)?;
+        Ok(seq)
+    }
+
+    /// Drops a job's step/validation events after `step` (a resumed run replays from its
+    /// checkpoint), keeping status events.
+    pub fn truncate_steps_after(&self, id: i64, step: i64) -> Result<(), ApiError> {
+        self.conn()
+            .execute(
+                "DELETE FROM events WHERE job_id = ?1
+                 AND json_extract(body, '$.step') IS NOT NULL
+                 AND json_extract(body, '$.step') > ?2",
+                params![id, step],
+            )
+            .map_err(db)?;
+        Ok(())
+    }
+
+    pub fn set_answers(&self, id: i64, answers: &[Value]) -> Result<(), ApiError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(db)?;
+        tx.execute("DELETE FROM answers WHERE job_id = ?1", params![id])
+            .map_err(db)?;
+        for (i, a) in answers.iter().enumerate() {
+            tx.execute(
+                "INSERT INTO answers (job_id, idx, body) VALUES (?1, ?2, ?3)",
+                params![id, i as i64, a.to_string()],
+            )
+            .map_err(db)?;
+        }
+        tx.commit().map_err(db)?;
+        Ok(())
+    }
+
+    pub fn answers(&self, id: i64) -> Result<Vec<Value>, ApiError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT body FROM answers WHERE job_id = ?1 ORDER BY idx")
+            .map_err(db)?;
+        let rows = stmt
+            .query_map(params![id], |r| r.get::<_, String>(0))
+            .map_err(db)?
+            .filter_map(|r| r.ok().and_then(|t| serde_json::from_str(&t).ok()))
+            .collect();
+        Ok(rows)
+    }
+
+    /// Events of a job with seq > `after`, at most `limit`.
+    pub fn events(&self, id: i64, after: i64, limit: i64) -> Result<Vec<StoredEvent>, ApiError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT seq, at, body FROM events WHERE job_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            )
+            .map_err(db)?;
+        let rows = stmt
+            .query_map(params![id, after, limit], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, f64>(1)?, r.get::<_, String>(2)?))
+            })
+            .map_err(db)?
+            .filter_map(|r| r.ok())
+            .map(|(seq, at, body)| StoredEvent {
+                seq,
+                at,
+                body: serde_json::from_str(&body).unwrap_or(Value::Null),
+            })
+            .collect();
+        Ok(rows)
+    }
+
+    fn row(r: &rusqlite::Row) -> rusqlite::Result<Job> {
+        Ok(Job {
+            id: r.get(0)?,
+            kind: r.get(1)?,
+            status: Status::parse(&r.get::<_, String>(2)?),
+            spec: json(Some(r.get(3)?)).unwrap_or(Value::Null),
+            run_dir: r.get(4)?,
+            result: json(r.get(5)?),
+            error: r.get(6)?,
+            created_at: r.get(7)?,
+            started_at: r.get(8)?,
+            finished_at: r.get(9)?,
+            last_step: json(r.get(10)?),
+        })
+    }
+
+    const SELECT: &'static str = "SELECT id, kind, status, spec, run_dir, result, error, created_at, started_at, finished_at,
+        (SELECT body FROM events e WHERE e.job_id = jobs.id AND json_extract(body, '$.event') = 'step'
+         ORDER BY seq DESC LIMIT 1) FROM jobs";
+
+    pub fn get(&self, id: i64) -> Result<Option<Job>, ApiError> {
+        self.conn()
+            .query_row(&format!("{} WHERE id = ?1", Self::SELECT), params![id], Self::row)
+            .optional()
+            .map_err(db)
+    }
+
+    pub fn list(&self) -> Result<Vec<Job>, ApiError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(&format!("{} ORDER BY id DESC", Self::SELECT))
+            .map_err(db)?;
+        let jobs = stmt
+            .query_map([], Self::row)
+            .map_err(db)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db)?;
+        Ok(jobs)
+    }
+
+    pub fn delete(&self, id: i64) -> Result<bool, ApiError> {
+        let n = self
+            .conn()
+            .execute("DELETE FROM jobs WHERE id = ?1", params![id])
+            .map_err(db)?;
+        Ok(n > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jobs_events_and_recovery_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("safeprobe.db");
+        let store = Store::open(&path).unwrap();
+        let a = store.create("train", &serde_json::json!({"x": 1})).unwrap();
+        let b = store.create("eval", &serde_json::json!({})).unwrap();
+        store.set_status(a, Status::Running, None).unwrap();
+        for step in 1..=5 {
+            store
+                .add_event(a, &serde_json::json!({"event": "step", "step": step}))
+                .unwrap();
+        }
+        drop(store);
+
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.recover().unwrap(), vec![b]);
+        let job = store.get(a).unwrap().unwrap();
+        assert_eq!(job.status, Status::Interrupted);
+        assert_eq!(job.last_step.unwrap()["step"], 5);
+        assert_eq!(store.events(a, 2, 2).unwrap().iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3, 4]);
+        store.truncate_steps_after(a, 3).unwrap();
+        assert_eq!(store.events(a, 0, 100).unwrap().len(), 3);
+        assert!(store.delete(a).unwrap());
+        assert!(store.events(a, 0, 100).unwrap().is_empty(), "events go with their job");
+        assert!(store.get(a).unwrap().is_none());
+    }
+}

@@ -1,0 +1,28 @@
+//! Starts the real `safeprobe serve` binary on an ephemeral port (shared by the API and
+//! browser tests).
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+/// Spawns the server on 127.0.0.1:0 with `token` and `data_dir` (plus `extra` arguments) and
+/// returns it with its base URL, read from the line it prints once listening.
+pub fn spawn(data_dir: &Path, token: &str, extra: &[&Path]) -> (Child, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_safeprobe"));
+    command
+        .args(["serve", "--bind", "127.0.0.1:0", "--device", "cpu", "--token", token, "--data-dir"])
+        .arg(data_dir);
+    for dir in extra {
+        command.arg("--datasets").arg(dir);
+    }
+    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let base = line
+        .trim()
+        .strip_prefix("safeprobe is serving on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .trim_end_matches('/')
+        .to_string();
+    (child, base)
+}
