@@ -1,0 +1,152 @@
+//! safeprobe's control panel: runs, a new-run form, run details with live charts, the
+//! SFT-vs-SAP comparison, evaluation, side-by-side chat and the device. Pages live in the URL
+//! hash, so reloads land where they were; the live stream re-attaches to running jobs.
+
+mod api;
+mod charts;
+mod pages;
+
+use leptos::prelude::*;
+use serde_json::Value;
+
+/// Where the app is: `#/runs`, `#/run/7`, `#/new`, `#/compare`, `#/eval`, `#/chat`, `#/device`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Page {
+    Runs,
+    Run(i64),
+    New,
+    Compare,
+    Eval,
+    Chat,
+    Device,
+}
+
+impl Page {
+    fn from_hash(hash: &str) -> Self {
+        let parts: Vec<&str> = hash.trim_start_matches('#').trim_start_matches('/').split('/').collect();
+        match parts.as_slice() {
+            ["run", id] => id.parse().map(Page::Run).unwrap_or(Page::Runs),
+            ["new"] => Page::New,
+            ["compare"] => Page::Compare,
+            ["eval"] => Page::Eval,
+            ["chat"] => Page::Chat,
+            ["device"] => Page::Device,
+            _ => Page::Runs,
+        }
+    }
+    pub fn hash(&self) -> String {
+        match self {
+            Page::Runs => "#/runs".into(),
+            Page::Run(id) => format!("#/run/{id}"),
+            Page::New => "#/new".into(),
+            Page::Compare => "#/compare".into(),
+            Page::Eval => "#/eval".into(),
+            Page::Chat => "#/chat".into(),
+            Page::Device => "#/device".into(),
+        }
+    }
+}
+
+pub fn go(page: Page) {
+    if let Some(w) = web_sys::window() {
+        let _ = w.location().set_hash(&page.hash());
+    }
+}
+
+/// State shared by every page: the job list and each job's events, kept current by the
+/// live stream.
+#[derive(Clone, Copy)]
+pub struct Live {
+    pub jobs: RwSignal<Vec<Value>>,
+    /// (job id, event body) in arrival order; pages filter what they need.
+    pub events: RwSignal<Vec<(i64, Value)>>,
+    pub connected: RwSignal<bool>,
+}
+
+pub async fn refresh_jobs(live: Live) {
+    if let Ok(Value::Array(jobs)) = api::get("/api/jobs").await {
+        live.jobs.set(jobs);
+    }
+}
+
+#[component]
+fn App() -> impl IntoView {
+    let current = || web_sys::window().and_then(|w| w.location().hash().ok()).unwrap_or_default();
+    let page = RwSignal::new(Page::from_hash(&current()));
+    let on_hash = wasm_bindgen::closure::Closure::<dyn Fn()>::new(move || page.set(Page::from_hash(&current())));
+    if let Some(w) = web_sys::window() {
+        w.set_onhashchange(Some(wasm_bindgen::JsCast::unchecked_ref(on_hash.as_ref())));
+    }
+    on_hash.forget();
+
+    let live = Live {
+        jobs: RwSignal::new(Vec::new()),
+        events: RwSignal::new(Vec::new()),
+        connected: RwSignal::new(false),
+    };
+    provide_context(live);
+    leptos::task::spawn_local(refresh_jobs(live));
+    let source = api::subscribe(move |message: Value| {
+        live.connected.set(true);
+        let id = message["job"].as_i64().unwrap_or(0);
+        let body = message["body"].clone();
+        let is_status = body["event"] == "status";
+        live.events.update(|e| e.push((id, body)));
+        if is_status {
+            leptos::task::spawn_local(refresh_jobs(live));
+        }
+    });
+    if let Some(source) = &source {
+        let on_open = wasm_bindgen::closure::Closure::<dyn Fn()>::new(move || {
+            live.connected.set(true);
+            // After a server restart: reload what happened while we were away.
+            leptos::task::spawn_local(refresh_jobs(live));
+        });
+        source.set_onopen(Some(wasm_bindgen::JsCast::unchecked_ref(on_open.as_ref())));
+        on_open.forget();
+        let on_error = wasm_bindgen::closure::Closure::<dyn Fn()>::new(move || live.connected.set(false));
+        source.set_onerror(Some(wasm_bindgen::JsCast::unchecked_ref(on_error.as_ref())));
+        on_error.forget();
+    }
+
+    let link = move |target: Page, label: &'static str| {
+        let t = target.clone();
+        view! {
+            <a href=target.hash() class=move || {
+                let p = page.get();
+                let same = p == t || matches!((&p, &t), (Page::Run(_), Page::Runs));
+                if same { "active" } else { "" }
+            }>{label}</a>
+        }
+    };
+    view! {
+        <nav>
+            <span class="brand">"safeprobe"</span>
+            {link(Page::Runs, "Runs")}
+            {link(Page::New, "New run")}
+            {link(Page::Compare, "Compare")}
+            {link(Page::Eval, "Evaluate")}
+            {link(Page::Chat, "Chat")}
+            {link(Page::Device, "Device")}
+            <span style="margin-left:auto;color:#cfd8ef" id="live-status">
+                {move || if live.connected.get() { "● live" } else { "○ connecting…" }}
+            </span>
+        </nav>
+        <main>
+            {move || match page.get() {
+                Page::Runs => pages::runs().into_any(),
+                Page::Run(id) => pages::run_detail(id).into_any(),
+                Page::New => pages::new_run().into_any(),
+                Page::Compare => pages::compare().into_any(),
+                Page::Eval => pages::evaluate().into_any(),
+                Page::Chat => pages::chat().into_any(),
+                Page::Device => pages::device().into_any(),
+            }}
+        </main>
+    }
+}
+
+fn main() {
+    console_error_panic_hook::set_once();
+    leptos::mount::mount_to_body(App);
+}
