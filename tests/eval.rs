@@ -317,6 +317,7 @@ fn a_shortened_comparison_fills_every_column() {
                 format!("output_dir={:?}", out.display().to_string()),
                 format!("prompts={:?}", few.display().to_string()),
                 "max_new_tokens=8".into(),
+                "seeds=[0]".into(),
                 "train.max_steps=2".into(),
                 "train.batch_size=2".into(),
                 "train.safety_batch_size=2".into(),
@@ -351,7 +352,8 @@ fn a_shortened_comparison_fills_every_column() {
     for method in ["sft", "sap", "mix"] {
         let run = out.join(format!("{method}-seed0"));
         assert!(run.join("config.toml").is_file() && run.join("metrics.jsonl").is_file());
-        assert!(run.join("adapter/adapter_model.safetensors").is_file());
+        // The demo comparison trains every weight: the run exports a whole model.
+        assert!(run.join("model/model.safetensors").is_file());
         assert!(run.join("eval/answers.jsonl").is_file() && run.join("eval/report.json").is_file());
     }
     assert!(out.join("base/answers.jsonl").is_file());
