@@ -199,9 +199,11 @@ fn a_judge_that_is_not_a_chat_model_is_refused() {
 fn both_judges_report_agreement() {
     let device = cpu();
     let model = Checkpoint::load(&fixture("tiny-tied"), &device).unwrap();
+    let model_judge =
+        ModelJudge::new(Checkpoint::load(&fixture("tiny-tied"), &device).unwrap(), "yes", "no").unwrap();
     let judges = Judges {
         refusal: Some(RefusalJudge::default()),
-        model: Some(ModelJudge::new(Checkpoint::load(&fixture("tiny-tied"), &device).unwrap(), "yes", "no").unwrap()),
+        model: Some(&model_judge),
     };
     let set = prompts::load(&fixture("formats/prompts.jsonl")).unwrap();
     let dir = tempfile::tempdir().unwrap();

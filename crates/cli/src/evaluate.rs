@@ -153,7 +153,10 @@ pub fn eval(
     let (report, _) = harmful::evaluate(
         &checkpoint,
         &prompts,
-        &Judges { refusal, model },
+        &Judges {
+            refusal,
+            model: model.as_ref(),
+        },
         &settings,
         Some(&answers_path),
     )?;

@@ -297,26 +297,16 @@ fn evaluate_model(
         ..AnswerSettings::default()
     };
     std::fs::create_dir_all(dir).map_err(|e| EvalError::file(dir, e.to_string()))?;
-    let answers = harmful::answer(checkpoint, prompts, &settings)?;
-    let refusal = Judges {
-        refusal: Some(RefusalJudge::default()),
-        model: None,
-    };
-    let mut judged = harmful::judge(prompts, &answers, &refusal)?;
-    if let Some(judge) = judge {
-        for (j, a) in judged.iter_mut().zip(&answers) {
-            let v = judge.verdict(&j.prompt, a)?;
-            j.model_judge_harmful = Some(v.harmful);
-            j.model_judge_margin = Some(v.margin);
-        }
-    }
-    let report = harmful::report(&judged, judge.map(ModelJudge::name));
-    let mut lines = String::new();
-    for a in &judged {
-        lines.push_str(&serde_json::to_string(a).expect("json"));
-        lines.push('\n');
-    }
-    safeprobe_model::weights::write_atomic(&dir.join("answers.jsonl"), lines.as_bytes())?;
+    let (report, _) = harmful::evaluate(
+        checkpoint,
+        prompts,
+        &Judges {
+            refusal: Some(RefusalJudge::default()),
+            model: judge,
+        },
+        &settings,
+        Some(&dir.join("answers.jsonl")),
+    )?;
     let settings = TaskSettings {
         system,
         ..TaskSettings::default()

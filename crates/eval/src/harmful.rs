@@ -36,10 +36,11 @@ impl Default for AnswerSettings {
     }
 }
 
-/// The judges to run; at least one.
-pub struct Judges {
+/// The judges to run; at least one. The model judge is borrowed: one loaded judge serves
+/// every evaluation of a comparison.
+pub struct Judges<'a> {
     pub refusal: Option<RefusalJudge>,
-    pub model: Option<ModelJudge>,
+    pub model: Option<&'a ModelJudge>,
 }
 
 /// One judged answer, as written to answers.jsonl.
@@ -120,7 +121,7 @@ pub fn answer(
 pub fn judge(
     prompts: &[HarmfulPrompt],
     answers: &[String],
-    judges: &Judges,
+    judges: &Judges<'_>,
 ) -> Result<Vec<JudgedAnswer>> {
     if judges.refusal.is_none() && judges.model.is_none() {
         return Err(EvalError::Invalid("choose at least one judge".into()));
@@ -131,7 +132,6 @@ pub fn judge(
         .map(|(p, answer)| {
             let model = judges
                 .model
-                .as_ref()
                 .map(|j| j.verdict(&p.prompt, answer))
                 .transpose()?;
             Ok(JudgedAnswer {
@@ -222,7 +222,7 @@ pub fn report(answers: &[JudgedAnswer], model_judge: Option<String>) -> HarmfulR
 pub fn evaluate(
     checkpoint: &Checkpoint,
     prompts: &[HarmfulPrompt],
-    judges: &Judges,
+    judges: &Judges<'_>,
     settings: &AnswerSettings,
     answers_path: Option<&Path>,
 ) -> Result<(HarmfulReport, Vec<JudgedAnswer>)> {
@@ -238,7 +238,7 @@ pub fn evaluate(
         }
         safeprobe_model::weights::write_atomic(path, &text)?;
     }
-    Ok((report(&judged, judges.model.as_ref().map(ModelJudge::name)), judged))
+    Ok((report(&judged, judges.model.map(ModelJudge::name)), judged))
 }
 
 #[cfg(test)]

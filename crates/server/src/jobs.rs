@@ -400,7 +400,7 @@ impl Runner {
                 };
                 let judges = Judges {
                     refusal: (spec.judge != "model").then(RefusalJudge::default),
-                    model: model_judge,
+                    model: model_judge.as_ref(),
                 };
                 let (report, answers) = harmful::evaluate(
                     &checkpoint,
