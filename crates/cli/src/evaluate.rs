@@ -40,12 +40,8 @@ pub fn build_model(
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
-    /// Checkpoint directory (default: the demo model)
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// PEFT LoRA adapter to apply
-    #[arg(long)]
-    adapter: Option<PathBuf>,
+    #[command(flatten)]
+    model: crate::ModelArgs,
     /// Harmful prompts: BeaverTails JSONL/Parquet, AdvBench CSV or JSONL of {"prompt",
     /// "category"} (default: the built-in held-out prompts)
     #[arg(long)]
@@ -74,28 +70,16 @@ pub struct EvalArgs {
     max_new_tokens: usize,
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
-    /// 0 = greedy
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    #[arg(long)]
-    system: Option<String>,
+    #[command(flatten)]
+    sampling: crate::SamplingArgs,
     /// Where answers.jsonl and report.json go
     #[arg(long, default_value = "eval-output")]
     out: PathBuf,
     #[arg(long)]
     json: bool,
-    #[command(flatten)]
-    device: DeviceArg,
 }
 
-pub fn eval(
-    args: EvalArgs,
-    select_device: impl Fn(&DeviceArg) -> Result<device::Selected>,
-) -> Result<()> {
+pub fn eval(args: EvalArgs) -> Result<()> {
     use safeprobe_eval::harmful::{self, AnswerSettings, Judges};
     use safeprobe_eval::judge::{ModelJudge, RefusalJudge};
     use safeprobe_eval::task_metrics::{self, TaskSettings};
@@ -124,29 +108,19 @@ pub fn eval(
             None => Ok(RefusalJudge::default()),
         })
         .transpose()?;
-    let selected = select_device(&args.device)?;
+    let checkpoint = crate::load(&args.model)?;
     let model = match (use_model, &args.judge_model) {
         (true, Some(dir)) => Some(ModelJudge::new(
-            safeprobe_model::Checkpoint::load(dir, &selected.device)?,
+            safeprobe_model::Checkpoint::load(dir, &checkpoint.device)?,
             &args.harmful_verdict,
             &args.safe_verdict,
         )?),
         _ => None,
     };
-    let model_dir = args.model.unwrap_or_else(demo_model::bundled_dir);
-    let mut checkpoint = safeprobe_model::Checkpoint::load(&model_dir, &selected.device)?;
-    if let Some(adapter) = &args.adapter {
-        checkpoint.load_adapter(adapter)?;
-    }
     let settings = AnswerSettings {
-        sampling: safeprobe_model::Sampling {
-            max_new_tokens: args.max_new_tokens,
-            temperature: args.temperature,
-            top_p: args.top_p,
-            seed: args.seed,
-        },
+        sampling: args.sampling.sampling(args.max_new_tokens),
         batch_size: args.batch_size,
-        system: args.system.clone(),
+        system: args.model.system.clone(),
     };
     std::fs::create_dir_all(&args.out)?;
     let answers_path = args.out.join("answers.jsonl");
@@ -166,7 +140,7 @@ pub fn eval(
                 &checkpoint,
                 &examples,
                 &TaskSettings {
-                    system: args.system.clone(),
+                    system: args.model.system.clone(),
                     batch_size: args.batch_size,
                     exact_match: !args.no_exact_match,
                     ..TaskSettings::default()
@@ -175,8 +149,8 @@ pub fn eval(
         })
         .transpose()?;
     let full = serde_json::json!({
-        "model": model_dir,
-        "adapter": args.adapter,
+        "model": args.model.model,
+        "adapter": args.model.adapter,
         "harmful": report,
         "task": task,
     });

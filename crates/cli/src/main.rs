@@ -48,6 +48,29 @@ struct ModelArgs {
     device: DeviceArg,
 }
 
+/// How replies are sampled (with each command's own --max-new-tokens).
+#[derive(clap::Args, Clone)]
+struct SamplingArgs {
+    /// 0 = greedy
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    fn sampling(&self, max_new_tokens: usize) -> Sampling {
+        Sampling {
+            max_new_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed: self.seed,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Show the wgpu adapters and which device `auto` picks
@@ -71,13 +94,8 @@ enum Command {
         prompt: String,
         #[arg(long, default_value_t = 64)]
         max_new_tokens: usize,
-        /// 0 = greedy
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f32,
-        #[arg(long, default_value_t = 1.0)]
-        top_p: f32,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        #[command(flatten)]
+        sampling: SamplingArgs,
         #[arg(long)]
         json: bool,
     },
@@ -242,20 +260,13 @@ fn run(cli: Cli) -> Result<()> {
             model,
             prompt,
             max_new_tokens,
-            temperature,
-            top_p,
-            seed,
+            sampling,
             json,
         } => {
             let checkpoint = load(&model)?;
             let messages = chat::prompt_messages(model.system.as_deref(), &prompt);
-            let sampling = Sampling {
-                max_new_tokens,
-                temperature,
-                top_p,
-                seed,
-            };
-            let (text, token_ids) = checkpoint.generate(&messages, &sampling)?;
+            let (text, token_ids) =
+                checkpoint.generate(&messages, &sampling.sampling(max_new_tokens))?;
             if json {
                 println!("{}", json!({"text": text, "token_ids": token_ids}));
             } else {
@@ -298,7 +309,7 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("wrote {}", out.display());
         }
         Command::Bench(args) => bench::run(args, select_device)?,
-        Command::Eval(args) => evaluate::eval(args, select_device)?,
+        Command::Eval(args) => evaluate::eval(args)?,
         Command::Serve {
             bind,
             token,
