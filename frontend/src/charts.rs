@@ -68,10 +68,10 @@ fn fmt(v: f64) -> String {
         "0".into()
     } else if !(1e-3..1e5).contains(&a) {
         format!("{v:.2e}")
-    } else if a >= 100.0 {
-        format!("{v:.0}")
     } else {
-        format!("{v:.3}")
+        // Three significant digits, so nearby ticks (0.00095, 0.00100, 0.00105) stay distinct.
+        let decimals = (2 - a.log10().floor() as i32).max(0) as usize;
+        format!("{v:.decimals$}")
     }
 }
 
