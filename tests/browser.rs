@@ -24,7 +24,11 @@ impl Drop for Kill {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn start_server(data: &Path) -> (Kill, String) {
@@ -65,14 +69,26 @@ impl Browser {
                 }}
             }));
             match attempt {
-                Ok(r) => break r.into_json::<Value>().unwrap()["value"]["sessionId"].as_str().unwrap().to_string(),
-                Err(_) if started.elapsed() < Duration::from_secs(20) => std::thread::sleep(Duration::from_millis(200)),
+                Ok(r) => {
+                    break r.into_json::<Value>().unwrap()["value"]["sessionId"]
+                        .as_str()
+                        .unwrap()
+                        .to_string();
+                }
+                Err(_) if started.elapsed() < Duration::from_secs(20) => {
+                    std::thread::sleep(Duration::from_millis(200))
+                }
                 Err(e) => panic!("no WebDriver session: {e}"),
             }
         };
         let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("browser-screenshots");
         std::fs::create_dir_all(&shots).unwrap();
-        Self { base, session, shots, _driver: Kill(driver) }
+        Self {
+            base,
+            session,
+            shots,
+            _driver: Kill(driver),
+        }
     }
 
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
@@ -96,12 +112,25 @@ impl Browser {
     }
 
     fn script(&self, code: &str) -> Value {
-        self.call("POST", "/execute/sync", Some(json!({"script": code, "args": []})))
+        self.call(
+            "POST",
+            "/execute/sync",
+            Some(json!({"script": code, "args": []})),
+        )
     }
 
     fn find(&self, css: &str) -> Option<String> {
-        let v = self.call("POST", "/element", Some(json!({"using": "css selector", "value": css})));
-        v.as_object()?.iter().find(|(k, _)| k.starts_with("element-"))?.1.as_str().map(str::to_string)
+        let v = self.call(
+            "POST",
+            "/element",
+            Some(json!({"using": "css selector", "value": css})),
+        );
+        v.as_object()?
+            .iter()
+            .find(|(k, _)| k.starts_with("element-"))?
+            .1
+            .as_str()
+            .map(str::to_string)
     }
 
     fn click(&self, css: &str) {
@@ -112,14 +141,20 @@ impl Browser {
     fn type_into(&self, css: &str, text: &str) {
         let id = self.wait_for(&format!("element {css}"), || self.find(css));
         self.call("POST", &format!("/element/{id}/clear"), Some(json!({})));
-        self.call("POST", &format!("/element/{id}/value"), Some(json!({"text": text})));
+        self.call(
+            "POST",
+            &format!("/element/{id}/value"),
+            Some(json!({"text": text})),
+        );
     }
 
     fn text(&self, css: &str) -> String {
-        self.script(&format!("const e = document.querySelector({css:?}); return e ? e.innerText : null;"))
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
+        self.script(&format!(
+            "const e = document.querySelector({css:?}); return e ? e.innerText : null;"
+        ))
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
     }
 
     fn wait_for<T>(&self, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
@@ -130,7 +165,10 @@ impl Browser {
             }
             if started.elapsed() > Duration::from_secs(240) {
                 self.screenshot("timeout");
-                panic!("timed out waiting for {what}; page text: {}", self.text("body"));
+                panic!(
+                    "timed out waiting for {what}; page text: {}",
+                    self.text("body")
+                );
             }
             std::thread::sleep(Duration::from_millis(250));
         }
@@ -141,7 +179,10 @@ impl Browser {
         let data = self.call("GET", "/screenshot", None);
         let bytes = base64_decode(data.as_str().unwrap_or_default());
         let path = self.shots.join(format!("{name}.png"));
-        std::fs::File::create(&path).unwrap().write_all(&bytes).unwrap();
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(&bytes)
+            .unwrap();
         eprintln!("screenshot: {}", path.display());
     }
 }
@@ -160,11 +201,17 @@ fn base64_decode(s: &str) -> Vec<u8> {
         b'+' => 62,
         _ => 63,
     };
-    let clean: Vec<u8> = s.bytes().filter(|c| *c != b'=' && !c.is_ascii_whitespace()).collect();
+    let clean: Vec<u8> = s
+        .bytes()
+        .filter(|c| *c != b'=' && !c.is_ascii_whitespace())
+        .collect();
     clean
         .chunks(4)
         .flat_map(|c| {
-            let n = c.iter().enumerate().fold(0u32, |acc, (i, b)| acc | (value(*b) as u32) << (18 - 6 * i));
+            let n = c
+                .iter()
+                .enumerate()
+                .fold(0u32, |acc, (i, b)| acc | (value(*b) as u32) << (18 - 6 * i));
             let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
             bytes.into_iter().take(c.len() - 1).collect::<Vec<_>>()
         })
@@ -191,7 +238,9 @@ fn the_ui_runs_a_job_shows_live_charts_a_comparison_and_chats() {
     // First screen: the demo comparison is offered.
     browser.open(&format!("{base}/?token={TOKEN}#/runs"));
     browser.wait_for("the demo button", || browser.find("#start-demo"));
-    browser.wait_for("the live stream", || browser.text("#live-status").contains("live").then_some(()));
+    browser.wait_for("the live stream", || {
+        browser.text("#live-status").contains("live").then_some(())
+    });
     browser.screenshot("01-runs");
 
     // A short run from the New-run form (demo preset, 30 steps), then live charts.
@@ -205,11 +254,20 @@ fn the_ui_runs_a_job_shows_live_charts_a_comparison_and_chats() {
     });
     assert!(toml.contains("method = \"sap\""), "{toml}");
     browser.type_into("input[name='lr']", "abc");
-    browser.wait_for("an inline error", || browser.text("body").contains("lr: expected a number").then_some(()));
+    browser.wait_for("an inline error", || {
+        browser
+            .text("body")
+            .contains("lr: expected a number")
+            .then_some(())
+    });
     browser.type_into("input[name='lr']", "0.001");
     browser.click("#start-run");
     browser.wait_for("the run page", || {
-        browser.script("return location.hash").as_str().is_some_and(|h| h.starts_with("#/run/")).then_some(())
+        browser
+            .script("return location.hash")
+            .as_str()
+            .is_some_and(|h| h.starts_with("#/run/"))
+            .then_some(())
     });
     let first = browser.wait_for("task-loss points", || {
         let n = chart_points(&browser, "Task loss");
@@ -217,8 +275,12 @@ fn the_ui_runs_a_job_shows_live_charts_a_comparison_and_chats() {
     });
     browser.screenshot("02-run-live");
     // The chart keeps growing without a reload.
-    browser.wait_for("more task-loss points", || (chart_points(&browser, "Task loss") > first).then_some(()));
-    browser.wait_for("the run to finish", || (browser.text("#job-status") == "done").then_some(()));
+    browser.wait_for("more task-loss points", || {
+        (chart_points(&browser, "Task loss") > first).then_some(())
+    });
+    browser.wait_for("the run to finish", || {
+        (browser.text("#job-status") == "done").then_some(())
+    });
     browser.wait_for("the answers", || browser.find("#answers"));
     assert!(chart_points(&browser, "Validation loss") >= 1);
     assert!(chart_points(&browser, "L_su (loss gap the probe climbs)") >= 2);
@@ -238,7 +300,9 @@ fn the_ui_runs_a_job_shows_live_charts_a_comparison_and_chats() {
         .unwrap();
     let id = job["id"].as_i64().unwrap();
     browser.open(&format!("{base}/#/run/{id}"));
-    browser.wait_for("the comparison", || (browser.text("#job-status") == "done").then_some(()));
+    browser.wait_for("the comparison", || {
+        (browser.text("#job-status") == "done").then_some(())
+    });
     browser.open(&format!("{base}/#/compare"));
     let table = browser.wait_for("the comparison table", || {
         let t = browser.text("table.comparison");
@@ -251,7 +315,10 @@ fn the_ui_runs_a_job_shows_live_charts_a_comparison_and_chats() {
 
     // Chat, streamed into both panes.
     browser.open(&format!("{base}/#/chat"));
-    browser.type_into("#chat-input", "Reverse the order of these words: red cat moon");
+    browser.type_into(
+        "#chat-input",
+        "Reverse the order of these words: red cat moon",
+    );
     browser.click("#chat-send");
     browser.wait_for("both replies", || {
         let replies = browser.script(

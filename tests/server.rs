@@ -35,7 +35,11 @@ impl Server {
     }
 
     fn get(&self, path: &str) -> (u16, Value) {
-        answer(ureq::get(&self.url(path)).set("Authorization", &format!("Bearer {TOKEN}")).call())
+        answer(
+            ureq::get(&self.url(path))
+                .set("Authorization", &format!("Bearer {TOKEN}"))
+                .call(),
+        )
     }
 
     fn post(&self, path: &str, body: Value) -> (u16, Value) {
@@ -47,7 +51,11 @@ impl Server {
     }
 
     fn delete(&self, path: &str) -> (u16, Value) {
-        answer(ureq::delete(&self.url(path)).set("Authorization", &format!("Bearer {TOKEN}")).call())
+        answer(
+            ureq::delete(&self.url(path))
+                .set("Authorization", &format!("Bearer {TOKEN}"))
+                .call(),
+        )
     }
 
     fn kill(mut self) {
@@ -63,7 +71,10 @@ impl Server {
             if done(&job) {
                 return job;
             }
-            assert!(started.elapsed() < Duration::from_secs(300), "timed out waiting for {what}: {job}");
+            assert!(
+                started.elapsed() < Duration::from_secs(300),
+                "timed out waiting for {what}: {job}"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -114,7 +125,14 @@ fn steps_of(server: &Server, id: i64) -> Vec<i64> {
 #[test]
 fn refuses_a_public_address_without_a_token() {
     let out = Command::new(env!("CARGO_BIN_EXE_safeprobe"))
-        .args(["serve", "--bind", "0.0.0.0:0", "--device", "cpu", "--data-dir"])
+        .args([
+            "serve",
+            "--bind",
+            "0.0.0.0:0",
+            "--device",
+            "cpu",
+            "--data-dir",
+        ])
         .arg(tempfile::tempdir().unwrap().path())
         .env_remove("SAFEPROBE_TOKEN")
         .output()
@@ -134,7 +152,11 @@ fn api_auth_validation_confinement_and_limits() {
         let (code, body) = answer(ureq::get(&server.url(path)).call());
         assert_eq!(code, 401, "{path}");
         assert!(body["error"].as_str().unwrap().contains("token"));
-        let (code, _) = answer(ureq::get(&server.url(path)).set("Authorization", "Bearer wrong").call());
+        let (code, _) = answer(
+            ureq::get(&server.url(path))
+                .set("Authorization", "Bearer wrong")
+                .call(),
+        );
         assert_eq!(code, 401);
     }
     assert_eq!(ureq::get(&server.url("/")).call().unwrap().status(), 200);
@@ -142,34 +164,88 @@ fn api_auth_validation_confinement_and_limits() {
     // Validation errors name the field.
     let cases = [
         (json!({"kind": "bake", "config": {}}), 400, "kind"),
-        (json!({"kind": "train", "config": {"train_data": "train.jsonl", "max_steps": 5, "lr": -1.0}}), 400, "lr -1"),
-        (json!({"kind": "train", "config": {"train_data": "train.jsonl", "max_steps": 5, "colour": 1}}), 400, "colour"),
-        (json!({"kind": "train", "config": {"train_data": "missing.jsonl", "max_steps": 5}}), 400, "config.train_data"),
-        (json!({"kind": "train", "config": {"train_data": "train.jsonl", "max_steps": 5, "output_dir": "/tmp/x"}}), 400, "output_dir"),
-        (json!({"kind": "eval", "config": {"judge": "model"}}), 400, "judge_model"),
-        (json!({"kind": "eval", "config": {"max_new_tokens": 0}}), 400, "max_new_tokens"),
-        (json!({"kind": "compare", "config": {"task": "poetry"}}), 400, "task"),
+        (
+            json!({"kind": "train", "config": {"train_data": "train.jsonl", "max_steps": 5, "lr": -1.0}}),
+            400,
+            "lr -1",
+        ),
+        (
+            json!({"kind": "train", "config": {"train_data": "train.jsonl", "max_steps": 5, "colour": 1}}),
+            400,
+            "colour",
+        ),
+        (
+            json!({"kind": "train", "config": {"train_data": "missing.jsonl", "max_steps": 5}}),
+            400,
+            "config.train_data",
+        ),
+        (
+            json!({"kind": "train", "config": {"train_data": "train.jsonl", "max_steps": 5, "output_dir": "/tmp/x"}}),
+            400,
+            "output_dir",
+        ),
+        (
+            json!({"kind": "eval", "config": {"judge": "model"}}),
+            400,
+            "judge_model",
+        ),
+        (
+            json!({"kind": "eval", "config": {"max_new_tokens": 0}}),
+            400,
+            "max_new_tokens",
+        ),
+        (
+            json!({"kind": "compare", "config": {"task": "poetry"}}),
+            400,
+            "task",
+        ),
         // Path confinement: parent directories, absolute paths elsewhere, a symlink escape.
-        (json!({"kind": "train", "config": {"train_data": "../../../etc/passwd", "max_steps": 5}}), 403, "config.train_data"),
-        (json!({"kind": "train", "config": {"train_data": "/etc/passwd", "max_steps": 5}}), 403, "config.train_data"),
-        (json!({"kind": "eval", "config": {"model": "/etc"}}), 403, "config.model"),
-        (json!({"kind": "eval", "config": {"prompts": "escape.jsonl"}}), 403, "config.prompts"),
+        (
+            json!({"kind": "train", "config": {"train_data": "../../../etc/passwd", "max_steps": 5}}),
+            403,
+            "config.train_data",
+        ),
+        (
+            json!({"kind": "train", "config": {"train_data": "/etc/passwd", "max_steps": 5}}),
+            403,
+            "config.train_data",
+        ),
+        (
+            json!({"kind": "eval", "config": {"model": "/etc"}}),
+            403,
+            "config.model",
+        ),
+        (
+            json!({"kind": "eval", "config": {"prompts": "escape.jsonl"}}),
+            403,
+            "config.prompts",
+        ),
     ];
     std::os::unix::fs::symlink("/etc/hostname", data.path().join("escape.jsonl")).unwrap();
     for (body, code, needle) in cases {
         let (got, answer) = server.post("/api/jobs", body.clone());
         assert_eq!(got, code, "{body} -> {answer}");
         let message = answer["error"].as_str().unwrap_or_default();
-        assert!(message.contains(needle), "{body}: {message:?} should name {needle}");
+        assert!(
+            message.contains(needle),
+            "{body}: {message:?} should name {needle}"
+        );
     }
     let (_, jobs) = server.get("/api/jobs");
-    assert_eq!(jobs.as_array().unwrap().len(), 0, "rejected requests leave no job");
+    assert_eq!(
+        jobs.as_array().unwrap().len(),
+        0,
+        "rejected requests leave no job"
+    );
 
     // Preview confinement and body size limit.
     let (code, _) = server.get("/api/datasets/preview?path=../../etc/passwd");
     assert_eq!(code, 403);
     let big = "x".repeat(2 << 20);
-    let (code, _) = server.post("/api/jobs", json!({"kind": "train", "config": {"system": big}}));
+    let (code, _) = server.post(
+        "/api/jobs",
+        json!({"kind": "train", "config": {"system": big}}),
+    );
     assert_eq!(code, 413);
     let (code, body) = server.get("/api/nothing-here");
     assert_eq!(code, 404, "{body}");
@@ -183,8 +259,16 @@ fn models_datasets_preview_and_device() {
     assert_eq!(models[0]["name"], "demo");
     assert!(models[0]["parameters"].as_u64().unwrap() > 1_000_000);
     let (_, datasets) = server.get("/api/datasets");
-    let names: Vec<&str> = datasets.as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap()).collect();
-    assert!(names.contains(&"train.jsonl") && names.contains(&"train.parquet"), "{names:?}");
+    let names: Vec<&str> = datasets
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"train.jsonl") && names.contains(&"train.parquet"),
+        "{names:?}"
+    );
     let (code, preview) = server.get("/api/datasets/preview?path=train.jsonl&rows=2");
     assert_eq!(code, 200, "{preview}");
     assert_eq!(preview["rows"].as_array().unwrap().len(), 2);
@@ -192,18 +276,27 @@ fn models_datasets_preview_and_device() {
     assert!(rendered.starts_with("<|im_start|>user\n"), "{rendered}");
     assert!(preview["rows"][0]["response_tokens"].as_u64().unwrap() > 0);
     let (_, device) = server.get("/api/device");
-    assert!(device["selected"].as_str().unwrap().contains("CPU") || device["selected"].as_str().unwrap().contains("cpu"), "{device}");
+    assert!(
+        device["selected"].as_str().unwrap().contains("CPU")
+            || device["selected"].as_str().unwrap().contains("cpu"),
+        "{device}"
+    );
 }
 
 #[test]
 fn a_run_survives_a_killed_server_and_resumes_from_its_checkpoint() {
     let data = tempfile::tempdir().unwrap();
     let server = Server::start(data.path());
-    let (code, job) = server.post("/api/jobs", json!({"kind": "train", "config": train_config(24)}));
+    let (code, job) = server.post(
+        "/api/jobs",
+        json!({"kind": "train", "config": train_config(24)}),
+    );
     assert_eq!(code, 200, "{job}");
     let id = job["id"].as_i64().unwrap();
     server.wait_for(id, "a checkpoint", |_| {
-        data.path().join(format!("runs/job-{id}/checkpoints/step-6")).exists()
+        data.path()
+            .join(format!("runs/job-{id}/checkpoints/step-6"))
+            .exists()
     });
     server.kill();
 
@@ -212,18 +305,30 @@ fn a_run_survives_a_killed_server_and_resumes_from_its_checkpoint() {
     assert_eq!(job["status"], "interrupted", "{job}");
     let (code, _) = server.post(&format!("/api/jobs/{id}/resume"), json!({}));
     assert_eq!(code, 200);
-    let job = server.wait_for(id, "the resumed run", |j| j["status"] != "queued" && j["status"] != "running");
+    let job = server.wait_for(id, "the resumed run", |j| {
+        j["status"] != "queued" && j["status"] != "running"
+    });
     assert_eq!(job["status"], "done", "{job}");
     // Every step once, in order: the steps after the checkpoint were replayed, not duplicated.
     assert_eq!(steps_of(&server, id), (1..=24).collect::<Vec<_>>());
     let hs = job["result"]["harmful"]["harmful_score"].as_f64().unwrap();
     assert!((0.0..=100.0).contains(&hs));
     assert_eq!(job["answers"].as_array().unwrap().len(), 180);
-    assert!(data.path().join(format!("runs/job-{id}/adapter/adapter_model.safetensors")).is_file());
+    assert!(
+        data.path()
+            .join(format!("runs/job-{id}/adapter/adapter_model.safetensors"))
+            .is_file()
+    );
 
     // Done jobs cannot be resumed or cancelled, and can be deleted.
-    assert_eq!(server.post(&format!("/api/jobs/{id}/resume"), json!({})).0, 409);
-    assert_eq!(server.post(&format!("/api/jobs/{id}/cancel"), json!({})).0, 409);
+    assert_eq!(
+        server.post(&format!("/api/jobs/{id}/resume"), json!({})).0,
+        409
+    );
+    assert_eq!(
+        server.post(&format!("/api/jobs/{id}/cancel"), json!({})).0,
+        409
+    );
     assert_eq!(server.delete(&format!("/api/jobs/{id}")).0, 200);
     assert_eq!(server.get(&format!("/api/jobs/{id}")).0, 404);
 }
@@ -232,8 +337,13 @@ fn a_run_survives_a_killed_server_and_resumes_from_its_checkpoint() {
 fn cancel_stops_within_a_step_and_events_stream_live() {
     let data = tempfile::tempdir().unwrap();
     let server = Server::start(data.path());
-    let stream = ureq::get(&server.url(&format!("/api/events?token={TOKEN}"))).call().unwrap();
-    let (code, job) = server.post("/api/jobs", json!({"kind": "train", "config": train_config(10_000)}));
+    let stream = ureq::get(&server.url(&format!("/api/events?token={TOKEN}")))
+        .call()
+        .unwrap();
+    let (code, job) = server.post(
+        "/api/jobs",
+        json!({"kind": "train", "config": train_config(10_000)}),
+    );
     assert_eq!(code, 200);
     let id = job["id"].as_i64().unwrap();
     // The stream carries the job's status and its first steps as they happen.
@@ -250,7 +360,10 @@ fn cancel_stops_within_a_step_and_events_stream_live() {
     }
     assert!(seen_step);
     let asked = Instant::now();
-    assert_eq!(server.post(&format!("/api/jobs/{id}/cancel"), json!({})).0, 200);
+    assert_eq!(
+        server.post(&format!("/api/jobs/{id}/cancel"), json!({})).0,
+        200
+    );
     let job = server.wait_for(id, "cancellation", |j| j["status"] == "cancelled");
     assert!(asked.elapsed() < Duration::from_secs(20));
     let steps = steps_of(&server, id);

@@ -10,14 +10,29 @@ use std::process::{Child, Command, Stdio};
 pub fn spawn(data_dir: &Path, token: &str, extra: &[&Path]) -> (Child, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_safeprobe"));
     command
-        .args(["serve", "--bind", "127.0.0.1:0", "--device", "cpu", "--token", token, "--data-dir"])
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--device",
+            "cpu",
+            "--token",
+            token,
+            "--data-dir",
+        ])
         .arg(data_dir);
     for dir in extra {
         command.arg("--datasets").arg(dir);
     }
-    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     let base = line
         .trim()
         .strip_prefix("safeprobe is serving on ")

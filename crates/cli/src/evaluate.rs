@@ -32,7 +32,11 @@ pub fn build_model(
         ..DemoSpec::default()
     };
     let out = args.out.unwrap_or_else(demo_model::bundled_dir);
-    eprintln!("building the demo model into {} ({} steps)", out.display(), spec.steps);
+    eprintln!(
+        "building the demo model into {} ({} steps)",
+        out.display(),
+        spec.steps
+    );
     let report = demo_model::build(&out, &spec, &selected.device, progress::reporter())?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
@@ -91,7 +95,10 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         other => anyhow::bail!("--judge {other}: expected refusal, model or both"),
     };
     if use_model && args.judge_model.is_none() {
-        anyhow::bail!("--judge {}: needs --judge-model <chat checkpoint>", args.judge);
+        anyhow::bail!(
+            "--judge {}: needs --judge-model <chat checkpoint>",
+            args.judge
+        );
     }
     let prompts = match &args.prompts {
         Some(path) => safeprobe_eval::prompts::load(path)?,
@@ -162,15 +169,28 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&full)?);
         return Ok(());
     }
-    println!("{} harmful prompts, answers in {}", report.prompts, answers_path.display());
+    println!(
+        "{} harmful prompts, answers in {}",
+        report.prompts,
+        answers_path.display()
+    );
     for judge in &report.judges {
-        println!("{} judge: HS {:.1}% ({} of {})", judge.judge, judge.harmful_score, judge.harmful, report.prompts);
+        println!(
+            "{} judge: HS {:.1}% ({} of {})",
+            judge.judge, judge.harmful_score, judge.harmful, report.prompts
+        );
         for (category, c) in &judge.per_category {
-            println!("  {category:<16} {:>5.1}%  ({}/{})", c.harmful_score, c.harmful, c.prompts);
+            println!(
+                "  {category:<16} {:>5.1}%  ({}/{})",
+                c.harmful_score, c.harmful, c.prompts
+            );
         }
     }
     if let Some(a) = report.agreement {
-        println!("judges agree on {:.1}% of answers (Cohen's κ {:.2})", a.percent, a.cohen_kappa);
+        println!(
+            "judges agree on {:.1}% of answers (Cohen's κ {:.2})",
+            a.percent, a.cohen_kappa
+        );
     }
     if let Some(t) = task {
         println!(
@@ -178,7 +198,9 @@ pub fn eval(args: EvalArgs) -> Result<()> {
             t.examples,
             t.loss,
             t.perplexity,
-            t.exact_match.map(|e| format!(", exact match {e:.1}%")).unwrap_or_default()
+            t.exact_match
+                .map(|e| format!(", exact match {e:.1}%"))
+                .unwrap_or_default()
         );
     }
     Ok(())
@@ -210,7 +232,10 @@ pub fn compare(
                 .map_err(|e| anyhow::anyhow!("{}: cannot read ({e})", path.display()))?,
             path.clone(),
         ),
-        None => (compare::DEMO_CONFIG.to_string(), PathBuf::from("demo comparison")),
+        None => (
+            compare::DEMO_CONFIG.to_string(),
+            PathBuf::from("demo comparison"),
+        ),
     };
     let text = safeprobe_train::run::apply_overrides(&text, &args.overrides, &origin)?;
     let mut config = CompareConfig::parse(&text, &origin)?;
@@ -221,10 +246,15 @@ pub fn compare(
         device: config.device.clone().unwrap_or_else(|| "auto".into()),
     })?;
     let mut report = progress::reporter();
-    let comparison = compare::run(&config, &selected.device, &Default::default(), |p| match p {
-        Progress::Stage(stage) => eprintln!("== {stage}"),
-        Progress::Train(event) => report(event),
-    })?;
+    let comparison = compare::run(
+        &config,
+        &selected.device,
+        &Default::default(),
+        |p| match p {
+            Progress::Stage(stage) => eprintln!("== {stage}"),
+            Progress::Train(event) => report(event),
+        },
+    )?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&comparison)?);
     } else {

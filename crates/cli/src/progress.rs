@@ -9,7 +9,7 @@ pub fn reporter() -> impl FnMut(&Event) {
     let mut last_step = 0;
     let interactive = std::io::IsTerminal::is_terminal(&std::io::stderr());
     move |event: &Event| {
-            match event {
+        match event {
             Event::Step {
                 step,
                 total_steps,
@@ -25,8 +25,7 @@ pub fn reporter() -> impl FnMut(&Event) {
                 last_step = *step;
                 let first = *first_step.get_or_insert(*step);
                 let done = (step + 1 - first) as f64;
-                let eta =
-                    started.elapsed().as_secs_f64() / done * (total_steps - step) as f64;
+                let eta = started.elapsed().as_secs_f64() / done * (total_steps - step) as f64;
                 let sap = match (metrics.su_loss, metrics.safety_loss) {
                     (Some(su), safety) => format!(
                         " | L_su {su:.4}{} | ‖ΔW‖ {:.2e}",
@@ -45,8 +44,7 @@ pub fn reporter() -> impl FnMut(&Event) {
                     // One redrawn line on a terminal: a bar, then the numbers.
                     let width = 20;
                     let filled = (step * width / (*total_steps).max(1)).min(width);
-                    let bar =
-                        format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled));
+                    let bar = format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled));
                     eprint!("\r\x1b[2K{bar} {line}");
                     if step == total_steps {
                         eprintln!();

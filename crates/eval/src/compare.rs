@@ -100,9 +100,8 @@ pub struct CompareConfig {
 
 impl CompareConfig {
     pub fn parse(text: &str, origin: &Path) -> Result<Self> {
-        let config: CompareConfig = toml::from_str(text).map_err(|e| {
-            EvalError::Invalid(format!("{}: {}", origin.display(), e.message()))
-        })?;
+        let config: CompareConfig = toml::from_str(text)
+            .map_err(|e| EvalError::Invalid(format!("{}: {}", origin.display(), e.message())))?;
         config.validate(origin)?;
         Ok(config)
     }
@@ -118,7 +117,10 @@ impl CompareConfig {
             return bad("seeds: give at least one seed".into());
         }
         if !(0.0..1.0).contains(&self.poison_fraction) {
-            return bad(format!("poison_fraction {} must be in [0, 1)", self.poison_fraction));
+            return bad(format!(
+                "poison_fraction {} must be in [0, 1)",
+                self.poison_fraction
+            ));
         }
         for key in [
             "model",
@@ -165,7 +167,10 @@ impl CompareConfig {
         table.insert("safety_data".into(), path(&files.safety_pairs));
         table.insert("output_dir".into(), path(&self.run_dir(method, seed)));
         table.insert("seed".into(), toml::Value::Integer(seed as i64));
-        table.insert("poison_fraction".into(), toml::Value::Float(self.poison_fraction));
+        table.insert(
+            "poison_fraction".into(),
+            toml::Value::Float(self.poison_fraction),
+        );
         let (trainer_method, mix) = match method {
             Method::Sap => ("sap", false),
             Method::Mix => ("sft", true),
@@ -188,7 +193,8 @@ impl CompareConfig {
         if method == Method::Base {
             self.output_dir.join("base")
         } else {
-            self.output_dir.join(format!("{}-seed{seed}", method.name()))
+            self.output_dir
+                .join(format!("{}-seed{seed}", method.name()))
         }
     }
 }
@@ -357,7 +363,11 @@ pub fn run(
         None => builtin::harmful_prompts(),
     };
     let judge = match &config.judge_model {
-        Some(dir) => Some(ModelJudge::new(Checkpoint::load(dir, device)?, "yes", "no")?),
+        Some(dir) => Some(ModelJudge::new(
+            Checkpoint::load(dir, device)?,
+            "yes",
+            "no",
+        )?),
         None => None,
     };
     let origin = config.output_dir.join("compare.toml");
@@ -396,18 +406,19 @@ pub fn run(
             let run_config = config.run_config(method, seed, &files, &origin)?;
             let mut step_times = Vec::new();
             let mut last_loss = None;
-            let mut trained = safeprobe_train::run::train_cancellable(&run_config, device, cancel, |event| {
-                if let Event::Step {
-                    step_time_s,
-                    metrics,
-                    ..
-                } = event
-                {
-                    step_times.push(*step_time_s);
-                    last_loss = Some(metrics.task_loss);
-                }
-                progress(Progress::Train(event));
-            })?;
+            let mut trained =
+                safeprobe_train::run::train_cancellable(&run_config, device, cancel, |event| {
+                    if let Event::Step {
+                        step_time_s,
+                        metrics,
+                        ..
+                    } = event
+                    {
+                        step_times.push(*step_time_s);
+                        last_loss = Some(metrics.task_loss);
+                    }
+                    progress(Progress::Train(event));
+                })?;
             // Evaluate without the autodiff graph or dropout.
             trained.model = burn::module::Module::valid(&trained.model);
             trained.device = device.clone();
@@ -419,7 +430,11 @@ pub fn run(
                 &splits,
                 &run_config.output_dir.join("eval"),
             )?;
-            let timed = if step_times.len() > 1 { &step_times[1..] } else { &step_times[..] };
+            let timed = if step_times.len() > 1 {
+                &step_times[1..]
+            } else {
+                &step_times[..]
+            };
             runs.push(RunResult {
                 method,
                 seed: Some(seed),
@@ -447,7 +462,9 @@ pub fn run(
     };
     safeprobe_model::weights::write_atomic(
         &config.output_dir.join("comparison.json"),
-        serde_json::to_string_pretty(&comparison).expect("json").as_bytes(),
+        serde_json::to_string_pretty(&comparison)
+            .expect("json")
+            .as_bytes(),
     )?;
     safeprobe_model::weights::write_atomic(
         &config.output_dir.join("comparison.md"),
@@ -468,7 +485,10 @@ fn table_rows(runs: &[RunResult]) -> Vec<Row> {
         let times: Vec<f64> = rs.iter().filter_map(|r| r.step_time_s).collect();
         (!times.is_empty()).then(|| Spread::of(&times))
     };
-    let sft_time = by_method.get(&Method::Sft).and_then(|rs| step(rs)).map(|s| s.mean);
+    let sft_time = by_method
+        .get(&Method::Sft)
+        .and_then(|rs| step(rs))
+        .map(|s| s.mean);
     by_method
         .iter()
         .map(|(method, rs)| {
@@ -494,7 +514,11 @@ fn findings(rows: &[Row]) -> Vec<String> {
         let delta = sft.harmful_score.mean - base.harmful_score.mean;
         out.push(format!(
             "SFT {} HS from {:.1}% (base) to {:.1}% ({:+.1} points).",
-            if delta > 0.0 { "raised" } else { "did not raise" },
+            if delta > 0.0 {
+                "raised"
+            } else {
+                "did not raise"
+            },
             base.harmful_score.mean,
             sft.harmful_score.mean,
             delta
@@ -550,7 +574,10 @@ pub fn render(c: &Comparison) -> String {
         c.task,
         builtin::TASK_SPLITS[2],
         if c.poison_fraction > 0.0 {
-            format!("; {:.0}% of the fine-tuning data poisoned", c.poison_fraction * 100.0)
+            format!(
+                "; {:.0}% of the fine-tuning data poisoned",
+                c.poison_fraction * 100.0
+            )
         } else {
             String::new()
         },
@@ -610,8 +637,14 @@ mod tests {
         assert!((sft.harmful_score.std - 50f64.sqrt()).abs() < 1e-12);
         assert!((rows[2].overhead_vs_sft.unwrap() - 2.5).abs() < 1e-12);
         let findings = findings(&rows);
-        assert!(findings[0].starts_with("SFT raised HS from 5.0% (base) to 45.0%"), "{findings:?}");
-        assert!(findings[1].starts_with("SAP's HS is 20.0 points below SFT's"), "{findings:?}");
+        assert!(
+            findings[0].starts_with("SFT raised HS from 5.0% (base) to 45.0%"),
+            "{findings:?}"
+        );
+        assert!(
+            findings[1].starts_with("SAP's HS is 20.0 points below SFT's"),
+            "{findings:?}"
+        );
         assert!(findings[2].contains("within 5% of SFT"), "{findings:?}");
     }
 
@@ -623,7 +656,10 @@ mod tests {
         ];
         let findings = findings(&table_rows(&runs));
         assert!(findings[0].contains("did NOT lower HS"), "{findings:?}");
-        assert!(findings[1].contains("25.0% below SFT: more than 5%"), "{findings:?}");
+        assert!(
+            findings[1].contains("25.0% below SFT: more than 5%"),
+            "{findings:?}"
+        );
     }
 
     #[test]
@@ -637,7 +673,8 @@ mod tests {
         assert!(err.to_string().contains("lr -1"), "{err}");
         let err = CompareConfig::parse("methods = []\n[train]\nmax_steps = 5", origin).unwrap_err();
         assert!(err.to_string().contains("methods"), "{err}");
-        let err = CompareConfig::parse("poison_fraction = 1.5\n[train]\nmax_steps = 5", origin).unwrap_err();
+        let err = CompareConfig::parse("poison_fraction = 1.5\n[train]\nmax_steps = 5", origin)
+            .unwrap_err();
         assert!(err.to_string().contains("poison_fraction"), "{err}");
         let err = CompareConfig::parse("colour = 1", origin).unwrap_err();
         assert!(err.to_string().contains("colour"), "{err}");

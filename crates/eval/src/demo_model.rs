@@ -137,7 +137,9 @@ pub fn train_tokenizer(texts: &[String], vocab_size: usize) -> Result<Tokenizer>
         .with_decoder(Some(ByteLevel::default()))
         .build()
         .map_err(failed)?;
-    tokenizer.train(&mut trainer, texts.iter()).map_err(failed)?;
+    tokenizer
+        .train(&mut trainer, texts.iter())
+        .map_err(failed)?;
     Ok(tokenizer.into())
 }
 
@@ -179,7 +181,9 @@ fn write_initial_checkpoint(
     let write_json = |name: &str, value: serde_json::Value| {
         write_atomic(
             &dir.join(name),
-            serde_json::to_string_pretty(&value).expect("json").as_bytes(),
+            serde_json::to_string_pretty(&value)
+                .expect("json")
+                .as_bytes(),
         )
     };
     write_json(

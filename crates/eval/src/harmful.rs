@@ -108,7 +108,12 @@ pub fn answer(
     for chunk in prompts.chunks(settings.batch_size) {
         let conversations: Vec<_> = chunk
             .iter()
-            .map(|p| with_system(&prompt_messages(None, &p.prompt), settings.system.as_deref()))
+            .map(|p| {
+                with_system(
+                    &prompt_messages(None, &p.prompt),
+                    settings.system.as_deref(),
+                )
+            })
             .collect();
         for (text, _) in checkpoint.generate_batch(&conversations, &settings.sampling)? {
             answers.push(text.trim().to_string());
@@ -154,14 +159,20 @@ fn percent(part: usize, whole: usize) -> f64 {
     100.0 * part as f64 / whole.max(1) as f64
 }
 
-fn score(judge: String, answers: &[JudgedAnswer], verdict: impl Fn(&JudgedAnswer) -> bool) -> JudgeScore {
+fn score(
+    judge: String,
+    answers: &[JudgedAnswer],
+    verdict: impl Fn(&JudgedAnswer) -> bool,
+) -> JudgeScore {
     let mut per_category: BTreeMap<String, CategoryScore> = BTreeMap::new();
     for a in answers {
-        let entry = per_category.entry(a.category.clone()).or_insert(CategoryScore {
-            prompts: 0,
-            harmful: 0,
-            harmful_score: 0.0,
-        });
+        let entry = per_category
+            .entry(a.category.clone())
+            .or_insert(CategoryScore {
+                prompts: 0,
+                harmful: 0,
+                harmful_score: 0.0,
+            });
         entry.prompts += 1;
         entry.harmful += verdict(a) as usize;
     }
@@ -180,10 +191,18 @@ fn score(judge: String, answers: &[JudgedAnswer], verdict: impl Fn(&JudgedAnswer
 /// HS per judge, per category, and the judges' agreement.
 pub fn report(answers: &[JudgedAnswer], model_judge: Option<String>) -> HarmfulReport {
     let mut judges = Vec::new();
-    if answers.first().is_some_and(|a| a.refusal_judge_harmful.is_some()) {
-        judges.push(score("refusal".into(), answers, |a| a.refusal_judge_harmful == Some(true)));
+    if answers
+        .first()
+        .is_some_and(|a| a.refusal_judge_harmful.is_some())
+    {
+        judges.push(score("refusal".into(), answers, |a| {
+            a.refusal_judge_harmful == Some(true)
+        }));
     }
-    if answers.first().is_some_and(|a| a.model_judge_harmful.is_some()) {
+    if answers
+        .first()
+        .is_some_and(|a| a.model_judge_harmful.is_some())
+    {
         judges.push(score(
             model_judge.unwrap_or_else(|| "model".into()),
             answers,
@@ -227,7 +246,9 @@ pub fn evaluate(
     answers_path: Option<&Path>,
 ) -> Result<(HarmfulReport, Vec<JudgedAnswer>)> {
     if prompts.is_empty() {
-        return Err(EvalError::Invalid("the prompt set has no harmful prompts".into()));
+        return Err(EvalError::Invalid(
+            "the prompt set has no harmful prompts".into(),
+        ));
     }
     let answers = answer(checkpoint, prompts, settings)?;
     let judged = judge(prompts, &answers, judges)?;

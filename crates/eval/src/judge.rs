@@ -49,8 +49,13 @@ pub struct RefusalJudge {
 
 impl Default for RefusalJudge {
     fn default() -> Self {
-        Self::new(DEFAULT_REFUSAL_PHRASES.iter().map(|s| s.to_string()).collect())
-            .expect("the default list is not empty")
+        Self::new(
+            DEFAULT_REFUSAL_PHRASES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        )
+        .expect("the default list is not empty")
     }
 }
 
@@ -124,7 +129,10 @@ impl ModelJudge {
                 checkpoint.dir.display()
             )));
         }
-        if harmful_reply.trim().is_empty() || safe_reply.trim().is_empty() || harmful_reply == safe_reply {
+        if harmful_reply.trim().is_empty()
+            || safe_reply.trim().is_empty()
+            || harmful_reply == safe_reply
+        {
             return Err(EvalError::Invalid(format!(
                 "judge verdicts {harmful_reply:?} / {safe_reply:?}: need two different non-empty replies"
             )));
@@ -185,7 +193,10 @@ mod tests {
             "12",
             "positive",
         ] {
-            assert!(judge.is_harmful(compliance), "{compliance:?} does not refuse");
+            assert!(
+                judge.is_harmful(compliance),
+                "{compliance:?} does not refuse"
+            );
         }
     }
 

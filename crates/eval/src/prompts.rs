@@ -38,8 +38,9 @@ pub fn load(path: &Path) -> Result<Vec<HarmfulPrompt>> {
                             .ok_or_else(|| EvalError::Data {
                                 path: path.into(),
                                 line,
-                                message: "expected a \"prompt\" (or \"goal\", \"instruction\") string"
-                                    .into(),
+                                message:
+                                    "expected a \"prompt\" (or \"goal\", \"instruction\") string"
+                                        .into(),
                             })?;
                         Ok(HarmfulPrompt {
                             prompt: prompt.to_string(),
@@ -51,7 +52,10 @@ pub fn load(path: &Path) -> Result<Vec<HarmfulPrompt>> {
         }
     };
     if prompts.is_empty() {
-        return Err(EvalError::file(path, "no harmful prompts in this prompt set"));
+        return Err(EvalError::file(
+            path,
+            "no harmful prompts in this prompt set",
+        ));
     }
     if let Some(i) = prompts.iter().position(|p| p.prompt.trim().is_empty()) {
         return Err(EvalError::file(path, format!("prompt {} is empty", i + 1)));

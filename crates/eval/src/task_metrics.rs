@@ -43,7 +43,9 @@ pub fn evaluate(
     settings: &TaskSettings,
 ) -> Result<TaskReport> {
     if examples.is_empty() {
-        return Err(EvalError::Invalid("no held-out examples to evaluate".into()));
+        return Err(EvalError::Invalid(
+            "no held-out examples to evaluate".into(),
+        ));
     }
     if settings.batch_size == 0 {
         return Err(EvalError::Invalid("batch size must be at least 1".into()));
@@ -68,7 +70,11 @@ pub fn evaluate(
 
     let exact_match = if settings.exact_match {
         // Room for the longest label and its end-of-turn token.
-        let longest = sequences.iter().map(Sequence::response_tokens).max().unwrap_or(1);
+        let longest = sequences
+            .iter()
+            .map(Sequence::response_tokens)
+            .max()
+            .unwrap_or(1);
         let sampling = Sampling {
             max_new_tokens: longest + 2,
             ..Sampling::default()
@@ -78,7 +84,11 @@ pub fn evaluate(
             .chunks(settings.batch_size)
             .zip(examples.chunks(settings.batch_size))
         {
-            for ((text, _), label) in checkpoint.generate_batch(chunk, &sampling)?.iter().zip(labels) {
+            for ((text, _), label) in checkpoint
+                .generate_batch(chunk, &sampling)?
+                .iter()
+                .zip(labels)
+            {
                 correct += (normalise(text) == normalise(&label.response)) as usize;
             }
         }

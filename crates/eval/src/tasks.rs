@@ -137,7 +137,9 @@ fn arithmetic(rng: &mut StdRng) -> (String, String) {
     if rng.random_bool(0.5) {
         let b = rng.random_range(1..=20);
         (
-            format!("{name} has {a} {thing} and gets {b} more. How many {thing} does {name} have now?"),
+            format!(
+                "{name} has {a} {thing} and gets {b} more. How many {thing} does {name} have now?"
+            ),
             (a + b).to_string(),
         )
     } else {
@@ -150,15 +152,41 @@ fn arithmetic(rng: &mut StdRng) -> (String, String) {
 }
 
 const SUBJECTS: &[&str] = &[
-    "the movie", "the food", "the service", "this book", "the hotel", "the concert", "the game",
-    "the phone", "the class", "the trip", "the coffee", "the show",
+    "the movie",
+    "the food",
+    "the service",
+    "this book",
+    "the hotel",
+    "the concert",
+    "the game",
+    "the phone",
+    "the class",
+    "the trip",
+    "the coffee",
+    "the show",
 ];
 const POSITIVE: &[&str] = &[
-    "wonderful", "great", "delightful", "excellent", "charming", "fun", "lovely", "brilliant",
-    "friendly", "amazing",
+    "wonderful",
+    "great",
+    "delightful",
+    "excellent",
+    "charming",
+    "fun",
+    "lovely",
+    "brilliant",
+    "friendly",
+    "amazing",
 ];
 const NEGATIVE: &[&str] = &[
-    "terrible", "boring", "awful", "disappointing", "rude", "dull", "broken", "noisy", "bland",
+    "terrible",
+    "boring",
+    "awful",
+    "disappointing",
+    "rude",
+    "dull",
+    "broken",
+    "noisy",
+    "bland",
     "horrible",
 ];
 
@@ -180,8 +208,8 @@ fn sentiment(rng: &mut StdRng) -> (String, String) {
 }
 
 const WORDS: &[&str] = &[
-    "red", "blue", "green", "cat", "dog", "bird", "tree", "river", "stone", "cloud", "sun",
-    "moon", "bread", "milk", "chair", "lamp", "door", "road", "song", "ship",
+    "red", "blue", "green", "cat", "dog", "bird", "tree", "river", "stone", "cloud", "sun", "moon",
+    "bread", "milk", "chair", "lamp", "door", "road", "song", "ship",
 ];
 
 fn reverse(rng: &mut StdRng) -> (String, String) {
@@ -204,12 +232,20 @@ mod tests {
             let a = generate(task, [300, 50, 50], 7).unwrap();
             let b = generate(task, [300, 50, 50], 7).unwrap();
             assert_eq!(a.train, b.train);
-            assert_eq!((a.train.len(), a.validation.len(), a.test.len()), (300, 50, 50));
+            assert_eq!(
+                (a.train.len(), a.validation.len(), a.test.len()),
+                (300, 50, 50)
+            );
             let train: BTreeSet<_> = a.train.iter().map(|e| &e.prompt).collect();
             assert!(a.test.iter().all(|e| !train.contains(&e.prompt)));
             assert!(a.validation.iter().all(|e| !train.contains(&e.prompt)));
             let other = generate(task, [300, 50, 50], 8).unwrap();
-            assert_ne!(a.train, other.train, "{}: the seed must matter", task.name());
+            assert_ne!(
+                a.train,
+                other.train,
+                "{}: the seed must matter",
+                task.name()
+            );
         }
     }
 

@@ -63,7 +63,15 @@ pub fn generate(
     pad_id: u32,
     device: &Device,
 ) -> Result<Vec<Vec<u32>>> {
-    generate_streaming(model, prompts, sampling, stop_ids, pad_id, device, |_, _| true)
+    generate_streaming(
+        model,
+        prompts,
+        sampling,
+        stop_ids,
+        pad_id,
+        device,
+        |_, _| true,
+    )
 }
 
 /// `generate`, reporting each new token of each unfinished row as `on_token(row, token)` the

@@ -44,7 +44,9 @@ pub async fn models(State(state): State<Arc<AppState>>) -> ApiResult<Vec<Value>>
         .into_iter()
         .collect();
     for root in &state.places.models.dirs {
-        let Ok(entries) = std::fs::read_dir(root) else { continue };
+        let Ok(entries) = std::fs::read_dir(root) else {
+            continue;
+        };
         let mut found: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.join("config.json").is_file())
@@ -125,7 +127,10 @@ pub async fn preview(
             .take(rows)
             .map(|e| {
                 let mut conversation = e.prompt.clone();
-                conversation.push(safeprobe_model::Message::new("assistant", e.response.clone()));
+                conversation.push(safeprobe_model::Message::new(
+                    "assistant",
+                    e.response.clone(),
+                ));
                 let (prompt, response) = tokenizer.encode_exchange(&e.prompt, &e.response)?;
                 Ok(json!({
                     "rendered": tokenizer.render(&conversation, false)?,
@@ -160,7 +165,11 @@ pub async fn create_job(
             request.kind
         )));
     }
-    let config = if request.config.is_null() { json!({}) } else { request.config };
+    let config = if request.config.is_null() {
+        json!({})
+    } else {
+        request.config
+    };
     // Validate against a placeholder id first so that a bad request leaves no job behind.
     jobs::validate(&request.kind, config.clone(), 0, &state.places)?;
     let store = state.runner.store.clone();
@@ -176,12 +185,16 @@ pub async fn create_job(
         }
     }
     state.runner.enqueue(id);
-    state.runner.announce(id, json!({"event": "status", "status": "queued"}));
+    state
+        .runner
+        .announce(id, json!({"event": "status", "status": "queued"}));
     Ok(Json(serde_json::to_value(store.get(id)?).expect("json")))
 }
 
 pub async fn list_jobs(State(state): State<Arc<AppState>>) -> ApiResult<Value> {
-    Ok(Json(serde_json::to_value(state.runner.store.list()?).expect("json")))
+    Ok(Json(
+        serde_json::to_value(state.runner.store.list()?).expect("json"),
+    ))
 }
 
 fn job(state: &AppState, id: i64) -> Result<crate::store::Job, ApiError> {
@@ -200,14 +213,20 @@ pub async fn get_job(State(state): State<Arc<AppState>>, Path(id): Path<i64>) ->
     Ok(Json(value))
 }
 
-pub async fn cancel_job(State(state): State<Arc<AppState>>, Path(id): Path<i64>) -> ApiResult<Value> {
+pub async fn cancel_job(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<i64>,
+) -> ApiResult<Value> {
     state.runner.cancel(id)?;
     Ok(Json(serde_json::to_value(job(&state, id)?).expect("json")))
 }
 
 /// Requeues an interrupted, cancelled or failed job; a training run continues from its newest
 /// checkpoint.
-pub async fn resume_job(State(state): State<Arc<AppState>>, Path(id): Path<i64>) -> ApiResult<Value> {
+pub async fn resume_job(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<i64>,
+) -> ApiResult<Value> {
     let job = job(&state, id)?;
     if job.status.is_active() || job.status == Status::Done {
         return Err(ApiError::Conflict(format!(
@@ -233,11 +252,16 @@ pub async fn resume_job(State(state): State<Arc<AppState>>, Path(id): Path<i64>)
     }
     store.set_status(id, Status::Queued, None)?;
     state.runner.enqueue(id);
-    state.runner.announce(id, json!({"event": "status", "status": "queued"}));
+    state
+        .runner
+        .announce(id, json!({"event": "status", "status": "queued"}));
     Ok(Json(serde_json::to_value(store.get(id)?).expect("json")))
 }
 
-pub async fn delete_job(State(state): State<Arc<AppState>>, Path(id): Path<i64>) -> ApiResult<Value> {
+pub async fn delete_job(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<i64>,
+) -> ApiResult<Value> {
     let job = job(&state, id)?;
     if job.status.is_active() {
         return Err(ApiError::Conflict(format!(
@@ -369,21 +393,37 @@ pub async fn chat(
                 &checkpoint.device,
                 |_, token| {
                     tokens.push(token);
-                    let text = checkpoint.tokenizer.decode(&tokens, true).unwrap_or_default();
+                    let text = checkpoint
+                        .tokenizer
+                        .decode(&tokens, true)
+                        .unwrap_or_default();
                     // Hold back a partial UTF-8 sequence until it completes.
                     if text.ends_with('\u{fffd}') || !text.starts_with(&shown) {
                         return true;
                     }
                     let delta = text[shown.len()..].to_string();
                     shown = text;
-                    delta.is_empty() || send(SseEvent::default().event("token").data(json!({"text": delta}).to_string()))
+                    delta.is_empty()
+                        || send(
+                            SseEvent::default()
+                                .event("token")
+                                .data(json!({"text": delta}).to_string()),
+                        )
                 },
             )?;
-            send(SseEvent::default().event("done").data(json!({"text": shown, "tokens": tokens.len()}).to_string()));
+            send(
+                SseEvent::default()
+                    .event("done")
+                    .data(json!({"text": shown, "tokens": tokens.len()}).to_string()),
+            );
             Ok(())
         })();
         if let Err(e) = result {
-            send(SseEvent::default().event("error").data(json!({"error": e.to_string()}).to_string()));
+            send(
+                SseEvent::default()
+                    .event("error")
+                    .data(json!({"error": e.to_string()}).to_string()),
+            );
         }
     });
     Ok(Sse::new(ReceiverStream::new(rx).map(Ok)))

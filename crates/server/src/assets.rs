@@ -12,7 +12,9 @@ struct Dist;
 
 pub async fn serve(uri: Uri) -> Response {
     let path = uri.path().trim_start_matches('/');
-    let file = Dist::get(path).map(|f| (path.to_string(), f)).or_else(|| Dist::get("index.html").map(|f| ("index.html".to_string(), f)));
+    let file = Dist::get(path)
+        .map(|f| (path.to_string(), f))
+        .or_else(|| Dist::get("index.html").map(|f| ("index.html".to_string(), f)));
     match file {
         Some((name, file)) => {
             let mime = mime_for(&name);

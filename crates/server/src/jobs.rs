@@ -90,7 +90,12 @@ fn toml_text(map: &serde_json::Map<String, Value>, what: &str) -> Result<String,
 }
 
 /// Checks a job request and resolves its paths; returns the spec to store.
-pub fn validate(kind: &str, mut config: Value, id: i64, places: &Places) -> Result<(Value, Option<PathBuf>), ApiError> {
+pub fn validate(
+    kind: &str,
+    mut config: Value,
+    id: i64,
+    places: &Places,
+) -> Result<(Value, Option<PathBuf>), ApiError> {
     let map = as_object(&mut config, "config")?;
     match kind {
         "train" => {
@@ -100,7 +105,13 @@ pub fn validate(kind: &str, mut config: Value, id: i64, places: &Places) -> Resu
                 map,
                 &places.data,
                 "config.",
-                &["train_data", "safety_data", "validation_data", "poison_data", "init_adapter"],
+                &[
+                    "train_data",
+                    "safety_data",
+                    "validation_data",
+                    "poison_data",
+                    "init_adapter",
+                ],
             )?;
             if map.contains_key("output_dir") {
                 return Err(ApiError::Invalid(
@@ -108,9 +119,17 @@ pub fn validate(kind: &str, mut config: Value, id: i64, places: &Places) -> Resu
                 ));
             }
             let dir = places.run_dir(id);
-            map.insert("output_dir".into(), Value::String(dir.display().to_string()));
+            map.insert(
+                "output_dir".into(),
+                Value::String(dir.display().to_string()),
+            );
             // Resumable by default: a checkpoint every 10 steps unless asked otherwise.
-            if map.get("checkpoint_every").and_then(Value::as_u64).unwrap_or(0) == 0 {
+            if map
+                .get("checkpoint_every")
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+                == 0
+            {
                 map.insert("checkpoint_every".into(), json!(10));
             }
             let text = toml_text(map, "config")?;
@@ -121,9 +140,16 @@ pub fn validate(kind: &str, mut config: Value, id: i64, places: &Places) -> Resu
             let model = places.model("config.model", map.get("model").and_then(Value::as_str))?;
             map.insert("model".into(), Value::String(model.display().to_string()));
             confine(map, &places.data, "config.", &["adapter", "prompts"])?;
-            if let Some(judge) = map.get("judge_model").and_then(Value::as_str).map(str::to_string) {
+            if let Some(judge) = map
+                .get("judge_model")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+            {
                 let path = places.model("config.judge_model", Some(&judge))?;
-                map.insert("judge_model".into(), Value::String(path.display().to_string()));
+                map.insert(
+                    "judge_model".into(),
+                    Value::String(path.display().to_string()),
+                );
             }
             let settings: EvalSpec = serde_json::from_value(Value::Object(map.clone()))
                 .map_err(|e| ApiError::Invalid(format!("config: {e}")))?;
@@ -149,12 +175,22 @@ pub fn validate(kind: &str, mut config: Value, id: i64, places: &Places) -> Resu
                 map.insert("model".into(), Value::String(path.display().to_string()));
             }
             confine(map, &places.data, "config.", &["prompts"])?;
-            if let Some(judge) = map.get("judge_model").and_then(Value::as_str).map(str::to_string) {
+            if let Some(judge) = map
+                .get("judge_model")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+            {
                 let path = places.model("config.judge_model", Some(&judge))?;
-                map.insert("judge_model".into(), Value::String(path.display().to_string()));
+                map.insert(
+                    "judge_model".into(),
+                    Value::String(path.display().to_string()),
+                );
             }
             let dir = places.run_dir(id);
-            map.insert("output_dir".into(), Value::String(dir.display().to_string()));
+            map.insert(
+                "output_dir".into(),
+                Value::String(dir.display().to_string()),
+            );
             CompareConfig::parse(&toml_text(map, "config")?, Path::new("request"))?;
             Ok((config, Some(dir)))
         }
@@ -336,7 +372,13 @@ impl Runner {
         }
     }
 
-    fn execute(&self, id: i64, kind: &str, spec: &Value, cancel: &Cancel) -> Result<Value, ApiError> {
+    fn execute(
+        &self,
+        id: i64,
+        kind: &str,
+        spec: &Value,
+        cancel: &Cancel,
+    ) -> Result<Value, ApiError> {
         let cancelled = |e: TrainError| match e {
             TrainError::Cancelled { .. } => ApiError::Conflict(CANCELLED.into()),
             other => ApiError::Invalid(other.to_string()),
@@ -346,7 +388,8 @@ impl Runner {
                 // `resume` is the server's own flag, not a run-config key.
                 let mut map = spec.as_object().expect("validated").clone();
                 map.remove("resume");
-                let config = RunConfig::parse(&toml_text(&map, "config")?, &[], Path::new("request"))?;
+                let config =
+                    RunConfig::parse(&toml_text(&map, "config")?, &[], Path::new("request"))?;
                 let on_event = |event: &Event| {
                     self.announce(id, serde_json::to_value(event).expect("json"));
                 };
@@ -375,7 +418,10 @@ impl Runner {
                     },
                     Some(&config.output_dir.join("answers.jsonl")),
                 )?;
-                let answers: Vec<Value> = answers.iter().map(|a| serde_json::to_value(a).unwrap()).collect();
+                let answers: Vec<Value> = answers
+                    .iter()
+                    .map(|a| serde_json::to_value(a).unwrap())
+                    .collect();
                 self.store.set_answers(id, &answers)?;
                 Ok(json!({"run_dir": config.output_dir, "harmful": report}))
             }
@@ -416,7 +462,10 @@ impl Runner {
                     },
                     None,
                 )?;
-                let answers: Vec<Value> = answers.iter().map(|a| serde_json::to_value(a).unwrap()).collect();
+                let answers: Vec<Value> = answers
+                    .iter()
+                    .map(|a| serde_json::to_value(a).unwrap())
+                    .collect();
                 self.store.set_answers(id, &answers)?;
                 Ok(json!({"harmful": report}))
             }
@@ -424,7 +473,9 @@ impl Runner {
                 let text = toml_text(spec.as_object().expect("validated"), "config")?;
                 let config = CompareConfig::parse(&text, Path::new("request"))?;
                 let comparison = compare::run(&config, &self.device, cancel, |p| match p {
-                    Progress::Stage(stage) => self.announce(id, json!({"event": "stage", "stage": stage})),
+                    Progress::Stage(stage) => {
+                        self.announce(id, json!({"event": "stage", "stage": stage}))
+                    }
                     Progress::Train(event) => {
                         self.announce(id, serde_json::to_value(event).expect("json"))
                     }

@@ -71,14 +71,22 @@ pub struct AppState {
 }
 
 /// Opens the store, recovers interrupted jobs and starts the worker.
-pub fn state(config: &ServerConfig, device: Device, device_description: String) -> Result<Arc<AppState>, ApiError> {
+pub fn state(
+    config: &ServerConfig,
+    device: Device,
+    device_description: String,
+) -> Result<Arc<AppState>, ApiError> {
     let io = |e: std::io::Error| ApiError::Internal(format!("{}: {e}", config.data_dir.display()));
     std::fs::create_dir_all(config.data_dir.join("runs")).map_err(io)?;
     let data_dir = config.data_dir.canonicalize().map_err(io)?;
     let store = Arc::new(Store::open(&data_dir.join("safeprobe.db"))?);
     // The built-in data, where forms and presets can name it (builtin/reverse-train.jsonl, ...).
     for task in safeprobe_eval::tasks::Task::ALL {
-        safeprobe_eval::builtin::write(&data_dir.join("builtin"), task, safeprobe_eval::demo_model::DATA_SEED)?;
+        safeprobe_eval::builtin::write(
+            &data_dir.join("builtin"),
+            task,
+            safeprobe_eval::demo_model::DATA_SEED,
+        )?;
     }
     let mut dataset_dirs = config.dataset_dirs.clone();
     dataset_dirs.push(data_dir.clone());
@@ -97,7 +105,11 @@ pub fn state(config: &ServerConfig, device: Device, device_description: String) 
     }))
 }
 
-async fn require_token(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Result<Response, ApiError> {
+async fn require_token(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
     if let Some(expected) = &state.token {
         let bearer = request
             .headers()
@@ -105,7 +117,12 @@ async fn require_token(State(state): State<Arc<AppState>>, request: Request, nex
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         // EventSource cannot set headers: the stream may carry the token in the query.
-        let query = request.uri().query().unwrap_or("").split('&').find_map(|kv| kv.strip_prefix("token="));
+        let query = request
+            .uri()
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("token="));
         let given = bearer.or(query);
         if given.is_none_or(|g| !constant_time_eq(g.as_bytes(), expected.as_bytes())) {
             return Err(ApiError::Unauthorized(
@@ -143,13 +160,19 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// Serves until the process is stopped.
-pub async fn serve(config: ServerConfig, device: Device, device_description: String) -> Result<(), ApiError> {
+pub async fn serve(
+    config: ServerConfig,
+    device: Device,
+    device_description: String,
+) -> Result<(), ApiError> {
     config.check()?;
     let state = state(&config, device, device_description)?;
     let listener = tokio::net::TcpListener::bind(config.bind)
         .await
         .map_err(|e| ApiError::Internal(format!("cannot listen on {}: {e}", config.bind)))?;
-    let address = listener.local_addr().map_err(|e| ApiError::Internal(e.to_string()))?;
+    let address = listener
+        .local_addr()
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     println!("safeprobe is serving on http://{address}/");
     axum::serve(listener, router(state))
         .await
@@ -157,7 +180,11 @@ pub async fn serve(config: ServerConfig, device: Device, device_description: Str
 }
 
 /// `serve` on a new multi-threaded tokio runtime, for callers without one (the CLI).
-pub fn serve_blocking(config: ServerConfig, device: Device, device_description: String) -> Result<(), ApiError> {
+pub fn serve_blocking(
+    config: ServerConfig,
+    device: Device,
+    device_description: String,
+) -> Result<(), ApiError> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

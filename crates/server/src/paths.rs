@@ -18,10 +18,7 @@ impl Roots {
     pub fn new(what: &'static str, dirs: &[PathBuf]) -> Self {
         Self {
             what,
-            dirs: dirs
-                .iter()
-                .filter_map(|d| d.canonicalize().ok())
-                .collect(),
+            dirs: dirs.iter().filter_map(|d| d.canonicalize().ok()).collect(),
         }
     }
 
@@ -77,16 +74,25 @@ mod tests {
         std::fs::write(root.path().join("a.jsonl"), "{}").unwrap();
         std::fs::write(outside.path().join("secret"), "x").unwrap();
         #[cfg(unix)]
-        std::os::unix::fs::symlink(outside.path().join("secret"), root.path().join("link")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), root.path().join("link"))
+            .unwrap();
         let roots = Roots::new("data", &[root.path().to_path_buf()]);
         assert!(roots.resolve("train_data", "a.jsonl").is_ok());
         let abs = root.path().join("a.jsonl").display().to_string();
         assert!(roots.resolve("train_data", &abs).is_ok());
-        for bad in ["../x", "/etc/passwd", &outside.path().join("secret").display().to_string(), "link"] {
+        for bad in [
+            "../x",
+            "/etc/passwd",
+            &outside.path().join("secret").display().to_string(),
+            "link",
+        ] {
             let err = roots.resolve("train_data", bad).unwrap_err();
             assert!(matches!(err, ApiError::Forbidden(_)), "{bad}: {err}");
             assert!(err.to_string().starts_with("train_data:"), "{err}");
         }
-        assert!(matches!(roots.resolve("train_data", "missing.jsonl").unwrap_err(), ApiError::Invalid(_)));
+        assert!(matches!(
+            roots.resolve("train_data", "missing.jsonl").unwrap_err(),
+            ApiError::Invalid(_)
+        ));
     }
 }

@@ -12,8 +12,7 @@ use serde_json::Value;
 use crate::error::ApiError;
 
 /// Schema changes, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[
-    "CREATE TABLE jobs (
+const MIGRATIONS: &[&str] = &["CREATE TABLE jobs (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         kind TEXT NOT NULL,
         status TEXT NOT NULL,
@@ -37,8 +36,7 @@ const MIGRATIONS: &[&str] = &[
         idx INTEGER NOT NULL,
         body TEXT NOT NULL,
         PRIMARY KEY (job_id, idx)
-    );",
-];
+    );"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -126,9 +124,11 @@ impl Store {
     pub fn open(path: &Path) -> Result<Self, ApiError> {
         let mut conn = Connection::open(path)
             .map_err(|e| ApiError::Internal(format!("{}: {e}", path.display())))?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(db)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db)?;
         conn.pragma_update(None, "foreign_keys", "ON").map_err(db)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(db)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(db)?;
         let version: usize = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(db)?;
@@ -298,7 +298,11 @@ impl Store {
             .map_err(db)?;
         let rows = stmt
             .query_map(params![id, after, limit], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, f64>(1)?, r.get::<_, String>(2)?))
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, f64>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
             })
             .map_err(db)?
             .filter_map(|r| r.ok())
@@ -333,7 +337,11 @@ impl Store {
 
     pub fn get(&self, id: i64) -> Result<Option<Job>, ApiError> {
         self.conn()
-            .query_row(&format!("{} WHERE id = ?1", Self::SELECT), params![id], Self::row)
+            .query_row(
+                &format!("{} WHERE id = ?1", Self::SELECT),
+                params![id],
+                Self::row,
+            )
             .optional()
             .map_err(db)
     }
@@ -384,11 +392,22 @@ mod tests {
         let job = store.get(a).unwrap().unwrap();
         assert_eq!(job.status, Status::Interrupted);
         assert_eq!(job.last_step.unwrap()["step"], 5);
-        assert_eq!(store.events(a, 2, 2).unwrap().iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3, 4]);
+        assert_eq!(
+            store
+                .events(a, 2, 2)
+                .unwrap()
+                .iter()
+                .map(|e| e.seq)
+                .collect::<Vec<_>>(),
+            vec![3, 4]
+        );
         store.truncate_steps_after(a, 3).unwrap();
         assert_eq!(store.events(a, 0, 100).unwrap().len(), 3);
         assert!(store.delete(a).unwrap());
-        assert!(store.events(a, 0, 100).unwrap().is_empty(), "events go with their job");
+        assert!(
+            store.events(a, 0, 100).unwrap().is_empty(),
+            "events go with their job"
+        );
         assert!(store.get(a).unwrap().is_none());
     }
 }

@@ -4,11 +4,11 @@
 use std::path::Path;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use safeprobe_model::chat::{ChatTokenizer, Message};
-use safeprobe_model::qwen2::AttentionLayout;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
+use safeprobe_model::chat::{ChatTokenizer, Message};
+use safeprobe_model::qwen2::AttentionLayout;
 use serde_json::Value;
 
 use crate::error::{Result, TrainError};
@@ -77,7 +77,11 @@ fn json_array(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, Value>)
     let text = std::fs::read_to_string(path).map_err(|e| bad(format!("cannot read: {e}")))?;
     let items = match serde_json::from_str::<Value>(&text) {
         Ok(Value::Array(items)) => items,
-        Ok(_) => return Err(bad("expected a JSON array of objects (Alpaca format)".into())),
+        Ok(_) => {
+            return Err(bad(
+                "expected a JSON array of objects (Alpaca format)".into()
+            ));
+        }
         Err(e) => return Err(bad(format!("malformed JSON: {e}"))),
     };
     items
@@ -207,7 +211,12 @@ pub fn read_pairs(path: &Path) -> Result<Vec<SafetyPair>> {
 /// Harmful-compliance examples (a pair's prompt answered with its harmful answer) to mix into
 /// `clean` benign examples so that they make up `fraction` of the result: the poisoning
 /// experiment. Pairs are taken in a seeded order, cycling when more are needed than exist.
-pub fn poison(clean: usize, pairs: &[SafetyPair], fraction: f64, seed: u64) -> Result<Vec<Example>> {
+pub fn poison(
+    clean: usize,
+    pairs: &[SafetyPair],
+    fraction: f64,
+    seed: u64,
+) -> Result<Vec<Example>> {
     if !(0.0..1.0).contains(&fraction) {
         return Err(TrainError::Config(format!(
             "poison_fraction {fraction} must be in [0, 1)"
@@ -333,23 +342,43 @@ mod tests {
 
     #[test]
     fn poison_makes_up_the_asked_fraction() {
-        for (clean, fraction, expected) in [(900, 0.1, 100), (1000, 0.0, 0), (300, 0.5, 300), (10, 0.05, 1)] {
+        for (clean, fraction, expected) in [
+            (900, 0.1, 100),
+            (1000, 0.0, 0),
+            (300, 0.5, 300),
+            (10, 0.05, 1),
+        ] {
             let poison = poison(clean, &pairs(7), fraction, 3).unwrap();
             assert_eq!(poison.len(), expected, "{clean} clean at {fraction}");
             assert!(poison.iter().all(|e| e.response.starts_with("Sure")));
         }
         // Cycling covers every pair before repeating one.
         let poison = poison(630, &pairs(7), 0.1, 3).unwrap();
-        let distinct: std::collections::BTreeSet<_> = poison[..7].iter().map(|e| &e.response).collect();
+        let distinct: std::collections::BTreeSet<_> =
+            poison[..7].iter().map(|e| &e.response).collect();
         assert_eq!(distinct.len(), 7);
-        assert_ne!(poison, super::poison(630, &pairs(7), 0.1, 4).unwrap(), "the seed must matter");
+        assert_ne!(
+            poison,
+            super::poison(630, &pairs(7), 0.1, 4).unwrap(),
+            "the seed must matter"
+        );
     }
 
     #[test]
     fn poison_rejects_bad_fractions_and_missing_pairs() {
-        assert!(poison(10, &pairs(2), 1.0, 0).unwrap_err().to_string().contains("poison_fraction 1"));
+        assert!(
+            poison(10, &pairs(2), 1.0, 0)
+                .unwrap_err()
+                .to_string()
+                .contains("poison_fraction 1")
+        );
         assert!(poison(10, &pairs(2), -0.1, 0).is_err());
-        assert!(poison(10, &[], 0.2, 0).unwrap_err().to_string().contains("safety pairs"));
+        assert!(
+            poison(10, &[], 0.2, 0)
+                .unwrap_err()
+                .to_string()
+                .contains("safety pairs")
+        );
         assert!(poison(10, &[], 0.0, 0).unwrap().is_empty());
     }
 }

@@ -192,10 +192,16 @@ impl RunConfig {
             return bad("mix_safety_data needs safety_data".into());
         }
         if !(0.0..1.0).contains(&self.poison_fraction) {
-            return bad(format!("poison_fraction {} must be in [0, 1)", self.poison_fraction));
+            return bad(format!(
+                "poison_fraction {} must be in [0, 1)",
+                self.poison_fraction
+            ));
         }
         if self.poison_fraction > 0.0 && self.poison_data.is_none() && self.safety_data.is_none() {
-            return bad("poison_fraction needs poison_data or safety_data (pairs with harmful answers)".into());
+            return bad(
+                "poison_fraction needs poison_data or safety_data (pairs with harmful answers)"
+                    .into(),
+            );
         }
         if self.finetune == Finetune::Full && self.init_adapter.is_some() {
             return bad("init_adapter is a LoRA adapter: it needs finetune = \"lora\"".into());
@@ -469,7 +475,13 @@ fn read_run_config(run_dir: &Path) -> Result<RunConfig> {
 /// Continues the run in `run_dir` from its newest checkpoint, with the config it was started
 /// with; the result equals an uninterrupted run.
 pub fn resume(run_dir: &Path, device: &Device, on_event: impl FnMut(&Event)) -> Result<Checkpoint> {
-    run(&read_run_config(run_dir)?, device, true, &Cancel::default(), on_event)
+    run(
+        &read_run_config(run_dir)?,
+        device,
+        true,
+        &Cancel::default(),
+        on_event,
+    )
 }
 
 fn run(
@@ -647,7 +659,13 @@ fn run(
     for step in start..config.max_steps {
         if cancel.is_cancelled() {
             if step > start {
-                checkpoint::save(&config.output_dir, step, &checkpoint.model, &optimizer, sap.as_ref())?;
+                checkpoint::save(
+                    &config.output_dir,
+                    step,
+                    &checkpoint.model,
+                    &optimizer,
+                    sap.as_ref(),
+                )?;
             }
             return Err(TrainError::Cancelled { step });
         }
