@@ -671,3 +671,112 @@ fn gradient_accumulation_equals_one_big_batch() {
         }
     }
 }
+
+#[test]
+fn data_errors_name_the_file_line_and_oversized_records_are_refused_early() {
+    let dir = tempfile::tempdir().unwrap();
+    // Blank lines before the bad example: the error names its line (5), not its index (2).
+    let data = dir.path().join("lines.jsonl");
+    let long_prompt = "word ".repeat(400);
+    std::fs::write(
+        &data,
+        format!(
+            "\n{{\"prompt\": \"a\", \"response\": \"b\"}}\n\n\n{{\"prompt\": \"{long_prompt}\", \"response\": \"c\"}}\n"
+        ),
+    )
+    .unwrap();
+    let output = dir.path().join("run");
+    let mut run = config(&output, &["max_len=128"]);
+    run.train_data = data.clone();
+    let error = train(&run, &Device::flex(), |_| {})
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("lines.jsonl:5:"), "{error}");
+    assert!(error.contains("max_len"), "{error}");
+
+    // One record over the limit is refused by size, before it is parsed or tokenised.
+    let huge = dir.path().join("huge.jsonl");
+    let text = "x".repeat(data::MAX_RECORD_BYTES + 1);
+    std::fs::write(
+        &huge,
+        format!("{{\"prompt\": \"a\", \"response\": \"b\"}}\n{{\"prompt\": \"{text}\", \"response\": \"b\"}}\n"),
+    )
+    .unwrap();
+    let error = data::read_examples(&huge).unwrap_err().to_string();
+    assert!(
+        error.contains("huge.jsonl:2:") && error.contains("limit"),
+        "{error}"
+    );
+    let array = dir.path().join("huge.json");
+    std::fs::write(
+        &array,
+        format!("[{{\"instruction\": \"{text}\", \"output\": \"b\"}}]"),
+    )
+    .unwrap();
+    let error = data::read_examples(&array).unwrap_err().to_string();
+    assert!(
+        error.contains("huge.json:1:") && error.contains("limit"),
+        "{error}"
+    );
+}
+
+#[test]
+fn duplicate_probe_layers_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "model = {:?}\ntrain_data = {:?}\nsafety_data = {:?}\noutput_dir = {:?}\nmax_steps = 3\nmethod = \"sap\"\n",
+        fixture("tiny-tied"),
+        fixture("data/train.jsonl"),
+        fixture("data/safety.jsonl"),
+        dir.path()
+    );
+    let error = RunConfig::parse(&text, &["sap.layers=[1, 1]".into()], Path::new("dup.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("sap.layers") && error.contains("twice"),
+        "{error}"
+    );
+}
+
+#[test]
+fn old_checkpoints_are_pruned_and_resume_explains_a_missing_one() {
+    let dir = tempfile::tempdir().unwrap();
+    train(
+        &config(
+            dir.path(),
+            &["max_steps=5", "checkpoint_every=1", "keep_checkpoints=2"],
+        ),
+        &Device::flex(),
+        |_| {},
+    )
+    .unwrap();
+    let kept: Vec<usize> = safeprobe_train::checkpoint::all(dir.path())
+        .into_iter()
+        .map(|(step, _)| step)
+        .collect();
+    assert_eq!(kept, vec![4, 5]);
+
+    // A run that writes checkpoints but stopped before its first one.
+    for (every, expected) in [
+        (10, "before its first checkpoint"),
+        (0, "checkpoint_every = 0"),
+    ] {
+        let early = tempfile::tempdir().unwrap();
+        train(
+            &config(early.path(), &[&format!("checkpoint_every={every}")]),
+            &Device::flex(),
+            |_| {},
+        )
+        .unwrap();
+        let error = safeprobe_train::run::resume(early.path(), &Device::flex(), |_| {})
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains(expected),
+            "checkpoint_every = {every}: {error}"
+        );
+    }
+}

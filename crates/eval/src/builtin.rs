@@ -39,10 +39,12 @@ pub fn safety_pairs() -> Vec<CategorisedPair> {
 pub fn pairs_for_training() -> Vec<SafetyPair> {
     safety_pairs()
         .into_iter()
-        .map(|p| SafetyPair {
+        .enumerate()
+        .map(|(i, p)| SafetyPair {
             prompt: p.prompt,
             chosen: p.chosen,
             rejected: p.rejected,
+            line: i + 1,
         })
         .collect()
 }

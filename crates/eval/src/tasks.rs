@@ -64,6 +64,7 @@ impl Labelled {
         safeprobe_train::data::Example {
             prompt: vec![safeprobe_model::Message::new("user", self.prompt.clone())],
             response: self.response.clone(),
+            line: 0,
         }
     }
 }

@@ -103,10 +103,12 @@ pub fn save(
     Ok(final_dir)
 }
 
-/// The newest complete checkpoint of a run, if any.
-pub fn latest(run_dir: &Path) -> Option<(usize, PathBuf)> {
-    let entries = std::fs::read_dir(run_dir.join("checkpoints")).ok()?;
-    entries
+/// The complete checkpoints of a run, oldest first.
+pub fn all(run_dir: &Path) -> Vec<(usize, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(run_dir.join("checkpoints")) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(usize, PathBuf)> = entries
         .filter_map(|e| {
             let e = e.ok()?;
             let step = e
@@ -120,7 +122,30 @@ pub fn latest(run_dir: &Path) -> Option<(usize, PathBuf)> {
                 .exists()
                 .then(|| (step, e.path()))
         })
-        .max_by_key(|(step, _)| *step)
+        .collect();
+    found.sort();
+    found
+}
+
+/// The newest complete checkpoint of a run, if any.
+pub fn latest(run_dir: &Path) -> Option<(usize, PathBuf)> {
+    all(run_dir).pop()
+}
+
+/// Deletes all but the newest `keep` checkpoints (0 keeps every one), so a long run's disk
+/// use stays bounded.
+pub fn prune(run_dir: &Path, keep: usize) -> Result<()> {
+    if keep == 0 {
+        return Ok(());
+    }
+    let found = all(run_dir);
+    for (_, dir) in &found[..found.len().saturating_sub(keep)] {
+        std::fs::remove_dir_all(dir).map_err(|e| TrainError::File {
+            path: dir.clone(),
+            message: format!("cannot delete an old checkpoint: {e}"),
+        })?;
+    }
+    Ok(())
 }
 
 /// Restores model parameters, optimiser and SAP state; returns the completed step count.

@@ -18,6 +18,9 @@ use crate::error::{Result, TrainError};
 pub struct Example {
     pub prompt: Vec<Message>,
     pub response: String,
+    /// Where it came from in its file (line, row or array element, 1-based), for errors;
+    /// 0 for examples made in memory.
+    pub line: usize,
 }
 
 /// A harmful prompt with a safe (chosen) and a harmful (rejected) answer.
@@ -26,6 +29,24 @@ pub struct SafetyPair {
     pub prompt: String,
     pub chosen: String,
     pub rejected: String,
+    /// Its line (row, element) in its file, 1-based; 0 when made in memory.
+    pub line: usize,
+}
+
+/// The largest record a data file may hold. Tokenising text costs far more memory than the
+/// text itself (a 50 MB record took 7.6 GB), so an oversized record is refused before it is
+/// parsed; no chat example a model can train on comes near this size.
+pub const MAX_RECORD_BYTES: usize = 1 << 20;
+
+fn oversized(path: &Path, line: usize, bytes: usize) -> TrainError {
+    TrainError::Data {
+        path: path.into(),
+        line,
+        message: format!(
+            "record of {bytes} bytes is over the {MAX_RECORD_BYTES}-byte limit for one example; \
+             split or shorten it"
+        ),
+    }
 }
 
 /// The records of a data file as JSON objects with their line (JSONL), row (Parquet) or
@@ -62,6 +83,9 @@ fn parquet_rows(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, Value
             message: e.to_string(),
         })?;
         match row.to_json_value() {
+            Value::Object(map) if text_bytes(&map) > MAX_RECORD_BYTES => {
+                return Err(oversized(path, i + 1, text_bytes(&map)));
+            }
             Value::Object(map) => rows.push((i + 1, map)),
             _ => unreachable!("a Parquet row converts to a JSON object"),
         }
@@ -88,6 +112,9 @@ fn json_array(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, Value>)
         .into_iter()
         .enumerate()
         .map(|(i, item)| match item {
+            Value::Object(map) if text_bytes(&map) > MAX_RECORD_BYTES => {
+                Err(oversized(path, i + 1, text_bytes(&map)))
+            }
             Value::Object(map) => Ok((i + 1, map)),
             _ => Err(TrainError::Data {
                 path: path.into(),
@@ -108,6 +135,9 @@ fn jsonl(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, Value>)>> {
         if line.trim().is_empty() {
             continue;
         }
+        if line.len() > MAX_RECORD_BYTES {
+            return Err(oversized(path, i + 1, line.len()));
+        }
         let data = |message: String| TrainError::Data {
             path: path.into(),
             line: i + 1,
@@ -126,6 +156,19 @@ fn jsonl(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, Value>)>> {
         });
     }
     Ok(rows)
+}
+
+/// The bytes of text a record holds (its strings, at any depth).
+fn text_bytes(map: &serde_json::Map<String, Value>) -> usize {
+    fn of(v: &Value) -> usize {
+        match v {
+            Value::String(s) => s.len(),
+            Value::Array(items) => items.iter().map(of).sum(),
+            Value::Object(map) => map.iter().map(|(k, v)| k.len() + of(v)).sum(),
+            _ => 8,
+        }
+    }
+    map.iter().map(|(k, v)| k.len() + of(v)).sum()
 }
 
 fn text(map: &serde_json::Map<String, Value>, key: &str) -> Option<String> {
@@ -154,6 +197,7 @@ pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
                     Some(last) if last.role == "assistant" && !messages.is_empty() => Ok(Example {
                         prompt: messages,
                         response: last.content,
+                        line,
                     }),
                     _ => Err(bad(
                         "\"messages\" must end with an assistant message after at least one other",
@@ -171,6 +215,7 @@ pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
                 Ok(Example {
                     prompt: vec![Message::new("user", prompt)],
                     response: output,
+                    line,
                 })
             } else if let (Some(prompt), Some(response)) =
                 (text(&map, "prompt"), text(&map, "response"))
@@ -178,6 +223,7 @@ pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
                 Ok(Example {
                     prompt: vec![Message::new("user", prompt)],
                     response,
+                    line,
                 })
             } else {
                 Err(bad(
@@ -197,7 +243,12 @@ pub fn read_pairs(path: &Path) -> Result<Vec<SafetyPair>> {
             let chosen = text(&map, "chosen").or_else(|| text(&map, "safe"));
             let rejected = text(&map, "rejected").or_else(|| text(&map, "harmful"));
             match (prompt, chosen, rejected) {
-                (Some(prompt), Some(chosen), Some(rejected)) => Ok(SafetyPair { prompt, chosen, rejected }),
+                (Some(prompt), Some(chosen), Some(rejected)) => Ok(SafetyPair {
+                    prompt,
+                    chosen,
+                    rejected,
+                    line,
+                }),
                 _ => Err(TrainError::Data {
                     path: path.into(),
                     line,
@@ -236,6 +287,7 @@ pub fn poison(
             Example {
                 prompt: vec![Message::new("user", pair.prompt.clone())],
                 response: pair.rejected.clone(),
+                line: pair.line,
             }
         })
         .collect())
@@ -336,6 +388,7 @@ mod tests {
                 prompt: format!("harmful request {i}"),
                 chosen: "I can't help with that.".into(),
                 rejected: format!("Sure, here is how {i}."),
+                line: i + 1,
             })
             .collect()
     }

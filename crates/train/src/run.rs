@@ -118,6 +118,11 @@ pub struct RunConfig {
     /// Write a resumable checkpoint every N steps (0: none).
     #[serde(default)]
     pub checkpoint_every: usize,
+    /// Keep only the newest N checkpoints (0: keep every one). Resuming needs only the newest;
+    /// each holds the trainable weights and their optimiser moments, so with full
+    /// fine-tuning a run's checkpoints are three copies of the model apiece.
+    #[serde(default = "default_keep_checkpoints")]
+    pub keep_checkpoints: usize,
     #[serde(default)]
     pub adamw: AdamWConfig,
     #[serde(default)]
@@ -148,6 +153,9 @@ fn default_one() -> usize {
 }
 fn default_true() -> bool {
     true
+}
+fn default_keep_checkpoints() -> usize {
+    2
 }
 fn default_eval_every() -> usize {
     50
@@ -222,6 +230,14 @@ impl RunConfig {
         }
         if self.sap.rho < 0.0 || self.sap.temperature <= 0.0 {
             return bad("sap.rho must be ≥ 0 and sap.temperature > 0".into());
+        }
+        let mut layers = self.sap.layers.clone();
+        layers.sort_unstable();
+        if let Some(twice) = layers.windows(2).find(|w| w[0] == w[1]) {
+            return bad(format!(
+                "sap.layers: layer {} is listed twice; each probed layer has one probe vector",
+                twice[0]
+            ));
         }
         self.lora
             .validate()
@@ -369,7 +385,7 @@ fn encode_all(
     path: &Path,
 ) -> Result<Vec<Sequence>> {
     let mut out = Vec::new();
-    for (i, example) in examples.iter().enumerate() {
+    for example in examples {
         let prompt = with_system(&example.prompt, config.system.as_deref());
         let sequence = Sequence::encode(
             &checkpoint.tokenizer,
@@ -379,13 +395,13 @@ fn encode_all(
         )
         .map_err(|e| TrainError::Data {
             path: path.into(),
-            line: i + 1,
+            line: example.line,
             message: e.to_string(),
         })?;
         if sequence.response_tokens() == 0 {
             return Err(TrainError::Data {
                 path: path.into(),
-                line: i + 1,
+                line: example.line,
                 message: format!(
                     "the prompt alone fills max_len = {}; no response token is left to train on",
                     config.max_len
@@ -402,16 +418,23 @@ fn encode_pairs(
     checkpoint: &Checkpoint,
     pairs: &[data::SafetyPair],
     config: &RunConfig,
+    path: &Path,
 ) -> Result<Vec<(Sequence, Sequence)>> {
     pairs
         .iter()
         .map(|p| {
             let prompt: Vec<Message> =
                 with_system(&prompt_messages(None, &p.prompt), config.system.as_deref());
-            Ok((
-                Sequence::encode(&checkpoint.tokenizer, &prompt, &p.chosen, config.max_len)?,
-                Sequence::encode(&checkpoint.tokenizer, &prompt, &p.rejected, config.max_len)?,
-            ))
+            let encode = |answer: &str| {
+                Sequence::encode(&checkpoint.tokenizer, &prompt, answer, config.max_len).map_err(
+                    |e| TrainError::Data {
+                        path: path.into(),
+                        line: p.line,
+                        message: e.to_string(),
+                    },
+                )
+            };
+            Ok((encode(&p.chosen)?, encode(&p.rejected)?))
         })
         .collect()
 }
@@ -540,7 +563,10 @@ fn run(
     };
 
     let mut train = encode_all(&checkpoint, &raw_train, config, &config.train_data)?;
-    let pairs = encode_pairs(&checkpoint, &raw_pairs, config)?;
+    let pairs = match &config.safety_data {
+        Some(path) => encode_pairs(&checkpoint, &raw_pairs, config, path)?,
+        None => Vec::new(),
+    };
     if config.mix_safety_data {
         train.extend(pairs.iter().map(|(safe, _)| safe.clone()));
     }
@@ -607,7 +633,17 @@ fn run(
     if resuming {
         let (_, dir) = checkpoint::latest(&config.output_dir).ok_or_else(|| TrainError::File {
             path: config.output_dir.join("checkpoints"),
-            message: "no checkpoint to resume from (set checkpoint_every)".into(),
+            message: if config.checkpoint_every == 0 {
+                "no checkpoint to resume from: the run was started with checkpoint_every = 0 \
+                 (set it to write checkpoints)"
+                    .into()
+            } else {
+                format!(
+                    "no checkpoint to resume from: the run stopped before its first checkpoint \
+                     (checkpoint_every = {}); start it again",
+                    config.checkpoint_every
+                )
+            },
         })?;
         start = checkpoint::load(
             &dir,
@@ -666,6 +702,7 @@ fn run(
                     &optimizer,
                     sap.as_ref(),
                 )?;
+                checkpoint::prune(&config.output_dir, config.keep_checkpoints)?;
             }
             return Err(TrainError::Cancelled { step });
         }
@@ -766,6 +803,7 @@ fn run(
                 &optimizer,
                 sap.as_ref(),
             )?;
+            checkpoint::prune(&config.output_dir, config.keep_checkpoints)?;
         }
     }
 
