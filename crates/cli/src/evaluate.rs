@@ -128,6 +128,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         sampling: args.sampling.sampling(args.max_new_tokens),
         batch_size: args.batch_size,
         system: args.model.system.clone(),
+        cancel: None,
     };
     std::fs::create_dir_all(&args.out)?;
     let answers_path = args.out.join("answers.jsonl");

@@ -288,6 +288,7 @@ fn evaluate_model(
     judge: Option<&ModelJudge>,
     splits: &crate::tasks::Splits,
     dir: &Path,
+    cancel: &Cancel,
 ) -> Result<(f64, Option<f64>, f64, f64)> {
     let system = config
         .train
@@ -300,6 +301,7 @@ fn evaluate_model(
             ..Default::default()
         },
         system: system.clone(),
+        cancel: Some(cancel.clone()),
         ..AnswerSettings::default()
     };
     std::fs::create_dir_all(dir).map_err(|e| EvalError::file(dir, e.to_string()))?;
@@ -315,6 +317,7 @@ fn evaluate_model(
     )?;
     let settings = TaskSettings {
         system,
+        cancel: Some(cancel.clone()),
         ..TaskSettings::default()
     };
     let as_examples = |l: &[Labelled]| l.iter().map(Labelled::example).collect::<Vec<_>>();
@@ -386,6 +389,7 @@ pub fn run(
         judge.as_ref(),
         &splits,
         &config.run_dir(Method::Base, 0),
+        cancel,
     )?;
     runs.push(RunResult {
         method: Method::Base,
@@ -429,6 +433,7 @@ pub fn run(
                 judge.as_ref(),
                 &splits,
                 &run_config.output_dir.join("eval"),
+                cancel,
             )?;
             let timed = if step_times.len() > 1 {
                 &step_times[1..]

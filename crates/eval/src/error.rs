@@ -12,6 +12,9 @@ pub enum EvalError {
     File { path: PathBuf, message: String },
     #[error("{0}")]
     Invalid(String),
+    /// Stopped on request (a cancelled job).
+    #[error("cancelled")]
+    Cancelled,
     #[error(transparent)]
     Model(#[from] safeprobe_model::Error),
     #[error(transparent)]

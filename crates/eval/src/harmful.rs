@@ -9,6 +9,7 @@ use std::path::Path;
 use safeprobe_model::chat::prompt_messages;
 use safeprobe_model::{Checkpoint, Sampling};
 use safeprobe_train::data::with_system;
+use safeprobe_train::run::Cancel;
 use serde::Serialize;
 
 use crate::error::{EvalError, Result};
@@ -21,6 +22,9 @@ pub struct AnswerSettings {
     pub sampling: Sampling,
     pub batch_size: usize,
     pub system: Option<String>,
+    /// Checked before each batch of prompts: once set, answering stops with
+    /// `EvalError::Cancelled`.
+    pub cancel: Option<Cancel>,
 }
 
 impl Default for AnswerSettings {
@@ -32,6 +36,7 @@ impl Default for AnswerSettings {
             },
             batch_size: 16,
             system: None,
+            cancel: None,
         }
     }
 }
@@ -106,6 +111,9 @@ pub fn answer(
     }
     let mut answers = Vec::with_capacity(prompts.len());
     for chunk in prompts.chunks(settings.batch_size) {
+        if settings.cancel.as_ref().is_some_and(Cancel::is_cancelled) {
+            return Err(EvalError::Cancelled);
+        }
         let conversations: Vec<_> = chunk
             .iter()
             .map(|p| {

@@ -24,6 +24,8 @@ pub struct TaskSettings {
     pub batch_size: usize,
     pub max_len: usize,
     pub exact_match: bool,
+    /// Checked before each batch: once set, evaluation stops with `EvalError::Cancelled`.
+    pub cancel: Option<safeprobe_train::run::Cancel>,
 }
 
 impl Default for TaskSettings {
@@ -32,6 +34,7 @@ impl Default for TaskSettings {
             system: None,
             batch_size: 16,
             max_len: 256,
+            cancel: None,
             exact_match: true,
         }
     }
@@ -60,7 +63,12 @@ pub fn evaluate(
         .map(|(c, e)| Sequence::encode(&checkpoint.tokenizer, c, &e.response, settings.max_len))
         .collect::<safeprobe_train::Result<Vec<_>>>()?;
     let (mut total, mut tokens) = (0.0, 0usize);
+    let check = || match &settings.cancel {
+        Some(c) if c.is_cancelled() => Err(EvalError::Cancelled),
+        _ => Ok(()),
+    };
     for chunk in sequences.chunks(settings.batch_size) {
+        check()?;
         let batch = Batch::new(chunk, checkpoint.tokenizer.pad_id, &checkpoint.device);
         let loss = task_loss(&checkpoint.model, &batch, None);
         total += safeprobe_train::params::scalar(&loss) * batch.response_tokens as f64;
@@ -84,6 +92,7 @@ pub fn evaluate(
             .chunks(settings.batch_size)
             .zip(examples.chunks(settings.batch_size))
         {
+            check()?;
             for ((text, _), label) in checkpoint
                 .generate_batch(chunk, &sampling)?
                 .iter()
