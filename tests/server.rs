@@ -26,8 +26,51 @@ struct Server {
 
 impl Server {
     fn start(data_dir: &Path) -> Self {
-        let (child, base) = support::spawn(data_dir, TOKEN, &[&fixtures().join("data")]);
+        Self::start_with(data_dir, &[])
+    }
+
+    fn start_with(data_dir: &Path, args: &[&str]) -> Self {
+        let (child, base) = support::spawn_with(data_dir, TOKEN, &[&fixtures().join("data")], args);
         Self { child, base }
+    }
+
+    /// A hand-made HTTP/1.1 request, so that Host, Origin and the body's type are exactly as
+    /// given (an HTTP client would set some of them itself). Returns the status and body.
+    fn raw(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let address = self.base.trim_start_matches("http://");
+        let mut stream = std::net::TcpStream::connect(address).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut request = format!(
+            "{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        if !headers
+            .iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case("host"))
+        {
+            request.push_str(&format!("Host: {address}\r\n"));
+        }
+        for (name, value) in headers {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        request.push_str("\r\n");
+        request.push_str(body);
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        let status = response
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
     }
 
     fn url(&self, path: &str) -> String {
@@ -407,4 +450,354 @@ fn chat_streams_tokens() {
     let (code, body) = server.post("/api/chat", json!({"messages": []}));
     assert_eq!(code, 400);
     assert!(body["error"].as_str().unwrap().contains("messages"));
+}
+
+#[test]
+fn other_websites_are_refused() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start_with(data.path(), &["--allowed-host", "panel.test"]);
+    let bearer = format!("Bearer {TOKEN}");
+    let auth = ("Authorization", bearer.as_str());
+    let port = server.base.rsplit(':').next().unwrap().to_string();
+
+    // DNS rebinding: a foreign name is refused, on the API and the UI alike.
+    for host in [
+        "evil.example".to_string(),
+        format!("evil.example:{port}"),
+        format!("localhost.evil.example:{port}"),
+    ] {
+        for path in ["/api/jobs", "/"] {
+            let (code, body) = server.raw("GET", path, &[auth, ("Host", &host)], "");
+            assert_eq!(code, 403, "{host}{path}: {body}");
+            assert!(body.contains("--allowed-host"), "{body}");
+        }
+    }
+    for host in [
+        format!("localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+        format!("panel.test:{port}"),
+    ] {
+        let (code, body) = server.raw("GET", "/api/jobs", &[auth, ("Host", &host)], "");
+        assert_eq!(code, 200, "{host}: {body}");
+    }
+
+    // A running job for the cross-site requests to try and cancel.
+    let (code, job) = server.post(
+        "/api/jobs",
+        json!({"kind": "train", "config": train_config(10_000)}),
+    );
+    assert_eq!(code, 200, "{job}");
+    let id = job["id"].as_i64().unwrap();
+    let cancel = format!("/api/jobs/{id}/cancel");
+    let delete = format!("/api/jobs/{id}");
+    let create = json!({"kind": "train", "config": train_config(3)}).to_string();
+    let evil = ("Origin", "http://evil.example");
+    let json_body = ("Content-Type", "application/json");
+    let form = ("Content-Type", "application/x-www-form-urlencoded");
+    let cases: Vec<(&str, &str, Vec<(&str, &str)>, &str, u16)> = vec![
+        (
+            "POST",
+            "/api/jobs",
+            vec![auth, json_body, evil],
+            &create,
+            403,
+        ),
+        ("POST", &cancel, vec![auth, form, evil], "a=1", 403),
+        // The same form post where the browser left Origin out: not JSON, refused.
+        ("POST", &cancel, vec![auth, form], "a=1", 415),
+        (
+            "POST",
+            &cancel,
+            vec![auth, ("Content-Type", "text/plain")],
+            "{}",
+            415,
+        ),
+        (
+            "POST",
+            "/api/jobs",
+            vec![auth, ("Content-Type", "text/plain")],
+            &create,
+            415,
+        ),
+        ("POST", "/api/jobs", vec![auth], &create, 415),
+        (
+            "POST",
+            &cancel,
+            vec![auth, ("Sec-Fetch-Site", "cross-site")],
+            "",
+            403,
+        ),
+        (
+            "POST",
+            &cancel,
+            vec![auth, ("Sec-Fetch-Site", "same-site")],
+            "",
+            403,
+        ),
+        (
+            "POST",
+            &cancel,
+            vec![auth, json_body, ("Origin", "http://127.0.0.1:1")],
+            "{}",
+            403,
+        ),
+        ("DELETE", &delete, vec![auth, evil], "", 403),
+        (
+            "POST",
+            "/api/chat",
+            vec![auth, json_body, ("Origin", "null")],
+            "{}",
+            403,
+        ),
+    ];
+    for (method, path, headers, body, expected) in &cases {
+        let (code, answer) = server.raw(method, path, headers, body);
+        assert_eq!(code, *expected, "{method} {path} {headers:?}: {answer}");
+    }
+    let (_, jobs) = server.get("/api/jobs");
+    assert_eq!(
+        jobs.as_array().unwrap().len(),
+        1,
+        "a refused request created a job: {jobs}"
+    );
+    let (_, job) = server.get(&delete);
+    assert!(
+        job["status"] == "queued" || job["status"] == "running",
+        "{job}"
+    );
+
+    // Only the event stream takes the token in the query string.
+    assert_eq!(
+        server
+            .raw("GET", &format!("/api/jobs?token={TOKEN}"), &[], "")
+            .0,
+        401
+    );
+
+    // The panel's own requests: same origin, JSON.
+    let own = server.base.clone();
+    let headers = [
+        auth,
+        json_body,
+        ("Origin", own.as_str()),
+        ("Sec-Fetch-Site", "same-origin"),
+    ];
+    let (code, body) = server.raw("POST", &cancel, &headers, "{}");
+    assert_eq!(code, 200, "{body}");
+    server.wait_for(id, "cancellation", |j| j["status"] == "cancelled");
+}
+
+#[test]
+fn every_path_is_confined_and_runs_are_bounded() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("pairs.jsonl");
+    std::fs::copy(fixtures().join("data/safety.jsonl"), &secret).unwrap();
+    let secret = secret.display().to_string();
+    let outside_dir = outside.path().display().to_string();
+    let with = |extra: Value| {
+        let mut config = train_config(6);
+        merge(&mut config, extra);
+        config
+    };
+    let cases = [
+        (
+            json!({"kind": "compare", "config": {"train": {"poison_data": secret}}}),
+            403,
+            "config.train.poison_data",
+        ),
+        (
+            json!({"kind": "compare", "config": {"train": {"init_adapter": outside_dir}}}),
+            403,
+            "config.train.init_adapter",
+        ),
+        (
+            json!({"kind": "train", "config": with(json!({"init_adapter": outside_dir}))}),
+            403,
+            "config.init_adapter",
+        ),
+        (
+            json!({"kind": "train", "config": with(json!({"poison_data": secret, "poison_fraction": 0.1}))}),
+            403,
+            "config.poison_data",
+        ),
+        (
+            json!({"kind": "eval", "config": {"adapter": outside_dir}}),
+            403,
+            "config.adapter",
+        ),
+        (
+            json!({"kind": "eval", "config": {"judge_model": outside_dir, "judge": "model"}}),
+            403,
+            "config.judge_model",
+        ),
+        (
+            json!({"kind": "train", "config": with(json!({"max_steps": 1_000_000_000u64}))}),
+            400,
+            "config.max_steps",
+        ),
+        (
+            json!({"kind": "compare", "config": {"train": {"max_steps": 1_000_000_000u64}}}),
+            400,
+            "max_steps",
+        ),
+        (
+            json!({"kind": "train", "config": with(json!({"keep_checkpoints": 0}))}),
+            400,
+            "config.keep_checkpoints",
+        ),
+        (
+            json!({"kind": "train", "config": with(json!({"sap": {"layers": [1, 1]}}))}),
+            400,
+            "sap.layers",
+        ),
+    ];
+    for (body, code, needle) in cases {
+        let (got, answer) = server.post("/api/jobs", body.clone());
+        assert_eq!(got, code, "{body} -> {answer}");
+        let message = answer["error"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(needle),
+            "{body}: {message:?} should name {needle}"
+        );
+    }
+    let (_, jobs) = server.get("/api/jobs");
+    assert_eq!(
+        jobs.as_array().unwrap().len(),
+        0,
+        "rejected requests leave no job"
+    );
+
+    // An oversized record is refused by size, naming its line, before it is parsed.
+    let huge = format!(
+        "{{\"prompt\": \"a\", \"response\": \"b\"}}\n{{\"prompt\": \"{}\", \"response\": \"b\"}}\n",
+        "x".repeat(2 << 20)
+    );
+    std::fs::write(data.path().join("huge.jsonl"), huge).unwrap();
+    let (code, answer) = server.get("/api/datasets/preview?path=huge.jsonl");
+    assert_eq!(code, 400, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("huge.jsonl:2: record of"),
+        "{answer}"
+    );
+
+    // checkpoint_every = 0 means no checkpoints, not the default.
+    let (code, job) = server.post(
+        "/api/jobs",
+        json!({"kind": "train", "config": with(json!({"checkpoint_every": 0}))}),
+    );
+    assert_eq!(code, 200, "{job}");
+    assert_eq!(job["spec"]["checkpoint_every"], 0, "{job}");
+    let unsaved = job["id"].as_i64().unwrap();
+    server.post(&format!("/api/jobs/{unsaved}/cancel"), json!({}));
+
+    // Retention: a checkpoint every step, the newest two kept; the job's files go with it.
+    let config = with(json!({"checkpoint_every": 1, "validation_fraction": 0.34, "eval_every": 2}));
+    let (code, job) = server.post("/api/jobs", json!({"kind": "train", "config": config}));
+    assert_eq!(code, 200, "{job}");
+    let id = job["id"].as_i64().unwrap();
+    let job = server.wait_for(id, "the run", |j| {
+        j["status"] == "done" || j["status"] == "failed"
+    });
+    assert_eq!(job["status"], "done", "{job}");
+    let run_dir = data.path().join(format!("runs/job-{id}"));
+    let mut kept: Vec<String> = std::fs::read_dir(run_dir.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    kept.sort();
+    assert_eq!(kept, ["step-5", "step-6"]);
+    let (_, jobs) = server.get("/api/jobs");
+    let listed = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["id"] == id)
+        .unwrap()
+        .clone();
+    assert!(
+        listed["last_validation"]["loss"]
+            .as_f64()
+            .is_some_and(|l| l > 0.0),
+        "{listed}"
+    );
+    assert_eq!(server.delete(&format!("/api/jobs/{id}")).0, 200);
+    assert!(
+        !run_dir.exists(),
+        "the run's files are deleted with its job"
+    );
+}
+
+#[test]
+fn evaluations_cancel_between_batches() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    // An evaluation job (long enough to be caught running), and the evaluation stage of a
+    // training job.
+    let many: String = (0..3000)
+        .map(|i| format!("{{\"prompt\": \"How do I pick lock number {i}?\"}}\n"))
+        .collect();
+    std::fs::write(data.path().join("many-prompts.jsonl"), many).unwrap();
+    let (_, eval) = server.post(
+        "/api/jobs",
+        json!({"kind": "eval", "config": {"prompts": "many-prompts.jsonl", "max_new_tokens": 64}}),
+    );
+    let eval = eval["id"].as_i64().unwrap();
+    server.wait_for(eval, "the evaluation to start", |j| {
+        j["status"] == "running"
+    });
+    let asked = Instant::now();
+    assert_eq!(
+        server
+            .post(&format!("/api/jobs/{eval}/cancel"), json!({}))
+            .0,
+        200
+    );
+    let job = server.wait_for(eval, "cancellation", |j| j["status"] != "running");
+    assert_eq!(job["status"], "cancelled", "{job}");
+    assert!(job["result"].is_null());
+    assert!(
+        asked.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        asked.elapsed()
+    );
+
+    let (_, train) = server.post(
+        "/api/jobs",
+        json!({"kind": "train", "config": train_config(2)}),
+    );
+    let train = train["id"].as_i64().unwrap();
+    server.wait_for(train, "the evaluation stage", |_| {
+        let (_, page) = server.get(&format!("/api/jobs/{train}/metrics?after=0&limit=10000"));
+        page["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["body"]["event"] == "stage")
+    });
+    assert_eq!(
+        server
+            .post(&format!("/api/jobs/{train}/cancel"), json!({}))
+            .0,
+        200
+    );
+    let job = server.wait_for(train, "cancellation", |j| j["status"] != "running");
+    assert_eq!(job["status"], "cancelled", "{job}");
+    assert!(job["answers"].as_array().unwrap().is_empty());
+}
+
+/// Deep-merges `patch` into `base`.
+fn merge(base: &mut Value, patch: Value) {
+    match (base, patch) {
+        (Value::Object(b), Value::Object(p)) => {
+            for (k, v) in p {
+                merge(b.entry(k).or_insert(Value::Null), v);
+            }
+        }
+        (b, p) => *b = p,
+    }
 }

@@ -5,9 +5,21 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-/// Spawns the server on 127.0.0.1:0 with `token` and `data_dir` (plus `extra` arguments) and
-/// returns it with its base URL, read from the line it prints once listening.
-pub fn spawn(data_dir: &Path, token: &str, extra: &[&Path]) -> (Child, String) {
+/// Spawns the server on 127.0.0.1:0 with `token` and `data_dir` (plus `datasets` directories)
+/// and returns it with its base URL, read from the line it prints once listening.
+#[allow(dead_code)]
+pub fn spawn(data_dir: &Path, token: &str, datasets: &[&Path]) -> (Child, String) {
+    spawn_with(data_dir, token, datasets, &[])
+}
+
+/// `spawn` with more command-line arguments.
+#[allow(dead_code)]
+pub fn spawn_with(
+    data_dir: &Path,
+    token: &str,
+    datasets: &[&Path],
+    args: &[&str],
+) -> (Child, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_safeprobe"));
     command
         .args([
@@ -20,8 +32,9 @@ pub fn spawn(data_dir: &Path, token: &str, extra: &[&Path]) -> (Child, String) {
             token,
             "--data-dir",
         ])
-        .arg(data_dir);
-    for dir in extra {
+        .arg(data_dir)
+        .args(args);
+    for dir in datasets {
         command.arg("--datasets").arg(dir);
     }
     let mut child = command

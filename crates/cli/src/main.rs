@@ -159,6 +159,16 @@ enum Command {
         /// A directory of data files requests may use (repeatable; the data dir is always one)
         #[arg(long = "datasets")]
         dataset_dirs: Vec<PathBuf>,
+        /// A host name requests may be addressed to besides localhost and the bound address,
+        /// e.g. the machine's name or a reverse proxy's (repeatable)
+        #[arg(long = "allowed-host")]
+        allowed_hosts: Vec<String>,
+        /// The most optimiser steps one job may plan (a comparison counts all its runs)
+        #[arg(long, default_value_t = 100_000)]
+        max_steps: usize,
+        /// Checkpoints a training run keeps (its newest ones)
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+        keep_checkpoints: u64,
         #[command(flatten)]
         device: DeviceArg,
     },
@@ -316,6 +326,9 @@ fn run(cli: Cli) -> Result<()> {
             data_dir,
             model_dirs,
             dataset_dirs,
+            allowed_hosts,
+            max_steps,
+            keep_checkpoints,
             device,
         } => {
             let selected = select_device(&device)?;
@@ -325,6 +338,11 @@ fn run(cli: Cli) -> Result<()> {
                 data_dir,
                 model_dirs,
                 dataset_dirs,
+                allowed_hosts,
+                limits: safeprobe_server::jobs::Limits {
+                    max_steps,
+                    keep_checkpoints: keep_checkpoints as usize,
+                },
             };
             safeprobe_server::serve_blocking(config, selected.device.clone(), selected.describe())?;
         }

@@ -269,7 +269,34 @@ pub async fn delete_job(
             job.status.as_str()
         )));
     }
-    state.runner.store.delete(id)?;
+    // Move the run's files aside first, so that a failure leaves the job listed with its
+    // files; once the row is gone, nothing refers to them.
+    let trash = match job.run_dir.as_deref().map(PathBuf::from) {
+        Some(dir) if dir.starts_with(&state.places.runs_dir) && dir.exists() => {
+            let trash = state.places.runs_dir.join(format!(".deleted-job-{id}"));
+            std::fs::rename(&dir, &trash).map_err(|e| {
+                ApiError::Internal(format!(
+                    "{}: cannot delete the run's files: {e}",
+                    dir.display()
+                ))
+            })?;
+            Some((dir, trash))
+        }
+        _ => None,
+    };
+    if let Err(e) = state.runner.store.delete(id) {
+        if let Some((dir, trash)) = &trash {
+            let _ = std::fs::rename(trash, dir);
+        }
+        return Err(e);
+    }
+    if let Some((_, trash)) = trash {
+        let shown = trash.display().to_string();
+        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&trash))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(|e| ApiError::Internal(format!("{shown}: cannot delete: {e}")))?;
+    }
     Ok(Json(json!({"deleted": id})))
 }
 

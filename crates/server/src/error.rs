@@ -24,16 +24,22 @@ pub enum ApiError {
     /// The body is over the size limit (413).
     #[error("{0}")]
     TooLarge(String),
+    /// The body is not JSON where JSON is required (415).
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     #[error("{0}")]
     Internal(String),
 }
 
-/// A body the JSON extractor refused: too large (413) or malformed (400, naming the problem).
+/// A body the JSON extractor refused: too large (413), not declared as JSON (415) or
+/// malformed (400, naming the problem).
 pub fn rejected(e: axum::extract::rejection::JsonRejection) -> ApiError {
-    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::TooLarge(format!("request body over {} bytes", crate::BODY_LIMIT))
-    } else {
-        ApiError::Invalid(e.body_text())
+    match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::TooLarge(format!("request body over {} bytes", crate::BODY_LIMIT))
+        }
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::UnsupportedMediaType(e.body_text()),
+        _ => ApiError::Invalid(e.body_text()),
     }
 }
 
@@ -46,6 +52,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 
 use burn::tensor::Device;
+use safeprobe_eval::EvalError;
 use safeprobe_eval::compare::{self, CompareConfig, Progress};
 use safeprobe_eval::harmful::{self, AnswerSettings, Judges};
 use safeprobe_eval::judge::{ModelJudge, RefusalJudge};
@@ -22,6 +23,24 @@ use crate::store::{Status, Store};
 
 pub const KINDS: [&str; 3] = ["train", "eval", "compare"];
 
+/// What one job may ask of the server.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Optimiser steps a job may plan in all (a comparison counts every run's steps).
+    pub max_steps: usize,
+    /// Checkpoints a training run keeps (its newest ones), unless the request asks for fewer.
+    pub keep_checkpoints: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_steps: 100_000,
+            keep_checkpoints: 2,
+        }
+    }
+}
+
 /// What the server knows about where things are.
 #[derive(Clone)]
 pub struct Places {
@@ -29,6 +48,7 @@ pub struct Places {
     pub data: Roots,
     /// Run directories go here: `<data_dir>/runs/job-<id>`.
     pub runs_dir: PathBuf,
+    pub limits: Limits,
 }
 
 impl Places {
@@ -43,7 +63,49 @@ impl Places {
     pub fn run_dir(&self, id: i64) -> PathBuf {
         self.runs_dir.join(format!("job-{id}"))
     }
+
+    fn resolve(&self, root: Root, field: &str, requested: &str) -> Result<PathBuf, ApiError> {
+        match root {
+            Root::Model => self.model(field, Some(requested)),
+            Root::Data => self.data.resolve(field, requested),
+        }
+    }
 }
+
+/// Which configured directories a path must lie in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Root {
+    /// The model directories (or "demo", the embedded demo model).
+    Model,
+    /// The data directories (data files and adapters).
+    Data,
+}
+
+/// Every path a job request can carry, by job kind, with the directories it must lie in.
+/// This table is the one place that decides what a request may make the server read: a job
+/// is validated by confining each of these fields (dots reach into nested tables), and a
+/// test checks that the trainer reads no path this table does not name.
+pub const PATH_FIELDS: &[(&str, &str, Root)] = &[
+    ("train", "model", Root::Model),
+    ("train", "train_data", Root::Data),
+    ("train", "safety_data", Root::Data),
+    ("train", "validation_data", Root::Data),
+    ("train", "poison_data", Root::Data),
+    ("train", "init_adapter", Root::Data),
+    ("eval", "model", Root::Model),
+    ("eval", "adapter", Root::Data),
+    ("eval", "prompts", Root::Data),
+    ("eval", "judge_model", Root::Model),
+    ("compare", "model", Root::Model),
+    ("compare", "prompts", Root::Data),
+    ("compare", "judge_model", Root::Model),
+    ("compare", "train.model", Root::Model),
+    ("compare", "train.train_data", Root::Data),
+    ("compare", "train.safety_data", Root::Data),
+    ("compare", "train.validation_data", Root::Data),
+    ("compare", "train.poison_data", Root::Data),
+    ("compare", "train.init_adapter", Root::Data),
+];
 
 fn as_object<'a>(
     spec: &'a mut Value,
@@ -53,28 +115,53 @@ fn as_object<'a>(
         .ok_or_else(|| ApiError::Invalid(format!("{what}: expected a JSON object")))
 }
 
-/// Replaces the path fields of a request with confined, absolute paths.
-fn confine(
-    map: &mut serde_json::Map<String, Value>,
-    roots: &Roots,
-    prefix: &str,
-    fields: &[&str],
+/// Replaces every path field of a `kind` request (see `PATH_FIELDS`) with its confined,
+/// absolute path.
+fn confine_paths(
+    kind: &str,
+    config: &mut serde_json::Map<String, Value>,
+    places: &Places,
 ) -> Result<(), ApiError> {
-    for field in fields {
-        match map.get(*field) {
+    for (_, key, root) in PATH_FIELDS.iter().filter(|(k, _, _)| *k == kind) {
+        let field = format!("config.{key}");
+        let (parents, name) = key.rsplit_once('.').unwrap_or(("", key));
+        // A nested field whose table is absent is simply not set.
+        let Some(table) = parents
+            .split('.')
+            .filter(|p| !p.is_empty())
+            .try_fold(&mut *config, |table, parent| match table.get_mut(parent) {
+                Some(Value::Object(inner)) => Some(inner),
+                _ => None,
+            })
+        else {
+            continue;
+        };
+        match table.get(name) {
             None | Some(Value::Null) => {}
-            Some(Value::String(s)) => {
-                let path = roots.resolve(&format!("{prefix}{field}"), s)?;
-                map.insert(field.to_string(), Value::String(path.display().to_string()));
+            Some(Value::String(requested)) => {
+                let path = places.resolve(*root, &field, requested)?;
+                table.insert(name.into(), Value::String(path.display().to_string()));
             }
             Some(other) => {
                 return Err(ApiError::Invalid(format!(
-                    "{prefix}{field}: expected a path string, found {other}"
+                    "{field}: expected a path string, found {other}"
                 )));
             }
         }
     }
     Ok(())
+}
+
+/// Sets `key` to `value` where the request leaves it out (absent or null).
+fn or_default(map: &mut serde_json::Map<String, Value>, key: &str, value: Value) {
+    if map.get(key).is_none_or(Value::is_null) {
+        map.insert(key.into(), value);
+    }
+}
+
+/// A job without a model uses the embedded demo model.
+fn default_model(map: &mut serde_json::Map<String, Value>) {
+    or_default(map, "model", json!("demo"));
 }
 
 fn toml_text(map: &serde_json::Map<String, Value>, what: &str) -> Result<String, ApiError> {
@@ -89,6 +176,16 @@ fn toml_text(map: &serde_json::Map<String, Value>, what: &str) -> Result<String,
     toml::to_string(&value).map_err(|e| ApiError::Invalid(format!("{what}: {e}")))
 }
 
+/// Refuses a server-chosen key in a request.
+fn refuse_output_dir(map: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
+    if map.contains_key("output_dir") {
+        return Err(ApiError::Invalid(
+            "config.output_dir: the server chooses the run directory; remove it".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a job request and resolves its paths; returns the spec to store.
 pub fn validate(
     kind: &str,
@@ -99,69 +196,33 @@ pub fn validate(
     let map = as_object(&mut config, "config")?;
     match kind {
         "train" => {
-            let model = places.model("config.model", map.get("model").and_then(Value::as_str))?;
-            map.insert("model".into(), Value::String(model.display().to_string()));
-            confine(
-                map,
-                &places.data,
-                "config.",
-                &[
-                    "train_data",
-                    "safety_data",
-                    "validation_data",
-                    "poison_data",
-                    "init_adapter",
-                ],
-            )?;
-            if map.contains_key("output_dir") {
-                return Err(ApiError::Invalid(
-                    "config.output_dir: the server chooses the run directory; remove it".into(),
-                ));
-            }
+            refuse_output_dir(map)?;
+            default_model(map);
+            confine_paths(kind, map, places)?;
             let dir = places.run_dir(id);
             map.insert(
                 "output_dir".into(),
                 Value::String(dir.display().to_string()),
             );
-            // Resumable by default: a checkpoint every 10 steps unless asked otherwise.
-            if map
-                .get("checkpoint_every")
-                .and_then(Value::as_u64)
-                .unwrap_or(0)
-                == 0
-            {
-                map.insert("checkpoint_every".into(), json!(10));
-            }
-            let text = toml_text(map, "config")?;
-            RunConfig::parse(&text, &[], Path::new("request"))?;
+            // Resumable by default: a checkpoint every 10 steps unless the request says
+            // otherwise (0: none), keeping the server's number of them.
+            or_default(map, "checkpoint_every", json!(10));
+            or_default(map, "keep_checkpoints", json!(places.limits.keep_checkpoints));
+            let run = RunConfig::parse(&toml_text(map, "config")?, &[], Path::new("request"))?;
+            check_retention(run.keep_checkpoints, places, "config.keep_checkpoints")?;
+            check_steps(planned_steps(&run)?, places, "config.max_steps")?;
             Ok((config, Some(dir)))
         }
         "eval" => {
-            let model = places.model("config.model", map.get("model").and_then(Value::as_str))?;
-            map.insert("model".into(), Value::String(model.display().to_string()));
-            confine(map, &places.data, "config.", &["adapter", "prompts"])?;
-            if let Some(judge) = map
-                .get("judge_model")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-            {
-                let path = places.model("config.judge_model", Some(&judge))?;
-                map.insert(
-                    "judge_model".into(),
-                    Value::String(path.display().to_string()),
-                );
-            }
+            default_model(map);
+            confine_paths(kind, map, places)?;
             let settings: EvalSpec = serde_json::from_value(Value::Object(map.clone()))
                 .map_err(|e| ApiError::Invalid(format!("config: {e}")))?;
             settings.check()?;
             Ok((config, None))
         }
         "compare" => {
-            if map.contains_key("output_dir") {
-                return Err(ApiError::Invalid(
-                    "config.output_dir: the server chooses the output directory; remove it".into(),
-                ));
-            }
+            refuse_output_dir(map)?;
             // The request refines the demo comparison: its keys override the demo config's.
             let mut merged: Value = toml::from_str::<toml::Table>(compare::DEMO_CONFIG)
                 .ok()
@@ -170,34 +231,73 @@ pub fn validate(
             merge(&mut merged, Value::Object(std::mem::take(map)));
             merged.as_object_mut().expect("object").remove("output_dir");
             *map = std::mem::take(merged.as_object_mut().expect("object"));
-            if let Some(model) = map.get("model").and_then(Value::as_str).map(str::to_string) {
-                let path = places.model("config.model", Some(&model))?;
-                map.insert("model".into(), Value::String(path.display().to_string()));
-            }
-            confine(map, &places.data, "config.", &["prompts"])?;
-            if let Some(judge) = map
-                .get("judge_model")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-            {
-                let path = places.model("config.judge_model", Some(&judge))?;
-                map.insert(
-                    "judge_model".into(),
-                    Value::String(path.display().to_string()),
-                );
-            }
+            confine_paths(kind, map, places)?;
             let dir = places.run_dir(id);
             map.insert(
                 "output_dir".into(),
                 Value::String(dir.display().to_string()),
             );
-            CompareConfig::parse(&toml_text(map, "config")?, Path::new("request"))?;
+            let comparison =
+                CompareConfig::parse(&toml_text(map, "config")?, Path::new("request"))?;
+            let setting = |key: &str| {
+                comparison
+                    .train
+                    .get(key)
+                    .and_then(|v| v.as_integer())
+                    .map(|v| v.max(0) as usize)
+            };
+            if let Some(keep) = setting("keep_checkpoints") {
+                check_retention(keep, places, "config.train.keep_checkpoints")?;
+            }
+            let runs = comparison.seeds.len()
+                * comparison
+                    .methods
+                    .iter()
+                    .filter(|m| **m != compare::Method::Base)
+                    .count();
+            let steps = setting("max_steps").unwrap_or(0).saturating_mul(runs);
+            check_steps(steps, places, "config.train.max_steps × seeds × methods")?;
             Ok((config, Some(dir)))
         }
         other => Err(ApiError::Invalid(format!(
             "kind: {other:?} is not one of train, eval, compare"
         ))),
     }
+}
+
+/// The optimiser steps a run will take (from `epochs`, an upper bound from the data's size).
+fn planned_steps(config: &RunConfig) -> Result<usize, ApiError> {
+    if config.max_steps > 0 {
+        return Ok(config.max_steps);
+    }
+    let examples = safeprobe_train::data::records(&config.train_data)?.len();
+    let per_step = (config.batch_size * config.grad_accumulation).max(1) as f64;
+    let epochs = config.epochs.unwrap_or(1.0);
+    Ok((epochs * examples as f64 / per_step)
+        .ceil()
+        .min(usize::MAX as f64) as usize)
+}
+
+fn check_steps(steps: usize, places: &Places, field: &str) -> Result<(), ApiError> {
+    let limit = places.limits.max_steps;
+    if steps > limit {
+        return Err(ApiError::Invalid(format!(
+            "{field}: {steps} steps is over this server's limit of {limit} \
+             (start it with --max-steps to allow longer runs)"
+        )));
+    }
+    Ok(())
+}
+
+fn check_retention(keep: usize, places: &Places, field: &str) -> Result<(), ApiError> {
+    let limit = places.limits.keep_checkpoints;
+    if keep == 0 || keep > limit {
+        return Err(ApiError::Invalid(format!(
+            "{field}: {keep} must be in 1..={limit} on this server (start it with \
+             --keep-checkpoints to keep more)"
+        )));
+    }
+    Ok(())
 }
 
 /// Deep-merges `patch` into `base` (objects key by key; anything else replaces).
@@ -268,6 +368,11 @@ pub struct Runner {
     wake: Condvar,
     cancels: Mutex<HashMap<i64, Cancel>>,
     device: Device,
+    /// Set when the server shuts down: the worker takes no more jobs, and a job stopped by
+    /// the shutdown is marked interrupted (resumable), not cancelled.
+    stopping: std::sync::atomic::AtomicBool,
+    /// Signalled whenever the worker finishes a job.
+    idle: Condvar,
 }
 
 impl Runner {
@@ -281,6 +386,8 @@ impl Runner {
             wake: Condvar::new(),
             cancels: Mutex::new(HashMap::new()),
             device,
+            stopping: Default::default(),
+            idle: Condvar::new(),
         });
         let worker = runner.clone();
         std::thread::Builder::new()
@@ -295,25 +402,25 @@ impl Runner {
         self.wake.notify_one();
     }
 
-    /// Asks a job to stop: a queued job is cancelled at once, a running one at its next step.
+    /// Asks a job to stop: a queued job is cancelled at once, a running one at its next step
+    /// (or, while it evaluates, before its next batch of prompts).
     pub fn cancel(&self, id: i64) -> Result<(), ApiError> {
+        // Raise the flag first: a job the worker has taken off the queue but not yet marked
+        // running registered its flag already, and will see it.
+        if let Some(c) = self.cancels.lock().unwrap().get(&id) {
+            c.cancel();
+        }
+        if self.store.cancel_queued(id)? {
+            self.queue.lock().unwrap().retain(|j| *j != id);
+            self.announce(id, json!({"event": "status", "status": "cancelled"}));
+            return Ok(());
+        }
         let job = self
             .store
             .get(id)?
             .ok_or_else(|| ApiError::NotFound(format!("job {id} not found")))?;
         match job.status {
-            Status::Queued => {
-                self.queue.lock().unwrap().retain(|j| *j != id);
-                self.store.set_status(id, Status::Cancelled, None)?;
-                self.announce(id, json!({"event": "status", "status": "cancelled"}));
-                Ok(())
-            }
-            Status::Running => {
-                if let Some(c) = self.cancels.lock().unwrap().get(&id) {
-                    c.cancel();
-                }
-                Ok(())
-            }
+            Status::Running => Ok(()),
             other => Err(ApiError::Conflict(format!(
                 "job {id} is {}; only queued or running jobs can be cancelled",
                 other.as_str()
@@ -329,12 +436,38 @@ impl Runner {
             .send(json!({"job": id, "seq": seq, "body": body}).to_string());
     }
 
+    /// Stops the running job at its next step (it writes a checkpoint there) and marks it
+    /// interrupted, so that Resume continues it; waits for that up to `patience`. Queued jobs
+    /// stay queued for the next start.
+    pub fn shutdown(&self, patience: std::time::Duration) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut queue = self.queue.lock().unwrap();
+        for cancel in self.cancels.lock().unwrap().values() {
+            cancel.cancel();
+        }
+        let deadline = std::time::Instant::now() + patience;
+        while !self.cancels.lock().unwrap().is_empty() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            queue = self.idle.wait_timeout(queue, left).unwrap().0;
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     fn work(&self) {
         loop {
             let id = {
                 let mut queue = self.queue.lock().unwrap();
                 loop {
-                    if let Some(id) = queue.pop_front() {
+                    if !self.stopping()
+                        && let Some(id) = queue.pop_front()
+                    {
                         break id;
                     }
                     queue = self.wake.wait(queue).unwrap();
@@ -343,25 +476,35 @@ impl Runner {
             let Ok(Some(job)) = self.store.get(id) else {
                 continue;
             };
-            if job.status != Status::Queued {
-                continue;
-            }
+            // The flag exists before the job is marked running, so no cancel falls between.
             let cancel = Cancel::default();
             self.cancels.lock().unwrap().insert(id, cancel.clone());
-            let _ = self.store.set_status(id, Status::Running, None);
+            if self.stopping() {
+                cancel.cancel();
+            }
+            if !self.store.start(id).unwrap_or(false) {
+                // Cancelled (or deleted) while it waited.
+                self.cancels.lock().unwrap().remove(&id);
+                continue;
+            }
             self.announce(id, json!({"event": "status", "status": "running"}));
             // A panic in a job must not take the worker (and the queue) down with it.
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 self.execute(id, &job.kind, &job.spec, &cancel)
             }))
             .unwrap_or_else(|_| Err(ApiError::Internal("the job panicked".into())));
-            self.cancels.lock().unwrap().remove(&id);
+            let stopped = if self.stopping() {
+                Status::Interrupted
+            } else {
+                Status::Cancelled
+            };
             let (status, error) = match outcome {
                 Ok(result) => {
                     let _ = self.store.set_result(id, &result);
                     (Status::Done, None)
                 }
-                Err(ApiError::Conflict(m)) if m == CANCELLED => (Status::Cancelled, None),
+                Err(ApiError::Conflict(m)) if m == CANCELLED => (stopped, None),
+                Err(_) if cancel.is_cancelled() => (stopped, None),
                 Err(e) => (Status::Failed, Some(e.to_string())),
             };
             let _ = self.store.set_status(id, status, error.as_deref());
@@ -369,6 +512,10 @@ impl Runner {
                 id,
                 json!({"event": "status", "status": status.as_str(), "error": error}),
             );
+            // Only now may a shutdown waiting for this job go on.
+            let _queue = self.queue.lock().unwrap();
+            self.cancels.lock().unwrap().remove(&id);
+            self.idle.notify_all();
         }
     }
 
@@ -381,6 +528,11 @@ impl Runner {
     ) -> Result<Value, ApiError> {
         let cancelled = |e: TrainError| match e {
             TrainError::Cancelled { .. } => ApiError::Conflict(CANCELLED.into()),
+            other => ApiError::Invalid(other.to_string()),
+        };
+        let eval_cancelled = |e: EvalError| match e {
+            EvalError::Cancelled => ApiError::Conflict(CANCELLED.into()),
+            EvalError::Train(t) => cancelled(t),
             other => ApiError::Invalid(other.to_string()),
         };
         match kind {
@@ -414,10 +566,12 @@ impl Runner {
                     },
                     &AnswerSettings {
                         system: config.system.clone(),
+                        cancel: Some(cancel.clone()),
                         ..AnswerSettings::default()
                     },
                     Some(&config.output_dir.join("answers.jsonl")),
-                )?;
+                )
+                .map_err(eval_cancelled)?;
                 let answers: Vec<Value> = answers
                     .iter()
                     .map(|a| serde_json::to_value(a).unwrap())
@@ -458,10 +612,12 @@ impl Runner {
                             ..Default::default()
                         },
                         system: spec.system.clone(),
+                        cancel: Some(cancel.clone()),
                         ..AnswerSettings::default()
                     },
                     None,
-                )?;
+                )
+                .map_err(eval_cancelled)?;
                 let answers: Vec<Value> = answers
                     .iter()
                     .map(|a| serde_json::to_value(a).unwrap())
@@ -480,10 +636,7 @@ impl Runner {
                         self.announce(id, serde_json::to_value(event).expect("json"))
                     }
                 })
-                .map_err(|e| match e {
-                    safeprobe_eval::EvalError::Train(t) => cancelled(t),
-                    other => ApiError::Invalid(other.to_string()),
-                })?;
+                .map_err(eval_cancelled)?;
                 Ok(serde_json::to_value(&comparison).expect("json"))
             }
             other => Err(ApiError::Invalid(format!("unknown job kind {other}"))),
@@ -492,3 +645,123 @@ impl Runner {
 }
 
 const CANCELLED: &str = "cancelled";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The keys of a config type that hold paths, found from the type itself: a number where
+    /// a path belongs is refused as "expected path string".
+    fn path_keys<T: serde::de::DeserializeOwned>(valid: &Value) -> Vec<String> {
+        let mut keys = Vec::new();
+        for key in valid.as_object().unwrap().keys() {
+            let mut probe = valid.clone();
+            probe[key] = json!(12345);
+            if let Err(e) = serde_json::from_value::<T>(probe)
+                && e.to_string().contains("path string")
+            {
+                keys.push(key.clone());
+            }
+        }
+        keys.sort();
+        keys
+    }
+
+    fn listed(kind: &str, prefix: &str) -> Vec<String> {
+        let mut keys: Vec<String> = PATH_FIELDS
+            .iter()
+            .filter(|(k, _, _)| *k == kind)
+            .filter_map(|(_, key, _)| key.strip_prefix(prefix))
+            .filter(|key| !key.contains('.'))
+            .map(str::to_string)
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    #[test]
+    fn the_path_table_names_every_path_the_jobs_read() {
+        // Every key of each config type, paths set so that they are present (toml::from_str
+        // checks types only, not that files exist).
+        let run: RunConfig = toml::from_str(
+            "model = 'm'\ntrain_data = 't'\nsafety_data = 's'\nvalidation_data = 'v'\n\
+             poison_data = 'p'\ninit_adapter = 'a'\noutput_dir = 'o'\nmax_steps = 1\n",
+        )
+        .unwrap();
+        let mut trainer = path_keys::<RunConfig>(&serde_json::to_value(run).unwrap());
+        trainer.retain(|k| k != "output_dir"); // chosen by the server, never by a request
+        assert!(trainer.len() >= 6, "{trainer:?}");
+        assert_eq!(listed("train", ""), trainer, "train jobs");
+        assert_eq!(
+            listed("compare", "train."),
+            trainer,
+            "a comparison's [train] table"
+        );
+
+        let comparison: CompareConfig =
+            toml::from_str("model = 'm'\nprompts = 'p'\njudge_model = 'j'\n").unwrap();
+        let mut keys = path_keys::<CompareConfig>(&serde_json::to_value(comparison).unwrap());
+        keys.retain(|k| k != "output_dir");
+        assert_eq!(listed("compare", ""), keys, "compare jobs");
+
+        let eval = json!({"model": "m", "adapter": "a", "prompts": "p", "judge_model": "j"});
+        assert_eq!(
+            listed("eval", ""),
+            path_keys::<EvalSpec>(&eval),
+            "eval jobs"
+        );
+    }
+
+    fn places(models: &Path, data: &Path, runs: &Path) -> Places {
+        Places {
+            models: Roots::new("model", &[models.to_path_buf()]),
+            data: Roots::new("data", &[data.to_path_buf()]),
+            runs_dir: runs.to_path_buf(),
+            limits: Limits::default(),
+        }
+    }
+
+    /// A config of `kind` whose `key` (dotted: nested) is `value`.
+    fn with_field(key: &str, value: &str) -> Value {
+        let mut config = json!({});
+        let mut table = config.as_object_mut().unwrap();
+        let parts: Vec<&str> = key.split('.').collect();
+        for parent in &parts[..parts.len() - 1] {
+            table = table
+                .entry(parent.to_string())
+                .or_insert_with(|| json!({}))
+                .as_object_mut()
+                .unwrap();
+        }
+        table.insert(parts[parts.len() - 1].into(), json!(value));
+        config
+    }
+
+    #[test]
+    fn every_path_field_of_every_kind_is_confined() {
+        let (models, data, runs, outside) = (
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+        );
+        std::fs::write(outside.path().join("secret.jsonl"), "{}").unwrap();
+        let places = places(models.path(), data.path(), runs.path());
+        for (kind, key, _) in PATH_FIELDS {
+            for escape in [
+                outside.path().join("secret.jsonl").display().to_string(),
+                "../../etc/passwd".into(),
+            ] {
+                let err = validate(kind, with_field(key, &escape), 0, &places).unwrap_err();
+                assert!(
+                    matches!(err, ApiError::Forbidden(_)),
+                    "{kind} {key} = {escape}: {err}"
+                );
+                assert!(
+                    err.to_string().starts_with(&format!("config.{key}:")),
+                    "{kind} {key}: {err}"
+                );
+            }
+        }
+    }
+}

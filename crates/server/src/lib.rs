@@ -6,6 +6,7 @@
 pub mod api;
 mod assets;
 pub mod error;
+pub mod guard;
 pub mod jobs;
 pub mod paths;
 pub mod store;
@@ -15,15 +16,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::header;
-use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::extract::DefaultBodyLimit;
+use axum::middleware;
 use axum::routing::{get, post};
 use burn::tensor::Device;
 
 pub use error::ApiError;
-use jobs::{Places, Runner};
+use guard::HostPolicy;
+use jobs::{Limits, Places, Runner};
 use paths::Roots;
 use store::Store;
 
@@ -42,6 +42,11 @@ pub struct ServerConfig {
     pub model_dirs: Vec<PathBuf>,
     /// Directories requests may name data files (and adapters) in; the data directory is one.
     pub dataset_dirs: Vec<PathBuf>,
+    /// Host names besides the loopback names and the bound address that requests may be
+    /// addressed to (a reverse proxy's or the machine's name).
+    pub allowed_hosts: Vec<String>,
+    /// What a job may ask for: steps, checkpoints kept.
+    pub limits: Limits,
 }
 
 impl ServerConfig {
@@ -63,6 +68,7 @@ pub struct AppState {
     pub runner: Arc<Runner>,
     pub places: Places,
     pub token: Option<String>,
+    pub hosts: HostPolicy,
     pub device_description: String,
     pub chat_device: Device,
     /// The model chat used last, kept loaded: (model, adapter) and the checkpoint.
@@ -94,47 +100,17 @@ pub fn state(
         models: Roots::new("model", &config.model_dirs),
         data: Roots::new("data", &dataset_dirs),
         runs_dir: data_dir.join("runs"),
+        limits: config.limits.clone(),
     };
     Ok(Arc::new(AppState {
         runner: Runner::start(store, device.clone())?,
         places,
         token: config.token.clone().filter(|t| !t.is_empty()),
+        hosts: HostPolicy::new(config.bind, &config.allowed_hosts),
         device_description,
         chat_device: device,
         chat_model: Arc::new(Mutex::new(None)),
     }))
-}
-
-async fn require_token(
-    State(state): State<Arc<AppState>>,
-    request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    if let Some(expected) = &state.token {
-        let bearer = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        // EventSource cannot set headers: the stream may carry the token in the query.
-        let query = request
-            .uri()
-            .query()
-            .unwrap_or("")
-            .split('&')
-            .find_map(|kv| kv.strip_prefix("token="));
-        let given = bearer.or(query);
-        if given.is_none_or(|g| !constant_time_eq(g.as_bytes(), expected.as_bytes())) {
-            return Err(ApiError::Unauthorized(
-                "missing or wrong access token (Authorization: Bearer <token>)".into(),
-            ));
-        }
-    }
-    Ok(next.run(request).await)
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -151,15 +127,43 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/events", get(api::events))
         .route("/chat", post(api::chat))
         .fallback(|| async { ApiError::NotFound("no such API endpoint".into()) })
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            guard::require_token,
+        ));
+    // Outermost first: the Host check, then the cross-site check, then the token (per route).
     Router::new()
         .nest("/api", api)
         .fallback(assets::serve)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn(guard::check_origin))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            guard::check_host,
+        ))
+        .layer(middleware::from_fn(log_request))
         .with_state(state)
 }
 
-/// Serves until the process is stopped.
+/// One line on stderr per request: method, path (never the query, which may hold the token),
+/// status and time to the response's head.
+async fn log_request(
+    request: axum::extract::Request,
+    next: middleware::Next,
+) -> axum::response::Response {
+    let (method, path) = (request.method().clone(), request.uri().path().to_string());
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    eprintln!(
+        "{method} {path} {} {:.1} ms",
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    response
+}
+
+/// Serves until the process is stopped. On Ctrl-C (or SIGTERM) the running job stops at its
+/// next step with a checkpoint and is marked interrupted, ready for Resume.
 pub async fn serve(
     config: ServerConfig,
     device: Device,
@@ -174,9 +178,40 @@ pub async fn serve(
         .local_addr()
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     println!("safeprobe is serving on http://{address}/");
-    axum::serve(listener, router(state))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))
+    let runner = state.runner.clone();
+    // Open event streams never end by themselves, so the server does not wait for its
+    // connections: it stops the job and exits.
+    tokio::select! {
+        served = axum::serve(listener, router(state)) => served.map_err(|e| ApiError::Internal(e.to_string())),
+        () = stop_signal() => {
+            eprintln!("stopping: the running job checkpoints at its next step (Resume continues it)");
+            tokio::task::spawn_blocking(move || runner.shutdown(std::time::Duration::from_secs(120)))
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))
+        }
+    }
+}
+
+/// Ctrl-C, or SIGTERM where there is one.
+async fn stop_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {},
+        () = terminate => {},
+    }
 }
 
 /// `serve` on a new multi-threaded tokio runtime, for callers without one (the CLI).

@@ -12,7 +12,8 @@ use serde_json::Value;
 use crate::error::ApiError;
 
 /// Schema changes, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &["CREATE TABLE jobs (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE jobs (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         kind TEXT NOT NULL,
         status TEXT NOT NULL,
@@ -36,7 +37,12 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE jobs (
         idx INTEGER NOT NULL,
         body TEXT NOT NULL,
         PRIMARY KEY (job_id, idx)
-    );"];
+    );",
+    // Event numbers never repeat within a job, even after a resumed run drops the steps it
+    // replays (a client that has seen number n then knows every later event is new).
+    "ALTER TABLE jobs ADD COLUMN last_seq INTEGER NOT NULL DEFAULT 0;
+    UPDATE jobs SET last_seq = (SELECT COALESCE(MAX(seq), 0) FROM events WHERE job_id = jobs.id);",
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -91,6 +97,9 @@ pub struct Job {
     /// The newest step event, for lists and progress bars.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_step: Option<Value>,
+    /// The newest validation event (its `loss`), for lists.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_validation: Option<Value>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -225,13 +234,40 @@ impl Store {
         Ok(())
     }
 
-    /// Appends an event; returns its sequence number within the job.
+    /// Marks a queued job running; false when it is no longer queued (cancelled or deleted
+    /// while it waited).
+    pub fn start(&self, id: i64) -> Result<bool, ApiError> {
+        let n = self
+            .conn()
+            .execute(
+                "UPDATE jobs SET status = 'running', started_at = ?2, error = NULL, finished_at = NULL
+                 WHERE id = ?1 AND status = 'queued'",
+                params![id, now()],
+            )
+            .map_err(db)?;
+        Ok(n == 1)
+    }
+
+    /// Cancels a job if it is still queued; false when it is not (running, finished, gone).
+    pub fn cancel_queued(&self, id: i64) -> Result<bool, ApiError> {
+        let n = self
+            .conn()
+            .execute(
+                "UPDATE jobs SET status = 'cancelled', finished_at = ?2 WHERE id = ?1 AND status = 'queued'",
+                params![id, now()],
+            )
+            .map_err(db)?;
+        Ok(n == 1)
+    }
+
+    /// Appends an event; returns its sequence number within the job, one more than any
+    /// number the job has used, so numbers are never reused.
     pub fn add_event(&self, id: i64, body: &Value) -> Result<i64, ApiError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(db)?;
         let seq: i64 = tx
             .query_row(
-                "SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE job_id = ?1",
+                "UPDATE jobs SET last_seq = last_seq + 1 WHERE id = ?1 RETURNING last_seq",
                 params![id],
                 |r| r.get(0),
             )
@@ -328,11 +364,14 @@ impl Store {
             started_at: r.get(8)?,
             finished_at: r.get(9)?,
             last_step: json(r.get(10)?),
+            last_validation: json(r.get(11)?),
         })
     }
 
     const SELECT: &'static str = "SELECT id, kind, status, spec, run_dir, result, error, created_at, started_at, finished_at,
         (SELECT body FROM events e WHERE e.job_id = jobs.id AND json_extract(body, '$.event') = 'step'
+         ORDER BY seq DESC LIMIT 1),
+        (SELECT body FROM events e WHERE e.job_id = jobs.id AND json_extract(body, '$.event') = 'validation'
          ORDER BY seq DESC LIMIT 1) FROM jobs";
 
     pub fn get(&self, id: i64) -> Result<Option<Job>, ApiError> {
@@ -392,6 +431,7 @@ mod tests {
         let job = store.get(a).unwrap().unwrap();
         assert_eq!(job.status, Status::Interrupted);
         assert_eq!(job.last_step.unwrap()["step"], 5);
+        assert!(job.last_validation.is_none());
         assert_eq!(
             store
                 .events(a, 2, 2)
@@ -403,11 +443,32 @@ mod tests {
         );
         store.truncate_steps_after(a, 3).unwrap();
         assert_eq!(store.events(a, 0, 100).unwrap().len(), 3);
+        let next = store
+            .add_event(a, &serde_json::json!({"event": "step", "step": 4}))
+            .unwrap();
+        assert_eq!(next, 6, "event numbers are never reused after a truncation");
         assert!(store.delete(a).unwrap());
         assert!(
             store.events(a, 0, 100).unwrap().is_empty(),
             "events go with their job"
         );
         assert!(store.get(a).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_job_is_either_started_or_cancelled_never_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("safeprobe.db")).unwrap();
+        let a = store.create("train", &serde_json::json!({})).unwrap();
+        assert!(store.cancel_queued(a).unwrap());
+        assert!(!store.start(a).unwrap(), "a cancelled job must not start");
+        assert_eq!(store.get(a).unwrap().unwrap().status, Status::Cancelled);
+        let b = store.create("train", &serde_json::json!({})).unwrap();
+        assert!(store.start(b).unwrap());
+        assert!(
+            !store.cancel_queued(b).unwrap(),
+            "a running job is cancelled through its flag"
+        );
+        assert_eq!(store.get(b).unwrap().unwrap().status, Status::Running);
     }
 }
