@@ -57,8 +57,8 @@ pub async fn delete(path: &str) -> Result<Value, String> {
     read(auth(Request::delete(path)).send().await).await
 }
 
-/// All events of a job, following the pages.
-pub async fn all_events(id: i64) -> Result<Vec<Value>, String> {
+/// All events of a job as (sequence number, body), following the pages.
+pub async fn all_events(id: i64) -> Result<Vec<(i64, Value)>, String> {
     let mut after = 0;
     let mut out = Vec::new();
     loop {
@@ -68,7 +68,7 @@ pub async fn all_events(id: i64) -> Result<Vec<Value>, String> {
             return Ok(out);
         }
         after = page["next_after"].as_i64().unwrap_or(after);
-        out.extend(events.into_iter().map(|e| e["body"].clone()));
+        out.extend(events.into_iter().map(|e| (e["seq"].as_i64().unwrap_or(0), e["body"].clone())));
     }
 }
 

@@ -58,9 +58,19 @@ pub fn go(page: Page) {
 #[derive(Clone, Copy)]
 pub struct Live {
     pub jobs: RwSignal<Vec<Value>>,
-    /// (job id, event body) in arrival order; pages filter what they need.
-    pub events: RwSignal<Vec<(i64, Value)>>,
+    /// Events in arrival order; pages filter what they need.
+    pub events: RwSignal<Vec<LiveEvent>>,
     pub connected: RwSignal<bool>,
+}
+
+/// One message of the live stream.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LiveEvent {
+    pub job: i64,
+    /// The event's number within its job: numbers grow and are never reused, so an event
+    /// numbered at most what a page already read from the server is one it has.
+    pub seq: i64,
+    pub body: Value,
 }
 
 pub async fn refresh_jobs(live: Live) {
@@ -88,10 +98,13 @@ fn App() -> impl IntoView {
     leptos::task::spawn_local(refresh_jobs(live));
     let source = api::subscribe(move |message: Value| {
         live.connected.set(true);
-        let id = message["job"].as_i64().unwrap_or(0);
-        let body = message["body"].clone();
-        let is_status = body["event"] == "status";
-        live.events.update(|e| e.push((id, body)));
+        let event = LiveEvent {
+            job: message["job"].as_i64().unwrap_or(0),
+            seq: message["seq"].as_i64().unwrap_or(0),
+            body: message["body"].clone(),
+        };
+        let is_status = event.body["event"] == "status";
+        live.events.update(|e| e.push(event));
         if is_status {
             leptos::task::spawn_local(refresh_jobs(live));
         }

@@ -7,7 +7,7 @@ use leptos::task::spawn_local;
 use serde_json::{Value, json};
 
 use crate::charts::{COLORS, Series, heatmap, line_chart};
-use crate::{Live, Page, api, go, refresh_jobs};
+use crate::{Live, LiveEvent, Page, api, go, refresh_jobs};
 
 fn live() -> Live {
     expect_context::<Live>()
@@ -105,6 +105,7 @@ pub fn runs() -> impl IntoView {
                         _ => "—".into(),
                     };
                     let hs = harmful_score(&job).map(|h| format!("{h:.1}")).unwrap_or_else(|| "—".into());
+                    let validation = num(&job["last_validation"]["loss"]).map(|l| format!("{l:.3}")).unwrap_or_else(|| "—".into());
                     view! {
                         <tr data-job=id>
                             <td><a href=Page::Run(id).hash()>{id}</a></td>
@@ -114,7 +115,7 @@ pub fn runs() -> impl IntoView {
                                 {job["error"].as_str().map(|e| view! { <div class="error">{e.to_string()}</div> })}</td>
                             <td>{progress}</td>
                             <td>{hs}</td>
-                            <td>"—"</td>
+                            <td>{validation}</td>
                             <td>{job_actions(&job)}</td>
                         </tr>
                     }
@@ -124,30 +125,41 @@ pub fn runs() -> impl IntoView {
     }
 }
 
-/// The job's events: what was stored, then what streamed in since, without duplicates.
+/// The job's events: what the server stored, then what streamed in after it. Events are told
+/// apart by their number, not their content (a status "queued" after Resume equals the first
+/// one). A status change reads the stored events again, since a resumed run drops the steps it
+/// replays.
 fn job_events(id: i64) -> Memo<Vec<Value>> {
-    let stored = RwSignal::new(Vec::<Value>::new());
-    spawn_local(async move {
-        if let Ok(events) = api::all_events(id).await {
-            stored.set(events);
-        }
-    });
+    let stored = RwSignal::new(Vec::<(i64, Value)>::new());
+    let fetch = move || {
+        spawn_local(async move {
+            if let Ok(events) = api::all_events(id).await {
+                stored.set(events);
+            }
+        })
+    };
+    fetch();
     let live = live();
-    let since = live.events.get_untracked().len();
-    Memo::new(move |_| {
-        let mut all = stored.get();
-        let stored_count = all.len();
-        let events = live.events.get();
-        let fresh: Vec<Value> = events[since.min(events.len())..]
-            .iter()
-            .filter(|(job, _)| *job == id)
-            .map(|(_, body)| body.clone())
-            .collect();
-        // Live events that arrived before the stored page was read are in both.
-        let overlap = fresh.iter().take_while(|e| all[..stored_count].contains(e)).count();
-        all.extend(fresh.into_iter().skip(overlap));
-        all
-    })
+    Effect::new(move |seen: Option<usize>| {
+        let statuses = live
+            .events
+            .with(|events| events.iter().filter(|e| e.job == id && e.body["event"] == "status").count());
+        if seen.is_some_and(|s| s != statuses) {
+            fetch();
+        }
+        statuses
+    });
+    Memo::new(move |_| merge_events(&stored.get(), &live.events.get(), id))
+}
+
+/// Stored events followed by the live ones of job `id` numbered after the newest stored one.
+pub fn merge_events(stored: &[(i64, Value)], live: &[LiveEvent], id: i64) -> Vec<Value> {
+    let newest = stored.iter().map(|(seq, _)| *seq).max().unwrap_or(0);
+    stored
+        .iter()
+        .map(|(_, body)| body.clone())
+        .chain(live.iter().filter(|e| e.job == id && e.seq > newest).map(|e| e.body.clone()))
+        .collect()
 }
 
 /// Splits events into runs (a comparison trains several): each "stage" starts one.
@@ -576,7 +588,7 @@ pub fn compare() -> impl IntoView {
             for (i, id) in ids.iter().copied().enumerate() {
                 spawn_local(async move {
                     if let Ok(events) = api::all_events(id).await {
-                        let points = events.iter().filter(|e| e["event"] == "step")
+                        let points = events.iter().map(|(_, e)| e).filter(|e| e["event"] == "step")
                             .filter_map(|e| Some((e["step"].as_f64()?, e["task_loss"].as_f64()?))).collect();
                         curves.update(|c| c.push(Series { name: format!("#{id}"), color: COLORS[i % COLORS.len()], points }));
                     }
