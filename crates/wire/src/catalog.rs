@@ -1,0 +1,110 @@
+//! What the server offers: its device, models, data files, previews, chat stream pieces and
+//! errors.
+
+use serde::{Deserialize, Serialize};
+
+/// A graphics adapter wgpu found.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdapterInfo {
+    pub name: String,
+    pub vendor: String,
+    pub device_type: String,
+    pub backend: String,
+    pub driver: String,
+    pub driver_info: String,
+}
+
+/// `GET /api/device`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceReport {
+    /// The device jobs run on, and why it was chosen.
+    pub selected: String,
+    pub adapters: Vec<AdapterInfo>,
+}
+
+/// One entry of `GET /api/models`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelSummary {
+    /// What requests call it ("demo", or its folder under a model directory).
+    pub name: String,
+    pub path: String,
+    pub parameters: u64,
+    pub f32_bytes: u64,
+    pub layers: usize,
+    pub hidden_size: usize,
+}
+
+/// One entry of `GET /api/datasets`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetEntry {
+    /// Relative to its data directory; what requests name it by.
+    pub name: String,
+    pub bytes: u64,
+}
+
+/// `GET /api/datasets/preview?path=&model=&rows=`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PreviewQuery {
+    pub path: String,
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default = "five")]
+    pub rows: usize,
+}
+
+fn five() -> usize {
+    5
+}
+
+/// A data file's first examples rendered through the chat template.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Preview {
+    /// Examples in the whole file.
+    pub examples: usize,
+    pub rows: Vec<PreviewRow>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PreviewRow {
+    pub rendered: String,
+    pub prompt_tokens: usize,
+    pub response_tokens: usize,
+}
+
+/// `GET /api/jobs/{id}/metrics?after=&limit=`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricsQuery {
+    #[serde(default)]
+    pub after: i64,
+    #[serde(default = "page_size")]
+    pub limit: i64,
+}
+
+fn page_size() -> i64 {
+    1000
+}
+
+/// The chat stream's `token` event: text added since the last one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatToken {
+    pub text: String,
+}
+
+/// The chat stream's `done` event: the whole reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatDone {
+    pub text: String,
+    pub tokens: usize,
+}
+
+/// The body of every error response (and of the chat stream's `error` event).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// `DELETE /api/jobs/{id}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Deleted {
+    pub deleted: i64,
+}

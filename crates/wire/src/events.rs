@@ -1,0 +1,91 @@
+//! What a job reports as it runs: one line of metrics.jsonl, one stored event, one message of
+//! the live stream.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::jobs::Status;
+
+/// The metrics of one training step.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    pub task_loss: f64,
+    pub safety_loss: Option<f64>,
+    pub su_loss: Option<f64>,
+    pub perturbed_loss: Option<f64>,
+    pub delta_norm: Option<f64>,
+    pub probe_norms: Vec<f64>,
+    pub grad_norm: f64,
+    /// Per layer, cos(∇_W L_task, ∇_W L_safety), on steps where it was measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_cosine: Option<Vec<f64>>,
+}
+
+/// Something a job reports: the trainer's steps, validations and end, and the server's
+/// stages and status changes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    Step {
+        step: usize,
+        total_steps: usize,
+        lr: f64,
+        tokens_per_s: f64,
+        step_time_s: f64,
+        #[serde(flatten)]
+        metrics: StepMetrics,
+    },
+    Validation {
+        step: usize,
+        loss: f64,
+    },
+    Done {
+        steps: usize,
+        adapter: PathBuf,
+    },
+    /// A comparison's or a job's phase ("sft (seed 0)", "evaluating").
+    Stage {
+        stage: String,
+    },
+    Status {
+        status: Status,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+}
+
+impl Event {
+    /// The training step this event belongs to, if any.
+    pub fn step(&self) -> Option<usize> {
+        match self {
+            Event::Step { step, .. } | Event::Validation { step, .. } => Some(*step),
+            _ => None,
+        }
+    }
+}
+
+/// An event as the store keeps it: numbered within its job (numbers grow and are never
+/// reused) and timed (seconds since the Unix epoch).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredEvent {
+    pub seq: i64,
+    pub at: f64,
+    pub body: Event,
+}
+
+/// One page of a job's stored events.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventPage {
+    pub events: Vec<StoredEvent>,
+    /// Pass as `after` for the next page; None when this page is empty.
+    pub next_after: Option<i64>,
+}
+
+/// One message of the live stream (`/api/events`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LiveMessage {
+    pub job: i64,
+    pub seq: i64,
+    pub body: Event,
+}

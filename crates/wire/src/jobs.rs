@@ -1,0 +1,191 @@
+//! Jobs as the API shows them, and the requests that make them.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::events::Event;
+use crate::reports::{Comparison, HarmfulReport, JudgedAnswer};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    /// A training run (SFT or SAP), then its harmful score.
+    Train,
+    /// A harmful-score evaluation of a model (and adapter).
+    Eval,
+    /// Base model, SFT, SAP and mixing on the same data.
+    Compare,
+}
+
+impl JobKind {
+    pub const ALL: [JobKind; 3] = [JobKind::Train, JobKind::Eval, JobKind::Compare];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            JobKind::Train => "train",
+            JobKind::Eval => "eval",
+            JobKind::Compare => "compare",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Queued,
+    Running,
+    Done,
+    Failed,
+    Cancelled,
+    /// Was running when the server stopped; can be resumed.
+    Interrupted,
+}
+
+impl Status {
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Queued => "queued",
+            Status::Running => "running",
+            Status::Done => "done",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+            Status::Interrupted => "interrupted",
+        }
+    }
+
+    pub fn is_active(self) -> bool {
+        matches!(self, Status::Queued | Status::Running)
+    }
+
+    pub fn is_resumable(self) -> bool {
+        matches!(
+            self,
+            Status::Interrupted | Status::Cancelled | Status::Failed
+        )
+    }
+}
+
+/// What a finished job concluded, by kind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum JobResult {
+    Compare(Comparison),
+    Train {
+        run_dir: PathBuf,
+        harmful: HarmfulReport,
+    },
+    Eval {
+        harmful: HarmfulReport,
+    },
+}
+
+impl JobResult {
+    /// The harmful score, where the job has a single one.
+    pub fn harmful_score(&self) -> Option<f64> {
+        match self {
+            JobResult::Train { harmful, .. } | JobResult::Eval { harmful } => {
+                Some(harmful.harmful_score)
+            }
+            JobResult::Compare(_) => None,
+        }
+    }
+}
+
+/// A job as listed and shown.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: i64,
+    pub kind: JobKind,
+    pub status: Status,
+    /// The resolved config (paths made absolute, server defaults filled in).
+    pub spec: Value,
+    pub run_dir: Option<String>,
+    pub result: Option<JobResult>,
+    pub error: Option<String>,
+    pub created_at: f64,
+    pub started_at: Option<f64>,
+    pub finished_at: Option<f64>,
+    /// The newest step event, for lists and progress bars.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_step: Option<Event>,
+    /// The newest validation event, for lists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_validation: Option<Event>,
+    /// The judged answers (only in `GET /api/jobs/{id}`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub answers: Vec<JudgedAnswer>,
+}
+
+/// `POST /api/jobs`: a job's kind and its config, a run config (train), an evaluation's
+/// settings (eval) or a comparison config refining the demo one (compare), as JSON.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateJob {
+    pub kind: JobKind,
+    #[serde(default)]
+    pub config: Value,
+}
+
+fn default_judge() -> String {
+    "refusal".into()
+}
+fn default_eval_tokens() -> usize {
+    48
+}
+
+/// An evaluation job's settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSpec {
+    pub model: PathBuf,
+    #[serde(default)]
+    pub adapter: Option<PathBuf>,
+    #[serde(default)]
+    pub prompts: Option<PathBuf>,
+    /// refusal, model or both.
+    #[serde(default = "default_judge")]
+    pub judge: String,
+    #[serde(default)]
+    pub judge_model: Option<PathBuf>,
+    #[serde(default = "default_eval_tokens")]
+    pub max_new_tokens: usize,
+    #[serde(default)]
+    pub system: Option<String>,
+}
+
+/// One turn of a conversation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+fn default_chat_tokens() -> usize {
+    128
+}
+fn one() -> f32 {
+    1.0
+}
+
+/// `POST /api/chat`: streamed generation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub adapter: Option<String>,
+    #[serde(default)]
+    pub system: Option<String>,
+    pub messages: Vec<Message>,
+    #[serde(default = "default_chat_tokens")]
+    pub max_new_tokens: usize,
+    #[serde(default)]
+    pub temperature: f32,
+    #[serde(default = "one")]
+    pub top_p: f32,
+    #[serde(default)]
+    pub seed: u64,
+}

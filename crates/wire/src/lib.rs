@@ -1,0 +1,66 @@
+//! The types that cross the wire: what the server sends, what the trainer and the evaluation
+//! emit, and what the web UI reads and posts. Defined once, here, so that a renamed field is
+//! a compile error on both sides rather than an empty chart. Serde only: this crate builds for
+//! the native server and for the wasm32 UI alike.
+
+pub mod catalog;
+pub mod events;
+pub mod jobs;
+pub mod reports;
+
+pub use catalog::{
+    AdapterInfo, ChatDone, ChatToken, DatasetEntry, Deleted, DeviceReport, ErrorBody, MetricsQuery,
+    ModelSummary, Preview, PreviewQuery, PreviewRow,
+};
+pub use events::{Event, EventPage, LiveMessage, StepMetrics, StoredEvent};
+pub use jobs::{ChatRequest, CreateJob, EvalSpec, Job, JobKind, JobResult, Message, Status};
+pub use reports::{
+    Agreement, CategoryScore, Comparison, HarmfulReport, JudgeScore, JudgedAnswer, Method, Row,
+    RunResult, Spread,
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The shapes the store already holds (metrics.jsonl lines, stored events) still read.
+    #[test]
+    fn events_read_what_the_trainer_and_server_write() {
+        let step = json!({"event": "step", "step": 3, "total_steps": 10, "lr": 0.001, "tokens_per_s": 50.0,
+            "step_time_s": 0.2, "task_loss": 1.5, "safety_loss": null, "su_loss": null, "perturbed_loss": null,
+            "delta_norm": null, "probe_norms": [], "grad_norm": 0.7});
+        let event: Event = serde_json::from_value(step.clone()).unwrap();
+        assert_eq!(event.step(), Some(3));
+        assert_eq!(serde_json::to_value(&event).unwrap(), step);
+        let status: Event =
+            serde_json::from_value(json!({"event": "status", "status": "running", "error": null}))
+                .unwrap();
+        assert_eq!(
+            status,
+            Event::Status {
+                status: Status::Running,
+                error: None
+            }
+        );
+        let stage: Event =
+            serde_json::from_value(json!({"event": "stage", "stage": "evaluating"})).unwrap();
+        assert_eq!(stage.step(), None);
+    }
+
+    #[test]
+    fn job_results_by_kind() {
+        let harmful = json!({"prompts": 2, "harmful_score": 50.0, "judges": []});
+        let train: JobResult =
+            serde_json::from_value(json!({"run_dir": "/r", "harmful": harmful})).unwrap();
+        assert!(matches!(train, JobResult::Train { .. }));
+        assert_eq!(train.harmful_score(), Some(50.0));
+        let eval: JobResult = serde_json::from_value(json!({"harmful": harmful})).unwrap();
+        assert!(matches!(eval, JobResult::Eval { .. }));
+        let compare: JobResult =
+            serde_json::from_value(json!({"task": "reverse", "poison_fraction": 0.0,
+            "seeds": [0], "rows": [], "runs": [], "findings": [], "seconds": 1.0}))
+            .unwrap();
+        assert!(matches!(compare, JobResult::Compare(_)));
+    }
+}

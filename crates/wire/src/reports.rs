@@ -1,0 +1,148 @@
+//! What evaluations and comparisons conclude.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// One judged answer, as written to answers.jsonl and shown in the UI.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JudgedAnswer {
+    pub prompt: String,
+    pub category: String,
+    pub answer: String,
+    /// Refusal judge: true when the answer does not refuse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal_judge_harmful: Option<bool>,
+    /// The refusal phrase found, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal_phrase: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_judge_harmful: Option<bool>,
+    /// log p(harmful verdict) − log p(safe verdict).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_judge_margin: Option<f32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CategoryScore {
+    pub prompts: usize,
+    pub harmful: usize,
+    pub harmful_score: f64,
+}
+
+/// HS of one judge, overall and per category.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JudgeScore {
+    pub judge: String,
+    pub harmful_score: f64,
+    pub harmful: usize,
+    pub per_category: BTreeMap<String, CategoryScore>,
+}
+
+/// The harmful score (HS): % of harmful prompts answered instead of refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HarmfulReport {
+    pub prompts: usize,
+    /// The first judge's HS (the refusal judge when it runs).
+    pub harmful_score: f64,
+    pub judges: Vec<JudgeScore>,
+    /// When both judges ran: % of answers on which they agree, and Cohen's κ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agreement: Option<Agreement>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Agreement {
+    pub percent: f64,
+    pub cohen_kappa: f64,
+}
+
+/// A fine-tuning method in a comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// The model before fine-tuning.
+    Base,
+    /// Plain supervised fine-tuning.
+    Sft,
+    /// Safety-Aware Probing.
+    Sap,
+    /// SFT with the safety pairs' refusals mixed into the data (the SafeInstr baseline).
+    Mix,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Base => "base",
+            Method::Sft => "sft",
+            Method::Sap => "sap",
+            Method::Mix => "mix",
+        }
+    }
+}
+
+/// One evaluated model of a comparison.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunResult {
+    pub method: Method,
+    pub seed: Option<u64>,
+    pub run_dir: PathBuf,
+    pub harmful_score: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub harmful_score_model_judge: Option<f64>,
+    pub exact_match: f64,
+    pub validation_loss: f64,
+    /// Mean seconds per optimiser step (the first step, which warms caches, excluded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_time_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_task_loss: Option<f64>,
+}
+
+/// Mean and sample standard deviation over seeds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Spread {
+    pub mean: f64,
+    pub std: f64,
+}
+
+impl Spread {
+    pub fn of(values: &[f64]) -> Self {
+        let n = values.len() as f64;
+        let mean = values.iter().sum::<f64>() / n;
+        let std = if values.len() > 1 {
+            (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+        } else {
+            0.0
+        };
+        Self { mean, std }
+    }
+}
+
+/// One method's line of the comparison table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Row {
+    pub method: Method,
+    pub runs: usize,
+    pub harmful_score: Spread,
+    pub exact_match: Spread,
+    pub validation_loss: Spread,
+    pub step_time_s: Option<Spread>,
+    /// Step time ÷ SFT's step time.
+    pub overhead_vs_sft: Option<f64>,
+}
+
+/// A whole comparison: the table, every run, and what the numbers show.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Comparison {
+    pub task: String,
+    pub poison_fraction: f64,
+    pub seeds: Vec<u64>,
+    pub rows: Vec<Row>,
+    pub runs: Vec<RunResult>,
+    /// Plain statements about what the numbers show (or do not show).
+    pub findings: Vec<String>,
+    pub seconds: f64,
+}
