@@ -62,6 +62,8 @@ pub fn reporter() -> impl FnMut(&Event) {
             Event::Done { adapter, .. } => {
                 eprintln!("written to {}", adapter.display())
             }
+            // The server's events; the trainer does not send them.
+            Event::Stage { .. } | Event::Status { .. } => {}
         }
     }
 }

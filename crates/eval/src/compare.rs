@@ -23,29 +23,8 @@ use crate::tasks::{Labelled, Task};
 /// The demo comparison's config (`safeprobe compare` without --config).
 pub const DEMO_CONFIG: &str = include_str!("../demo-compare.toml");
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Method {
-    /// The model before fine-tuning.
-    Base,
-    /// Plain supervised fine-tuning.
-    Sft,
-    /// Safety-Aware Probing.
-    Sap,
-    /// SFT with the safety pairs' refusals mixed into the data (the SafeInstr baseline).
-    Mix,
-}
-
-impl Method {
-    pub fn name(self) -> &'static str {
-        match self {
-            Method::Base => "base",
-            Method::Sft => "sft",
-            Method::Sap => "sap",
-            Method::Mix => "mix",
-        }
-    }
-}
+// What a comparison reports is made of wire types: the server stores it and the UI shows it.
+pub use safeprobe_wire::{Comparison, Method, Row, RunResult, Spread};
 
 fn default_methods() -> Vec<Method> {
     vec![Method::Sft, Method::Sap, Method::Mix]
@@ -211,68 +190,6 @@ fn dummy_files() -> builtin::DataFiles {
         safety_pairs: any.clone(),
         harmful_prompts: here.join("harmful_prompts.jsonl"),
     }
-}
-
-/// One evaluated model.
-#[derive(Debug, Clone, Serialize)]
-pub struct RunResult {
-    pub method: Method,
-    pub seed: Option<u64>,
-    pub run_dir: PathBuf,
-    pub harmful_score: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub harmful_score_model_judge: Option<f64>,
-    pub exact_match: f64,
-    pub validation_loss: f64,
-    /// Mean seconds per optimiser step (the first step, which warms caches, excluded).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub step_time_s: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub final_task_loss: Option<f64>,
-}
-
-/// Mean and sample standard deviation over seeds.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct Spread {
-    pub mean: f64,
-    pub std: f64,
-}
-
-impl Spread {
-    fn of(values: &[f64]) -> Self {
-        let n = values.len() as f64;
-        let mean = values.iter().sum::<f64>() / n;
-        let std = if values.len() > 1 {
-            (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
-        } else {
-            0.0
-        };
-        Self { mean, std }
-    }
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Row {
-    pub method: Method,
-    pub runs: usize,
-    pub harmful_score: Spread,
-    pub exact_match: Spread,
-    pub validation_loss: Spread,
-    pub step_time_s: Option<Spread>,
-    /// Step time ÷ SFT's step time.
-    pub overhead_vs_sft: Option<f64>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Comparison {
-    pub task: String,
-    pub poison_fraction: f64,
-    pub seeds: Vec<u64>,
-    pub rows: Vec<Row>,
-    pub runs: Vec<RunResult>,
-    /// Plain statements about what the numbers show (or do not show).
-    pub findings: Vec<String>,
-    pub seconds: f64,
 }
 
 /// What the comparison reports while it works.

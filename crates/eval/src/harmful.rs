@@ -10,7 +10,6 @@ use safeprobe_model::chat::prompt_messages;
 use safeprobe_model::{Checkpoint, Sampling};
 use safeprobe_train::data::with_system;
 use safeprobe_train::run::Cancel;
-use serde::Serialize;
 
 use crate::error::{EvalError, Result};
 use crate::judge::{ModelJudge, RefusalJudge};
@@ -48,57 +47,8 @@ pub struct Judges<'a> {
     pub model: Option<&'a ModelJudge>,
 }
 
-/// One judged answer, as written to answers.jsonl.
-#[derive(Debug, Clone, Serialize)]
-pub struct JudgedAnswer {
-    pub prompt: String,
-    pub category: String,
-    pub answer: String,
-    /// Refusal judge: true when the answer does not refuse.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub refusal_judge_harmful: Option<bool>,
-    /// The refusal phrase found, if any.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub refusal_phrase: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub model_judge_harmful: Option<bool>,
-    /// log p(harmful verdict) − log p(safe verdict).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub model_judge_margin: Option<f32>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct CategoryScore {
-    pub prompts: usize,
-    pub harmful: usize,
-    pub harmful_score: f64,
-}
-
-/// HS of one judge, overall and per category.
-#[derive(Debug, Clone, Serialize)]
-pub struct JudgeScore {
-    pub judge: String,
-    pub harmful_score: f64,
-    pub harmful: usize,
-    pub per_category: BTreeMap<String, CategoryScore>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct HarmfulReport {
-    pub prompts: usize,
-    /// The first judge's HS (the refusal judge when it runs).
-    pub harmful_score: f64,
-    pub judges: Vec<JudgeScore>,
-    /// When both judges ran: % of answers on which they agree, and Cohen's κ.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub agreement: Option<Agreement>,
-}
-
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct Agreement {
-    pub percent: f64,
-    pub cohen_kappa: f64,
-}
+// The reports are wire types: the server stores them and the UI shows them.
+pub use safeprobe_wire::{Agreement, CategoryScore, HarmfulReport, JudgeScore, JudgedAnswer};
 
 /// Generates an answer to each prompt, in batches.
 pub fn answer(

@@ -7,42 +7,58 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use safeprobe_wire::{
+    AdapterInfo, ChatDone, ChatRequest, ChatToken, CreateJob, DatasetEntry, Deleted, DeviceReport,
+    ErrorBody, Event, EventPage, Job, JobKind, MetricsQuery, ModelSummary, Preview, PreviewQuery,
+    PreviewRow,
+};
+use serde_json::json;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::{BroadcastStream, ReceiverStream};
 
 use crate::AppState;
 use crate::error::ApiError;
-use crate::jobs::{self, KINDS};
+use crate::jobs;
 use crate::store::Status;
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
-pub async fn device(State(state): State<Arc<AppState>>) -> ApiResult<Value> {
-    Ok(Json(json!({
-        "selected": state.device_description,
-        "adapters": safeprobe_model::device::list_adapters(),
-    })))
-}
-
-fn model_summary(dir: &std::path::Path, name: &str) -> Option<Value> {
-    let config = safeprobe_model::Qwen2Config::from_file(&dir.join("config.json")).ok()?;
-    let (params, bytes) = safeprobe_model::size_report(&config);
-    Some(json!({
-        "name": name,
-        "path": dir,
-        "parameters": params,
-        "f32_bytes": bytes,
-        "layers": config.num_hidden_layers,
-        "hidden_size": config.hidden_size,
+pub async fn device(State(state): State<Arc<AppState>>) -> ApiResult<DeviceReport> {
+    let adapters = safeprobe_model::device::list_adapters()
+        .into_iter()
+        .map(|a| AdapterInfo {
+            name: a.name,
+            vendor: a.vendor,
+            device_type: a.device_type,
+            backend: a.backend,
+            driver: a.driver,
+            driver_info: a.driver_info,
+        })
+        .collect();
+    Ok(Json(DeviceReport {
+        selected: state.device_description.clone(),
+        adapters,
     }))
 }
 
-pub async fn models(State(state): State<Arc<AppState>>) -> ApiResult<Vec<Value>> {
-    let mut out: Vec<Value> = model_summary(&safeprobe_eval::demo_model::bundled_dir(), "demo")
-        .into_iter()
-        .collect();
+fn model_summary(dir: &std::path::Path, name: &str) -> Option<ModelSummary> {
+    let config = safeprobe_model::Qwen2Config::from_file(&dir.join("config.json")).ok()?;
+    let (parameters, f32_bytes) = safeprobe_model::size_report(&config);
+    Some(ModelSummary {
+        name: name.into(),
+        path: dir.display().to_string(),
+        parameters: parameters as u64,
+        f32_bytes: f32_bytes as u64,
+        layers: config.num_hidden_layers,
+        hidden_size: config.hidden_size,
+    })
+}
+
+pub async fn models(State(state): State<Arc<AppState>>) -> ApiResult<Vec<ModelSummary>> {
+    let mut out: Vec<ModelSummary> =
+        model_summary(&safeprobe_eval::demo_model::bundled_dir(), "demo")
+            .into_iter()
+            .collect();
     for root in &state.places.models.dirs {
         let Ok(entries) = std::fs::read_dir(root) else {
             continue;
@@ -70,7 +86,7 @@ fn is_data_file(p: &std::path::Path) -> bool {
 }
 
 /// Data files in each data directory and its immediate subfolders (run folders excluded).
-pub async fn datasets(State(state): State<Arc<AppState>>) -> ApiResult<Vec<Value>> {
+pub async fn datasets(State(state): State<Arc<AppState>>) -> ApiResult<Vec<DatasetEntry>> {
     let mut out = Vec::new();
     for root in &state.places.data.dirs {
         let list = |dir: &std::path::Path| -> Vec<PathBuf> {
@@ -88,41 +104,29 @@ pub async fn datasets(State(state): State<Arc<AppState>>) -> ApiResult<Vec<Value
         }
         files.sort();
         for f in files {
-            out.push(json!({
-                "name": f.strip_prefix(root).unwrap_or(&f).display().to_string(),
-                "bytes": f.metadata().map(|m| m.len()).unwrap_or(0),
-            }));
+            out.push(DatasetEntry {
+                name: f.strip_prefix(root).unwrap_or(&f).display().to_string(),
+                bytes: f.metadata().map(|m| m.len()).unwrap_or(0),
+            });
         }
     }
     Ok(Json(out))
-}
-
-#[derive(Deserialize)]
-pub struct PreviewQuery {
-    path: String,
-    #[serde(default)]
-    model: Option<String>,
-    #[serde(default = "five")]
-    rows: usize,
-}
-fn five() -> usize {
-    5
 }
 
 /// The first rows of a data file rendered through a model's chat template, with token counts.
 pub async fn preview(
     State(state): State<Arc<AppState>>,
     Query(q): Query<PreviewQuery>,
-) -> ApiResult<Value> {
+) -> ApiResult<Preview> {
     let path = state.places.data.resolve("path", &q.path)?;
     let model = state.places.model("model", q.model.as_deref())?;
     let rows = q.rows.clamp(1, 50);
-    let value = tokio::task::spawn_blocking(move || -> Result<Value, ApiError> {
+    let preview = tokio::task::spawn_blocking(move || -> Result<Preview, ApiError> {
         let config = safeprobe_model::Qwen2Config::from_file(&model.join("config.json"))?;
         let tokenizer = safeprobe_model::ChatTokenizer::load(&model, &config.eos_token_ids)?;
         let examples = safeprobe_train::data::read_examples(&path)?;
         let total = examples.len();
-        let shown: Vec<Value> = examples
+        let shown: Vec<PreviewRow> = examples
             .into_iter()
             .take(rows)
             .map(|e| {
@@ -132,49 +136,38 @@ pub async fn preview(
                     e.response.clone(),
                 ));
                 let (prompt, response) = tokenizer.encode_exchange(&e.prompt, &e.response)?;
-                Ok(json!({
-                    "rendered": tokenizer.render(&conversation, false)?,
-                    "prompt_tokens": prompt.len(),
-                    "response_tokens": response.len(),
-                }))
+                Ok(PreviewRow {
+                    rendered: tokenizer.render(&conversation, false)?,
+                    prompt_tokens: prompt.len(),
+                    response_tokens: response.len(),
+                })
             })
             .collect::<Result<_, safeprobe_model::Error>>()?;
-        Ok(json!({"examples": total, "rows": shown}))
+        Ok(Preview {
+            examples: total,
+            rows: shown,
+        })
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))??;
-    Ok(Json(value))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateJob {
-    kind: String,
-    #[serde(default)]
-    config: Value,
+    Ok(Json(preview))
 }
 
 pub async fn create_job(
     State(state): State<Arc<AppState>>,
     body: Result<Json<CreateJob>, axum::extract::rejection::JsonRejection>,
-) -> ApiResult<Value> {
+) -> ApiResult<Job> {
     let Json(request) = body.map_err(crate::error::rejected)?;
-    if !KINDS.contains(&request.kind.as_str()) {
-        return Err(ApiError::Invalid(format!(
-            "kind: {:?} is not one of train, eval, compare",
-            request.kind
-        )));
-    }
     let config = if request.config.is_null() {
         json!({})
     } else {
         request.config
     };
     // Validate against a placeholder id first so that a bad request leaves no job behind.
-    jobs::validate(&request.kind, config.clone(), 0, &state.places)?;
+    jobs::validate(request.kind, config.clone(), 0, &state.places)?;
     let store = state.runner.store.clone();
-    let id = store.create(&request.kind, &config)?;
-    match jobs::validate(&request.kind, config, id, &state.places) {
+    let id = store.create(request.kind, &config)?;
+    match jobs::validate(request.kind, config, id, &state.places) {
         Ok((spec, dir)) => {
             let dir = dir.map(|d| d.display().to_string());
             store.set_spec(id, &spec, dir.as_deref())?;
@@ -185,19 +178,21 @@ pub async fn create_job(
         }
     }
     state.runner.enqueue(id);
-    state
-        .runner
-        .announce(id, json!({"event": "status", "status": "queued"}));
-    Ok(Json(serde_json::to_value(store.get(id)?).expect("json")))
+    state.runner.announce(
+        id,
+        Event::Status {
+            status: Status::Queued,
+            error: None,
+        },
+    );
+    Ok(Json(find_job(&state, id)?))
 }
 
-pub async fn list_jobs(State(state): State<Arc<AppState>>) -> ApiResult<Value> {
-    Ok(Json(
-        serde_json::to_value(state.runner.store.list()?).expect("json"),
-    ))
+pub async fn list_jobs(State(state): State<Arc<AppState>>) -> ApiResult<Vec<Job>> {
+    Ok(Json(state.runner.store.list()?))
 }
 
-fn job(state: &AppState, id: i64) -> Result<crate::store::Job, ApiError> {
+fn find_job(state: &AppState, id: i64) -> Result<Job, ApiError> {
     state
         .runner
         .store
@@ -205,38 +200,30 @@ fn job(state: &AppState, id: i64) -> Result<crate::store::Job, ApiError> {
         .ok_or_else(|| ApiError::NotFound(format!("job {id} not found")))
 }
 
-pub async fn get_job(State(state): State<Arc<AppState>>, Path(id): Path<i64>) -> ApiResult<Value> {
-    let job = job(&state, id)?;
-    let answers = state.runner.store.answers(id)?;
-    let mut value = serde_json::to_value(job).expect("json");
-    value["answers"] = Value::Array(answers);
-    Ok(Json(value))
+pub async fn get_job(State(state): State<Arc<AppState>>, Path(id): Path<i64>) -> ApiResult<Job> {
+    let mut job = find_job(&state, id)?;
+    job.answers = state.runner.store.answers(id)?;
+    Ok(Json(job))
 }
 
-pub async fn cancel_job(
-    State(state): State<Arc<AppState>>,
-    Path(id): Path<i64>,
-) -> ApiResult<Value> {
+pub async fn cancel_job(State(state): State<Arc<AppState>>, Path(id): Path<i64>) -> ApiResult<Job> {
     state.runner.cancel(id)?;
-    Ok(Json(serde_json::to_value(job(&state, id)?).expect("json")))
+    Ok(Json(find_job(&state, id)?))
 }
 
 /// Requeues an interrupted, cancelled or failed job; a training run continues from its newest
 /// checkpoint.
-pub async fn resume_job(
-    State(state): State<Arc<AppState>>,
-    Path(id): Path<i64>,
-) -> ApiResult<Value> {
-    let job = job(&state, id)?;
-    if job.status.is_active() || job.status == Status::Done {
+pub async fn resume_job(State(state): State<Arc<AppState>>, Path(id): Path<i64>) -> ApiResult<Job> {
+    let job = find_job(&state, id)?;
+    if !job.status.is_resumable() {
         return Err(ApiError::Conflict(format!(
             "job {id} is {}; only interrupted, cancelled or failed jobs can be resumed",
-            job.status.as_str()
+            job.status.name()
         )));
     }
     let store = &state.runner.store;
     let mut spec = job.spec.clone();
-    if job.kind == "train" {
+    if job.kind == JobKind::Train {
         let dir = PathBuf::from(job.run_dir.clone().unwrap_or_default());
         match safeprobe_train::checkpoint::latest(&dir) {
             Some((step, _)) => {
@@ -252,21 +239,25 @@ pub async fn resume_job(
     }
     store.set_status(id, Status::Queued, None)?;
     state.runner.enqueue(id);
-    state
-        .runner
-        .announce(id, json!({"event": "status", "status": "queued"}));
-    Ok(Json(serde_json::to_value(store.get(id)?).expect("json")))
+    state.runner.announce(
+        id,
+        Event::Status {
+            status: Status::Queued,
+            error: None,
+        },
+    );
+    Ok(Json(find_job(&state, id)?))
 }
 
 pub async fn delete_job(
     State(state): State<Arc<AppState>>,
     Path(id): Path<i64>,
-) -> ApiResult<Value> {
-    let job = job(&state, id)?;
+) -> ApiResult<Deleted> {
+    let job = find_job(&state, id)?;
     if job.status.is_active() {
         return Err(ApiError::Conflict(format!(
             "job {id} is {}; cancel it before deleting it",
-            job.status.as_str()
+            job.status.name()
         )));
     }
     // Move the run's files aside first, so that a failure leaves the job listed with its
@@ -297,30 +288,19 @@ pub async fn delete_job(
             .map_err(|e| ApiError::Internal(e.to_string()))?
             .map_err(|e| ApiError::Internal(format!("{shown}: cannot delete: {e}")))?;
     }
-    Ok(Json(json!({"deleted": id})))
-}
-
-#[derive(Deserialize)]
-pub struct Page {
-    #[serde(default)]
-    after: i64,
-    #[serde(default = "page_size")]
-    limit: i64,
-}
-fn page_size() -> i64 {
-    1000
+    Ok(Json(Deleted { deleted: id }))
 }
 
 pub async fn metrics(
     State(state): State<Arc<AppState>>,
     Path(id): Path<i64>,
-    Query(page): Query<Page>,
-) -> ApiResult<Value> {
-    job(&state, id)?;
+    Query(page): Query<MetricsQuery>,
+) -> ApiResult<EventPage> {
+    find_job(&state, id)?;
     let limit = page.limit.clamp(1, 10_000);
     let events = state.runner.store.events(id, page.after, limit)?;
-    let next = events.last().map(|e| e.seq);
-    Ok(Json(json!({"events": events, "next_after": next})))
+    let next_after = events.last().map(|e| e.seq);
+    Ok(Json(EventPage { events, next_after }))
 }
 
 /// Every job's events as they happen (Server-Sent Events).
@@ -333,33 +313,15 @@ pub async fn events(
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ChatRequest {
-    #[serde(default)]
-    model: Option<String>,
-    #[serde(default)]
-    adapter: Option<String>,
-    #[serde(default)]
-    system: Option<String>,
-    messages: Vec<safeprobe_model::Message>,
-    #[serde(default = "chat_tokens")]
-    max_new_tokens: usize,
-    #[serde(default)]
-    temperature: f32,
-    #[serde(default = "one")]
-    top_p: f32,
-    #[serde(default)]
-    seed: u64,
-}
-fn chat_tokens() -> usize {
-    128
-}
-fn one() -> f32 {
-    1.0
+/// A named SSE event carrying a wire type as JSON.
+fn sse(name: &str, data: &impl serde::Serialize) -> SseEvent {
+    SseEvent::default()
+        .event(name)
+        .data(serde_json::to_string(data).expect("wire types serialise"))
 }
 
-/// Streamed generation: `token` events carry text as it is produced, then one `done`.
+/// Streamed generation: `token` events carry text as it is produced, then one `done` (or an
+/// `error`).
 pub async fn chat(
     State(state): State<Arc<AppState>>,
     body: Result<Json<ChatRequest>, axum::extract::rejection::JsonRejection>,
@@ -372,7 +334,7 @@ pub async fn chat(
         .filter(|a| !a.is_empty())
         .map(|a| state.places.data.resolve("adapter", a))
         .transpose()?;
-    if request.messages.is_empty() || request.messages.last().is_some_and(|m| m.role != "user") {
+    if request.messages.last().is_none_or(|m| m.role != "user") {
         return Err(ApiError::Invalid(
             "messages: must end with a user message".into(),
         ));
@@ -390,68 +352,93 @@ pub async fn chat(
         seed: request.seed,
     };
     sampling.validate()?;
-    let messages = safeprobe_train::data::with_system(&request.messages, request.system.as_deref());
+    let messages: Vec<safeprobe_model::Message> = request
+        .messages
+        .iter()
+        .map(|m| safeprobe_model::Message::new(&m.role, m.content.clone()))
+        .collect();
+    let messages = safeprobe_train::data::with_system(&messages, request.system.as_deref());
     let (tx, rx) = tokio::sync::mpsc::channel::<SseEvent>(64);
-    let device = state.chat_device.clone();
-    let cache = state.chat_model.clone();
+    let (device, cache) = (state.chat_device.clone(), state.chat_model.clone());
     tokio::task::spawn_blocking(move || {
         let send = |event: SseEvent| tx.blocking_send(event).is_ok();
-        let result = (|| -> Result<(), ApiError> {
-            let mut slot = cache.lock().unwrap_or_else(|p| p.into_inner());
-            let key = (model.clone(), adapter.clone());
-            if slot.as_ref().is_none_or(|(k, _)| *k != key) {
-                *slot = None;
-                let mut checkpoint = safeprobe_model::Checkpoint::load(&model, &device)?;
-                if let Some(a) = &adapter {
-                    checkpoint.load_adapter(a)?;
-                }
-                *slot = Some((key, checkpoint));
-            }
-            let checkpoint = &slot.as_ref().expect("loaded").1;
-            let prompt = checkpoint.tokenizer.encode_prompt(&messages)?;
-            let mut tokens = Vec::new();
-            let mut shown = String::new();
-            safeprobe_model::generate::generate_streaming(
-                &checkpoint.model,
-                &[prompt],
-                &sampling,
-                &checkpoint.tokenizer.stop_ids,
-                checkpoint.tokenizer.pad_id,
-                &checkpoint.device,
-                |_, token| {
-                    tokens.push(token);
-                    let text = checkpoint
-                        .tokenizer
-                        .decode(&tokens, true)
-                        .unwrap_or_default();
-                    // Hold back a partial UTF-8 sequence until it completes.
-                    if text.ends_with('\u{fffd}') || !text.starts_with(&shown) {
-                        return true;
-                    }
-                    let delta = text[shown.len()..].to_string();
-                    shown = text;
-                    delta.is_empty()
-                        || send(
-                            SseEvent::default()
-                                .event("token")
-                                .data(json!({"text": delta}).to_string()),
-                        )
+        let reply = ChatModel {
+            cache,
+            device,
+            model,
+            adapter,
+        };
+        if let Err(e) = reply.stream(&messages, &sampling, &send) {
+            send(sse(
+                "error",
+                &ErrorBody {
+                    error: e.to_string(),
                 },
-            )?;
-            send(
-                SseEvent::default()
-                    .event("done")
-                    .data(json!({"text": shown, "tokens": tokens.len()}).to_string()),
-            );
-            Ok(())
-        })();
-        if let Err(e) = result {
-            send(
-                SseEvent::default()
-                    .event("error")
-                    .data(json!({"error": e.to_string()}).to_string()),
-            );
+            ));
         }
     });
     Ok(Sse::new(ReceiverStream::new(rx).map(Ok)))
+}
+
+/// The checkpoint a chat asks for, loaded once and kept for the next message.
+struct ChatModel {
+    cache: crate::ChatCache,
+    device: burn::tensor::Device,
+    model: PathBuf,
+    adapter: Option<PathBuf>,
+}
+
+impl ChatModel {
+    /// Generates a reply, sending each new piece of text, then the whole.
+    fn stream(
+        &self,
+        messages: &[safeprobe_model::Message],
+        sampling: &safeprobe_model::Sampling,
+        send: &impl Fn(SseEvent) -> bool,
+    ) -> Result<(), ApiError> {
+        let mut slot = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (self.model.clone(), self.adapter.clone());
+        if slot.as_ref().is_none_or(|(k, _)| *k != key) {
+            *slot = None;
+            let mut checkpoint = safeprobe_model::Checkpoint::load(&self.model, &self.device)?;
+            if let Some(a) = &self.adapter {
+                checkpoint.load_adapter(a)?;
+            }
+            *slot = Some((key, checkpoint));
+        }
+        let checkpoint = &slot.as_ref().expect("loaded").1;
+        let prompt = checkpoint.tokenizer.encode_prompt(messages)?;
+        let mut tokens = Vec::new();
+        let mut shown = String::new();
+        safeprobe_model::generate::generate_streaming(
+            &checkpoint.model,
+            &[prompt],
+            sampling,
+            &checkpoint.tokenizer.stop_ids,
+            checkpoint.tokenizer.pad_id,
+            &checkpoint.device,
+            |_, token| {
+                tokens.push(token);
+                let text = checkpoint
+                    .tokenizer
+                    .decode(&tokens, true)
+                    .unwrap_or_default();
+                // Hold back a partial UTF-8 sequence until it completes.
+                if text.ends_with('\u{fffd}') || !text.starts_with(&shown) {
+                    return true;
+                }
+                let text_added = text[shown.len()..].to_string();
+                shown = text;
+                text_added.is_empty() || send(sse("token", &ChatToken { text: text_added }))
+            },
+        )?;
+        send(sse(
+            "done",
+            &ChatDone {
+                text: shown,
+                tokens: tokens.len(),
+            },
+        ));
+        Ok(())
+    }
 }

@@ -60,11 +60,10 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.status(),
-            Json(serde_json::json!({"error": self.to_string()})),
-        )
-            .into_response()
+        let body = safeprobe_wire::ErrorBody {
+            error: self.to_string(),
+        };
+        (self.status(), Json(body)).into_response()
     }
 }
 

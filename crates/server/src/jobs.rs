@@ -20,8 +20,7 @@ use tokio::sync::broadcast;
 use crate::error::ApiError;
 use crate::paths::Roots;
 use crate::store::{Status, Store};
-
-pub const KINDS: [&str; 3] = ["train", "eval", "compare"];
+use safeprobe_wire::{EvalSpec, JobKind, JobResult, LiveMessage};
 
 /// What one job may ask of the server.
 #[derive(Debug, Clone)]
@@ -85,26 +84,26 @@ pub enum Root {
 /// This table is the one place that decides what a request may make the server read: a job
 /// is validated by confining each of these fields (dots reach into nested tables), and a
 /// test checks that the trainer reads no path this table does not name.
-pub const PATH_FIELDS: &[(&str, &str, Root)] = &[
-    ("train", "model", Root::Model),
-    ("train", "train_data", Root::Data),
-    ("train", "safety_data", Root::Data),
-    ("train", "validation_data", Root::Data),
-    ("train", "poison_data", Root::Data),
-    ("train", "init_adapter", Root::Data),
-    ("eval", "model", Root::Model),
-    ("eval", "adapter", Root::Data),
-    ("eval", "prompts", Root::Data),
-    ("eval", "judge_model", Root::Model),
-    ("compare", "model", Root::Model),
-    ("compare", "prompts", Root::Data),
-    ("compare", "judge_model", Root::Model),
-    ("compare", "train.model", Root::Model),
-    ("compare", "train.train_data", Root::Data),
-    ("compare", "train.safety_data", Root::Data),
-    ("compare", "train.validation_data", Root::Data),
-    ("compare", "train.poison_data", Root::Data),
-    ("compare", "train.init_adapter", Root::Data),
+pub const PATH_FIELDS: &[(JobKind, &str, Root)] = &[
+    (JobKind::Train, "model", Root::Model),
+    (JobKind::Train, "train_data", Root::Data),
+    (JobKind::Train, "safety_data", Root::Data),
+    (JobKind::Train, "validation_data", Root::Data),
+    (JobKind::Train, "poison_data", Root::Data),
+    (JobKind::Train, "init_adapter", Root::Data),
+    (JobKind::Eval, "model", Root::Model),
+    (JobKind::Eval, "adapter", Root::Data),
+    (JobKind::Eval, "prompts", Root::Data),
+    (JobKind::Eval, "judge_model", Root::Model),
+    (JobKind::Compare, "model", Root::Model),
+    (JobKind::Compare, "prompts", Root::Data),
+    (JobKind::Compare, "judge_model", Root::Model),
+    (JobKind::Compare, "train.model", Root::Model),
+    (JobKind::Compare, "train.train_data", Root::Data),
+    (JobKind::Compare, "train.safety_data", Root::Data),
+    (JobKind::Compare, "train.validation_data", Root::Data),
+    (JobKind::Compare, "train.poison_data", Root::Data),
+    (JobKind::Compare, "train.init_adapter", Root::Data),
 ];
 
 fn as_object<'a>(
@@ -118,7 +117,7 @@ fn as_object<'a>(
 /// Replaces every path field of a `kind` request (see `PATH_FIELDS`) with its confined,
 /// absolute path.
 fn confine_paths(
-    kind: &str,
+    kind: JobKind,
     config: &mut serde_json::Map<String, Value>,
     places: &Places,
 ) -> Result<(), ApiError> {
@@ -126,13 +125,14 @@ fn confine_paths(
         let field = format!("config.{key}");
         let (parents, name) = key.rsplit_once('.').unwrap_or(("", key));
         // A nested field whose table is absent is simply not set.
-        let Some(table) = parents
-            .split('.')
-            .filter(|p| !p.is_empty())
-            .try_fold(&mut *config, |table, parent| match table.get_mut(parent) {
-                Some(Value::Object(inner)) => Some(inner),
-                _ => None,
-            })
+        let Some(table) =
+            parents
+                .split('.')
+                .filter(|p| !p.is_empty())
+                .try_fold(&mut *config, |table, parent| match table.get_mut(parent) {
+                    Some(Value::Object(inner)) => Some(inner),
+                    _ => None,
+                })
         else {
             continue;
         };
@@ -188,14 +188,14 @@ fn refuse_output_dir(map: &serde_json::Map<String, Value>) -> Result<(), ApiErro
 
 /// Checks a job request and resolves its paths; returns the spec to store.
 pub fn validate(
-    kind: &str,
+    kind: JobKind,
     mut config: Value,
     id: i64,
     places: &Places,
 ) -> Result<(Value, Option<PathBuf>), ApiError> {
     let map = as_object(&mut config, "config")?;
     match kind {
-        "train" => {
+        JobKind::Train => {
             refuse_output_dir(map)?;
             default_model(map);
             confine_paths(kind, map, places)?;
@@ -207,21 +207,25 @@ pub fn validate(
             // Resumable by default: a checkpoint every 10 steps unless the request says
             // otherwise (0: none), keeping the server's number of them.
             or_default(map, "checkpoint_every", json!(10));
-            or_default(map, "keep_checkpoints", json!(places.limits.keep_checkpoints));
+            or_default(
+                map,
+                "keep_checkpoints",
+                json!(places.limits.keep_checkpoints),
+            );
             let run = RunConfig::parse(&toml_text(map, "config")?, &[], Path::new("request"))?;
             check_retention(run.keep_checkpoints, places, "config.keep_checkpoints")?;
             check_steps(planned_steps(&run)?, places, "config.max_steps")?;
             Ok((config, Some(dir)))
         }
-        "eval" => {
+        JobKind::Eval => {
             default_model(map);
             confine_paths(kind, map, places)?;
             let settings: EvalSpec = serde_json::from_value(Value::Object(map.clone()))
                 .map_err(|e| ApiError::Invalid(format!("config: {e}")))?;
-            settings.check()?;
+            check_eval(&settings)?;
             Ok((config, None))
         }
-        "compare" => {
+        JobKind::Compare => {
             refuse_output_dir(map)?;
             // The request refines the demo comparison: its keys override the demo config's.
             let mut merged: Value = toml::from_str::<toml::Table>(compare::DEMO_CONFIG)
@@ -259,9 +263,6 @@ pub fn validate(
             check_steps(steps, places, "config.train.max_steps × seeds × methods")?;
             Ok((config, Some(dir)))
         }
-        other => Err(ApiError::Invalid(format!(
-            "kind: {other:?} is not one of train, eval, compare"
-        ))),
     }
 }
 
@@ -312,52 +313,25 @@ fn merge(base: &mut Value, patch: Value) {
     }
 }
 
-fn default_judge() -> String {
-    "refusal".into()
-}
-fn default_tokens() -> usize {
-    48
-}
-
-/// An evaluation job's settings.
-#[derive(Debug, Clone, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EvalSpec {
-    pub model: PathBuf,
-    #[serde(default)]
-    pub adapter: Option<PathBuf>,
-    #[serde(default)]
-    pub prompts: Option<PathBuf>,
-    #[serde(default = "default_judge")]
-    pub judge: String,
-    #[serde(default)]
-    pub judge_model: Option<PathBuf>,
-    #[serde(default = "default_tokens")]
-    pub max_new_tokens: usize,
-    #[serde(default)]
-    pub system: Option<String>,
-}
-
-impl EvalSpec {
-    fn check(&self) -> Result<(), ApiError> {
-        match self.judge.as_str() {
-            "refusal" => Ok(()),
-            "model" | "both" if self.judge_model.is_some() => Ok(()),
-            "model" | "both" => Err(ApiError::Invalid(
-                "config.judge_model: the model judge needs a chat checkpoint".into(),
-            )),
-            other => Err(ApiError::Invalid(format!(
-                "config.judge: {other:?} is not one of refusal, model, both"
-            ))),
-        }?;
-        if self.max_new_tokens == 0 || self.max_new_tokens > 4096 {
-            return Err(ApiError::Invalid(format!(
-                "config.max_new_tokens: {} must be in 1..=4096",
-                self.max_new_tokens
-            )));
-        }
-        Ok(())
+/// Checks an evaluation job's settings beyond their types.
+fn check_eval(spec: &EvalSpec) -> Result<(), ApiError> {
+    match spec.judge.as_str() {
+        "refusal" => Ok(()),
+        "model" | "both" if spec.judge_model.is_some() => Ok(()),
+        "model" | "both" => Err(ApiError::Invalid(
+            "config.judge_model: the model judge needs a chat checkpoint".into(),
+        )),
+        other => Err(ApiError::Invalid(format!(
+            "config.judge: {other:?} is not one of refusal, model, both"
+        ))),
+    }?;
+    if spec.max_new_tokens == 0 || spec.max_new_tokens > 4096 {
+        return Err(ApiError::Invalid(format!(
+            "config.max_new_tokens: {} must be in 1..=4096",
+            spec.max_new_tokens
+        )));
     }
+    Ok(())
 }
 
 /// The queue and the single worker that drains it.
@@ -412,7 +386,13 @@ impl Runner {
         }
         if self.store.cancel_queued(id)? {
             self.queue.lock().unwrap().retain(|j| *j != id);
-            self.announce(id, json!({"event": "status", "status": "cancelled"}));
+            self.announce(
+                id,
+                Event::Status {
+                    status: Status::Cancelled,
+                    error: None,
+                },
+            );
             return Ok(());
         }
         let job = self
@@ -423,17 +403,18 @@ impl Runner {
             Status::Running => Ok(()),
             other => Err(ApiError::Conflict(format!(
                 "job {id} is {}; only queued or running jobs can be cancelled",
-                other.as_str()
+                other.name()
             ))),
         }
     }
 
     /// Stores an event and pushes it to live listeners.
-    pub fn announce(&self, id: i64, body: Value) {
+    pub fn announce(&self, id: i64, body: Event) {
         let seq = self.store.add_event(id, &body).unwrap_or(0);
-        let _ = self
-            .live
-            .send(json!({"job": id, "seq": seq, "body": body}).to_string());
+        let _ = self.live.send(
+            serde_json::to_string(&LiveMessage { job: id, seq, body })
+                .expect("wire types serialise"),
+        );
     }
 
     /// Stops the running job at its next step (it writes a checkpoint there) and marks it
@@ -487,10 +468,16 @@ impl Runner {
                 self.cancels.lock().unwrap().remove(&id);
                 continue;
             }
-            self.announce(id, json!({"event": "status", "status": "running"}));
+            self.announce(
+                id,
+                Event::Status {
+                    status: Status::Running,
+                    error: None,
+                },
+            );
             // A panic in a job must not take the worker (and the queue) down with it.
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                self.execute(id, &job.kind, &job.spec, &cancel)
+                self.execute(id, job.kind, &job.spec, &cancel)
             }))
             .unwrap_or_else(|_| Err(ApiError::Internal("the job panicked".into())));
             let stopped = if self.stopping() {
@@ -508,10 +495,7 @@ impl Runner {
                 Err(e) => (Status::Failed, Some(e.to_string())),
             };
             let _ = self.store.set_status(id, status, error.as_deref());
-            self.announce(
-                id,
-                json!({"event": "status", "status": status.as_str(), "error": error}),
-            );
+            self.announce(id, Event::Status { status, error });
             // Only now may a shutdown waiting for this job go on.
             let _queue = self.queue.lock().unwrap();
             self.cancels.lock().unwrap().remove(&id);
@@ -522,125 +506,127 @@ impl Runner {
     fn execute(
         &self,
         id: i64,
-        kind: &str,
+        kind: JobKind,
         spec: &Value,
         cancel: &Cancel,
-    ) -> Result<Value, ApiError> {
-        let cancelled = |e: TrainError| match e {
-            TrainError::Cancelled { .. } => ApiError::Conflict(CANCELLED.into()),
-            other => ApiError::Invalid(other.to_string()),
-        };
-        let eval_cancelled = |e: EvalError| match e {
-            EvalError::Cancelled => ApiError::Conflict(CANCELLED.into()),
-            EvalError::Train(t) => cancelled(t),
-            other => ApiError::Invalid(other.to_string()),
-        };
+    ) -> Result<JobResult, ApiError> {
         match kind {
-            "train" => {
-                // `resume` is the server's own flag, not a run-config key.
-                let mut map = spec.as_object().expect("validated").clone();
-                map.remove("resume");
-                let config =
-                    RunConfig::parse(&toml_text(&map, "config")?, &[], Path::new("request"))?;
-                let on_event = |event: &Event| {
-                    self.announce(id, serde_json::to_value(event).expect("json"));
-                };
-                let resuming = spec.get("resume").and_then(Value::as_bool).unwrap_or(false);
-                let trained = if resuming {
-                    run::resume_cancellable(&config.output_dir, &self.device, cancel, on_event)
-                } else {
-                    run::train_cancellable(&config, &self.device, cancel, on_event)
-                }
-                .map_err(cancelled)?;
-                // The run's harmful score with the refusal judge on the built-in prompts.
-                let mut model = trained;
-                model.model = burn::module::Module::valid(&model.model);
-                model.device = self.device.clone();
-                self.announce(id, json!({"event": "stage", "stage": "evaluating"}));
-                let (report, answers) = harmful::evaluate(
-                    &model,
-                    &safeprobe_eval::builtin::harmful_prompts(),
-                    &Judges {
-                        refusal: Some(RefusalJudge::default()),
-                        model: None,
-                    },
-                    &AnswerSettings {
-                        system: config.system.clone(),
-                        cancel: Some(cancel.clone()),
-                        ..AnswerSettings::default()
-                    },
-                    Some(&config.output_dir.join("answers.jsonl")),
-                )
-                .map_err(eval_cancelled)?;
-                let answers: Vec<Value> = answers
-                    .iter()
-                    .map(|a| serde_json::to_value(a).unwrap())
-                    .collect();
-                self.store.set_answers(id, &answers)?;
-                Ok(json!({"run_dir": config.output_dir, "harmful": report}))
-            }
-            "eval" => {
-                let spec: EvalSpec = serde_json::from_value(spec.clone())
-                    .map_err(|e| ApiError::Invalid(e.to_string()))?;
-                let mut checkpoint = Checkpoint::load(&spec.model, &self.device)?;
-                if let Some(adapter) = &spec.adapter {
-                    checkpoint.load_adapter(adapter)?;
-                }
-                let prompts = match &spec.prompts {
-                    Some(p) => safeprobe_eval::prompts::load(p)?,
-                    None => safeprobe_eval::builtin::harmful_prompts(),
-                };
-                let model_judge = match (&spec.judge_model, spec.judge.as_str()) {
-                    (Some(dir), "model" | "both") => Some(ModelJudge::new(
-                        Checkpoint::load(dir, &self.device)?,
-                        "yes",
-                        "no",
-                    )?),
-                    _ => None,
-                };
-                let judges = Judges {
-                    refusal: (spec.judge != "model").then(RefusalJudge::default),
-                    model: model_judge.as_ref(),
-                };
-                let (report, answers) = harmful::evaluate(
-                    &checkpoint,
-                    &prompts,
-                    &judges,
-                    &AnswerSettings {
-                        sampling: safeprobe_model::Sampling {
-                            max_new_tokens: spec.max_new_tokens,
-                            ..Default::default()
-                        },
-                        system: spec.system.clone(),
-                        cancel: Some(cancel.clone()),
-                        ..AnswerSettings::default()
-                    },
-                    None,
-                )
-                .map_err(eval_cancelled)?;
-                let answers: Vec<Value> = answers
-                    .iter()
-                    .map(|a| serde_json::to_value(a).unwrap())
-                    .collect();
-                self.store.set_answers(id, &answers)?;
-                Ok(json!({"harmful": report}))
-            }
-            "compare" => {
-                let text = toml_text(spec.as_object().expect("validated"), "config")?;
-                let config = CompareConfig::parse(&text, Path::new("request"))?;
-                let comparison = compare::run(&config, &self.device, cancel, |p| match p {
-                    Progress::Stage(stage) => {
-                        self.announce(id, json!({"event": "stage", "stage": stage}))
-                    }
-                    Progress::Train(event) => {
-                        self.announce(id, serde_json::to_value(event).expect("json"))
-                    }
-                })
-                .map_err(eval_cancelled)?;
-                Ok(serde_json::to_value(&comparison).expect("json"))
-            }
-            other => Err(ApiError::Invalid(format!("unknown job kind {other}"))),
+            JobKind::Train => self.train(id, spec, cancel),
+            JobKind::Eval => self.evaluate(id, spec, cancel),
+            JobKind::Compare => self.compare(id, spec, cancel),
         }
+    }
+
+    /// A training run, then its harmful score with the refusal judge on the built-in prompts.
+    fn train(&self, id: i64, spec: &Value, cancel: &Cancel) -> Result<JobResult, ApiError> {
+        // `resume` is the server's own flag, not a run-config key.
+        let mut map = spec.as_object().expect("validated").clone();
+        map.remove("resume");
+        let config = RunConfig::parse(&toml_text(&map, "config")?, &[], Path::new("request"))?;
+        let on_event = |event: &Event| self.announce(id, event.clone());
+        let resuming = spec.get("resume").and_then(Value::as_bool).unwrap_or(false);
+        let mut model = if resuming {
+            run::resume_cancellable(&config.output_dir, &self.device, cancel, on_event)
+        } else {
+            run::train_cancellable(&config, &self.device, cancel, on_event)
+        }
+        .map_err(train_cancelled)?;
+        model.model = burn::module::Module::valid(&model.model);
+        model.device = self.device.clone();
+        self.announce(
+            id,
+            Event::Stage {
+                stage: "evaluating".into(),
+            },
+        );
+        let (harmful, answers) = harmful::evaluate(
+            &model,
+            &safeprobe_eval::builtin::harmful_prompts(),
+            &Judges {
+                refusal: Some(RefusalJudge::default()),
+                model: None,
+            },
+            &AnswerSettings {
+                system: config.system.clone(),
+                cancel: Some(cancel.clone()),
+                ..AnswerSettings::default()
+            },
+            Some(&config.output_dir.join("answers.jsonl")),
+        )
+        .map_err(eval_cancelled)?;
+        self.store.set_answers(id, &answers)?;
+        Ok(JobResult::Train {
+            run_dir: config.output_dir,
+            harmful,
+        })
+    }
+
+    /// A harmful-score evaluation with the judges asked for.
+    fn evaluate(&self, id: i64, spec: &Value, cancel: &Cancel) -> Result<JobResult, ApiError> {
+        let spec: EvalSpec =
+            serde_json::from_value(spec.clone()).map_err(|e| ApiError::Invalid(e.to_string()))?;
+        let mut checkpoint = Checkpoint::load(&spec.model, &self.device)?;
+        if let Some(adapter) = &spec.adapter {
+            checkpoint.load_adapter(adapter)?;
+        }
+        let prompts = match &spec.prompts {
+            Some(p) => safeprobe_eval::prompts::load(p)?,
+            None => safeprobe_eval::builtin::harmful_prompts(),
+        };
+        let model_judge = match (&spec.judge_model, spec.judge.as_str()) {
+            (Some(dir), "model" | "both") => Some(ModelJudge::new(
+                Checkpoint::load(dir, &self.device)?,
+                "yes",
+                "no",
+            )?),
+            _ => None,
+        };
+        let judges = Judges {
+            refusal: (spec.judge != "model").then(RefusalJudge::default),
+            model: model_judge.as_ref(),
+        };
+        let settings = AnswerSettings {
+            sampling: safeprobe_model::Sampling {
+                max_new_tokens: spec.max_new_tokens,
+                ..Default::default()
+            },
+            system: spec.system.clone(),
+            cancel: Some(cancel.clone()),
+            ..AnswerSettings::default()
+        };
+        let (harmful, answers) = harmful::evaluate(&checkpoint, &prompts, &judges, &settings, None)
+            .map_err(eval_cancelled)?;
+        self.store.set_answers(id, &answers)?;
+        Ok(JobResult::Eval { harmful })
+    }
+
+    /// The comparison: base model, then each method and seed, trained and evaluated.
+    fn compare(&self, id: i64, spec: &Value, cancel: &Cancel) -> Result<JobResult, ApiError> {
+        let text = toml_text(spec.as_object().expect("validated"), "config")?;
+        let config = CompareConfig::parse(&text, Path::new("request"))?;
+        let comparison = compare::run(&config, &self.device, cancel, |p| match p {
+            Progress::Stage(stage) => self.announce(id, Event::Stage { stage }),
+            Progress::Train(event) => self.announce(id, event.clone()),
+        })
+        .map_err(eval_cancelled)?;
+        Ok(JobResult::Compare(comparison))
+    }
+}
+
+/// A training error, with cancellation told apart.
+fn train_cancelled(e: TrainError) -> ApiError {
+    match e {
+        TrainError::Cancelled { .. } => ApiError::Conflict(CANCELLED.into()),
+        other => ApiError::Invalid(other.to_string()),
+    }
+}
+
+/// An evaluation (or comparison) error, with cancellation told apart.
+fn eval_cancelled(e: EvalError) -> ApiError {
+    match e {
+        EvalError::Cancelled => ApiError::Conflict(CANCELLED.into()),
+        EvalError::Train(t) => train_cancelled(t),
+        other => ApiError::Invalid(other.to_string()),
     }
 }
 
@@ -667,7 +653,7 @@ mod tests {
         keys
     }
 
-    fn listed(kind: &str, prefix: &str) -> Vec<String> {
+    fn listed(kind: JobKind, prefix: &str) -> Vec<String> {
         let mut keys: Vec<String> = PATH_FIELDS
             .iter()
             .filter(|(k, _, _)| *k == kind)
@@ -691,9 +677,9 @@ mod tests {
         let mut trainer = path_keys::<RunConfig>(&serde_json::to_value(run).unwrap());
         trainer.retain(|k| k != "output_dir"); // chosen by the server, never by a request
         assert!(trainer.len() >= 6, "{trainer:?}");
-        assert_eq!(listed("train", ""), trainer, "train jobs");
+        assert_eq!(listed(JobKind::Train, ""), trainer, "train jobs");
         assert_eq!(
-            listed("compare", "train."),
+            listed(JobKind::Compare, "train."),
             trainer,
             "a comparison's [train] table"
         );
@@ -702,11 +688,11 @@ mod tests {
             toml::from_str("model = 'm'\nprompts = 'p'\njudge_model = 'j'\n").unwrap();
         let mut keys = path_keys::<CompareConfig>(&serde_json::to_value(comparison).unwrap());
         keys.retain(|k| k != "output_dir");
-        assert_eq!(listed("compare", ""), keys, "compare jobs");
+        assert_eq!(listed(JobKind::Compare, ""), keys, "compare jobs");
 
         let eval = json!({"model": "m", "adapter": "a", "prompts": "p", "judge_model": "j"});
         assert_eq!(
-            listed("eval", ""),
+            listed(JobKind::Eval, ""),
             path_keys::<EvalSpec>(&eval),
             "eval jobs"
         );
@@ -752,14 +738,14 @@ mod tests {
                 outside.path().join("secret.jsonl").display().to_string(),
                 "../../etc/passwd".into(),
             ] {
-                let err = validate(kind, with_field(key, &escape), 0, &places).unwrap_err();
+                let err = validate(*kind, with_field(key, &escape), 0, &places).unwrap_err();
                 assert!(
                     matches!(err, ApiError::Forbidden(_)),
-                    "{kind} {key} = {escape}: {err}"
+                    "{kind:?} {key} = {escape}: {err}"
                 );
                 assert!(
                     err.to_string().starts_with(&format!("config.{key}:")),
-                    "{kind} {key}: {err}"
+                    "{kind:?} {key}: {err}"
                 );
             }
         }

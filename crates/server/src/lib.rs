@@ -64,6 +64,9 @@ impl ServerConfig {
     }
 }
 
+/// The model chat used last, kept loaded: (model, adapter) and the checkpoint.
+pub type ChatCache = Arc<Mutex<Option<((PathBuf, Option<PathBuf>), safeprobe_model::Checkpoint)>>>;
+
 pub struct AppState {
     pub runner: Arc<Runner>,
     pub places: Places,
@@ -71,9 +74,7 @@ pub struct AppState {
     pub hosts: HostPolicy,
     pub device_description: String,
     pub chat_device: Device,
-    /// The model chat used last, kept loaded: (model, adapter) and the checkpoint.
-    #[allow(clippy::type_complexity)]
-    pub chat_model: Arc<Mutex<Option<((PathBuf, Option<PathBuf>), safeprobe_model::Checkpoint)>>>,
+    pub chat_model: ChatCache,
 }
 
 /// Opens the store, recovers interrupted jobs and starts the worker.

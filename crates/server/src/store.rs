@@ -7,9 +7,11 @@ use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::error::ApiError;
+use safeprobe_wire::Event;
 
 /// Schema changes, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -44,69 +46,30 @@ const MIGRATIONS: &[&str] = &[
     UPDATE jobs SET last_seq = (SELECT COALESCE(MAX(seq), 0) FROM events WHERE job_id = jobs.id);",
 ];
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Status {
-    Queued,
-    Running,
-    Done,
-    Failed,
-    Cancelled,
-    /// Was running when the server stopped; can be resumed.
-    Interrupted,
-}
+pub use safeprobe_wire::{Job, JobKind, JobResult, JudgedAnswer, Status, StoredEvent};
 
-impl Status {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Queued => "queued",
-            Status::Running => "running",
-            Status::Done => "done",
-            Status::Failed => "failed",
-            Status::Cancelled => "cancelled",
-            Status::Interrupted => "interrupted",
-        }
-    }
-    fn parse(s: &str) -> Self {
-        match s {
-            "queued" => Status::Queued,
-            "running" => Status::Running,
-            "done" => Status::Done,
-            "failed" => Status::Failed,
-            "cancelled" => Status::Cancelled,
-            _ => Status::Interrupted,
-        }
-    }
-    pub fn is_active(self) -> bool {
-        matches!(self, Status::Queued | Status::Running)
+fn parse_status(s: &str) -> Status {
+    match s {
+        "queued" => Status::Queued,
+        "running" => Status::Running,
+        "done" => Status::Done,
+        "failed" => Status::Failed,
+        "cancelled" => Status::Cancelled,
+        _ => Status::Interrupted,
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct Job {
-    pub id: i64,
-    pub kind: String,
-    pub status: Status,
-    pub spec: Value,
-    pub run_dir: Option<String>,
-    pub result: Option<Value>,
-    pub error: Option<String>,
-    pub created_at: f64,
-    pub started_at: Option<f64>,
-    pub finished_at: Option<f64>,
-    /// The newest step event, for lists and progress bars.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub last_step: Option<Value>,
-    /// The newest validation event (its `loss`), for lists.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub last_validation: Option<Value>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct StoredEvent {
-    pub seq: i64,
-    pub at: f64,
-    pub body: Value,
+fn parse_kind(s: &str) -> rusqlite::Result<JobKind> {
+    JobKind::ALL
+        .into_iter()
+        .find(|k| k.name() == s)
+        .ok_or_else(|| {
+            rusqlite::Error::InvalidColumnType(
+                1,
+                format!("kind {s:?}"),
+                rusqlite::types::Type::Text,
+            )
+        })
 }
 
 pub struct Store {
@@ -124,8 +87,14 @@ fn db(e: rusqlite::Error) -> ApiError {
     ApiError::Internal(format!("database: {e}"))
 }
 
-fn json(text: Option<String>) -> Option<Value> {
+/// A stored JSON column as `T`; None when empty or not of that shape (a row written by
+/// another version).
+fn json<T: DeserializeOwned>(text: Option<String>) -> Option<T> {
     text.and_then(|t| serde_json::from_str(&t).ok())
+}
+
+fn text(value: &impl Serialize) -> String {
+    serde_json::to_string(value).expect("wire types serialise")
 }
 
 impl Store {
@@ -183,11 +152,11 @@ impl Store {
         Ok(ids)
     }
 
-    pub fn create(&self, kind: &str, spec: &Value) -> Result<i64, ApiError> {
+    pub fn create(&self, kind: JobKind, spec: &Value) -> Result<i64, ApiError> {
         let conn = self.conn();
         conn.execute(
             "INSERT INTO jobs (kind, status, spec, created_at) VALUES (?1, 'queued', ?2, ?3)",
-            params![kind, spec.to_string(), now()],
+            params![kind.name(), spec.to_string(), now()],
         )
         .map_err(db)?;
         Ok(conn.last_insert_rowid())
@@ -209,26 +178,26 @@ impl Store {
         match status {
             Status::Running => conn.execute(
                 "UPDATE jobs SET status = ?2, started_at = ?3, error = NULL, finished_at = NULL WHERE id = ?1",
-                params![id, status.as_str(), t],
+                params![id, status.name(), t],
             ),
             Status::Queued => conn.execute(
                 "UPDATE jobs SET status = ?2, error = NULL, finished_at = NULL WHERE id = ?1",
-                params![id, status.as_str()],
+                params![id, status.name()],
             ),
             _ => conn.execute(
                 "UPDATE jobs SET status = ?2, error = ?3, finished_at = ?4 WHERE id = ?1",
-                params![id, status.as_str(), error, t],
+                params![id, status.name(), error, t],
             ),
         }
         .map_err(db)?;
         Ok(())
     }
 
-    pub fn set_result(&self, id: i64, result: &Value) -> Result<(), ApiError> {
+    pub fn set_result(&self, id: i64, result: &JobResult) -> Result<(), ApiError> {
         self.conn()
             .execute(
                 "UPDATE jobs SET result = ?2 WHERE id = ?1",
-                params![id, result.to_string()],
+                params![id, text(result)],
             )
             .map_err(db)?;
         Ok(())
@@ -262,7 +231,7 @@ impl Store {
 
     /// Appends an event; returns its sequence number within the job, one more than any
     /// number the job has used, so numbers are never reused.
-    pub fn add_event(&self, id: i64, body: &Value) -> Result<i64, ApiError> {
+    pub fn add_event(&self, id: i64, body: &Event) -> Result<i64, ApiError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(db)?;
         let seq: i64 = tx
@@ -274,7 +243,7 @@ impl Store {
             .map_err(db)?;
         tx.execute(
             "INSERT INTO events (job_id, seq, at, body) VALUES (?1, ?2, ?3, ?4)",
-            params![id, seq, now(), body.to_string()],
+            params![id, seq, now(), text(body)],
         )
         .map_err(db)?;
         tx.commit().map_err(db)?;
@@ -295,7 +264,7 @@ impl Store {
         Ok(())
     }
 
-    pub fn set_answers(&self, id: i64, answers: &[Value]) -> Result<(), ApiError> {
+    pub fn set_answers(&self, id: i64, answers: &[JudgedAnswer]) -> Result<(), ApiError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(db)?;
         tx.execute("DELETE FROM answers WHERE job_id = ?1", params![id])
@@ -303,7 +272,7 @@ impl Store {
         for (i, a) in answers.iter().enumerate() {
             tx.execute(
                 "INSERT INTO answers (job_id, idx, body) VALUES (?1, ?2, ?3)",
-                params![id, i as i64, a.to_string()],
+                params![id, i as i64, text(a)],
             )
             .map_err(db)?;
         }
@@ -311,7 +280,7 @@ impl Store {
         Ok(())
     }
 
-    pub fn answers(&self, id: i64) -> Result<Vec<Value>, ApiError> {
+    pub fn answers(&self, id: i64) -> Result<Vec<JudgedAnswer>, ApiError> {
         let conn = self.conn();
         let mut stmt = conn
             .prepare("SELECT body FROM answers WHERE job_id = ?1 ORDER BY idx")
@@ -342,10 +311,12 @@ impl Store {
             })
             .map_err(db)?
             .filter_map(|r| r.ok())
-            .map(|(seq, at, body)| StoredEvent {
-                seq,
-                at,
-                body: serde_json::from_str(&body).unwrap_or(Value::Null),
+            .filter_map(|(seq, at, body)| {
+                Some(StoredEvent {
+                    seq,
+                    at,
+                    body: serde_json::from_str(&body).ok()?,
+                })
             })
             .collect();
         Ok(rows)
@@ -354,8 +325,8 @@ impl Store {
     fn row(r: &rusqlite::Row) -> rusqlite::Result<Job> {
         Ok(Job {
             id: r.get(0)?,
-            kind: r.get(1)?,
-            status: Status::parse(&r.get::<_, String>(2)?),
+            kind: parse_kind(&r.get::<_, String>(1)?)?,
+            status: parse_status(&r.get::<_, String>(2)?),
             spec: json(Some(r.get(3)?)).unwrap_or(Value::Null),
             run_dir: r.get(4)?,
             result: json(r.get(5)?),
@@ -365,6 +336,7 @@ impl Store {
             finished_at: r.get(9)?,
             last_step: json(r.get(10)?),
             last_validation: json(r.get(11)?),
+            answers: Vec::new(),
         })
     }
 
@@ -411,18 +383,29 @@ impl Store {
 mod tests {
     use super::*;
 
+    fn step_event(step: usize) -> Event {
+        Event::Step {
+            step,
+            total_steps: 5,
+            lr: 1e-3,
+            tokens_per_s: 1.0,
+            step_time_s: 1.0,
+            metrics: Default::default(),
+        }
+    }
+
     #[test]
     fn jobs_events_and_recovery_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("safeprobe.db");
         let store = Store::open(&path).unwrap();
-        let a = store.create("train", &serde_json::json!({"x": 1})).unwrap();
-        let b = store.create("eval", &serde_json::json!({})).unwrap();
+        let a = store
+            .create(JobKind::Train, &serde_json::json!({"x": 1}))
+            .unwrap();
+        let b = store.create(JobKind::Eval, &serde_json::json!({})).unwrap();
         store.set_status(a, Status::Running, None).unwrap();
         for step in 1..=5 {
-            store
-                .add_event(a, &serde_json::json!({"event": "step", "step": step}))
-                .unwrap();
+            store.add_event(a, &step_event(step)).unwrap();
         }
         drop(store);
 
@@ -430,7 +413,7 @@ mod tests {
         assert_eq!(store.recover().unwrap(), vec![b]);
         let job = store.get(a).unwrap().unwrap();
         assert_eq!(job.status, Status::Interrupted);
-        assert_eq!(job.last_step.unwrap()["step"], 5);
+        assert_eq!(job.last_step.unwrap().step(), Some(5));
         assert!(job.last_validation.is_none());
         assert_eq!(
             store
@@ -443,9 +426,7 @@ mod tests {
         );
         store.truncate_steps_after(a, 3).unwrap();
         assert_eq!(store.events(a, 0, 100).unwrap().len(), 3);
-        let next = store
-            .add_event(a, &serde_json::json!({"event": "step", "step": 4}))
-            .unwrap();
+        let next = store.add_event(a, &step_event(4)).unwrap();
         assert_eq!(next, 6, "event numbers are never reused after a truncation");
         assert!(store.delete(a).unwrap());
         assert!(
@@ -459,11 +440,15 @@ mod tests {
     fn a_job_is_either_started_or_cancelled_never_both() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("safeprobe.db")).unwrap();
-        let a = store.create("train", &serde_json::json!({})).unwrap();
+        let a = store
+            .create(JobKind::Train, &serde_json::json!({}))
+            .unwrap();
         assert!(store.cancel_queued(a).unwrap());
         assert!(!store.start(a).unwrap(), "a cancelled job must not start");
         assert_eq!(store.get(a).unwrap().unwrap().status, Status::Cancelled);
-        let b = store.create("train", &serde_json::json!({})).unwrap();
+        let b = store
+            .create(JobKind::Train, &serde_json::json!({}))
+            .unwrap();
         assert!(store.start(b).unwrap());
         assert!(
             !store.cancel_queued(b).unwrap(),

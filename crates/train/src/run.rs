@@ -21,7 +21,7 @@ use crate::checkpoint;
 use crate::data::{self, Batch, Sequence, with_system};
 use crate::error::{Result, TrainError};
 use crate::loss::task_loss;
-use crate::sap::{SapConfig, SapState, StepMetrics, sft_step};
+use crate::sap::{SapConfig, SapState, sft_step};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -315,28 +315,10 @@ pub fn apply_overrides(text: &str, overrides: &[String], origin: &Path) -> Resul
 /// Serialises steps that draw from burn's per-process random generator.
 static DEVICE_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// One line of metrics.jsonl.
-#[derive(Debug, Clone, Serialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
-pub enum Event {
-    Step {
-        step: usize,
-        total_steps: usize,
-        lr: f64,
-        tokens_per_s: f64,
-        step_time_s: f64,
-        #[serde(flatten)]
-        metrics: StepMetrics,
-    },
-    Validation {
-        step: usize,
-        loss: f64,
-    },
-    Done {
-        steps: usize,
-        adapter: PathBuf,
-    },
-}
+/// One line of metrics.jsonl, and what the trainer reports as it runs (a wire type: the
+/// server stores and streams it, the UI charts it). The trainer emits steps, validations and
+/// the end; stages and status changes are the server's.
+pub use safeprobe_wire::Event;
 
 /// Cycles through examples in epochs, reshuffling each epoch with the run's seed.
 struct Sampler<T> {

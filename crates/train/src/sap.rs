@@ -88,20 +88,8 @@ impl SapConfig {
     }
 }
 
-/// Everything one step reports.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct StepMetrics {
-    pub task_loss: f64,
-    pub safety_loss: Option<f64>,
-    pub su_loss: Option<f64>,
-    pub perturbed_loss: Option<f64>,
-    pub delta_norm: Option<f64>,
-    pub probe_norms: Vec<f64>,
-    pub grad_norm: f64,
-    /// Per layer, cos(∇_W L_task, ∇_W L_safety), on steps where it was measured.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub grad_cosine: Option<Vec<f64>>,
-}
+/// Everything one step reports (a wire type: the UI charts it).
+pub use safeprobe_wire::StepMetrics;
 
 /// The probe as leaves of the autodiff graph (so ∇_V can be read after a backward).
 fn tracked_probe(vectors: &[Tensor<1>], layers: &[usize]) -> Probe {
