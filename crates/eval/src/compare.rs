@@ -148,8 +148,12 @@ impl CompareConfig {
         Ok(())
     }
 
-    pub fn model_dir(&self) -> PathBuf {
-        self.model.clone().unwrap_or_else(demo_model::bundled_dir)
+    /// The model to fine-tune: the config's, or the demo model.
+    pub fn model_dir(&self) -> Result<PathBuf> {
+        match &self.model {
+            Some(dir) => Ok(dir.clone()),
+            None => demo_model::dir(),
+        }
     }
 
     fn run_config(
@@ -161,7 +165,7 @@ impl CompareConfig {
     ) -> Result<RunConfig> {
         let mut table = self.train.clone();
         let path = |p: &Path| toml::Value::String(p.display().to_string());
-        table.insert("model".into(), path(&self.model_dir()));
+        table.insert("model".into(), path(&self.model_dir()?));
         table.insert("train_data".into(), path(&files.train));
         table.insert("validation_data".into(), path(&files.validation));
         table.insert("safety_data".into(), path(&files.safety_pairs));
@@ -381,7 +385,7 @@ pub fn run(
 
     let mut runs = Vec::new();
     progress(Progress::Stage("evaluating the base model".into()));
-    let base = Checkpoint::load(&config.model_dir(), device)?;
+    let base = Checkpoint::load(&config.model_dir()?, device)?;
     let (hs, hs_model, em, loss) = evaluate_model(
         &base,
         config,

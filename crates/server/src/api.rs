@@ -40,9 +40,8 @@ fn model_summary(dir: &std::path::Path, name: &str) -> Option<Value> {
 }
 
 pub async fn models(State(state): State<Arc<AppState>>) -> ApiResult<Vec<Value>> {
-    let mut out: Vec<Value> = model_summary(&safeprobe_eval::demo_model::bundled_dir(), "demo")
-        .into_iter()
-        .collect();
+    let demo = crate::jobs::demo_model_dir()?;
+    let mut out: Vec<Value> = model_summary(&demo, "demo").into_iter().collect();
     for root in &state.places.models.dirs {
         let Ok(entries) = std::fs::read_dir(root) else {
             continue;
