@@ -71,10 +71,20 @@ fn a_copy_run_elsewhere_unpacks_and_uses_the_demo_model() {
     let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
     assert_eq!(info["config"]["num_hidden_layers"], 4, "{info}");
     let unpacked = unpacked_models(&home);
-    assert_eq!(unpacked.len(), 1, "expected one demo model in {}", home.display());
+    assert_eq!(
+        unpacked.len(),
+        1,
+        "expected one demo model in {}",
+        home.display()
+    );
     let name = unpacked[0].file_name().unwrap().to_str().unwrap();
     assert!(name.starts_with("demo-model-"), "{name}");
-    for file in ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    for file in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         assert!(unpacked[0].join(file).is_file(), "{file} not unpacked");
     }
 
@@ -85,4 +95,23 @@ fn a_copy_run_elsewhere_unpacks_and_uses_the_demo_model() {
     assert_eq!(unpacked_models(&home), unpacked);
     // Nothing was written where it ran.
     assert_eq!(std::fs::read_dir(cwd.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn a_missing_model_is_named_and_its_cause_told_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-model");
+    let output = Command::new(env!("CARGO_BIN_EXE_safeprobe"))
+        .arg("info")
+        .arg("--model")
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&missing.join("config.json").display().to_string()),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("os error 2").count(), 1, "{stderr}");
 }
