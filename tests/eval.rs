@@ -15,6 +15,12 @@ use safeprobe_eval::task_metrics::{self, TaskSettings};
 use safeprobe_eval::tasks::{Labelled, Task};
 use safeprobe_model::Checkpoint;
 
+/// The committed demo model's source folder (what the binary embeds), so that these tests do
+/// not unpack it into the user's data folder.
+fn demo_model_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("demo-model")
+}
+
 fn fixture(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures")
@@ -291,7 +297,7 @@ fn both_judges_report_agreement() {
 #[test]
 fn demo_model_refuses_held_out_harmful_prompts_and_answers_the_tasks() {
     let device = cpu();
-    let dir = demo_model::bundled_dir();
+    let dir = demo_model_dir();
     let size: u64 = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().metadata().unwrap().len())
@@ -328,7 +334,7 @@ fn demo_model_refuses_held_out_harmful_prompts_and_answers_the_tasks() {
 fn task_metrics_match_a_hand_count() {
     // Exact match counts normalised equality; the loss is the mean response-token NLL.
     let device = cpu();
-    let model = Checkpoint::load(&demo_model::bundled_dir(), &device).unwrap();
+    let model = Checkpoint::load(&demo_model_dir(), &device).unwrap();
     let examples: Vec<_> = builtin::task_splits(Task::Sentiment, 0)
         .unwrap()
         .test
@@ -388,6 +394,7 @@ fn a_shortened_comparison_fills_every_column() {
             compare::DEMO_CONFIG,
             &[
                 format!("output_dir={:?}", out.display().to_string()),
+                format!("model={:?}", demo_model_dir().display().to_string()),
                 format!("prompts={:?}", few.display().to_string()),
                 "max_new_tokens=8".into(),
                 "seeds=[0]".into(),

@@ -19,10 +19,12 @@ fn num(v: &Value) -> Option<f64> {
 
 fn short_path(v: &Value) -> String {
     let s = v.as_str().unwrap_or("demo");
-    if s.ends_with("demo-model") {
+    let name = s.rsplit('/').next().unwrap_or(s);
+    // The server unpacks the demo model into `demo-model-<hash of its files>`.
+    if name.starts_with("demo-model") {
         return "demo".into();
     }
-    s.rsplit('/').next().unwrap_or(s).to_string()
+    name.to_string()
 }
 
 fn method_of(job: &Value) -> String {

@@ -33,7 +33,9 @@ pub fn spawn_with(
             "--data-dir",
         ])
         .arg(data_dir)
-        .args(args);
+        .args(args)
+        // The demo model unpacks into the test's own folder, not the user's home.
+        .env("SAFEPROBE_HOME", data_dir.join("home"));
     for dir in datasets {
         command.arg("--datasets").arg(dir);
     }

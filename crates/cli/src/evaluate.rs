@@ -10,9 +10,10 @@ use crate::{DeviceArg, progress};
 
 #[derive(clap::Args)]
 pub struct BuildModelArgs {
-    /// Where to write the model (default: the committed demo model's folder)
+    /// Where to write the model (replaced if it exists); to rebuild the committed demo model,
+    /// `--out crates/eval/demo-model` in the source tree, then rebuild the binary
     #[arg(long)]
-    out: Option<PathBuf>,
+    out: PathBuf,
     #[arg(long, default_value_t = DemoSpec::default().steps)]
     steps: usize,
     #[arg(long, default_value_t = DemoSpec::default().seed)]
@@ -31,7 +32,7 @@ pub fn build_model(
         seed: args.seed,
         ..DemoSpec::default()
     };
-    let out = args.out.unwrap_or_else(demo_model::bundled_dir);
+    let out = args.out;
     eprintln!(
         "building the demo model into {} ({} steps)",
         out.display(),
@@ -157,7 +158,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         })
         .transpose()?;
     let full = serde_json::json!({
-        "model": args.model.model,
+        "model": args.model.model_dir()?,
         "adapter": args.model.adapter,
         "harmful": report,
         "task": task,

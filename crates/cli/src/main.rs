@@ -36,8 +36,8 @@ struct DeviceArg {
 struct ModelArgs {
     /// Hugging Face checkpoint directory (config.json, model.safetensors, tokenizer.json);
     /// default: the demo model
-    #[arg(long, default_value_os_t = safeprobe_eval::demo_model::bundled_dir())]
-    model: PathBuf,
+    #[arg(long)]
+    model: Option<PathBuf>,
     /// PEFT LoRA adapter directory to apply
     #[arg(long)]
     adapter: Option<PathBuf>,
@@ -81,8 +81,8 @@ enum Command {
     /// Show a checkpoint's configuration, parameter count and memory estimate
     Info {
         /// Checkpoint directory (default: the demo model)
-        #[arg(long, default_value_os_t = safeprobe_eval::demo_model::bundled_dir())]
-        model: PathBuf,
+        #[arg(long)]
+        model: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -199,9 +199,24 @@ fn select_device(arg: &DeviceArg) -> Result<device::Selected> {
     Ok(selected)
 }
 
+/// The model a user named, or else the demo model (unpacked only then).
+fn model_or_demo(model: Option<PathBuf>) -> Result<PathBuf> {
+    match model {
+        Some(dir) => Ok(dir),
+        None => Ok(safeprobe_eval::demo_model::dir()?),
+    }
+}
+
+impl ModelArgs {
+    fn model_dir(&self) -> Result<PathBuf> {
+        model_or_demo(self.model.clone())
+    }
+}
+
 fn load(args: &ModelArgs) -> Result<Checkpoint> {
+    let dir = args.model_dir()?;
     let selected = select_device(&args.device)?;
-    let mut checkpoint = Checkpoint::load(&args.model, &selected.device)?;
+    let mut checkpoint = Checkpoint::load(&dir, &selected.device)?;
     if let Some(adapter) = &args.adapter {
         checkpoint.load_adapter(adapter)?;
     }
@@ -233,6 +248,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Info { model, json } => {
+            let model = model_or_demo(model)?;
             let config = safeprobe_model::Qwen2Config::from_file(&model.join("config.json"))?;
             let (params, bytes) = safeprobe_model::size_report(&config);
             let tokenizer = chat::ChatTokenizer::load(&model, &config.eos_token_ids)?;
@@ -390,7 +406,7 @@ fn run(cli: Cli) -> Result<()> {
             model,
             device,
         } => {
-            let model = model.unwrap_or_else(safeprobe_eval::demo_model::bundled_dir);
+            let model = model_or_demo(model)?;
             println!("== safeprobe demo on {}", model.display());
             let selected = select_device(&device)?;
             let mut checkpoint = Checkpoint::load(&model, &selected.device)?;

@@ -84,6 +84,19 @@ pub struct DataFiles {
     pub harmful_prompts: PathBuf,
 }
 
+impl DataFiles {
+    /// Where `write` puts the files for `task` in `dir`.
+    pub fn in_dir(dir: &Path, task: Task) -> Self {
+        Self {
+            train: dir.join(format!("{}-train.jsonl", task.name())),
+            validation: dir.join(format!("{}-validation.jsonl", task.name())),
+            test: dir.join(format!("{}-test.jsonl", task.name())),
+            safety_pairs: dir.join("safety_pairs.jsonl"),
+            harmful_prompts: dir.join("harmful_prompts.jsonl"),
+        }
+    }
+}
+
 /// Writes `{"prompt", "response"}` lines.
 pub fn write_labelled(path: &Path, examples: &[Labelled]) -> Result<()> {
     let text: String = examples
@@ -98,13 +111,7 @@ pub fn write_labelled(path: &Path, examples: &[Labelled]) -> Result<()> {
 pub fn write(dir: &Path, task: Task, seed: u64) -> Result<DataFiles> {
     std::fs::create_dir_all(dir).map_err(|e| crate::EvalError::file(dir, e.to_string()))?;
     let splits = task_splits(task, seed)?;
-    let files = DataFiles {
-        train: dir.join(format!("{}-train.jsonl", task.name())),
-        validation: dir.join(format!("{}-validation.jsonl", task.name())),
-        test: dir.join(format!("{}-test.jsonl", task.name())),
-        safety_pairs: dir.join("safety_pairs.jsonl"),
-        harmful_prompts: dir.join("harmful_prompts.jsonl"),
-    };
+    let files = DataFiles::in_dir(dir, task);
     write_labelled(&files.train, &splits.train)?;
     write_labelled(&files.validation, &splits.validation)?;
     write_labelled(&files.test, &splits.test)?;

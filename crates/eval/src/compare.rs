@@ -87,7 +87,7 @@ impl CompareConfig {
 
     fn validate(&self, origin: &Path) -> Result<()> {
         let bad = |m: String| Err(EvalError::Invalid(format!("{}: {m}", origin.display())));
-        Task::parse(&self.task)
+        let task = Task::parse(&self.task)
             .map_err(|e| EvalError::Invalid(format!("{}: task: {e}", origin.display())))?;
         if self.methods.is_empty() {
             return bad("methods: name at least one of sft, sap, mix".into());
@@ -118,29 +118,62 @@ impl CompareConfig {
                 ));
             }
         }
-        // Every run config must be valid before anything runs.
+        // Every run config must be valid before anything runs, though neither the data
+        // (`run` writes it) nor the demo model (unpacked on first use) need be there yet.
+        let files = builtin::DataFiles::in_dir(&self.data_dir(), task);
+        let model = self.model.clone().unwrap_or_else(|| "demo model".into());
         for method in &self.methods {
             if *method != Method::Base {
-                self.run_config(*method, self.seeds[0], &dummy_files(), origin)?;
+                let text = self.run_toml(*method, self.seeds[0], &model, &files);
+                RunConfig::parse_before_data(&text, &[], origin)
+                    .map_err(|e| run_config_error(*method, e))?;
             }
         }
         Ok(())
     }
 
-    pub fn model_dir(&self) -> PathBuf {
-        self.model.clone().unwrap_or_else(demo_model::bundled_dir)
+    /// The model to fine-tune: the config's, or the demo model.
+    pub fn model_dir(&self) -> Result<PathBuf> {
+        match &self.model {
+            Some(dir) => Ok(dir.clone()),
+            None => demo_model::dir(),
+        }
     }
 
+    /// Where `run` writes the built-in data the runs train on.
+    fn data_dir(&self) -> PathBuf {
+        self.output_dir.join("data")
+    }
+
+    /// One run's trainer config, its data written and its model in place.
     fn run_config(
         &self,
         method: Method,
         seed: u64,
+        model: &Path,
         files: &builtin::DataFiles,
         origin: &Path,
     ) -> Result<RunConfig> {
+        let text = self.run_toml(method, seed, model, files);
+        let mut config =
+            RunConfig::parse(&text, &[], origin).map_err(|e| run_config_error(method, e))?;
+        // The exact path: the TOML text holds its display form.
+        config.output_dir = self.run_dir(method, seed);
+        Ok(config)
+    }
+
+    /// One run's trainer config as TOML text: the [train] settings plus what the comparison
+    /// sets itself.
+    fn run_toml(
+        &self,
+        method: Method,
+        seed: u64,
+        model: &Path,
+        files: &builtin::DataFiles,
+    ) -> String {
         let mut table = self.train.clone();
         let path = |p: &Path| toml::Value::String(p.display().to_string());
-        table.insert("model".into(), path(&self.model_dir()));
+        table.insert("model".into(), path(model));
         table.insert("train_data".into(), path(&files.train));
         table.insert("validation_data".into(), path(&files.validation));
         table.insert("safety_data".into(), path(&files.safety_pairs));
@@ -160,12 +193,7 @@ impl CompareConfig {
         if let Some(device) = &self.device {
             table.insert("device".into(), toml::Value::String(device.clone()));
         }
-        let text = toml::to_string(&table).expect("a TOML table serialises");
-        let mut config = RunConfig::parse(&text, &[], origin)
-            .map_err(|e| EvalError::Invalid(format!("[train] ({}): {e}", method.name())))?;
-        // Data files may not exist yet while validating.
-        config.output_dir = self.run_dir(method, seed);
-        Ok(config)
+        toml::to_string(&table).expect("a TOML table serialises")
     }
 
     pub fn run_dir(&self, method: Method, seed: u64) -> PathBuf {
@@ -178,18 +206,8 @@ impl CompareConfig {
     }
 }
 
-/// Placeholder paths for validating run configs before the data is written; RunConfig::parse
-/// checks that data files exist, so they point at the built-in files' sources.
-fn dummy_files() -> builtin::DataFiles {
-    let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("data");
-    let any = here.join("safety_pairs.jsonl");
-    builtin::DataFiles {
-        train: any.clone(),
-        validation: any.clone(),
-        test: any.clone(),
-        safety_pairs: any.clone(),
-        harmful_prompts: here.join("harmful_prompts.jsonl"),
-    }
+fn run_config_error(method: Method, e: safeprobe_train::TrainError) -> EvalError {
+    EvalError::Invalid(format!("[train] ({}): {e}", method.name()))
 }
 
 /// What the comparison reports while it works.
@@ -275,8 +293,7 @@ pub fn run(
 ) -> Result<Comparison> {
     let started = std::time::Instant::now();
     let task = Task::parse(&config.task)?;
-    let data_dir = config.output_dir.join("data");
-    let files = builtin::write(&data_dir, task, DATA_SEED)?;
+    let files = builtin::write(&config.data_dir(), task, DATA_SEED)?;
     let splits = builtin::task_splits(task, DATA_SEED)?;
     let prompts = match &config.prompts {
         Some(path) => crate::prompts::load(path)?,
@@ -298,7 +315,8 @@ pub fn run(
 
     let mut runs = Vec::new();
     progress(Progress::Stage("evaluating the base model".into()));
-    let base = Checkpoint::load(&config.model_dir(), device)?;
+    let model = config.model_dir()?;
+    let base = Checkpoint::load(&model, device)?;
     let (hs, hs_model, em, loss) = evaluate_model(
         &base,
         config,
@@ -324,7 +342,7 @@ pub fn run(
     for &seed in &config.seeds {
         for &method in config.methods.iter().filter(|m| **m != Method::Base) {
             progress(Progress::Stage(format!("{} (seed {seed})", method.name())));
-            let run_config = config.run_config(method, seed, &files, &origin)?;
+            let run_config = config.run_config(method, seed, &model, &files, &origin)?;
             let mut step_times = Vec::new();
             let mut last_loss = None;
             let mut trained =
@@ -541,6 +559,27 @@ mod tests {
             step_time_s: time,
             final_task_loss: None,
         }
+    }
+
+    fn demo_config_with(overrides: &[&str]) -> Result<CompareConfig> {
+        let overrides: Vec<String> = overrides.iter().map(|o| o.to_string()).collect();
+        let origin = Path::new("test");
+        let text = safeprobe_train::run::apply_overrides(DEMO_CONFIG, &overrides, origin)?;
+        CompareConfig::parse(&text, origin)
+    }
+
+    #[test]
+    fn a_config_is_checked_before_its_data_and_model_exist() {
+        // Nothing at the output folder yet, and the demo model need not be unpacked.
+        let nowhere = "output_dir=\"/nonexistent/safeprobe-compare\"";
+        let config = demo_config_with(&[nowhere]).unwrap();
+        assert_eq!(config.model, None);
+        assert!(!Path::new("/nonexistent").exists());
+        // The runs' trainer settings are still checked.
+        let e = demo_config_with(&[nowhere, "train.lr=0.0"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[train] (sft)") && e.contains("lr 0"), "{e}");
     }
 
     #[test]

@@ -318,7 +318,149 @@ pub fn build(
     Ok(demo_report)
 }
 
-/// The committed demo model (the default model wherever a user names none).
-pub fn bundled_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("demo-model")
+/// A file of the committed demo model, by name, with its bytes compiled in.
+macro_rules! embedded {
+    ($name:literal) => {
+        ($name, include_bytes!(concat!("../demo-model/", $name)))
+    };
+}
+
+/// The committed demo model's files, compiled into the binary so that it needs no source tree
+/// (a static, not a const, which would put a copy of the 7 MB in the binary per use).
+static EMBEDDED: [(&str, &[u8]); 6] = [
+    embedded!("config.json"),
+    embedded!("generation_config.json"),
+    embedded!("tokenizer.json"),
+    embedded!("tokenizer_config.json"),
+    embedded!("build.json"),
+    embedded!("model.safetensors"),
+];
+
+/// The demo model (the default model wherever a user names none), unpacked from the binary
+/// into the per-user data folder on first use.
+pub fn dir() -> Result<PathBuf> {
+    unpack_into(&crate::data_home::data_home()?)
+}
+
+/// The folder the embedded files unpack to under `root`. It is named by their hash, so a build
+/// with another demo model never takes a stale copy for its own.
+fn unpacked_dir(root: &Path) -> PathBuf {
+    static HASH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let hash = HASH.get_or_init(|| embedded_hash(&EMBEDDED));
+    root.join(format!("demo-model-{hash:016x}"))
+}
+
+/// FNV-1a (64-bit) over every file's name, length and bytes.
+fn embedded_hash(files: &[(&str, &[u8])]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |bytes: &[u8]| {
+        for &b in bytes {
+            hash = (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    for (name, bytes) in files {
+        feed(name.as_bytes());
+        feed(&(bytes.len() as u64).to_le_bytes());
+        feed(bytes);
+    }
+    hash
+}
+
+/// Unpacks the embedded demo model under `root` unless it is there already, and returns its
+/// folder. The folder only ever appears whole: the files go into a private sibling first,
+/// which is then renamed into place; when another process wins that race, its copy is used.
+pub fn unpack_into(root: &Path) -> Result<PathBuf> {
+    let dir = unpacked_dir(root);
+    if dir.is_dir() {
+        return Ok(dir);
+    }
+    std::fs::create_dir_all(root).map_err(unpack_failed(root))?;
+    let staging = staging_dir(root);
+    let placed = write_embedded(&staging).and_then(|()| {
+        match std::fs::rename(&staging, &dir) {
+            Ok(()) => Ok(()),
+            Err(_) if dir.is_dir() => Ok(()), // another process unpacked it first
+            Err(e) => Err(unpack_failed(&dir)(e)),
+        }
+    });
+    if staging.exists() {
+        // Left over after a failure or a lost race; the result does not depend on it.
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    placed.map(|()| dir)
+}
+
+fn unpack_failed(path: &Path) -> impl Fn(std::io::Error) -> EvalError + '_ {
+    move |e| EvalError::file(path, format!("cannot unpack the demo model here: {e}"))
+}
+
+/// A staging folder name no other process or thread uses.
+fn staging_dir(root: &Path) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    root.join(format!(".demo-model-unpacking-{}-{n}", std::process::id()))
+}
+
+fn write_embedded(dir: &Path) -> Result<()> {
+    std::fs::create_dir(dir).map_err(unpack_failed(dir))?;
+    for (name, bytes) in EMBEDDED {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).map_err(unpack_failed(&path))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpacks_once_into_a_folder_named_by_the_content() {
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path().join("home");
+        let dir = unpack_into(&root).unwrap();
+        assert!(dir.starts_with(&root));
+        for (name, bytes) in EMBEDDED {
+            assert_eq!(std::fs::read(dir.join(name)).unwrap(), bytes, "{name}");
+        }
+        // A second call reuses the copy and leaves no staging folder behind.
+        std::fs::write(dir.join("marker"), "").unwrap();
+        assert_eq!(unpack_into(&root).unwrap(), dir);
+        assert!(dir.join("marker").is_file());
+        let entries: Vec<_> = std::fs::read_dir(&root).unwrap().collect();
+        assert_eq!(entries.len(), 1);
+    }
+
+    #[test]
+    fn threads_racing_to_unpack_all_get_the_same_whole_copy() {
+        let root = tempfile::tempdir().unwrap();
+        let dirs: Vec<PathBuf> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| unpack_into(root.path())))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap().unwrap())
+                .collect()
+        });
+        assert!(dirs.windows(2).all(|w| w[0] == w[1]));
+        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 1);
+        Checkpoint::load(&dirs[0], &Device::flex()).unwrap();
+    }
+
+    #[test]
+    fn the_hash_changes_with_any_byte_or_name() {
+        let base = embedded_hash(&[("a", b"xy"), ("b", b"z")]);
+        assert_ne!(base, embedded_hash(&[("a", b"xy"), ("b", b"Z")]));
+        assert_ne!(base, embedded_hash(&[("a", b"x"), ("b", b"yz")]));
+        assert_ne!(base, embedded_hash(&[("a", b"xy"), ("c", b"z")]));
+    }
+
+    #[test]
+    fn an_unwritable_root_is_named_in_the_error() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let root = file.path().join("below-a-file");
+        let message = unpack_into(&root).unwrap_err().to_string();
+        assert!(message.contains(&root.display().to_string()), "{message}");
+    }
 }

@@ -4,6 +4,7 @@
 
 pub mod builtin;
 pub mod compare;
+pub mod data_home;
 pub mod demo_model;
 pub mod error;
 pub mod harmful;

@@ -55,10 +55,8 @@ fn model_summary(dir: &std::path::Path, name: &str) -> Option<ModelSummary> {
 }
 
 pub async fn models(State(state): State<Arc<AppState>>) -> ApiResult<Vec<ModelSummary>> {
-    let mut out: Vec<ModelSummary> =
-        model_summary(&safeprobe_eval::demo_model::bundled_dir(), "demo")
-            .into_iter()
-            .collect();
+    let demo = crate::jobs::demo_model_dir()?;
+    let mut out: Vec<ModelSummary> = model_summary(&demo, "demo").into_iter().collect();
     for root in &state.places.models.dirs {
         let Ok(entries) = std::fs::read_dir(root) else {
             continue;

@@ -54,7 +54,7 @@ impl Places {
     /// A model named in a request: "demo" (or nothing) is the embedded demo model.
     pub fn model(&self, field: &str, name: Option<&str>) -> Result<PathBuf, ApiError> {
         match name {
-            None | Some("") | Some("demo") => Ok(safeprobe_eval::demo_model::bundled_dir()),
+            None | Some("") | Some("demo") => demo_model_dir(),
             Some(name) => self.models.resolve(field, name),
         }
     }
@@ -105,6 +105,12 @@ pub const PATH_FIELDS: &[(JobKind, &str, Root)] = &[
     (JobKind::Compare, "train.poison_data", Root::Data),
     (JobKind::Compare, "train.init_adapter", Root::Data),
 ];
+
+/// The demo model, unpacked on first use; failing to unpack it is the server's problem, not
+/// the request's.
+pub fn demo_model_dir() -> Result<PathBuf, ApiError> {
+    safeprobe_eval::demo_model::dir().map_err(|e| ApiError::Internal(e.to_string()))
+}
 
 fn as_object<'a>(
     spec: &'a mut Value,

@@ -168,6 +168,14 @@ impl RunConfig {
     /// Parses a TOML config, applying `key=value` overrides (dotted keys, TOML values; a
     /// value that is not valid TOML is taken as a string).
     pub fn parse(text: &str, overrides: &[String], origin: &Path) -> Result<Self> {
+        let config = Self::parse_before_data(text, overrides, origin)?;
+        config.check_data_files()?;
+        Ok(config)
+    }
+
+    /// `parse` without checking that the data files exist, for a config whose data is
+    /// written later (a comparison checks every run's config before it writes the data).
+    pub fn parse_before_data(text: &str, overrides: &[String], origin: &Path) -> Result<Self> {
         let table = override_table(text, overrides, origin)?;
         let config: RunConfig =
             toml::Value::Table(table)
@@ -175,12 +183,17 @@ impl RunConfig {
                 .map_err(|e: toml::de::Error| {
                     TrainError::Config(format!("{}: {}", origin.display(), e.message()))
                 })?;
-        config.validate()?;
+        config.validate_settings()?;
         Ok(config)
     }
 
     /// Checks that need no model, so a broken config fails before any loading.
     pub fn validate(&self) -> Result<()> {
+        self.validate_settings()?;
+        self.check_data_files()
+    }
+
+    fn validate_settings(&self) -> Result<()> {
         let bad = |m: String| Err(TrainError::Config(m));
         match (self.max_steps, self.epochs) {
             (0, None) => return bad("set max_steps (≥ 1) or epochs".into()),
@@ -241,7 +254,10 @@ impl RunConfig {
         }
         self.lora
             .validate()
-            .map_err(|m| TrainError::Config(format!("lora: {m}")))?;
+            .map_err(|m| TrainError::Config(format!("lora: {m}")))
+    }
+
+    fn check_data_files(&self) -> Result<()> {
         for path in [
             Some(&self.train_data),
             self.safety_data.as_ref(),
@@ -252,7 +268,8 @@ impl RunConfig {
         .flatten()
         {
             if !path.is_file() {
-                return bad(format!("{}: data file not found", path.display()));
+                let message = format!("{}: data file not found", path.display());
+                return Err(TrainError::Config(message));
             }
         }
         Ok(())
