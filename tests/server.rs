@@ -801,3 +801,145 @@ fn merge(base: &mut Value, patch: Value) {
         (b, p) => *b = p,
     }
 }
+
+/// A multipart/form-data body with one file field.
+fn multipart(file_name: &str, content: &str) -> (String, String) {
+    let boundary = "safeprobe-test-boundary";
+    let body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{file_name}\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\n{content}\r\n--{boundary}--\r\n"
+    );
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+#[test]
+fn datasets_upload_and_runs_export() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start_with(data.path(), &["--max-upload-mib", "1"]);
+    let bearer = format!("Bearer {TOKEN}");
+    let auth = ("Authorization", bearer.as_str());
+    let upload = |name: &str, content: &str, query: &str, extra: &[(&str, &str)]| {
+        let (kind, body) = multipart(name, content);
+        let mut headers = vec![auth, ("Content-Type", kind.as_str())];
+        headers.extend_from_slice(extra);
+        let (code, text) = server.raw("POST", &format!("/api/datasets{query}"), &headers, &body);
+        (
+            code,
+            serde_json::from_str::<Value>(&text).unwrap_or(Value::Null),
+        )
+    };
+    let train = std::fs::read_to_string(fixtures().join("data/train.jsonl")).unwrap();
+    let pairs = std::fs::read_to_string(fixtures().join("data/safety.jsonl")).unwrap();
+
+    // Stored under uploads/, told what it holds, previewed through the chat template.
+    let (code, stored) = upload("mine.jsonl", &train, "", &[]);
+    assert_eq!(code, 200, "{stored}");
+    assert_eq!(stored["name"], "uploads/mine.jsonl");
+    assert_eq!(
+        (stored["records"].as_u64(), stored["holds"].as_str()),
+        (Some(6), Some("examples"))
+    );
+    let (code, preview) = server.get("/api/datasets/preview?path=uploads/mine.jsonl&rows=1");
+    assert_eq!(
+        (code, preview["examples"].as_u64()),
+        (200, Some(6)),
+        "{preview}"
+    );
+    let (_, listed) = server.get("/api/datasets");
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["name"] == "uploads/mine.jsonl"),
+        "{listed}"
+    );
+    let (code, stored) = upload("pairs.jsonl", &pairs, "", &[]);
+    assert_eq!(
+        (code, stored["holds"].as_str()),
+        (200, Some("pairs")),
+        "{stored}"
+    );
+
+    // Nothing of the user's is replaced unless asked; bad files are refused and leave nothing.
+    assert_eq!(upload("mine.jsonl", &train, "", &[]).0, 409);
+    assert_eq!(upload("mine.jsonl", &train, "?replace=true", &[]).0, 200);
+    let (code, refused) = upload(
+        "broken.jsonl",
+        "{\"prompt\": \"a\", \"response\": \"b\"}\nnot json\n",
+        "",
+        &[],
+    );
+    assert_eq!(code, 400, "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("broken.jsonl:2"),
+        "{refused}"
+    );
+    assert_eq!(upload("run.sh", &train, "", &[]).0, 400);
+    let (code, answer) = upload("big.jsonl", &"x".repeat(2 << 20), "", &[]);
+    assert_eq!(code, 413, "{answer}");
+    let mut left: Vec<String> = std::fs::read_dir(data.path().join("uploads"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        ["mine.jsonl", "pairs.jsonl"],
+        "refused uploads leave no file"
+    );
+    // Other websites cannot upload, and no other endpoint takes a form.
+    assert_eq!(
+        upload("x.jsonl", &train, "", &[("Origin", "http://evil.example")]).0,
+        403
+    );
+    let (kind, body) = multipart("x.jsonl", &train);
+    assert_eq!(
+        server
+            .raw("POST", "/api/jobs", &[auth, ("Content-Type", &kind)], &body)
+            .0,
+        415
+    );
+
+    // A finished LoRA run: its adapter as a zip, and merged into a full checkpoint.
+    let (code, job) = server.post(
+        "/api/jobs",
+        json!({"kind": "train", "config": train_config(2)}),
+    );
+    assert_eq!(code, 200, "{job}");
+    let id = job["id"].as_i64().unwrap();
+    let (code, early) = server.post(&format!("/api/jobs/{id}/export"), json!({}));
+    assert_eq!(code, 409, "an unfinished run cannot be exported: {early}");
+    let job = server.wait_for(id, "the run", |j| {
+        j["status"] == "done" || j["status"] == "failed"
+    });
+    assert_eq!(job["status"], "done", "{job}");
+    let zip = ureq::get(&server.url(&format!("/api/jobs/{id}/adapter.zip")))
+        .set("Authorization", &bearer)
+        .call()
+        .unwrap();
+    assert_eq!(zip.content_type(), "application/zip");
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut zip.into_reader(), &mut bytes).unwrap();
+    assert!(bytes.starts_with(b"PK"));
+    let names = String::from_utf8_lossy(&bytes);
+    assert!(names.contains("adapter_config.json") && names.contains("adapter_model.safetensors"));
+    let (code, exported) = server.post(&format!("/api/jobs/{id}/export"), json!({"dtype": "f32"}));
+    assert_eq!(code, 200, "{exported}");
+    let merged = Path::new(exported["path"].as_str().unwrap());
+    assert!(merged.join("model.safetensors").is_file() && merged.join("config.json").is_file());
+    let command = exported["command"].as_str().unwrap();
+    assert!(
+        command.starts_with("safeprobe export --model ") && command.contains("--adapter "),
+        "{command}"
+    );
+    assert_eq!(
+        server
+            .post(&format!("/api/jobs/{id}/export"), json!({"dtype": "f8"}))
+            .0,
+        400
+    );
+}

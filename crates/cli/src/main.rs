@@ -114,8 +114,9 @@ enum Command {
     Export {
         #[arg(long)]
         model: PathBuf,
+        /// A PEFT adapter to merge in (without one, the model is re-exported, e.g. as bf16)
         #[arg(long)]
-        adapter: PathBuf,
+        adapter: Option<PathBuf>,
         #[arg(long)]
         out: PathBuf,
         /// bf16 or f32
@@ -169,6 +170,9 @@ enum Command {
         /// Checkpoints a training run keeps (its newest ones)
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
         keep_checkpoints: u64,
+        /// The largest dataset a browser may upload, in MiB
+        #[arg(long, default_value_t = 512)]
+        max_upload_mib: usize,
         #[command(flatten)]
         device: DeviceArg,
     },
@@ -327,10 +331,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let dtype = SaveDtype::parse(&dtype)?;
             let selected = select_device(&device)?;
-            let mut checkpoint = Checkpoint::load(&model, &selected.device)?;
-            checkpoint.load_adapter(&adapter)?;
-            lora::merge(&mut checkpoint.model);
-            export::export(&checkpoint.model, &checkpoint.config, &model, &out, dtype)
+            export::merge_and_export(&model, adapter.as_deref(), &out, dtype, &selected.device)
                 .with_context(|| format!("exporting to {}", out.display()))?;
             eprintln!("wrote {}", out.display());
         }
@@ -345,6 +346,7 @@ fn run(cli: Cli) -> Result<()> {
             allowed_hosts,
             max_steps,
             keep_checkpoints,
+            max_upload_mib,
             device,
         } => {
             let selected = select_device(&device)?;
@@ -359,6 +361,7 @@ fn run(cli: Cli) -> Result<()> {
                     max_steps,
                     keep_checkpoints: keep_checkpoints as usize,
                 },
+                max_upload_bytes: max_upload_mib << 20,
             };
             safeprobe_server::serve_blocking(config, selected.device.clone(), selected.describe())?;
         }

@@ -20,6 +20,30 @@ const TOKENIZER_FILES: [&str; 7] = [
     "merges.txt",
 ];
 
+/// Loads `model_dir` (with the PEFT adapter `adapter` merged in, when given) and writes it to
+/// `out_dir` as a Hugging Face checkpoint: what `safeprobe export` and the control panel's
+/// export both do.
+pub fn merge_and_export(
+    model_dir: &Path,
+    adapter: Option<&Path>,
+    out_dir: &Path,
+    dtype: SaveDtype,
+    device: &burn::tensor::Device,
+) -> Result<()> {
+    let mut checkpoint = crate::Checkpoint::load(model_dir, device)?;
+    if let Some(adapter) = adapter {
+        checkpoint.load_adapter(adapter)?;
+        crate::lora::merge(&mut checkpoint.model);
+    }
+    export(
+        &checkpoint.model,
+        &checkpoint.config,
+        model_dir,
+        out_dir,
+        dtype,
+    )
+}
+
 /// Every weight under its Hugging Face name and layout, LoRA branches merged.
 pub fn hf_tensors(model: &Qwen2) -> BTreeMap<String, HostTensor> {
     let mut out = BTreeMap::new();

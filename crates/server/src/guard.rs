@@ -112,7 +112,8 @@ pub async fn check_host(
     }
 }
 
-/// Refuses state-changing requests from other sites (403) and non-JSON bodies (415).
+/// Refuses state-changing requests from other sites (403) and bodies that are not JSON
+/// (415), except a file upload to the datasets endpoint (still same-origin only).
 pub async fn check_origin(request: Request, next: Next) -> Result<Response, ApiError> {
     if changes_state(request.method()) {
         let headers = request.headers();
@@ -133,6 +134,7 @@ pub async fn check_origin(request: Request, next: Next) -> Result<Response, ApiE
         }
         if let Some(kind) = header(headers, &header::CONTENT_TYPE)
             && !is_json(kind)
+            && !(is_multipart(kind) && takes_uploads(request.uri().path()))
         {
             return Err(ApiError::UnsupportedMediaType(format!(
                 "Content-Type {kind:?}: this endpoint takes application/json"
@@ -162,6 +164,18 @@ fn same_origin(origin: &str, host: &str) -> bool {
         }
     };
     !host.is_empty() && with_port(authority) == with_port(host)
+}
+
+fn is_multipart(content_type: &str) -> bool {
+    content_type
+        .trim_start()
+        .to_ascii_lowercase()
+        .starts_with("multipart/form-data")
+}
+
+/// The one endpoint that takes a file (multipart) rather than JSON.
+fn takes_uploads(path: &str) -> bool {
+    path == "/api/datasets"
 }
 
 fn is_json(content_type: &str) -> bool {

@@ -45,6 +45,8 @@ impl Default for Limits {
 pub struct Places {
     pub models: Roots,
     pub data: Roots,
+    /// The server's own folder (safeprobe.db, runs/, uploads/, builtin/); one of the data roots.
+    pub data_dir: PathBuf,
     /// Run directories go here: `<data_dir>/runs/job-<id>`.
     pub runs_dir: PathBuf,
     pub limits: Limits,
@@ -708,6 +710,7 @@ mod tests {
         Places {
             models: Roots::new("model", &[models.to_path_buf()]),
             data: Roots::new("data", &[data.to_path_buf()]),
+            data_dir: data.to_path_buf(),
             runs_dir: runs.to_path_buf(),
             limits: Limits::default(),
         }

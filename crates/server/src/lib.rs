@@ -6,6 +6,7 @@
 pub mod api;
 mod assets;
 pub mod error;
+pub mod files;
 pub mod guard;
 pub mod jobs;
 pub mod paths;
@@ -47,6 +48,8 @@ pub struct ServerConfig {
     pub allowed_hosts: Vec<String>,
     /// What a job may ask for: steps, checkpoints kept.
     pub limits: Limits,
+    /// The largest dataset upload, in bytes.
+    pub max_upload_bytes: usize,
 }
 
 impl ServerConfig {
@@ -72,6 +75,7 @@ pub struct AppState {
     pub places: Places,
     pub token: Option<String>,
     pub hosts: HostPolicy,
+    pub max_upload_bytes: usize,
     pub device_description: String,
     pub chat_device: Device,
     pub chat_model: ChatCache,
@@ -100,6 +104,7 @@ pub fn state(
     let places = Places {
         models: Roots::new("model", &config.model_dirs),
         data: Roots::new("data", &dataset_dirs),
+        data_dir: data_dir.clone(),
         runs_dir: data_dir.join("runs"),
         limits: config.limits.clone(),
     };
@@ -108,6 +113,7 @@ pub fn state(
         places,
         token: config.token.clone().filter(|t| !t.is_empty()),
         hosts: HostPolicy::new(config.bind, &config.allowed_hosts),
+        max_upload_bytes: config.max_upload_bytes,
         device_description,
         chat_device: device,
         chat_model: Arc::new(Mutex::new(None)),
@@ -115,16 +121,24 @@ pub fn state(
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
+    let max_upload = state.max_upload_bytes;
     let api = Router::new()
         .route("/device", get(api::device))
         .route("/models", get(api::models))
-        .route("/datasets", get(api::datasets))
+        .route(
+            "/datasets",
+            get(api::datasets)
+                .post(files::upload)
+                .layer(DefaultBodyLimit::max(max_upload)),
+        )
         .route("/datasets/preview", get(api::preview))
         .route("/jobs", get(api::list_jobs).post(api::create_job))
         .route("/jobs/{id}", get(api::get_job).delete(api::delete_job))
         .route("/jobs/{id}/cancel", post(api::cancel_job))
         .route("/jobs/{id}/resume", post(api::resume_job))
         .route("/jobs/{id}/metrics", get(api::metrics))
+        .route("/jobs/{id}/adapter.zip", get(files::adapter_zip))
+        .route("/jobs/{id}/export", post(files::export))
         .route("/events", get(api::events))
         .route("/chat", post(api::chat))
         .fallback(|| async { ApiError::NotFound("no such API endpoint".into()) })

@@ -108,3 +108,36 @@ pub struct ErrorBody {
 pub struct Deleted {
     pub deleted: i64,
 }
+
+/// `POST /api/datasets` (multipart, one file): what was stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Uploaded {
+    /// What requests name it by (under the data directory's `uploads/`).
+    pub name: String,
+    pub bytes: u64,
+    /// Records read from it.
+    pub records: usize,
+    /// What it holds: "examples" (training data), "pairs" (safety pairs) or "prompts"
+    /// (a harmful prompt set).
+    pub holds: String,
+}
+
+fn bf16() -> String {
+    "bf16".into()
+}
+
+/// `POST /api/jobs/{id}/export`: merge a finished run into a full checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportRequest {
+    /// bf16 or f32.
+    #[serde(default = "bf16")]
+    pub dtype: String,
+}
+
+/// Where the merged checkpoint was written, and the command that does the same.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Exported {
+    pub path: String,
+    pub command: String,
+}

@@ -9,8 +9,9 @@ pub mod jobs;
 pub mod reports;
 
 pub use catalog::{
-    AdapterInfo, ChatDone, ChatToken, DatasetEntry, Deleted, DeviceReport, ErrorBody, MetricsQuery,
-    ModelSummary, Preview, PreviewQuery, PreviewRow,
+    AdapterInfo, ChatDone, ChatToken, DatasetEntry, Deleted, DeviceReport, ErrorBody,
+    ExportRequest, Exported, MetricsQuery, ModelSummary, Preview, PreviewQuery, PreviewRow,
+    Uploaded,
 };
 pub use events::{Event, EventPage, LiveMessage, StepMetrics, StoredEvent};
 pub use jobs::{ChatRequest, CreateJob, EvalSpec, Job, JobKind, JobResult, Message, Status};

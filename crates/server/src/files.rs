@@ -1,0 +1,269 @@
+//! Files in and out of the server: datasets uploaded from the browser, a run's adapter as a
+//! zip, and a run merged into a full checkpoint.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Multipart, Path as UrlPath, Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use safeprobe_model::weights::SaveDtype;
+use safeprobe_wire::{ExportRequest, Exported, Job, JobKind, Status, Uploaded};
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// Where uploads go, inside the data directory (a data root, so jobs can name them).
+pub const UPLOADS: &str = "uploads";
+
+/// The extensions a data file may have.
+pub const DATA_EXTENSIONS: [&str; 4] = ["jsonl", "json", "parquet", "csv"];
+
+#[derive(serde::Deserialize)]
+pub struct UploadQuery {
+    /// Replace a file of the same name.
+    #[serde(default)]
+    replace: bool,
+}
+
+/// `POST /api/datasets`: one multipart file, streamed to disk, checked to be training
+/// examples, safety pairs or a prompt set, then put in place under `uploads/`.
+pub async fn upload(
+    State(state): State<Arc<AppState>>,
+    Query(query): Query<UploadQuery>,
+    mut form: Multipart,
+) -> Result<Json<Uploaded>, ApiError> {
+    let dir = state.places.data_dir.join(UPLOADS);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| ApiError::Internal(format!("{}: {e}", dir.display())))?;
+    let mut field = form
+        .next_field()
+        .await
+        .map_err(multipart_error)?
+        .ok_or_else(|| ApiError::Invalid("file: the form has no file".into()))?;
+    let name = upload_name(field.file_name().unwrap_or_default())?;
+    let target = dir.join(&name);
+    if target.exists() && !query.replace {
+        return Err(ApiError::Conflict(format!(
+            "file: {UPLOADS}/{name} exists; upload with ?replace=true to replace it"
+        )));
+    }
+    // Streamed to a hidden sibling, so a half-received or invalid file never shows.
+    let partial = dir.join(format!(".{name}.partial"));
+    let mut file = std::fs::File::create(&partial)
+        .map_err(|e| ApiError::Internal(format!("{}: {e}", partial.display())))?;
+    let mut bytes = 0u64;
+    let received = async {
+        while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+            bytes += chunk.len() as u64;
+            file.write_all(&chunk)
+                .map_err(|e| ApiError::Internal(format!("{}: {e}", partial.display())))?;
+        }
+        file.sync_all()
+            .map_err(|e| ApiError::Internal(format!("{}: {e}", partial.display())))
+    }
+    .await;
+    if let Err(e) = received {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e);
+    }
+    let path = partial.clone();
+    let checked = tokio::task::spawn_blocking(move || what_it_holds(&path))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let (records, holds) = match checked {
+        Ok(found) => found,
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            // Name the file the user sent, not the hidden one.
+            return Err(ApiError::Invalid(
+                e.to_string().replace(&partial.display().to_string(), &name),
+            ));
+        }
+    };
+    std::fs::rename(&partial, &target)
+        .map_err(|e| ApiError::Internal(format!("{}: {e}", target.display())))?;
+    Ok(Json(Uploaded {
+        name: format!("{UPLOADS}/{name}"),
+        bytes,
+        records,
+        holds: holds.into(),
+    }))
+}
+
+fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
+    if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::TooLarge(format!("file: {}", e.body_text()))
+    } else {
+        ApiError::Invalid(format!("file: {}", e.body_text()))
+    }
+}
+
+/// The name an uploaded file is stored under: its own base name, if that is a plain name
+/// with a data file's extension.
+fn upload_name(sent: &str) -> Result<String, ApiError> {
+    let base = sent.rsplit(['/', '\\']).next().unwrap_or_default();
+    let plain = !base.is_empty()
+        && !base.starts_with('.')
+        && base.len() <= 128
+        && base
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+    let extension = Path::new(base)
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or_default();
+    if !plain || !DATA_EXTENSIONS.contains(&extension) {
+        return Err(ApiError::Invalid(format!(
+            "file: {sent:?} must be a plain file name (letters, digits, . - _) ending in .jsonl, .json, .parquet or .csv"
+        )));
+    }
+    Ok(base.to_string())
+}
+
+/// Reads a file as training examples, else safety pairs, else a harmful prompt set; returns
+/// how many records it holds and which. When it is none of them, the examples reader's
+/// error says why (it names the line).
+fn what_it_holds(path: &Path) -> Result<(usize, &'static str), ApiError> {
+    let as_examples = safeprobe_train::data::read_examples(path);
+    if let Ok(examples) = &as_examples {
+        return Ok((examples.len(), "examples"));
+    }
+    if let Ok(pairs) = safeprobe_train::data::read_pairs(path) {
+        return Ok((pairs.len(), "pairs"));
+    }
+    if let Ok(prompts) = safeprobe_eval::prompts::load(path) {
+        return Ok((prompts.len(), "prompts"));
+    }
+    Err(ApiError::Invalid(format!(
+        "not training examples, safety pairs or harmful prompts: {}",
+        as_examples.err().map(|e| e.to_string()).unwrap_or_default()
+    )))
+}
+
+/// A finished training job's run directory and whether it trained a LoRA adapter.
+fn finished_run(state: &AppState, id: i64) -> Result<(Job, PathBuf), ApiError> {
+    let job = state
+        .runner
+        .store
+        .get(id)?
+        .ok_or_else(|| ApiError::NotFound(format!("job {id} not found")))?;
+    if job.kind != JobKind::Train || job.status != Status::Done {
+        return Err(ApiError::Conflict(format!(
+            "job {id} is a {} job that is {}; only finished training runs can be exported",
+            job.kind.name(),
+            job.status.name()
+        )));
+    }
+    let dir = PathBuf::from(job.run_dir.clone().unwrap_or_default());
+    Ok((job, dir))
+}
+
+/// `GET /api/jobs/{id}/adapter.zip`: the run's PEFT adapter folder as a zip.
+pub async fn adapter_zip(
+    State(state): State<Arc<AppState>>,
+    UrlPath(id): UrlPath<i64>,
+) -> Result<Response, ApiError> {
+    let (_, run_dir) = finished_run(&state, id)?;
+    let adapter = run_dir.join("adapter");
+    if !adapter.is_dir() {
+        return Err(ApiError::Conflict(format!(
+            "job {id} fine-tuned every weight and has no adapter; export it as a checkpoint instead"
+        )));
+    }
+    let zipped = tokio::task::spawn_blocking(move || zip_folder(&adapter))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/zip".to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"job-{id}-adapter.zip\""),
+            ),
+        ],
+        zipped,
+    )
+        .into_response())
+}
+
+/// The files of a folder (not its subfolders) in a zip, deflated.
+fn zip_folder(dir: &Path) -> Result<Vec<u8>, ApiError> {
+    let failed = |e: &dyn std::fmt::Display| {
+        ApiError::Internal(format!("{}: cannot zip: {e}", dir.display()))
+    };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| failed(&e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let options =
+        zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+    for file in files {
+        let name = file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        zip.start_file(name, options).map_err(|e| failed(&e))?;
+        let bytes = std::fs::read(&file).map_err(|e| failed(&e))?;
+        zip.write_all(&bytes).map_err(|e| failed(&e))?;
+    }
+    Ok(zip.finish().map_err(|e| failed(&e))?.into_inner())
+}
+
+/// `POST /api/jobs/{id}/export`: the run merged into a full Hugging Face checkpoint in
+/// `<run>/merged-<dtype>`, as `safeprobe export` would write it.
+pub async fn export(
+    State(state): State<Arc<AppState>>,
+    UrlPath(id): UrlPath<i64>,
+    body: Result<Json<ExportRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Exported>, ApiError> {
+    let Json(request) = body.map_err(crate::error::rejected)?;
+    let dtype =
+        SaveDtype::parse(&request.dtype).map_err(|e| ApiError::Invalid(format!("dtype: {e}")))?;
+    let (job, run_dir) = finished_run(&state, id)?;
+    // A LoRA run merges its adapter into the base model; a full fine-tune re-exports its model.
+    let adapter = run_dir.join("adapter");
+    let (model, adapter) = if adapter.is_dir() {
+        let base = job
+            .spec
+            .get("model")
+            .and_then(|m| m.as_str())
+            .unwrap_or_default();
+        (PathBuf::from(base), Some(adapter))
+    } else {
+        (run_dir.join("model"), None)
+    };
+    let out = run_dir.join(format!("merged-{}", request.dtype));
+    let mut command = format!(
+        "safeprobe export --model {} --out {} --dtype {}",
+        model.display(),
+        out.display(),
+        request.dtype
+    );
+    if let Some(a) = &adapter {
+        command = command.replace(" --out ", &format!(" --adapter {} --out ", a.display()));
+    }
+    let device = state.chat_device.clone();
+    let written = out.clone();
+    tokio::task::spawn_blocking(move || {
+        safeprobe_model::export::merge_and_export(
+            &model,
+            adapter.as_deref(),
+            &written,
+            dtype,
+            &device,
+        )
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    Ok(Json(Exported {
+        path: out.display().to_string(),
+        command,
+    }))
+}
