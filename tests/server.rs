@@ -943,3 +943,60 @@ fn datasets_upload_and_runs_export() {
         400
     );
 }
+
+#[test]
+fn ctrl_c_checkpoints_the_running_job_for_resume() {
+    let data = tempfile::tempdir().unwrap();
+    let mut server = Server::start(data.path());
+    let mut config = train_config(10_000);
+    config["checkpoint_every"] = json!(1000);
+    let (_, job) = server.post("/api/jobs", json!({"kind": "train", "config": config}));
+    let id = job["id"].as_i64().unwrap();
+    server.wait_for(id, "a few steps", |j| {
+        j["last_step"]["step"].as_i64().is_some_and(|s| s >= 2)
+    });
+    let interrupted = Command::new("kill")
+        .args(["-INT", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(interrupted.success());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the server did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status:?}");
+
+    // The job stopped at a step boundary with a checkpoint there (long before step 1000) and
+    // is interrupted, not cancelled: Resume continues it.
+    let checkpoints = std::fs::read_dir(data.path().join(format!("runs/job-{id}/checkpoints")))
+        .unwrap()
+        .count();
+    assert_eq!(checkpoints, 1);
+    let server = Server::start(data.path());
+    let (_, job) = server.get(&format!("/api/jobs/{id}"));
+    assert_eq!(job["status"], "interrupted", "{job}");
+    let stopped_at = steps_of(&server, id).len();
+    assert!(stopped_at >= 2, "{stopped_at}");
+    assert_eq!(
+        server.post(&format!("/api/jobs/{id}/resume"), json!({})).0,
+        200
+    );
+    server.wait_for(id, "the resumed run to go on", |j| {
+        j["last_step"]["step"]
+            .as_i64()
+            .is_some_and(|s| s as usize > stopped_at)
+    });
+    let steps = steps_of(&server, id);
+    assert_eq!(
+        steps,
+        (1..=steps.len() as i64).collect::<Vec<_>>(),
+        "every step once"
+    );
+}
