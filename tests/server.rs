@@ -265,21 +265,7 @@ fn api_auth_validation_confinement_and_limits() {
         ),
     ];
     std::os::unix::fs::symlink("/etc/hostname", data.path().join("escape.jsonl")).unwrap();
-    for (body, code, needle) in cases {
-        let (got, answer) = server.post("/api/jobs", body.clone());
-        assert_eq!(got, code, "{body} -> {answer}");
-        let message = answer["error"].as_str().unwrap_or_default();
-        assert!(
-            message.contains(needle),
-            "{body}: {message:?} should name {needle}"
-        );
-    }
-    let (_, jobs) = server.get("/api/jobs");
-    assert_eq!(
-        jobs.as_array().unwrap().len(),
-        0,
-        "rejected requests leave no job"
-    );
+    assert_refused(&server, &cases);
 
     // Preview confinement and body size limit.
     let (code, _) = server.get("/api/datasets/preview?path=../../etc/passwd");
@@ -653,21 +639,7 @@ fn every_path_is_confined_and_runs_are_bounded() {
             "sap.layers",
         ),
     ];
-    for (body, code, needle) in cases {
-        let (got, answer) = server.post("/api/jobs", body.clone());
-        assert_eq!(got, code, "{body} -> {answer}");
-        let message = answer["error"].as_str().unwrap_or_default();
-        assert!(
-            message.contains(needle),
-            "{body}: {message:?} should name {needle}"
-        );
-    }
-    let (_, jobs) = server.get("/api/jobs");
-    assert_eq!(
-        jobs.as_array().unwrap().len(),
-        0,
-        "rejected requests leave no job"
-    );
+    assert_refused(&server, &cases);
 
     // An oversized record is refused by size, naming its line, before it is parsed.
     let huge = format!(
@@ -788,6 +760,26 @@ fn evaluations_cancel_between_batches() {
     let job = server.wait_for(train, "cancellation", |j| j["status"] != "running");
     assert_eq!(job["status"], "cancelled", "{job}");
     assert!(job["answers"].as_array().is_none_or(Vec::is_empty), "{job}");
+}
+
+/// Posts each job request, expecting its status and an error that names `needle`, and that
+/// none of them left a job behind.
+fn assert_refused(server: &Server, cases: &[(Value, u16, &str)]) {
+    for (body, code, needle) in cases {
+        let (got, answer) = server.post("/api/jobs", body.clone());
+        assert_eq!(got, *code, "{body} -> {answer}");
+        let message = answer["error"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(needle),
+            "{body}: {message:?} should name {needle}"
+        );
+    }
+    let (_, jobs) = server.get("/api/jobs");
+    assert_eq!(
+        jobs.as_array().unwrap().len(),
+        0,
+        "rejected requests leave no job"
+    );
 }
 
 /// Deep-merges `patch` into `base`.

@@ -9,7 +9,7 @@ use axum::extract::{Path, Query, State};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use safeprobe_wire::{
     AdapterInfo, ChatDone, ChatRequest, ChatToken, CreateJob, DatasetEntry, Deleted, DeviceReport,
-    ErrorBody, Event, EventPage, Job, JobKind, MetricsQuery, ModelSummary, Preview, PreviewQuery,
+    ErrorBody, EventPage, Job, JobKind, MetricsQuery, ModelSummary, Preview, PreviewQuery,
     PreviewRow,
 };
 use serde_json::json;
@@ -176,13 +176,6 @@ pub async fn create_job(
         }
     }
     state.runner.enqueue(id);
-    state.runner.announce(
-        id,
-        Event::Status {
-            status: Status::Queued,
-            error: None,
-        },
-    );
     Ok(Json(find_job(&state, id)?))
 }
 
@@ -237,13 +230,6 @@ pub async fn resume_job(State(state): State<Arc<AppState>>, Path(id): Path<i64>)
     }
     store.set_status(id, Status::Queued, None)?;
     state.runner.enqueue(id);
-    state.runner.announce(
-        id,
-        Event::Status {
-            status: Status::Queued,
-            error: None,
-        },
-    );
     Ok(Json(find_job(&state, id)?))
 }
 

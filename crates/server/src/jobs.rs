@@ -379,9 +379,17 @@ impl Runner {
         Ok(runner)
     }
 
+    /// Puts a job (marked queued in the store) at the end of the queue and says so.
     pub fn enqueue(&self, id: i64) {
         self.queue.lock().unwrap().push_back(id);
         self.wake.notify_one();
+        self.announce(
+            id,
+            Event::Status {
+                status: Status::Queued,
+                error: None,
+            },
+        );
     }
 
     /// Asks a job to stop: a queued job is cancelled at once, a running one at its next step
