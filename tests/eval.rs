@@ -397,7 +397,7 @@ fn a_shortened_comparison_fills_every_column() {
                 format!("model={:?}", demo_model_dir().display().to_string()),
                 format!("prompts={:?}", few.display().to_string()),
                 "max_new_tokens=8".into(),
-                "seeds=[0]".into(),
+                "seeds=[0, 1]".into(),
                 "train.max_steps=2".into(),
                 "train.batch_size=2".into(),
                 "train.safety_batch_size=2".into(),
@@ -414,7 +414,7 @@ fn a_shortened_comparison_fills_every_column() {
         }
     })
     .unwrap();
-    assert_eq!(stages.len(), 4, "{stages:?}");
+    assert_eq!(stages.len(), 7, "{stages:?}");
     let methods: Vec<Method> = comparison.rows.iter().map(|r| r.method).collect();
     assert_eq!(
         methods,
@@ -433,7 +433,30 @@ fn a_shortened_comparison_fills_every_column() {
     }
     let table = std::fs::read_to_string(out.join("comparison.md")).unwrap();
     assert_eq!(table, compare::render(&comparison));
-    assert_eq!(table.lines().filter(|l| l.starts_with("| ")).count(), 5);
+    // The method table (header and 4 rows), then the paired differences (header and SAP − SFT,
+    // mix − SFT for three metrics each), paired over both seeds.
+    assert_eq!(
+        table.lines().filter(|l| l.starts_with("| ")).count(),
+        5 + 1 + 6
+    );
+    assert_eq!(comparison.paired.len(), 6);
+    for d in &comparison.paired {
+        assert_eq!((d.b, d.pairs), (Method::Sft, 2), "{d:?}");
+        let (low, high) = d.ci.unwrap();
+        assert!(low <= d.mean + 1e-9 && d.mean <= high + 1e-9, "{d:?}");
+        assert!(
+            !d.is_real(),
+            "two seeds never make a difference real: {d:?}"
+        );
+    }
+    assert!(
+        comparison
+            .findings
+            .iter()
+            .any(|f| f.starts_with("SAP − SFT harmful_score")),
+        "{:?}",
+        comparison.findings
+    );
     for method in ["sft", "sap", "mix"] {
         let run = out.join(format!("{method}-seed0"));
         assert!(run.join("config.toml").is_file() && run.join("metrics.jsonl").is_file());

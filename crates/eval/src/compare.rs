@@ -17,6 +17,7 @@ use crate::demo_model::{self, DATA_SEED};
 use crate::error::{EvalError, Result};
 use crate::harmful::{self, AnswerSettings, Judges};
 use crate::judge::{ModelJudge, RefusalJudge};
+use crate::paired;
 use crate::task_metrics::{self, TaskSettings};
 use crate::tasks::{Labelled, Task};
 
@@ -390,13 +391,24 @@ pub fn run(
     }
 
     let rows = table_rows(&runs);
-    let findings = findings(&rows);
+    let paired: Vec<_> = [Method::Sap, Method::Mix]
+        .into_iter()
+        .flat_map(|m| paired::differences(&runs, m, Method::Sft))
+        .collect();
+    let mut findings = findings(&rows);
+    findings.extend(
+        paired
+            .iter()
+            .filter(|d| d.metric != "validation_loss")
+            .map(paired::finding),
+    );
     let comparison = Comparison {
         task: config.task.clone(),
         poison_fraction: config.poison_fraction,
         seeds: config.seeds.clone(),
         rows,
         runs,
+        paired,
         findings,
         seconds: started.elapsed().as_secs_f64(),
     };
@@ -537,6 +549,24 @@ pub fn render(c: &Comparison) -> String {
         ));
     }
     out.push('\n');
+    if !c.paired.is_empty() {
+        out.push_str("| paired difference | mean | 95% CI (bootstrap) | seeds | real? |\n|---|---|---|---|---|\n");
+        for d in &c.paired {
+            out.push_str(&format!(
+                "| {} − {} {} | {:+.2} | {} | {} | {} |\n",
+                d.a.name(),
+                d.b.name(),
+                d.metric,
+                d.mean,
+                d.ci.map_or("—".into(), |(low, high)| format!(
+                    "[{low:+.2}, {high:+.2}]"
+                )),
+                d.pairs,
+                if d.is_real() { "yes" } else { "no" }
+            ));
+        }
+        out.push('\n');
+    }
     for f in &c.findings {
         out.push_str(&format!("- {f}\n"));
     }

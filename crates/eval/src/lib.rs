@@ -9,6 +9,7 @@ pub mod demo_model;
 pub mod error;
 pub mod harmful;
 pub mod judge;
+pub mod paired;
 pub mod prompts;
 pub mod task_metrics;
 pub mod tasks;

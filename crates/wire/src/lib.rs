@@ -16,8 +16,8 @@ pub use catalog::{
 pub use events::{Event, EventPage, LiveMessage, StepMetrics, StoredEvent};
 pub use jobs::{ChatRequest, CreateJob, EvalSpec, Job, JobKind, JobResult, Message, Status};
 pub use reports::{
-    Agreement, CategoryScore, Comparison, HarmfulReport, JudgeScore, JudgedAnswer, Method, Row,
-    RunResult, Spread,
+    Agreement, CategoryScore, Comparison, HarmfulReport, JudgeScore, JudgedAnswer, Method,
+    PairedDifference, Row, RunResult, Spread,
 };
 
 #[cfg(test)]

@@ -142,7 +142,39 @@ pub struct Comparison {
     pub seeds: Vec<u64>,
     pub rows: Vec<Row>,
     pub runs: Vec<RunResult>,
+    /// SAP − SFT (and mixing − SFT) per metric, paired by seed.
+    #[serde(default)]
+    pub paired: Vec<PairedDifference>,
     /// Plain statements about what the numbers show (or do not show).
     pub findings: Vec<String>,
     pub seconds: f64,
+}
+
+/// A paired difference between two methods (`a − b`) over the seeds both ran: the runs of
+/// one seed share their start and data order, so their difference removes what the seed
+/// alone does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PairedDifference {
+    /// harmful_score, exact_match or validation_loss.
+    pub metric: String,
+    pub a: Method,
+    pub b: Method,
+    /// Seeds both methods ran.
+    pub pairs: usize,
+    /// Mean of a − b over the pairs.
+    pub mean: f64,
+    /// 95% percentile-bootstrap interval of that mean; None with fewer than 2 pairs.
+    pub ci: Option<(f64, f64)>,
+}
+
+impl PairedDifference {
+    /// The fewest pairs with which a difference is called real (the bootstrap of fewer
+    /// values says little about the spread).
+    pub const FEWEST_PAIRS: usize = 3;
+
+    /// Real only when there are enough pairs and the interval excludes 0.
+    pub fn is_real(&self) -> bool {
+        self.pairs >= Self::FEWEST_PAIRS
+            && self.ci.is_some_and(|(low, high)| low > 0.0 || high < 0.0)
+    }
 }
