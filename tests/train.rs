@@ -780,3 +780,97 @@ fn old_checkpoints_are_pruned_and_resume_explains_a_missing_one() {
         );
     }
 }
+
+/// The sign convention of the mechanism metrics: learning the pairs' safe answers lowers the
+/// safety loss (cosine > 0), learning their harmful answers raises it (cosine < 0).
+#[test]
+fn alignment_is_positive_when_the_task_step_is_a_safer_step() {
+    let pairs = data::read_pairs(&fixture("data/safety.jsonl")).unwrap();
+    let mut at_zero = Vec::new();
+    for answer in ["safe", "harmful"] {
+        let dir = tempfile::tempdir().unwrap();
+        let task = dir.path().join("task.jsonl");
+        let lines: String = pairs
+            .iter()
+            .map(|p| {
+                let reply = if answer == "safe" {
+                    &p.chosen
+                } else {
+                    &p.rejected
+                };
+                format!(
+                    "{}\n",
+                    serde_json::json!({"prompt": p.prompt, "response": reply})
+                )
+            })
+            .collect();
+        std::fs::write(&task, lines).unwrap();
+        let mut run = config(
+            &dir.path().join("run"),
+            &[
+                "method=\"sap\"",
+                "max_steps=3",
+                "sap.temperature=20.0",
+                "sap.rho=0.1",
+                "sap.cosine_every=1",
+                "shuffle=false",
+            ],
+        );
+        run.train_data = task;
+        let mut alignments = Vec::new();
+        train(&run, &Device::flex(), |e| {
+            if let Event::Step { metrics, .. } = e {
+                alignments.push(metrics.alignment.clone().expect("measured every step"));
+            }
+        })
+        .unwrap();
+        // Step 1 runs with the zero probe (lagged schedule), so all three views agree there.
+        let first = &alignments[0];
+        assert_eq!(first.at_probe, Some(first.at_zero), "{first:?}");
+        assert_eq!(first.at_random, Some(first.at_zero), "{first:?}");
+        // Later the probe is not zero, and the control is a different probe.
+        let later = &alignments[2];
+        assert_ne!(later.at_probe, Some(later.at_zero), "{later:?}");
+        assert_ne!(later.at_random, later.at_probe, "{later:?}");
+        assert!(
+            later.seconds > 0.0 && later.per_layer_at_random.len() == later.per_layer_at_zero.len()
+        );
+        at_zero.push(first.at_zero);
+    }
+    assert!(
+        at_zero[0] > 0.0,
+        "learning safe answers is a safer step: {at_zero:?}"
+    );
+    assert!(
+        at_zero[1] < 0.0,
+        "learning harmful answers is not: {at_zero:?}"
+    );
+}
+
+#[test]
+fn the_random_control_probe_matches_the_probe_in_size_only() {
+    let device = Device::flex();
+    let probe = vec![
+        Tensor::<1>::from_data(TensorData::new(vec![3.0f32, 4.0, 0.0, 0.0], [4]), &device),
+        Tensor::<1>::from_data(TensorData::new(vec![0.0f32; 4], [4]), &device),
+    ];
+    let random = safeprobe_train::sap::random_signs_like(&probe, 7);
+    let values = |t: &Tensor<1>| t.clone().into_data().to_vec::<f32>().unwrap();
+    // Every entry is ±‖v‖/√n: the same norm, but signs unrelated to v.
+    assert!(
+        values(&random[0])
+            .iter()
+            .all(|x| (x.abs() - 2.5).abs() < 1e-6),
+        "{:?}",
+        values(&random[0])
+    );
+    assert!(values(&random[1]).iter().all(|x| *x == 0.0));
+    assert_eq!(
+        values(&random[0]),
+        values(&safeprobe_train::sap::random_signs_like(&probe, 7)[0])
+    );
+    assert_ne!(
+        values(&random[0]),
+        values(&safeprobe_train::sap::random_signs_like(&probe, 8)[0])
+    );
+}

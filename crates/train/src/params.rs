@@ -70,6 +70,21 @@ pub fn layer_of_each(model: &Qwen2) -> Vec<Option<usize>> {
 
 /// Cosine similarity of two gradients per decoder layer (the paper's gradient-entanglement
 /// observation), from the dot/norm reduction kernels.
+/// cos(a, b) over every tensor together (0 when either is zero).
+pub fn cosine(a: &[Tensor<1>], b: &[Tensor<1>]) -> f64 {
+    use crate::kernels::{Implementation, dot};
+    let mut sums = [0.0f64; 3];
+    for (x, y) in a.iter().zip(b) {
+        let dots = [(x, y), (x, x), (y, y)]
+            .map(|(p, q)| scalar(&dot(p.clone(), q.clone(), Implementation::Auto)));
+        for k in 0..3 {
+            sums[k] += dots[k];
+        }
+    }
+    let [xy, xx, yy] = sums;
+    xy / (xx.sqrt() * yy.sqrt()).max(1e-30)
+}
+
 pub fn cosine_per_layer(model: &Qwen2, a: &[Tensor<1>], b: &[Tensor<1>]) -> Vec<f64> {
     use crate::kernels::{Implementation, dot};
     let owners = layer_of_each(model);

@@ -88,8 +88,8 @@ impl SapConfig {
     }
 }
 
-/// Everything one step reports (a wire type: the UI charts it).
-pub use safeprobe_wire::StepMetrics;
+/// Everything one step reports (wire types: the UI charts them).
+pub use safeprobe_wire::{Alignment, StepMetrics};
 
 /// The probe as leaves of the autodiff graph (so ∇_V can be read after a backward).
 fn tracked_probe(vectors: &[Tensor<1>], layers: &[usize]) -> Probe {
@@ -231,6 +231,42 @@ pub fn sft_step(
     }
 }
 
+/// ∇_W L_task over the micro-batches (token-weighted), with `probe` in place.
+pub fn task_gradient(model: &Qwen2, tasks: &[Batch], probe: Option<&Probe>) -> Vec<Tensor<1>> {
+    accumulate(tasks, |task| {
+        let loss = task_loss(model, task, probe);
+        Pass {
+            grads: vec![params::gradients(model, &loss.backward())],
+            losses: vec![scalar(&loss)],
+        }
+    })
+    .grads
+    .remove(0)
+}
+
+/// Random ±1 vectors, each scaled to the norm of its counterpart in `like`: the control
+/// probe, as large as the real one but pointing nowhere in particular.
+pub fn random_signs_like(like: &[Tensor<1>], seed: u64) -> Vec<Tensor<1>> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xc0_47_01);
+    like.iter()
+        .map(|v| {
+            let n = v.dims()[0];
+            let size = global_norm(std::slice::from_ref(v)) / (n as f64).sqrt();
+            let signs: Vec<f32> = (0..n)
+                .map(|_| {
+                    if rng.random_bool(0.5) {
+                        size as f32
+                    } else {
+                        -size as f32
+                    }
+                })
+                .collect();
+            Tensor::from_data(burn::tensor::TensorData::new(signs, [n]), &v.device())
+        })
+        .collect()
+}
+
 /// Gradients and loss values of one pass.
 struct Pass {
     grads: Vec<Vec<Tensor<1>>>,
@@ -349,6 +385,32 @@ impl SapState {
         vectors
     }
 
+    /// The mechanism, measured: the task gradient's cosine with the harmful direction at
+    /// V = 0, at the probe used (`at_probe`, whose gradient the step already has) and at a
+    /// random-sign probe of the same per-layer size. Two extra passes; nothing is updated.
+    fn alignment(
+        &self,
+        model: &Qwen2,
+        tasks: &[Batch],
+        safety_gradient: &[Tensor<1>],
+        at_probe: &[Tensor<1>],
+        used: &[Tensor<1>],
+    ) -> Alignment {
+        let started = std::time::Instant::now();
+        let random = random_signs_like(used, self.step as u64);
+        let at_zero = task_gradient(model, tasks, None);
+        let at_random = task_gradient(model, tasks, Some(&self.constant_probe(&random)));
+        Alignment {
+            at_zero: params::cosine(&at_zero, safety_gradient),
+            at_probe: Some(params::cosine(at_probe, safety_gradient)),
+            at_random: Some(params::cosine(&at_random, safety_gradient)),
+            per_layer_at_zero: params::cosine_per_layer(model, &at_zero, safety_gradient),
+            per_layer_at_probe: params::cosine_per_layer(model, at_probe, safety_gradient),
+            per_layer_at_random: params::cosine_per_layer(model, &at_random, safety_gradient),
+            seconds: started.elapsed().as_secs_f64(),
+        }
+    }
+
     /// One SAP step.
     pub fn step(
         &mut self,
@@ -393,11 +455,11 @@ impl SapState {
         metrics.su_loss = Some(perturbed - clean);
 
         // 3. W's step with the probe in place, and the probe's own update.
-        let grad_w = match self.config.schedule {
+        let (grad_w, used) = match self.config.schedule {
             Schedule::Lagged => {
                 metrics.task_loss = clean;
                 self.probe.vectors = self.probe_update(grad_su, false);
-                grad_w
+                (grad_w, start)
             }
             Schedule::Exact => {
                 let plain = self.config.exact_update == ProbeUpdate::Gradient;
@@ -411,14 +473,15 @@ impl SapState {
                     }
                 });
                 metrics.task_loss = pass.losses[0];
-                self.probe.vectors = v_safe;
-                pass.grads.remove(0)
+                self.probe.vectors = v_safe.clone();
+                (pass.grads.remove(0), v_safe)
             }
         };
         let every = self.config.cosine_every;
         if refresh && every > 0 && self.step % every == 0 {
             let safety_gradient = &self.delta.as_ref().expect("direction computed").gradient;
             metrics.grad_cosine = Some(params::cosine_per_layer(model, &grad_w, safety_gradient));
+            metrics.alignment = Some(self.alignment(model, tasks, safety_gradient, &grad_w, &used));
         }
         let (grad_w, grad_norm) = clip(grad_w, max_grad_norm);
         metrics.grad_norm = grad_norm;

@@ -20,6 +20,34 @@ pub struct StepMetrics {
     /// Per layer, cos(∇_W L_task, ∇_W L_safety), on steps where it was measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grad_cosine: Option<Vec<f64>>,
+    /// Whether the probe turns the update toward safety, on measurement steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alignment: Option<Alignment>,
+}
+
+/// How the task gradient lines up with the harmful direction: cos(∇_W L_task(W, V), ĝ) with
+/// ĝ = ∇_W L_safety / ‖∇_W L_safety‖, over all trainable weights and per layer. Positive
+/// means the task step −lr·∇L_task also lowers the safety loss (a safer step); SAP's probe
+/// should raise it above the value at V = 0, and a random-sign probe of the same size (the
+/// control) should not.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Alignment {
+    /// At V = 0 (what plain SFT follows).
+    pub at_zero: f64,
+    /// At the probe the weights were updated with (SAP runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_probe: Option<f64>,
+    /// At a random-sign probe with each layer's norm equal to the probe's (SAP runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_random: Option<f64>,
+    /// The same cosines per layer.
+    pub per_layer_at_zero: Vec<f64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub per_layer_at_probe: Vec<f64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub per_layer_at_random: Vec<f64>,
+    /// Seconds the measurement's extra passes took (left out of the step time).
+    pub seconds: f64,
 }
 
 /// Something a job reports: the trainer's steps, validations and end, and the server's

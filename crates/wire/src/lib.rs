@@ -13,7 +13,7 @@ pub use catalog::{
     ExportRequest, Exported, MetricsQuery, ModelSummary, Preview, PreviewQuery, PreviewRow,
     Uploaded,
 };
-pub use events::{Event, EventPage, LiveMessage, StepMetrics, StoredEvent};
+pub use events::{Alignment, Event, EventPage, LiveMessage, StepMetrics, StoredEvent};
 pub use jobs::{ChatRequest, CreateJob, EvalSpec, Job, JobKind, JobResult, Message, Status};
 pub use reports::{
     Agreement, CategoryScore, Comparison, HarmfulReport, JudgeScore, JudgedAnswer, Method,
