@@ -855,7 +855,7 @@ fn the_random_control_probe_matches_the_probe_in_size_only() {
         Tensor::<1>::from_data(TensorData::new(vec![0.0f32; 4], [4]), &device),
     ];
     let random = safeprobe_train::sap::random_signs_like(&probe, 7);
-    let values = |t: &Tensor<1>| t.clone().into_data().to_vec::<f32>().unwrap();
+    let values = |t: &Tensor<1>| t.clone().into_data().try_to_vec::<f32>().unwrap();
     // Every entry is ±‖v‖/√n: the same norm, but signs unrelated to v.
     assert!(
         values(&random[0])
@@ -872,5 +872,85 @@ fn the_random_control_probe_matches_the_probe_in_size_only() {
     assert_ne!(
         values(&random[0]),
         values(&safeprobe_train::sap::random_signs_like(&probe, 8)[0])
+    );
+}
+
+/// SFT runs with safety pairs measure the same V = 0 cosine SAP's first step does (same
+/// model, batch and pairs), and a resumed SFT run draws the same measurement pairs.
+#[test]
+fn sft_runs_measure_the_alignment_at_zero_too() {
+    let alignments = |method: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let method = format!("method=\"{method}\"");
+        let run = config(
+            dir.path(),
+            &[
+                method.as_str(),
+                "max_steps=3",
+                "sap.temperature=20.0",
+                "sap.cosine_every=2",
+            ],
+        );
+        let mut seen = Vec::new();
+        train(&run, &Device::flex(), |e| {
+            if let Event::Step { metrics, .. } = e {
+                seen.push(metrics.alignment.clone());
+            }
+        })
+        .unwrap();
+        seen
+    };
+    let sft = alignments("sft");
+    let sap = alignments("sap");
+    let (sft0, sap0) = (sft[0].clone().unwrap(), sap[0].clone().unwrap());
+    assert!(
+        (sft0.at_zero - sap0.at_zero).abs() < 1e-5,
+        "{sft0:?} vs {sap0:?}"
+    );
+    assert_eq!((sft0.at_probe, sft0.at_random), (None, None));
+    assert!(
+        sft[1].is_none() && sft[2].is_some(),
+        "every 2 steps: {sft:?}"
+    );
+
+    let sets = [
+        "method=\"sft\"",
+        "max_steps=5",
+        "checkpoint_every=2",
+        "sap.cosine_every=2",
+        "sap.temperature=20.0",
+    ];
+    let whole = tempfile::tempdir().unwrap();
+    train(&config(whole.path(), &sets), &Device::flex(), |_| {}).unwrap();
+    let broken = tempfile::tempdir().unwrap();
+    train(&config(broken.path(), &sets), &Device::flex(), |_| {}).unwrap();
+    std::fs::remove_dir_all(broken.path().join("checkpoints/step-4")).unwrap();
+    std::fs::remove_dir_all(broken.path().join("adapter")).unwrap();
+    let mut resumed = Vec::new();
+    safeprobe_train::run::resume(broken.path(), &Device::flex(), |e| {
+        if let Event::Step { metrics, .. } = e {
+            resumed.push(metrics.alignment.clone().map(|a| a.at_zero));
+        }
+    })
+    .unwrap();
+    let measured = |dir: &Path| -> Vec<Option<f64>> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Event>(l).ok())
+            .filter_map(|e| match e {
+                Event::Step { metrics, .. } => Some(metrics.alignment.map(|a| a.at_zero)),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(
+        resumed,
+        measured(whole.path())[2..].to_vec(),
+        "the resumed steps measure what the whole run did"
+    );
+    assert_eq!(
+        adapter_tensors(whole.path()),
+        adapter_tensors(broken.path())
     );
 }

@@ -230,6 +230,7 @@ pub fn run_train(
                     std::slice::from_ref(&task),
                     1e-4,
                     None,
+                    None,
                 ),
                 Some(state) => state.step(
                     model,

@@ -623,10 +623,18 @@ fn run(
 
     let pad = checkpoint.tokenizer.pad_id;
     let mut task_sampler = Sampler::new(train, config.seed, config.shuffle);
+    let has_pairs = !pairs.is_empty();
     let mut pair_sampler = Sampler::new(pairs, config.seed.wrapping_add(1), config.shuffle);
     let mut optimizer = AdamW::new(config.adamw);
     let mut sap = (config.method == Method::Sap)
         .then(|| SapState::new(config.sap.clone(), &checkpoint.model, &device));
+    // An SFT run with safety pairs measures how its steps line up with the harmful direction
+    // (at V = 0: it has no probe) every `sap.cosine_every` steps, drawing pairs only then.
+    let is_sft = sap.is_none();
+    let sft_measures = |step: usize| {
+        let every = config.sap.cosine_every;
+        is_sft && has_pairs && every > 0 && step % every == 0
+    };
 
     let mut start = 0;
     if resuming {
@@ -652,11 +660,11 @@ fn run(
             &device,
         )?;
         // Replay the deterministic samplers to the saved position.
-        for _ in 0..start {
+        for step in 0..start {
             for _ in 0..config.grad_accumulation.max(1) {
                 task_sampler.next_batch(config.batch_size);
             }
-            if sap.is_some() {
+            if sap.is_some() || sft_measures(step) {
                 pair_sampler.next_batch(config.safety_batch_size);
             }
         }
@@ -729,22 +737,32 @@ fn run(
         let tasks: Vec<Batch> = (0..config.grad_accumulation.max(1))
             .map(|_| Batch::new(&task_sampler.next_batch(config.batch_size), pad, &device))
             .collect();
+        let mut safety_batch = || {
+            let pairs = pair_sampler.next_batch(config.safety_batch_size);
+            // Safe answers first, then the harmful ones, as the safety loss reads them.
+            let rows: Vec<Sequence> = pairs
+                .iter()
+                .map(|p| p.0.clone())
+                .chain(pairs.iter().map(|p| p.1.clone()))
+                .collect();
+            Batch::new(&rows, pad, &device)
+        };
         let metrics = match &mut sap {
-            None => sft_step(
-                &mut checkpoint.model,
-                &mut optimizer,
-                &tasks,
-                lr,
-                config.max_grad_norm,
-            ),
+            None => {
+                let measure = sft_measures(step).then(&mut safety_batch);
+                sft_step(
+                    &mut checkpoint.model,
+                    &mut optimizer,
+                    &tasks,
+                    lr,
+                    config.max_grad_norm,
+                    measure
+                        .as_ref()
+                        .map(|safety| (safety, config.sap.temperature)),
+                )
+            }
             Some(state) => {
-                let pairs = pair_sampler.next_batch(config.safety_batch_size);
-                let rows: Vec<Sequence> = pairs
-                    .iter()
-                    .map(|p| p.0.clone())
-                    .chain(pairs.iter().map(|p| p.1.clone()))
-                    .collect();
-                let safety = Batch::new(&rows, pad, &device);
+                let safety = safety_batch();
                 state.step(
                     &mut checkpoint.model,
                     &mut optimizer,

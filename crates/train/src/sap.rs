@@ -206,13 +206,15 @@ fn apply_update(model: &mut Qwen2, optimizer: &mut AdamW, grads: Vec<Tensor<1>>,
     *model = params::with_values(model.clone(), updated);
 }
 
-/// One supervised step (the baseline).
+/// One supervised step (the baseline). With `measure` (a safety batch and T), it also
+/// records how the step lines up with the harmful direction, as SAP runs do at V = 0.
 pub fn sft_step(
     model: &mut Qwen2,
     optimizer: &mut AdamW,
     tasks: &[Batch],
     lr: f64,
     max_grad_norm: Option<f64>,
+    measure: Option<(&Batch, f64)>,
 ) -> StepMetrics {
     let mut pass = accumulate(tasks, |task| {
         let loss = task_loss(model, task, None);
@@ -222,13 +224,27 @@ pub fn sft_step(
             losses: vec![scalar(&loss)],
         }
     });
-    let (grads, grad_norm) = clip(pass.grads.remove(0), max_grad_norm);
-    apply_update(model, optimizer, grads, lr);
-    StepMetrics {
+    let grads = pass.grads.remove(0);
+    let mut metrics = StepMetrics {
         task_loss: pass.losses[0],
-        grad_norm,
         ..Default::default()
+    };
+    if let Some((safety, temperature)) = measure {
+        let started = std::time::Instant::now();
+        let loss = safety_loss(model, safety, None, temperature);
+        let safety_gradient = params::gradients(model, &loss.backward());
+        metrics.safety_loss = Some(scalar(&loss));
+        metrics.alignment = Some(Alignment {
+            at_zero: params::cosine(&grads, &safety_gradient),
+            per_layer_at_zero: params::cosine_per_layer(model, &grads, &safety_gradient),
+            seconds: started.elapsed().as_secs_f64(),
+            ..Default::default()
+        });
     }
+    let (grads, grad_norm) = clip(grads, max_grad_norm);
+    metrics.grad_norm = grad_norm;
+    apply_update(model, optimizer, grads, lr);
+    metrics
 }
 
 /// ∇_W L_task over the micro-batches (token-weighted), with `probe` in place.
