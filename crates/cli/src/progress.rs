@@ -62,6 +62,25 @@ pub fn reporter() -> impl FnMut(&Event) {
             Event::Done { adapter, .. } => {
                 eprintln!("written to {}", adapter.display())
             }
+            Event::SafetyCheck {
+                step,
+                pair_margin,
+                pair_loss,
+                refusal_logprob,
+            } => {
+                if interactive {
+                    eprint!("\r\x1b[2K");
+                }
+                let shown = |name: &str, v: &Option<f64>| {
+                    v.map(|v| format!(" {name} {v:.4}")).unwrap_or_default()
+                };
+                eprintln!(
+                    "step {step}: held-out safety{}{}{}",
+                    shown("margin", pair_margin),
+                    shown("loss(T=1)", pair_loss),
+                    shown("log p(refusal)/token", refusal_logprob)
+                )
+            }
             // The server's events; the trainer does not send them.
             Event::Stage { .. } | Event::Status { .. } => {}
         }

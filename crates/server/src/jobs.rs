@@ -93,6 +93,8 @@ pub const PATH_FIELDS: &[(JobKind, &str, Root)] = &[
     (JobKind::Train, "validation_data", Root::Data),
     (JobKind::Train, "poison_data", Root::Data),
     (JobKind::Train, "init_adapter", Root::Data),
+    (JobKind::Train, "safety_eval.pairs", Root::Data),
+    (JobKind::Train, "safety_eval.prompts", Root::Data),
     (JobKind::Eval, "model", Root::Model),
     (JobKind::Eval, "adapter", Root::Data),
     (JobKind::Eval, "prompts", Root::Data),
@@ -106,6 +108,8 @@ pub const PATH_FIELDS: &[(JobKind, &str, Root)] = &[
     (JobKind::Compare, "train.validation_data", Root::Data),
     (JobKind::Compare, "train.poison_data", Root::Data),
     (JobKind::Compare, "train.init_adapter", Root::Data),
+    (JobKind::Compare, "train.safety_eval.pairs", Root::Data),
+    (JobKind::Compare, "train.safety_eval.prompts", Root::Data),
 ];
 
 /// The demo model, unpacked on first use; failing to unpack it is the server's problem, not
@@ -652,19 +656,33 @@ const CANCELLED: &str = "cancelled";
 mod tests {
     use super::*;
 
-    /// The keys of a config type that hold paths, found from the type itself: a number where
-    /// a path belongs is refused as "expected path string".
+    /// The keys of a config type that hold paths (dotted into nested tables), found from the
+    /// type itself: a number where a path belongs is refused as "expected path string".
     fn path_keys<T: serde::de::DeserializeOwned>(valid: &Value) -> Vec<String> {
-        let mut keys = Vec::new();
-        for key in valid.as_object().unwrap().keys() {
-            let mut probe = valid.clone();
-            probe[key] = json!(12345);
-            if let Err(e) = serde_json::from_value::<T>(probe)
-                && e.to_string().contains("path string")
-            {
-                keys.push(key.clone());
+        fn walk<T: serde::de::DeserializeOwned>(
+            root: &Value,
+            at: &[String],
+            out: &mut Vec<String>,
+        ) {
+            let table = at.iter().fold(root, |v, k| &v[k.as_str()]);
+            for (key, value) in table.as_object().unwrap() {
+                let mut path = at.to_vec();
+                path.push(key.clone());
+                if value.is_object() {
+                    walk::<T>(root, &path, out);
+                    continue;
+                }
+                let mut probe = root.clone();
+                *path.iter().fold(&mut probe, |v, k| &mut v[k.as_str()]) = json!(12345);
+                if let Err(e) = serde_json::from_value::<T>(probe)
+                    && e.to_string().contains("path string")
+                {
+                    out.push(path.join("."));
+                }
             }
         }
+        let mut keys = Vec::new();
+        walk::<T>(valid, &[], &mut keys);
         keys.sort();
         keys
     }
@@ -674,7 +692,8 @@ mod tests {
             .iter()
             .filter(|(k, _, _)| *k == kind)
             .filter_map(|(_, key, _)| key.strip_prefix(prefix))
-            .filter(|key| !key.contains('.'))
+            // A comparison's [train] table is checked against the run config on its own.
+            .filter(|key| !prefix.is_empty() || !key.starts_with("train."))
             .map(str::to_string)
             .collect();
         keys.sort();
@@ -687,7 +706,8 @@ mod tests {
         // checks types only, not that files exist).
         let run: RunConfig = toml::from_str(
             "model = 'm'\ntrain_data = 't'\nsafety_data = 's'\nvalidation_data = 'v'\n\
-             poison_data = 'p'\ninit_adapter = 'a'\noutput_dir = 'o'\nmax_steps = 1\n",
+             poison_data = 'p'\ninit_adapter = 'a'\noutput_dir = 'o'\nmax_steps = 1\n\
+             [safety_eval]\npairs = 'h'\nprompts = 'q'\n",
         )
         .unwrap();
         let mut trainer = path_keys::<RunConfig>(&serde_json::to_value(run).unwrap());

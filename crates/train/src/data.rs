@@ -234,6 +234,25 @@ pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
         .collect()
 }
 
+/// Reads a prompt per record (`prompt`, or `goal` / `instruction` as AdvBench and Alpaca
+/// name it), with its line.
+pub fn read_prompts(path: &Path) -> Result<Vec<(usize, String)>> {
+    records(path)?
+        .into_iter()
+        .map(|(line, map)| {
+            ["prompt", "goal", "instruction"]
+                .iter()
+                .find_map(|key| text(&map, key))
+                .map(|prompt| (line, prompt))
+                .ok_or_else(|| TrainError::Data {
+                    path: path.into(),
+                    line,
+                    message: "expected a \"prompt\" (or \"goal\", \"instruction\") string".into(),
+                })
+        })
+        .collect()
+}
+
 /// Reads `{"prompt", "chosen", "rejected"}` (or `safe`/`harmful`) lines.
 pub fn read_pairs(path: &Path) -> Result<Vec<SafetyPair>> {
     records(path)?

@@ -8,6 +8,7 @@ pub mod kernels;
 pub mod loss;
 pub mod params;
 pub mod run;
+pub mod safety_check;
 pub mod sap;
 
 pub use error::{Result, TrainError};

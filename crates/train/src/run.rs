@@ -21,6 +21,7 @@ use crate::checkpoint;
 use crate::data::{self, Batch, Sequence, with_system};
 use crate::error::{Result, TrainError};
 use crate::loss::task_loss;
+use crate::safety_check::SafetyCheck;
 use crate::sap::{SapConfig, SapState, sft_step};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,8 +130,35 @@ pub struct RunConfig {
     pub lora: LoraConfig,
     #[serde(default)]
     pub sap: SapConfig,
+    /// Continuous safety metrics on held-out data at every validation step.
+    #[serde(default)]
+    pub safety_eval: Option<SafetyEvalConfig>,
     #[serde(default = "default_device")]
     pub device: String,
+}
+
+/// Held-out safety data, measured every `eval_every` steps: it is never used for the harmful
+/// direction, so it shows whether the model drifts toward harm while the harmful score, which
+/// needs generation and judging, is measured only at the end.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SafetyEvalConfig {
+    /// Held-out safety pairs: their mean margin log p(safe) − log p(harmful) and the
+    /// contrastive safety loss at T = 1.
+    #[serde(default)]
+    pub pairs: Option<PathBuf>,
+    /// Held-out harmful prompts (a `prompt` per record): the mean per-token log-probability
+    /// of `refusal` as the answer.
+    #[serde(default)]
+    pub prompts: Option<PathBuf>,
+    #[serde(default = "default_refusal")]
+    pub refusal: String,
+}
+
+/// The refusal scored on held-out prompts: the demo model's most frequent refusal opening,
+/// and a plain one for any chat model.
+fn default_refusal() -> String {
+    "Sorry, I can't help with that.".into()
 }
 
 fn default_method() -> Method {
@@ -258,11 +286,14 @@ impl RunConfig {
     }
 
     fn check_data_files(&self) -> Result<()> {
+        let held_out = self.safety_eval.as_ref();
         for path in [
             Some(&self.train_data),
             self.safety_data.as_ref(),
             self.poison_data.as_ref(),
             self.validation_data.as_ref(),
+            held_out.and_then(|h| h.pairs.as_ref()),
+            held_out.and_then(|h| h.prompts.as_ref()),
         ]
         .into_iter()
         .flatten()
@@ -412,8 +443,26 @@ fn encode_all(
     Ok(out)
 }
 
+/// Mean token loss over held-out sequences (token-weighted across batches).
+fn validation_loss(
+    model: &safeprobe_model::qwen2::Qwen2,
+    sequences: &[Sequence],
+    pad: u32,
+    batch_size: usize,
+) -> f64 {
+    let device = model.embed_tokens.device();
+    let (mut total, mut tokens) = (0.0, 0usize);
+    for chunk in sequences.chunks(batch_size.max(1)) {
+        let batch = Batch::new(chunk, pad, &device);
+        let loss = task_loss(model, &batch, None);
+        total += crate::params::scalar(&loss) * batch.response_tokens as f64;
+        tokens += batch.response_tokens;
+    }
+    total / tokens.max(1) as f64
+}
+
 /// Safety pairs as (safe, harmful) sequences sharing a prompt.
-fn encode_pairs(
+pub(crate) fn encode_pairs(
     checkpoint: &Checkpoint,
     pairs: &[data::SafetyPair],
     config: &RunConfig,
@@ -600,6 +649,7 @@ fn run(
     if train.is_empty() {
         return Err(TrainError::Config("no training examples".into()));
     }
+    let safety_check = SafetyCheck::prepare(&checkpoint, config)?;
     if config.poison_fraction > 0.0 {
         // Poison only the part trained on; validation stays clean.
         let (path, source) = match &config.poison_data {
@@ -792,27 +842,26 @@ fn run(
             &mut on_event,
         )?;
 
-        if let Some(validation) = &validation
-            && ((step + 1) % config.eval_every.max(1) == 0 || step + 1 == config.max_steps)
-        {
-            let mut total = 0.0;
-            let mut tokens = 0usize;
+        let evaluating = (step + 1) % config.eval_every.max(1) == 0 || step + 1 == config.max_steps;
+        if evaluating && (validation.is_some() || safety_check.is_some()) {
             // Inference mode: no dropout, no autodiff graph.
             let eval_model = burn::module::Module::valid(&checkpoint.model);
-            let eval_device = eval_model.embed_tokens.device();
-            for chunk in validation.chunks(config.batch_size) {
-                let batch = Batch::new(chunk, pad, &eval_device);
-                let loss = task_loss(&eval_model, &batch, None);
-                total += crate::params::scalar(&loss) * batch.response_tokens as f64;
-                tokens += batch.response_tokens;
+            if let Some(validation) = &validation {
+                let loss = validation_loss(&eval_model, validation, pad, config.batch_size);
+                emit(
+                    Event::Validation {
+                        step: step + 1,
+                        loss,
+                    },
+                    &mut on_event,
+                )?;
             }
-            emit(
-                Event::Validation {
-                    step: step + 1,
-                    loss: total / tokens.max(1) as f64,
-                },
-                &mut on_event,
-            )?;
+            if let Some(check) = &safety_check {
+                emit(
+                    check.measure(&eval_model, pad, config.batch_size, step + 1),
+                    &mut on_event,
+                )?;
+            }
         }
         if config.checkpoint_every > 0 && (step + 1) % config.checkpoint_every == 0 {
             checkpoint::save(

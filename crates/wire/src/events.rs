@@ -68,6 +68,20 @@ pub enum Event {
         step: usize,
         loss: f64,
     },
+    /// Continuous safety metrics on held-out data, at validation steps.
+    SafetyCheck {
+        step: usize,
+        /// Mean log p(safe) − log p(harmful) over held-out pairs (nats; higher is safer).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pair_margin: Option<f64>,
+        /// The contrastive safety loss at T = 1 on the same pairs (lower is safer).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pair_loss: Option<f64>,
+        /// Mean per-token log-probability of the refusal as the answer to held-out harmful
+        /// prompts (higher: the model is readier to refuse).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        refusal_logprob: Option<f64>,
+    },
     Done {
         steps: usize,
         adapter: PathBuf,
@@ -87,7 +101,9 @@ impl Event {
     /// The training step this event belongs to, if any.
     pub fn step(&self) -> Option<usize> {
         match self {
-            Event::Step { step, .. } | Event::Validation { step, .. } => Some(*step),
+            Event::Step { step, .. }
+            | Event::Validation { step, .. }
+            | Event::SafetyCheck { step, .. } => Some(*step),
             _ => None,
         }
     }
