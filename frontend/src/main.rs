@@ -5,6 +5,9 @@
 mod api;
 mod charts;
 mod pages;
+// Used by the pages from the next commit on.
+#[allow(dead_code)]
+mod series;
 
 use leptos::prelude::*;
 use serde_json::Value;
