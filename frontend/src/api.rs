@@ -1,8 +1,13 @@
-//! Talking to the server: JSON calls with the access token, the live event stream, and
-//! streamed chat (Server-Sent Events over a POST response).
+//! Talking to the server: typed JSON calls with the access token, the live event stream, and
+//! streamed chat (Server-Sent Events over a POST response). Every body is one of
+//! safeprobe-wire's types, so the UI and the server cannot disagree on a field name silently.
 
-use gloo_net::http::{Request, Response};
-use serde_json::Value;
+use gloo_net::http::{Request, RequestBuilder, Response};
+use safeprobe_wire::{
+    ChatDone, ChatRequest, ChatToken, ErrorBody, EventPage, LiveMessage, StoredEvent,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
@@ -17,7 +22,11 @@ fn storage() -> Option<web_sys::Storage> {
 pub fn token() -> Option<String> {
     let window = web_sys::window()?;
     let search = window.location().search().ok().unwrap_or_default();
-    if let Some(t) = search.trim_start_matches('?').split('&').find_map(|kv| kv.strip_prefix("token=")) {
+    if let Some(t) = search
+        .trim_start_matches('?')
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("token="))
+    {
         if let Some(s) = storage() {
             let _ = s.set_item(TOKEN_KEY, t);
         }
@@ -26,115 +35,163 @@ pub fn token() -> Option<String> {
     storage()?.get_item(TOKEN_KEY).ok()?
 }
 
-fn auth(request: gloo_net::http::RequestBuilder) -> gloo_net::http::RequestBuilder {
+fn auth(request: RequestBuilder) -> RequestBuilder {
     match token() {
         Some(t) => request.header("Authorization", &format!("Bearer {t}")),
         None => request,
     }
 }
 
-async fn read(response: Result<Response, gloo_net::Error>) -> Result<Value, String> {
-    let response = response.map_err(|e| format!("network: {e}"))?;
-    let ok = response.ok();
-    let body: Value = response.json().await.unwrap_or(Value::Null);
-    if ok {
-        Ok(body)
-    } else {
-        Err(body["error"].as_str().unwrap_or("request failed").to_string())
+/// What an error response says (its `ErrorBody`), or `fallback` when it says nothing readable.
+async fn error_of(response: Response, fallback: &str) -> String {
+    match response.json::<ErrorBody>().await {
+        Ok(body) => body.error,
+        Err(_) => format!("{fallback} ({})", response.status()),
     }
 }
 
-pub async fn get(path: &str) -> Result<Value, String> {
-    read(auth(Request::get(path)).send().await).await
+async fn read<T: DeserializeOwned>(
+    response: Result<Response, gloo_net::Error>,
+) -> Result<T, String> {
+    let response = response.map_err(|e| format!("network: {e}"))?;
+    if !response.ok() {
+        return Err(error_of(response, "request failed").await);
+    }
+    // A body that does not match the type is a bug on one side: say which URL.
+    let url = response.url();
+    response
+        .json::<T>()
+        .await
+        .map_err(|e| format!("{url}: unexpected response: {e}"))
 }
 
-pub async fn post(path: &str, body: &Value) -> Result<Value, String> {
-    let request = auth(Request::post(path)).json(body).map_err(|e| e.to_string())?;
+// Paths are taken by value, so that a resource's future can own the one it formats.
+
+pub async fn get<T: DeserializeOwned>(path: impl Into<String>) -> Result<T, String> {
+    read(auth(Request::get(&path.into())).send().await).await
+}
+
+pub async fn post<B: Serialize, T: DeserializeOwned>(
+    path: impl Into<String>,
+    body: &B,
+) -> Result<T, String> {
+    let request = auth(Request::post(&path.into()))
+        .json(body)
+        .map_err(|e| e.to_string())?;
     read(request.send().await).await
 }
 
-pub async fn delete(path: &str) -> Result<Value, String> {
-    read(auth(Request::delete(path)).send().await).await
+pub async fn delete<T: DeserializeOwned>(path: impl Into<String>) -> Result<T, String> {
+    read(auth(Request::delete(&path.into())).send().await).await
 }
 
-/// All events of a job as (sequence number, body), following the pages.
-pub async fn all_events(id: i64) -> Result<Vec<(i64, Value)>, String> {
+/// All stored events of a job, following the pages.
+pub async fn all_events(id: i64) -> Result<Vec<StoredEvent>, String> {
     let mut after = 0;
     let mut out = Vec::new();
     loop {
-        let page = get(&format!("/api/jobs/{id}/metrics?after={after}&limit=10000")).await?;
-        let events = page["events"].as_array().cloned().unwrap_or_default();
-        if events.is_empty() {
-            return Ok(out);
+        let page: EventPage =
+            get(format!("/api/jobs/{id}/metrics?after={after}&limit=10000")).await?;
+        match page.next_after {
+            Some(next) if !page.events.is_empty() => {
+                after = next;
+                out.extend(page.events);
+            }
+            _ => return Ok(out),
         }
-        after = page["next_after"].as_i64().unwrap_or(after);
-        out.extend(events.into_iter().map(|e| (e["seq"].as_i64().unwrap_or(0), e["body"].clone())));
     }
 }
 
-/// Subscribes to the live stream; `on_event` gets {"job", "seq", "body"}. The browser
-/// reconnects by itself after a server restart.
-pub fn subscribe(on_event: impl Fn(Value) + 'static) -> Option<web_sys::EventSource> {
+/// Subscribes to the live stream. The browser reconnects by itself after a server restart.
+/// A message that does not read as a `LiveMessage` is logged and skipped.
+pub fn subscribe(on_message: impl Fn(LiveMessage) + 'static) -> Option<web_sys::EventSource> {
     let url = match token() {
         Some(t) => format!("/api/events?token={t}"),
         None => "/api/events".to_string(),
     };
     let source = web_sys::EventSource::new(&url).ok()?;
-    let callback = Closure::<dyn Fn(web_sys::MessageEvent)>::new(move |e: web_sys::MessageEvent| {
-        if let Some(text) = e.data().as_string()
-            && let Ok(value) = serde_json::from_str(&text)
-        {
-            on_event(value);
-        }
-    });
+    let callback =
+        Closure::<dyn Fn(web_sys::MessageEvent)>::new(move |e: web_sys::MessageEvent| {
+            let Some(text) = e.data().as_string() else {
+                return;
+            };
+            match serde_json::from_str::<LiveMessage>(&text) {
+                Ok(message) => on_message(message),
+                Err(error) => leptos::logging::warn!("live stream: {error}: {text}"),
+            }
+        });
     source.set_onmessage(Some(callback.as_ref().unchecked_ref()));
     callback.forget();
     Some(source)
 }
 
+/// One message of the chat stream.
+enum ChatEvent {
+    Token(ChatToken),
+    Done(ChatDone),
+    Error(ErrorBody),
+    /// Comments, keep-alives and kinds this UI does not know.
+    Other,
+}
+
+/// Reads one complete SSE message (`event:` and `data:` lines).
+fn chat_event(message: &str) -> Result<ChatEvent, String> {
+    let mut kind = "message";
+    let mut data = String::new();
+    for line in message.lines() {
+        if let Some(k) = line.strip_prefix("event: ") {
+            kind = k;
+        } else if let Some(d) = line.strip_prefix("data: ") {
+            data.push_str(d);
+        }
+    }
+    let parse_error = |e: serde_json::Error| format!("chat stream: {kind}: {e}");
+    Ok(match kind {
+        "token" => ChatEvent::Token(serde_json::from_str(&data).map_err(parse_error)?),
+        "done" => ChatEvent::Done(serde_json::from_str(&data).map_err(parse_error)?),
+        "error" => ChatEvent::Error(serde_json::from_str(&data).map_err(parse_error)?),
+        _ => ChatEvent::Other,
+    })
+}
+
 /// POSTs a chat request and calls `on_text` with each streamed piece; returns the whole reply.
-pub async fn chat(body: &Value, mut on_text: impl FnMut(&str)) -> Result<String, String> {
-    let request = auth(Request::post("/api/chat")).json(body).map_err(|e| e.to_string())?;
+pub async fn chat(body: &ChatRequest, mut on_text: impl FnMut(&str)) -> Result<String, String> {
+    let request = auth(Request::post("/api/chat"))
+        .json(body)
+        .map_err(|e| e.to_string())?;
     let response = request.send().await.map_err(|e| format!("network: {e}"))?;
     if !response.ok() {
-        let body: Value = response.json().await.unwrap_or(Value::Null);
-        return Err(body["error"].as_str().unwrap_or("chat failed").to_string());
+        return Err(error_of(response, "chat failed").await);
     }
     let stream = response.body().ok_or("empty response")?;
     let reader: web_sys::ReadableStreamDefaultReader = stream.get_reader().unchecked_into();
     let mut buffer: Vec<u8> = Vec::new();
     let mut whole = String::new();
     loop {
-        let chunk = JsFuture::from(reader.read()).await.map_err(|e| format!("{e:?}"))?;
-        let done = js_sys::Reflect::get(&chunk, &"done".into()).ok().and_then(|d| d.as_bool()).unwrap_or(true);
+        let chunk = JsFuture::from(reader.read())
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        let done = js_sys::Reflect::get(&chunk, &"done".into())
+            .ok()
+            .and_then(|d| d.as_bool())
+            .unwrap_or(true);
         if let Ok(value) = js_sys::Reflect::get(&chunk, &"value".into())
             && !value.is_undefined()
         {
             buffer.extend(js_sys::Uint8Array::new(&value).to_vec());
         }
-        // Complete SSE messages end with a blank line.
+        // Complete SSE messages end with a blank line; a chunk may hold several or part of one.
         while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
             let message: Vec<u8> = buffer.drain(..end + 2).collect();
-            let text = String::from_utf8_lossy(&message);
-            let mut kind = "message";
-            let mut data = String::new();
-            for line in text.lines() {
-                if let Some(k) = line.strip_prefix("event: ") {
-                    kind = if k == "token" { "token" } else if k == "done" { "done" } else if k == "error" { "error" } else { "other" };
-                } else if let Some(d) = line.strip_prefix("data: ") {
-                    data.push_str(d);
+            match chat_event(&String::from_utf8_lossy(&message))? {
+                ChatEvent::Token(token) => {
+                    whole.push_str(&token.text);
+                    on_text(&token.text);
                 }
-            }
-            let value: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
-            match kind {
-                "token" => {
-                    let piece = value["text"].as_str().unwrap_or_default();
-                    whole.push_str(piece);
-                    on_text(piece);
-                }
-                "done" => return Ok(whole),
-                "error" => return Err(value["error"].as_str().unwrap_or("chat failed").to_string()),
-                _ => {}
+                // The server's own account of the reply wins over the pieces put together.
+                ChatEvent::Done(done) => return Ok(done.text),
+                ChatEvent::Error(error) => return Err(error.error),
+                ChatEvent::Other => {}
             }
         }
         if done {

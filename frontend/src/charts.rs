@@ -4,14 +4,7 @@
 
 use leptos::prelude::*;
 
-pub const COLORS: [&str; 8] = ["#2f5bd3", "#c0392b", "#1e8449", "#8e44ad", "#d68910", "#17a589", "#7f8c8d", "#e84393"];
-
-#[derive(Clone, Debug)]
-pub struct Series {
-    pub name: String,
-    pub color: &'static str,
-    pub points: Vec<(f64, f64)>,
-}
+use crate::series::{Heatmap, Series};
 
 const W: f64 = 560.0;
 const H: f64 = 180.0;
@@ -75,11 +68,19 @@ fn fmt(v: f64) -> String {
     }
 }
 
-pub fn line_chart(title: String, x_label: &'static str, unit: &'static str, series: Vec<Series>) -> impl IntoView {
+pub fn line_chart(
+    title: String,
+    x_label: &'static str,
+    unit: &'static str,
+    series: Vec<Series>,
+) -> impl IntoView {
     let series: Vec<Series> = series
         .into_iter()
         .filter(|s| !s.points.is_empty())
-        .map(|s| Series { points: reduce(&s.points, W as usize), ..s })
+        .map(|s| Series {
+            points: reduce(&s.points, W as usize),
+            ..s
+        })
         .collect();
     let all = series.iter().flat_map(|s| s.points.iter());
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
@@ -145,7 +146,8 @@ pub fn line_chart(title: String, x_label: &'static str, unit: &'static str, seri
 
 /// Rows = layers, columns = steps (averaged into at most `max_columns`); values in [-1, 1]
 /// drawn blue (−1) to white (0) to red (+1).
-pub fn heatmap(title: String, steps: Vec<f64>, rows: Vec<Vec<f64>>, max_columns: usize) -> impl IntoView {
+pub fn heatmap(title: String, map: Heatmap, max_columns: usize) -> impl IntoView {
+    let Heatmap { steps, rows } = map;
     let n = steps.len();
     let columns = n.clamp(1, max_columns);
     let per = (n as f64 / columns as f64).max(1.0);
@@ -164,7 +166,10 @@ pub fn heatmap(title: String, steps: Vec<f64>, rows: Vec<Vec<f64>>, max_columns:
     let mut cells = Vec::new();
     for (layer, row) in rows.iter().enumerate() {
         for c in 0..columns {
-            let (a, b) = ((c as f64 * per) as usize, (((c + 1) as f64 * per) as usize).min(row.len()));
+            let (a, b) = (
+                (c as f64 * per) as usize,
+                (((c + 1) as f64 * per) as usize).min(row.len()),
+            );
             if a >= b {
                 continue;
             }

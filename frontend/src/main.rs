@@ -5,9 +5,12 @@
 mod api;
 mod charts;
 mod pages;
+mod series;
 
 use leptos::prelude::*;
-use serde_json::Value;
+use safeprobe_wire::{Event, Job, LiveMessage};
+use wasm_bindgen::JsCast;
+use wasm_bindgen::closure::Closure;
 
 /// Where the app is: `#/runs`, `#/run/7`, `#/new`, `#/compare`, `#/eval`, `#/chat`, `#/device`.
 #[derive(Clone, Debug, PartialEq)]
@@ -23,7 +26,11 @@ pub enum Page {
 
 impl Page {
     fn from_hash(hash: &str) -> Self {
-        let parts: Vec<&str> = hash.trim_start_matches('#').trim_start_matches('/').split('/').collect();
+        let parts: Vec<&str> = hash
+            .trim_start_matches('#')
+            .trim_start_matches('/')
+            .split('/')
+            .collect();
         match parts.as_slice() {
             ["run", id] => id.parse().map(Page::Run).unwrap_or(Page::Runs),
             ["new"] => Page::New,
@@ -34,6 +41,7 @@ impl Page {
             _ => Page::Runs,
         }
     }
+
     pub fn hash(&self) -> String {
         match self {
             Page::Runs => "#/runs".into(),
@@ -53,107 +61,107 @@ pub fn go(page: Page) {
     }
 }
 
+/// The page the URL's hash names, kept current as the hash changes.
+fn current_page() -> RwSignal<Page> {
+    let hash = || {
+        web_sys::window()
+            .and_then(|w| w.location().hash().ok())
+            .unwrap_or_default()
+    };
+    let page = RwSignal::new(Page::from_hash(&hash()));
+    let on_hash = Closure::<dyn Fn()>::new(move || page.set(Page::from_hash(&hash())));
+    if let Some(w) = web_sys::window() {
+        w.set_onhashchange(Some(on_hash.as_ref().unchecked_ref()));
+    }
+    // The app lives as long as the page: the handler is never dropped.
+    on_hash.forget();
+    page
+}
+
 /// State shared by every page: the job list and each job's events, kept current by the
 /// live stream.
 #[derive(Clone, Copy)]
 pub struct Live {
-    pub jobs: RwSignal<Vec<Value>>,
-    /// Events in arrival order; pages filter what they need.
-    pub events: RwSignal<Vec<LiveEvent>>,
+    /// Fetched again on every status change and after a reconnect.
+    pub jobs: LocalResource<Result<Vec<Job>, String>>,
+    /// Live messages in arrival order; pages filter what they need.
+    pub events: RwSignal<Vec<LiveMessage>>,
     pub connected: RwSignal<bool>,
 }
 
-/// One message of the live stream.
-#[derive(Clone, Debug, PartialEq)]
-pub struct LiveEvent {
-    pub job: i64,
-    /// The event's number within its job: numbers grow and are never reused, so an event
-    /// numbered at most what a page already read from the server is one it has.
-    pub seq: i64,
-    pub body: Value,
+impl Live {
+    fn new() -> Self {
+        Self {
+            jobs: LocalResource::new(|| api::get::<Vec<Job>>("/api/jobs")),
+            events: RwSignal::new(Vec::new()),
+            connected: RwSignal::new(false),
+        }
+    }
+
+    /// Follows the live stream: every message is kept, and a status change or a reconnect
+    /// (after a server restart: what happened while we were away) reloads the job list.
+    fn follow(self) {
+        let source = api::subscribe(move |message| {
+            self.connected.set(true);
+            let is_status = matches!(message.body, Event::Status { .. });
+            self.events.update(|e| e.push(message));
+            if is_status {
+                self.jobs.refetch();
+            }
+        });
+        let Some(source) = source else { return };
+        let on_open = Closure::<dyn Fn()>::new(move || {
+            self.connected.set(true);
+            self.jobs.refetch();
+        });
+        source.set_onopen(Some(on_open.as_ref().unchecked_ref()));
+        on_open.forget();
+        let on_error = Closure::<dyn Fn()>::new(move || self.connected.set(false));
+        source.set_onerror(Some(on_error.as_ref().unchecked_ref()));
+        on_error.forget();
+    }
 }
 
-pub async fn refresh_jobs(live: Live) {
-    if let Ok(Value::Array(jobs)) = api::get("/api/jobs").await {
-        live.jobs.set(jobs);
-    }
+/// A link in the top bar; the current page's is marked (a run's page counts as Runs).
+#[component]
+fn NavLink(current: RwSignal<Page>, target: Page, label: &'static str) -> impl IntoView {
+    let href = target.hash();
+    let class = move || {
+        let here = current.get();
+        let active = here == target || matches!((&here, &target), (Page::Run(_), Page::Runs));
+        if active { "active" } else { "" }
+    };
+    view! { <a href=href class=class>{label}</a> }
 }
 
 #[component]
 fn App() -> impl IntoView {
-    let current = || web_sys::window().and_then(|w| w.location().hash().ok()).unwrap_or_default();
-    let page = RwSignal::new(Page::from_hash(&current()));
-    let on_hash = wasm_bindgen::closure::Closure::<dyn Fn()>::new(move || page.set(Page::from_hash(&current())));
-    if let Some(w) = web_sys::window() {
-        w.set_onhashchange(Some(wasm_bindgen::JsCast::unchecked_ref(on_hash.as_ref())));
-    }
-    on_hash.forget();
-
-    let live = Live {
-        jobs: RwSignal::new(Vec::new()),
-        events: RwSignal::new(Vec::new()),
-        connected: RwSignal::new(false),
-    };
+    let page = current_page();
+    let live = Live::new();
     provide_context(live);
-    leptos::task::spawn_local(refresh_jobs(live));
-    let source = api::subscribe(move |message: Value| {
-        live.connected.set(true);
-        let event = LiveEvent {
-            job: message["job"].as_i64().unwrap_or(0),
-            seq: message["seq"].as_i64().unwrap_or(0),
-            body: message["body"].clone(),
-        };
-        let is_status = event.body["event"] == "status";
-        live.events.update(|e| e.push(event));
-        if is_status {
-            leptos::task::spawn_local(refresh_jobs(live));
-        }
-    });
-    if let Some(source) = &source {
-        let on_open = wasm_bindgen::closure::Closure::<dyn Fn()>::new(move || {
-            live.connected.set(true);
-            // After a server restart: reload what happened while we were away.
-            leptos::task::spawn_local(refresh_jobs(live));
-        });
-        source.set_onopen(Some(wasm_bindgen::JsCast::unchecked_ref(on_open.as_ref())));
-        on_open.forget();
-        let on_error = wasm_bindgen::closure::Closure::<dyn Fn()>::new(move || live.connected.set(false));
-        source.set_onerror(Some(wasm_bindgen::JsCast::unchecked_ref(on_error.as_ref())));
-        on_error.forget();
-    }
-
-    let link = move |target: Page, label: &'static str| {
-        let t = target.clone();
-        view! {
-            <a href=target.hash() class=move || {
-                let p = page.get();
-                let same = p == t || matches!((&p, &t), (Page::Run(_), Page::Runs));
-                if same { "active" } else { "" }
-            }>{label}</a>
-        }
-    };
+    live.follow();
     view! {
         <nav>
             <span class="brand">"safeprobe"</span>
-            {link(Page::Runs, "Runs")}
-            {link(Page::New, "New run")}
-            {link(Page::Compare, "Compare")}
-            {link(Page::Eval, "Evaluate")}
-            {link(Page::Chat, "Chat")}
-            {link(Page::Device, "Device")}
+            <NavLink current=page target=Page::Runs label="Runs"/>
+            <NavLink current=page target=Page::New label="New run"/>
+            <NavLink current=page target=Page::Compare label="Compare"/>
+            <NavLink current=page target=Page::Eval label="Evaluate"/>
+            <NavLink current=page target=Page::Chat label="Chat"/>
+            <NavLink current=page target=Page::Device label="Device"/>
             <span style="margin-left:auto;color:#cfd8ef" id="live-status">
                 {move || if live.connected.get() { "● live" } else { "○ connecting…" }}
             </span>
         </nav>
         <main>
             {move || match page.get() {
-                Page::Runs => pages::runs().into_any(),
-                Page::Run(id) => pages::run_detail(id).into_any(),
-                Page::New => pages::new_run().into_any(),
-                Page::Compare => pages::compare().into_any(),
-                Page::Eval => pages::evaluate().into_any(),
-                Page::Chat => pages::chat().into_any(),
-                Page::Device => pages::device().into_any(),
+                Page::Runs => view! { <pages::runs::Runs/> }.into_any(),
+                Page::Run(id) => view! { <pages::run_detail::RunDetail id/> }.into_any(),
+                Page::New => view! { <pages::new_run::NewRun/> }.into_any(),
+                Page::Compare => view! { <pages::compare::Compare/> }.into_any(),
+                Page::Eval => view! { <pages::evaluate::Evaluate/> }.into_any(),
+                Page::Chat => view! { <pages::chat::Chat/> }.into_any(),
+                Page::Device => view! { <pages::device::Device/> }.into_any(),
             }}
         </main>
     }

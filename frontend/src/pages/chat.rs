@@ -1,0 +1,148 @@
+//! Side-by-side chat: one prompt sent to two models (or adapters), each reply streamed into
+//! its own pane.
+
+use leptos::prelude::*;
+use leptos::task::spawn_local;
+use safeprobe_wire::{ChatRequest, Message};
+
+use crate::api;
+
+/// One side: which model answers, and the conversation so far.
+#[derive(Clone, Copy)]
+struct Pane {
+    model: RwSignal<String>,
+    adapter: RwSignal<String>,
+    /// (role, content); the last assistant turn grows as its reply streams in.
+    transcript: RwSignal<Vec<(String, String)>>,
+    error: RwSignal<Option<String>>,
+}
+
+impl Pane {
+    fn new() -> Self {
+        Self {
+            model: RwSignal::new("demo".into()),
+            adapter: RwSignal::new(String::new()),
+            transcript: RwSignal::new(Vec::new()),
+            error: RwSignal::new(None),
+        }
+    }
+}
+
+/// The settings both panes share.
+#[derive(Clone, Copy)]
+struct Settings {
+    system: RwSignal<String>,
+    temperature: RwSignal<String>,
+    top_p: RwSignal<String>,
+    max_tokens: RwSignal<String>,
+}
+
+fn non_empty(text: String) -> Option<String> {
+    (!text.trim().is_empty()).then_some(text)
+}
+
+impl Pane {
+    /// Adds the user's turn and an empty reply, then streams the reply into it.
+    fn send(self, text: &str, settings: Settings) {
+        self.transcript.update(|t| {
+            t.push(("user".into(), text.to_string()));
+            t.push(("assistant".into(), String::new()));
+        });
+        // The conversation so far, less the empty reply being written.
+        let messages = self.transcript.with_untracked(|t| {
+            t.iter()
+                .filter(|(role, content)| role == "user" || !content.is_empty())
+                .map(|(role, content)| Message {
+                    role: role.clone(),
+                    content: content.clone(),
+                })
+                .collect()
+        });
+        let request = ChatRequest {
+            model: Some(self.model.get_untracked()),
+            adapter: non_empty(self.adapter.get_untracked()),
+            system: non_empty(settings.system.get_untracked()),
+            messages,
+            max_new_tokens: settings.max_tokens.get_untracked().parse().unwrap_or(64),
+            temperature: settings.temperature.get_untracked().parse().unwrap_or(0.0),
+            top_p: settings.top_p.get_untracked().parse().unwrap_or(1.0),
+            seed: 0,
+        };
+        spawn_local(async move {
+            self.error.set(None);
+            let result = api::chat(&request, |piece| {
+                self.transcript.update(|t| {
+                    if let Some(last) = t.last_mut() {
+                        last.1.push_str(piece)
+                    }
+                });
+            })
+            .await;
+            if let Err(e) = result {
+                self.error.set(Some(e));
+            }
+        });
+    }
+}
+
+#[component]
+fn Field(label: &'static str, value: RwSignal<String>) -> impl IntoView {
+    view! {
+        <label>{label}</label><input prop:value=move || value.get() on:input=move |ev| value.set(event_target_value(&ev))/>
+    }
+}
+
+#[component]
+fn PaneView(index: usize, pane: Pane) -> impl IntoView {
+    view! {
+        <div class="card" data-pane=index>
+            <div class="form">
+                <Field label="model" value=pane.model/>
+                <Field label="adapter (e.g. runs/job-3/adapter)" value=pane.adapter/>
+            </div>
+            <div class="transcript">
+                {move || pane.transcript.get().into_iter().map(|(role, content)| view! { <div class=format!("bubble {role}")>{content}</div> }).collect_view()}
+            </div>
+            {move || pane.error.get().map(|e| view! { <p class="error">{e}</p> })}
+        </div>
+    }
+}
+
+#[component]
+pub fn Chat() -> impl IntoView {
+    let panes = [Pane::new(), Pane::new()];
+    let settings = Settings {
+        system: RwSignal::new(String::new()),
+        temperature: RwSignal::new("0".to_string()),
+        top_p: RwSignal::new("1".to_string()),
+        max_tokens: RwSignal::new("64".to_string()),
+    };
+    let prompt = RwSignal::new(String::new());
+    let send = move || {
+        let text = prompt.get_untracked();
+        if text.trim().is_empty() {
+            return;
+        }
+        prompt.set(String::new());
+        for pane in panes {
+            pane.send(&text, settings);
+        }
+    };
+    view! {
+        <h1>"Chat"</h1>
+        <div class="card form">
+            <Field label="system prompt" value=settings.system/>
+            <Field label="temperature (0 = greedy)" value=settings.temperature/>
+            <Field label="top-p" value=settings.top_p/>
+            <Field label="max new tokens" value=settings.max_tokens/>
+        </div>
+        <div class="chat">
+            {panes.into_iter().enumerate().map(|(index, pane)| view! { <PaneView index pane/> }).collect_view()}
+        </div>
+        <div style="display:flex;gap:8px">
+            <input id="chat-input" style="flex:1" prop:value=move || prompt.get() on:input=move |ev| prompt.set(event_target_value(&ev))
+                on:keydown=move |ev| if ev.key() == "Enter" { send() }/>
+            <button class="primary" id="chat-send" on:click=move |_| send()>"Send to both"</button>
+        </div>
+    }
+}

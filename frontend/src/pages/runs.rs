@@ -1,0 +1,62 @@
+//! The first screen: the demo comparison on offer, and every job with its progress and scores.
+
+use leptos::prelude::*;
+use leptos::task::spawn_local;
+use safeprobe_wire::{Event, Job};
+
+use super::{
+    JobActions, harmful_score, live, method_of, model_name, or_dash, start_demo_comparison,
+    with_jobs,
+};
+use crate::Page;
+
+#[component]
+pub fn Runs() -> impl IntoView {
+    let live = live();
+    view! {
+        <div class="card hero">
+            <h1>"See what fine-tuning does to safety"</h1>
+            <p>"The demo comparison fine-tunes the embedded demo model on a benign task three ways — plain SFT, \
+                Safety-Aware Probing (SAP) and safety-data mixing — from the same start on the same data, \
+                then measures each one's harmful score (HS: % of held-out harmful prompts answered instead of refused) and task accuracy."</p>
+            <button class="primary" id="start-demo" on:click=move |_| spawn_local(start_demo_comparison(live))>"Run the demo comparison"</button>
+        </div>
+        <h2>"Runs"</h2>
+        {with_jobs(|jobs| view! {
+            <table id="jobs">
+                <thead><tr><th>"#"</th><th>"kind / method"</th><th>"model"</th><th>"status"</th><th>"progress"</th><th>"HS (%)"</th><th>"validation loss"</th><th></th></tr></thead>
+                <tbody>{jobs.into_iter().map(|job| view! { <JobRow job/> }).collect_view()}</tbody>
+            </table>
+        })}
+    }
+}
+
+#[component]
+fn JobRow(job: Job) -> impl IntoView {
+    let progress = match &job.last_step {
+        Some(Event::Step {
+            step, total_steps, ..
+        }) => Some(format!("{step}/{total_steps}")),
+        _ => None,
+    };
+    let validation = match &job.last_validation {
+        Some(Event::Validation { loss, .. }) => Some(format!("{loss:.3}")),
+        _ => None,
+    };
+    let hs = harmful_score(&job).map(|h| format!("{h:.1}"));
+    let (method, model) = (method_of(&job), model_name(&job));
+    let status = job.status.name();
+    view! {
+        <tr data-job=job.id>
+            <td><a href=Page::Run(job.id).hash()>{job.id}</a></td>
+            <td>{method}</td>
+            <td>{model}</td>
+            <td><span class=format!("status {status}")>{status}</span>
+                {job.error.map(|e| view! { <div class="error">{e}</div> })}</td>
+            <td>{or_dash(progress)}</td>
+            <td>{or_dash(hs)}</td>
+            <td>{or_dash(validation)}</td>
+            <td><JobActions id=job.id status=job.status/></td>
+        </tr>
+    }
+}

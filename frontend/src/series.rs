@@ -1,0 +1,508 @@
+//! What the charts draw, computed from a job's events: plain functions over the wire types,
+//! with no leptos or browser in them, so that they are tested natively (`cargo test` in
+//! frontend/) and a renamed field is a compile error here rather than an empty chart.
+
+use safeprobe_wire::{Event, LiveMessage, StoredEvent};
+
+pub const COLORS: [&str; 8] = [
+    "#2f5bd3", "#c0392b", "#1e8449", "#8e44ad", "#d68910", "#17a589", "#7f8c8d", "#e84393",
+];
+
+/// One line of a chart: (step, value) points.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Series {
+    pub name: String,
+    pub color: &'static str,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// The job's events in order: the stored ones, then the live ones of job `job` numbered
+/// after the newest stored one. Events are told apart by their number, never by their
+/// content: a status "queued" after Resume equals the first one, yet is a new event.
+/// Numbers grow and are never reused, so a live event numbered at most the newest stored
+/// one is already among the stored events.
+pub fn merge_events(stored: &[StoredEvent], live: &[LiveMessage], job: i64) -> Vec<Event> {
+    let newest = stored.iter().map(|e| e.seq).max().unwrap_or(0);
+    stored
+        .iter()
+        .map(|e| e.body.clone())
+        .chain(
+            live.iter()
+                .filter(|m| m.job == job && m.seq > newest)
+                .map(|m| m.body.clone()),
+        )
+        .collect()
+}
+
+/// How many status changes of job `job` the live stream has brought: when it grows, what the
+/// server holds about the job (result, answers, stored events) has changed.
+pub fn status_changes(live: &[LiveMessage], job: i64) -> usize {
+    live.iter()
+        .filter(|m| m.job == job && matches!(m.body, Event::Status { .. }))
+        .count()
+}
+
+/// The training events of one run; a comparison trains several, one per stage.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Segment {
+    /// The stage that started it ("sft (seed 0)"), or "run" before any stage.
+    pub name: String,
+    /// Its step and validation events.
+    pub events: Vec<Event>,
+}
+
+/// Splits events into runs: each stage starts one. Runs without a step or validation (the
+/// evaluation stage, say) are left out.
+pub fn segments(events: &[Event]) -> Vec<Segment> {
+    let mut out = vec![Segment {
+        name: "run".into(),
+        events: Vec::new(),
+    }];
+    for event in events {
+        match event {
+            Event::Stage { stage } => out.push(Segment {
+                name: stage.clone(),
+                events: Vec::new(),
+            }),
+            Event::Step { .. } | Event::Validation { .. } => out
+                .last_mut()
+                .expect("starts with one")
+                .events
+                .push(event.clone()),
+            Event::Done { .. } | Event::Status { .. } => {}
+        }
+    }
+    out.retain(|s| !s.events.is_empty());
+    out
+}
+
+/// A quantity charted against the step, one line per run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Metric {
+    TaskLoss,
+    ValidationLoss,
+    SafetyLoss,
+    SuLoss,
+    LearningRate,
+    TokensPerSecond,
+    StepTime,
+}
+
+impl Metric {
+    /// (step, value) of this metric in `event`, if the event carries it.
+    pub fn point(self, event: &Event) -> Option<(f64, f64)> {
+        let value = match (self, event) {
+            (Metric::ValidationLoss, Event::Validation { loss, .. }) => Some(*loss),
+            (Metric::ValidationLoss, _) => None,
+            (
+                _,
+                Event::Step {
+                    lr,
+                    tokens_per_s,
+                    step_time_s,
+                    metrics,
+                    ..
+                },
+            ) => match self {
+                Metric::TaskLoss => Some(metrics.task_loss),
+                Metric::SafetyLoss => metrics.safety_loss,
+                Metric::SuLoss => metrics.su_loss,
+                Metric::LearningRate => Some(*lr),
+                Metric::TokensPerSecond => Some(*tokens_per_s),
+                Metric::StepTime => Some(*step_time_s),
+                Metric::ValidationLoss => None,
+            },
+            _ => None,
+        }?;
+        Some((event.step()? as f64, value))
+    }
+
+    /// Its points in `events`, in order.
+    pub fn points<'a>(self, events: impl IntoIterator<Item = &'a Event>) -> Vec<(f64, f64)> {
+        events.into_iter().filter_map(|e| self.point(e)).collect()
+    }
+}
+
+/// One line per run for `metric`.
+pub fn metric_series(segments: &[Segment], metric: Metric) -> Vec<Series> {
+    segments
+        .iter()
+        .enumerate()
+        .map(|(i, segment)| Series {
+            name: segment.name.clone(),
+            color: COLORS[i % COLORS.len()],
+            points: metric.points(&segment.events),
+        })
+        .collect()
+}
+
+/// ‖v_j‖ of each probed layer, one line per run and layer (as many layers as the run's
+/// first step reports).
+pub fn probe_norm_series(segments: &[Segment]) -> Vec<Series> {
+    fn steps(segment: &Segment) -> impl Iterator<Item = (f64, &Vec<f64>)> {
+        segment.events.iter().filter_map(|e| match e {
+            Event::Step { step, metrics, .. } => Some((*step as f64, &metrics.probe_norms)),
+            _ => None,
+        })
+    }
+    segments
+        .iter()
+        .flat_map(|segment| {
+            let layers = steps(segment).next().map_or(0, |(_, norms)| norms.len());
+            (0..layers).map(move |layer| Series {
+                name: format!("{} layer {layer}", segment.name),
+                color: COLORS[layer % COLORS.len()],
+                points: steps(segment)
+                    .filter_map(|(step, norms)| Some((step, *norms.get(layer)?)))
+                    .collect(),
+            })
+        })
+        .collect()
+}
+
+/// A layer × step matrix: `rows[layer][column]` is the value at `steps[column]`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Heatmap {
+    pub steps: Vec<f64>,
+    pub rows: Vec<Vec<f64>>,
+}
+
+/// cos(∇L_task, ∇L_safety) per layer over the steps that measured it, for one run's events.
+/// The layer count is the first measurement's; a later, shorter one reads 0 where it has none.
+pub fn cosine_heatmap(events: &[Event]) -> Heatmap {
+    let measured: Vec<(f64, &Vec<f64>)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Step { step, metrics, .. } => metrics
+                .grad_cosine
+                .as_ref()
+                .filter(|c| !c.is_empty())
+                .map(|c| (*step as f64, c)),
+            _ => None,
+        })
+        .collect();
+    let layers = measured.first().map_or(0, |(_, c)| c.len());
+    Heatmap {
+        steps: measured.iter().map(|(step, _)| *step).collect(),
+        rows: (0..layers)
+            .map(|layer| {
+                measured
+                    .iter()
+                    .map(|(_, c)| c.get(layer).copied().unwrap_or(0.0))
+                    .collect()
+            })
+            .collect(),
+    }
+}
+
+/// How far the job is, from its newest step and stage.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Progress {
+    pub step: usize,
+    pub total_steps: usize,
+    /// 0–100; 0 before the first step.
+    pub percent: f64,
+    /// Seconds left at the newest step's pace.
+    pub eta_s: f64,
+    pub stage: Option<String>,
+}
+
+pub fn progress(events: &[Event]) -> Progress {
+    let stage = events.iter().rev().find_map(|e| match e {
+        Event::Stage { stage } => Some(stage.clone()),
+        _ => None,
+    });
+    let last_step = events.iter().rev().find_map(|e| match e {
+        Event::Step {
+            step,
+            total_steps,
+            step_time_s,
+            ..
+        } => Some((*step, *total_steps, *step_time_s)),
+        _ => None,
+    });
+    let Some((step, total_steps, step_time_s)) = last_step else {
+        return Progress {
+            stage,
+            ..Progress::default()
+        };
+    };
+    let percent = if total_steps > 0 {
+        100.0 * step as f64 / total_steps as f64
+    } else {
+        0.0
+    };
+    Progress {
+        step,
+        total_steps,
+        percent,
+        eta_s: step_time_s * total_steps.saturating_sub(step) as f64,
+        stage,
+    }
+}
+
+/// The log's lines: status changes, stages and the end of training.
+pub fn log_lines(events: &[Event]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Status { status, error } => Some(format!(
+                "status: {}{}",
+                status.name(),
+                error
+                    .as_ref()
+                    .map(|x| format!(" ({x})"))
+                    .unwrap_or_default()
+            )),
+            Event::Stage { stage } => Some(format!("stage: {stage}")),
+            Event::Done { steps, .. } => Some(format!("finished {steps} steps")),
+            Event::Step { .. } | Event::Validation { .. } => None,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safeprobe_wire::{Status, StepMetrics};
+
+    fn step(step: usize, task_loss: f64) -> Event {
+        Event::Step {
+            step,
+            total_steps: 10,
+            lr: 1e-3,
+            tokens_per_s: 100.0,
+            step_time_s: 0.5,
+            metrics: StepMetrics {
+                task_loss,
+                probe_norms: vec![0.1 * step as f64, 0.2 * step as f64],
+                ..StepMetrics::default()
+            },
+        }
+    }
+
+    fn with_cosine(step: usize, cosine: Vec<f64>) -> Event {
+        let Event::Step {
+            total_steps,
+            lr,
+            tokens_per_s,
+            step_time_s,
+            mut metrics,
+            ..
+        } = self::step(step, 1.0)
+        else {
+            unreachable!()
+        };
+        metrics.grad_cosine = Some(cosine);
+        Event::Step {
+            step,
+            total_steps,
+            lr,
+            tokens_per_s,
+            step_time_s,
+            metrics,
+        }
+    }
+
+    fn stage(name: &str) -> Event {
+        Event::Stage { stage: name.into() }
+    }
+
+    fn status(status: Status) -> Event {
+        Event::Status {
+            status,
+            error: None,
+        }
+    }
+
+    fn stored(seq: i64, body: Event) -> StoredEvent {
+        StoredEvent {
+            seq,
+            at: seq as f64,
+            body,
+        }
+    }
+
+    fn live(job: i64, seq: i64, body: Event) -> LiveMessage {
+        LiveMessage { job, seq, body }
+    }
+
+    #[test]
+    fn live_events_already_stored_are_not_repeated() {
+        let stored = [stored(1, status(Status::Queued)), stored(2, step(1, 2.0))];
+        let live = [
+            live(7, 2, step(1, 2.0)),
+            live(7, 3, step(2, 1.5)),
+            // Another job's events are not this one's.
+            live(8, 4, step(9, 9.0)),
+        ];
+        assert_eq!(
+            merge_events(&stored, &live, 7),
+            vec![status(Status::Queued), step(1, 2.0), step(2, 1.5)]
+        );
+    }
+
+    #[test]
+    fn an_event_equal_to_an_older_one_but_numbered_after_it_is_kept() {
+        // Resume announces "queued" again: same content, new number.
+        let stored = [
+            stored(1, status(Status::Queued)),
+            stored(2, status(Status::Failed)),
+        ];
+        let live = [live(7, 3, status(Status::Queued))];
+        assert_eq!(
+            merge_events(&stored, &live, 7),
+            vec![
+                status(Status::Queued),
+                status(Status::Failed),
+                status(Status::Queued)
+            ]
+        );
+    }
+
+    #[test]
+    fn before_the_stored_events_arrive_the_live_ones_are_all_there_is() {
+        let live = [live(7, 5, step(3, 1.0)), live(7, 6, step(4, 0.9))];
+        assert_eq!(
+            merge_events(&[], &live, 7),
+            vec![step(3, 1.0), step(4, 0.9)]
+        );
+    }
+
+    #[test]
+    fn status_changes_count_only_this_jobs_statuses() {
+        let live = [
+            live(7, 1, status(Status::Queued)),
+            live(7, 2, step(1, 1.0)),
+            live(8, 1, status(Status::Queued)),
+            live(7, 3, status(Status::Running)),
+        ];
+        assert_eq!(status_changes(&live, 7), 2);
+        assert_eq!(status_changes(&live, 9), 0);
+    }
+
+    #[test]
+    fn each_stage_starts_a_run_and_runs_without_steps_are_dropped() {
+        let events = [
+            status(Status::Running),
+            stage("sft (seed 0)"),
+            step(1, 2.0),
+            Event::Validation { step: 1, loss: 2.5 },
+            stage("sap (seed 0)"),
+            step(1, 2.1),
+            step(2, 1.9),
+            stage("evaluating"),
+            status(Status::Done),
+        ];
+        let runs = segments(&events);
+        let names: Vec<&str> = runs.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["sft (seed 0)", "sap (seed 0)"]);
+        assert_eq!(runs[0].events.len(), 2);
+        assert_eq!(runs[1].events, vec![step(1, 2.1), step(2, 1.9)]);
+    }
+
+    #[test]
+    fn steps_before_any_stage_form_one_run() {
+        let runs = segments(&[step(1, 2.0), step(2, 1.0)]);
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].name, "run");
+    }
+
+    #[test]
+    fn metric_series_take_each_metric_from_its_own_event() {
+        let events = [
+            step(1, 2.0),
+            Event::Validation { step: 1, loss: 2.5 },
+            step(2, 1.5),
+        ];
+        let runs = segments(&events);
+        let task = metric_series(&runs, Metric::TaskLoss);
+        assert_eq!(task.len(), 1);
+        assert_eq!(task[0].points, vec![(1.0, 2.0), (2.0, 1.5)]);
+        let validation = metric_series(&runs, Metric::ValidationLoss);
+        assert_eq!(validation[0].points, vec![(1.0, 2.5)]);
+        assert_eq!(
+            Metric::LearningRate.points(&events),
+            vec![(1.0, 1e-3), (2.0, 1e-3)]
+        );
+        // SFT has no safety loss: no points rather than zeros.
+        assert!(Metric::SafetyLoss.points(&events).is_empty());
+    }
+
+    #[test]
+    fn runs_get_distinct_colours() {
+        let runs = segments(&[stage("a"), step(1, 1.0), stage("b"), step(1, 1.0)]);
+        let series = metric_series(&runs, Metric::TaskLoss);
+        assert_ne!(series[0].color, series[1].color);
+    }
+
+    #[test]
+    fn one_probe_norm_line_per_run_and_layer() {
+        let runs = segments(&[stage("sap"), step(1, 1.0), step(2, 1.0)]);
+        let lines = probe_norm_series(&runs);
+        let names: Vec<&str> = lines.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["sap layer 0", "sap layer 1"]);
+        assert_eq!(lines[1].points, vec![(1.0, 0.2), (2.0, 0.4)]);
+    }
+
+    #[test]
+    fn the_heatmap_has_a_row_per_layer_and_a_column_per_measured_step() {
+        let events = [
+            with_cosine(10, vec![0.5, -0.5, 0.1]),
+            step(11, 1.0),
+            with_cosine(20, vec![0.4, -0.6, 0.2]),
+            with_cosine(30, vec![]),
+        ];
+        let map = cosine_heatmap(&events);
+        assert_eq!(map.steps, vec![10.0, 20.0]);
+        assert_eq!(
+            map.rows,
+            vec![vec![0.5, 0.4], vec![-0.5, -0.6], vec![0.1, 0.2]]
+        );
+        assert_eq!(cosine_heatmap(&[step(1, 1.0)]), Heatmap::default());
+    }
+
+    #[test]
+    fn progress_and_eta_come_from_the_newest_step() {
+        let events = [
+            stage("sft"),
+            step(2, 1.0),
+            step(4, 0.9),
+            stage("evaluating"),
+        ];
+        let p = progress(&events);
+        assert_eq!((p.step, p.total_steps), (4, 10));
+        assert!((p.percent - 40.0).abs() < 1e-9);
+        // Six steps left at 0.5 s each.
+        assert!((p.eta_s - 3.0).abs() < 1e-9);
+        assert_eq!(p.stage.as_deref(), Some("evaluating"));
+        let none = progress(&[status(Status::Queued)]);
+        assert_eq!((none.step, none.total_steps, none.percent), (0, 0, 0.0));
+    }
+
+    #[test]
+    fn the_log_shows_statuses_stages_and_the_end() {
+        let events = [
+            status(Status::Running),
+            stage("sft"),
+            step(1, 1.0),
+            Event::Done {
+                steps: 30,
+                adapter: "runs/job-1/adapter".into(),
+            },
+            Event::Status {
+                status: Status::Failed,
+                error: Some("out of memory".into()),
+            },
+        ];
+        assert_eq!(
+            log_lines(&events),
+            [
+                "status: running",
+                "stage: sft",
+                "finished 30 steps",
+                "status: failed (out of memory)"
+            ]
+        );
+    }
+}
