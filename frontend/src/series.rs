@@ -64,7 +64,7 @@ pub fn segments(events: &[Event]) -> Vec<Segment> {
                 name: stage.clone(),
                 events: Vec::new(),
             }),
-            Event::Step { .. } | Event::Validation { .. } => out
+            Event::Step { .. } | Event::Validation { .. } | Event::SafetyCheck { .. } => out
                 .last_mut()
                 .expect("starts with one")
                 .events
@@ -86,6 +86,10 @@ pub enum Metric {
     LearningRate,
     TokensPerSecond,
     StepTime,
+    /// Held-out pairs' mean margin log p(safe) − log p(harmful).
+    PairMargin,
+    /// Held-out prompts' mean per-token log p(refusal).
+    RefusalLogprob,
 }
 
 impl Metric {
@@ -94,6 +98,14 @@ impl Metric {
         let value = match (self, event) {
             (Metric::ValidationLoss, Event::Validation { loss, .. }) => Some(*loss),
             (Metric::ValidationLoss, _) => None,
+            (Metric::PairMargin, Event::SafetyCheck { pair_margin, .. }) => *pair_margin,
+            (
+                Metric::RefusalLogprob,
+                Event::SafetyCheck {
+                    refusal_logprob, ..
+                },
+            ) => *refusal_logprob,
+            (Metric::PairMargin | Metric::RefusalLogprob, _) => None,
             (
                 _,
                 Event::Step {
@@ -110,7 +122,7 @@ impl Metric {
                 Metric::LearningRate => Some(*lr),
                 Metric::TokensPerSecond => Some(*tokens_per_s),
                 Metric::StepTime => Some(*step_time_s),
-                Metric::ValidationLoss => None,
+                Metric::ValidationLoss | Metric::PairMargin | Metric::RefusalLogprob => None,
             },
             _ => None,
         }?;
@@ -256,8 +268,38 @@ pub fn log_lines(events: &[Event]) -> Vec<String> {
             )),
             Event::Stage { stage } => Some(format!("stage: {stage}")),
             Event::Done { steps, .. } => Some(format!("finished {steps} steps")),
-            Event::Step { .. } | Event::Validation { .. } => None,
+            Event::Step { .. } | Event::Validation { .. } | Event::SafetyCheck { .. } => None,
         })
+        .collect()
+}
+
+/// "Does the probe turn the update toward safety?": cos(∇_W L_task, ĝ) over all weights at
+/// V = 0, at the probe used and at the random control, for one run's measurement steps.
+/// Positive: the task step also lowers the safety loss.
+pub fn alignment_series(events: &[Event]) -> Vec<Series> {
+    type View = fn(&safeprobe_wire::Alignment) -> Option<f64>;
+    let views: [(&str, View); 3] = [
+        ("V = 0", |a| Some(a.at_zero)),
+        ("probe used", |a| a.at_probe),
+        ("random probe (control)", |a| a.at_random),
+    ];
+    views
+        .iter()
+        .enumerate()
+        .map(|(i, (name, view))| Series {
+            name: name.to_string(),
+            color: COLORS[i % COLORS.len()],
+            points: events
+                .iter()
+                .filter_map(|e| match e {
+                    Event::Step { step, metrics, .. } => {
+                        Some((*step as f64, view(metrics.alignment.as_ref()?)?))
+                    }
+                    _ => None,
+                })
+                .collect(),
+        })
+        .filter(|s| !s.points.is_empty())
         .collect()
 }
 
@@ -504,5 +546,43 @@ mod tests {
                 "status: failed (out of memory)"
             ]
         );
+    }
+
+    #[test]
+    fn alignment_curves_and_held_out_safety_are_charted() {
+        let mut measured = step(2, 1.0);
+        if let Event::Step { metrics, .. } = &mut measured {
+            metrics.alignment = Some(safeprobe_wire::Alignment {
+                at_zero: 0.03,
+                at_probe: Some(0.26),
+                at_random: Some(0.02),
+                ..Default::default()
+            });
+        }
+        let check = Event::SafetyCheck {
+            step: 2,
+            pair_margin: Some(-3.0),
+            pair_loss: None,
+            refusal_logprob: Some(-0.7),
+        };
+        let events = vec![step(1, 1.0), measured, check];
+        let curves = alignment_series(&events);
+        let names: Vec<&str> = curves.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["V = 0", "probe used", "random probe (control)"]);
+        let points: Vec<Vec<(f64, f64)>> = curves.iter().map(|c| c.points.clone()).collect();
+        assert_eq!(
+            points,
+            [vec![(2.0, 0.03)], vec![(2.0, 0.26)], vec![(2.0, 0.02)]]
+        );
+        // Held-out checks belong to their run's segment and chart by step.
+        let runs = segments(&events);
+        assert_eq!(runs[0].events.len(), 3);
+        assert_eq!(
+            Metric::RefusalLogprob.points(&runs[0].events),
+            [(2.0, -0.7)]
+        );
+        assert_eq!(Metric::PairMargin.points(&runs[0].events), [(2.0, -3.0)]);
+        assert!(Metric::TaskLoss.point(&events[2]).is_none());
+        assert!(log_lines(&events).is_empty());
     }
 }

@@ -336,6 +336,10 @@ impl Store {
             finished_at: r.get(9)?,
             last_step: json(r.get(10)?),
             last_validation: json(r.get(11)?),
+            last_alignment: json::<Event>(r.get(12)?).and_then(|e| match e {
+                Event::Step { metrics, .. } => metrics.alignment,
+                _ => None,
+            }),
             answers: Vec::new(),
         })
     }
@@ -344,7 +348,9 @@ impl Store {
         (SELECT body FROM events e WHERE e.job_id = jobs.id AND json_extract(body, '$.event') = 'step'
          ORDER BY seq DESC LIMIT 1),
         (SELECT body FROM events e WHERE e.job_id = jobs.id AND json_extract(body, '$.event') = 'validation'
-         ORDER BY seq DESC LIMIT 1) FROM jobs";
+         ORDER BY seq DESC LIMIT 1),
+        (SELECT body FROM events e WHERE e.job_id = jobs.id AND json_extract(body, '$.event') = 'step'
+         AND json_extract(body, '$.alignment') IS NOT NULL ORDER BY seq DESC LIMIT 1) FROM jobs";
 
     pub fn get(&self, id: i64) -> Result<Option<Job>, ApiError> {
         self.conn()

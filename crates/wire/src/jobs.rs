@@ -113,6 +113,9 @@ pub struct Job {
     /// The newest validation event, for lists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_validation: Option<Event>,
+    /// The newest mechanism measurement, for comparing runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_alignment: Option<crate::events::Alignment>,
     /// The judged answers (only in `GET /api/jobs/{id}`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub answers: Vec<JudgedAnswer>,

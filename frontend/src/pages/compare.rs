@@ -36,10 +36,11 @@ pub fn Compare() -> impl IntoView {
                 })
                 .collect_view()
         })}
-        <h2>"Pick training runs"</h2>
+        <h2>"Training runs side by side"</h2>
+        <p class="help">"Pick runs to overlay their task loss. The cosine columns are the newest measurement: > 0 means the task step also lowers the safety loss."</p>
         {with_jobs(move |jobs| view! {
             <table>
-                <thead><tr><th></th><th>"#"</th><th>"method"</th><th>"status"</th><th>"HS (%)"</th><th>"final task loss"</th><th>"time/step (s)"</th></tr></thead>
+                <thead><tr><th></th><th>"#"</th><th>"method"</th><th>"status"</th><th>"HS (%)"</th><th>"final task loss"</th><th>"validation loss"</th><th>"time/step (s)"</th><th>"cos(∇L_task, ĝ) at V = 0 / probe / random"</th></tr></thead>
                 <tbody>
                     {jobs.into_iter().filter(|j| j.kind == JobKind::Train).map(|job| view! { <PickRow job picked/> }).collect_view()}
                 </tbody>
@@ -59,6 +60,20 @@ fn PickRow(job: Job, picked: RwSignal<Vec<i64>>) -> impl IntoView {
     let step_time = last
         .and_then(|e| Metric::StepTime.point(e))
         .map(|(_, t)| format!("{t:.3}"));
+    let validation = job
+        .last_validation
+        .as_ref()
+        .and_then(|e| Metric::ValidationLoss.point(e))
+        .map(|(_, l)| format!("{l:.4}"));
+    let alignment = job.last_alignment.as_ref().map(|a| {
+        let show = |c: Option<f64>| c.map_or("—".to_string(), |c| format!("{c:+.3}"));
+        format!(
+            "{} / {} / {}",
+            show(Some(a.at_zero)),
+            show(a.at_probe),
+            show(a.at_random)
+        )
+    });
     view! {
         <tr>
             <td><input type="checkbox" prop:checked=move || picked.get().contains(&id)
@@ -68,7 +83,9 @@ fn PickRow(job: Job, picked: RwSignal<Vec<i64>>) -> impl IntoView {
             <td>{job.status.name()}</td>
             <td>{or_dash(harmful_score(&job).map(|h| format!("{h:.1}")))}</td>
             <td>{or_dash(task_loss)}</td>
+            <td>{or_dash(validation)}</td>
             <td>{or_dash(step_time)}</td>
+            <td>{or_dash(alignment)}</td>
         </tr>
     }
 }

@@ -138,6 +138,10 @@ fn Charts(events: Memo<Vec<Event>>) -> impl IntoView {
             .last()
             .map(|run| series::cosine_heatmap(&run.events))
             .unwrap_or_default();
+        let alignment = runs
+            .last()
+            .map(|run| series::alignment_series(&run.events))
+            .unwrap_or_default();
         view! {
             {chart("Task loss", "nats/token", Metric::TaskLoss)}
             {chart("Validation loss", "nats/token", Metric::ValidationLoss)}
@@ -146,7 +150,15 @@ fn Charts(events: Memo<Vec<Event>>) -> impl IntoView {
             {line_chart("Probe norm per layer ‖v_j‖".into(), "step", "L2", series::probe_norm_series(&runs))}
             {chart("Learning rate", "1/step", Metric::LearningRate)}
             {chart("Throughput", "tokens/s", Metric::TokensPerSecond)}
-            {(!cosines.rows.is_empty()).then(|| heatmap("cos(∇L_task, ∇L_safety) per layer".into(), cosines, 200))}
+            {(!alignment.is_empty()).then(|| line_chart(
+                "Does the probe turn the update toward safety? cos(∇L_task, ĝ), > 0: safer".into(),
+                "step",
+                "cosine",
+                alignment,
+            ))}
+            {(!cosines.rows.is_empty()).then(|| heatmap("cos(∇L_task, ∇L_safety) per layer at the probe used (> 0: safer)".into(), cosines, 200))}
+            {chart("Held-out refusal log p / token (higher: readier to refuse)", "nats", Metric::RefusalLogprob)}
+            {chart("Held-out pair margin log p(safe) − log p(harmful)", "nats", Metric::PairMargin)}
         }
     };
     view! { <div class="grid" id="charts">{charts}</div> }
