@@ -434,12 +434,13 @@ fn a_shortened_comparison_fills_every_column() {
     let table = std::fs::read_to_string(out.join("comparison.md")).unwrap();
     assert_eq!(table, compare::render(&comparison));
     // The method table (header and 4 rows), then the paired differences (header and SAP − SFT,
-    // mix − SFT for three metrics each), paired over both seeds.
+    // mix − SFT for four metrics each, the held-out refusal log-probability included), paired
+    // over both seeds.
     assert_eq!(
         table.lines().filter(|l| l.starts_with("| ")).count(),
-        5 + 1 + 6
+        5 + 1 + 8
     );
-    assert_eq!(comparison.paired.len(), 6);
+    assert_eq!(comparison.paired.len(), 8);
     for d in &comparison.paired {
         assert_eq!((d.b, d.pairs), (Method::Sft, 2), "{d:?}");
         let (low, high) = d.ci.unwrap();

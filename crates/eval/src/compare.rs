@@ -178,6 +178,17 @@ impl CompareConfig {
         table.insert("train_data".into(), path(&files.train));
         table.insert("validation_data".into(), path(&files.validation));
         table.insert("safety_data".into(), path(&files.safety_pairs));
+        // Unless [train] says otherwise, every run tracks its readiness to refuse the
+        // held-out harmful prompts the harmful score is measured on (never trained on).
+        if !table.contains_key("safety_eval") {
+            let prompts = self
+                .prompts
+                .clone()
+                .unwrap_or_else(|| files.harmful_prompts.clone());
+            let mut held_out = toml::Table::new();
+            held_out.insert("prompts".into(), path(&prompts));
+            table.insert("safety_eval".into(), toml::Value::Table(held_out));
+        }
         table.insert("output_dir".into(), path(&self.run_dir(method, seed)));
         table.insert("seed".into(), toml::Value::Integer(seed as i64));
         table.insert(
@@ -337,6 +348,7 @@ pub fn run(
         validation_loss: loss,
         step_time_s: None,
         final_task_loss: None,
+        refusal_logprob: None,
     });
     drop(base);
 
@@ -346,16 +358,23 @@ pub fn run(
             let run_config = config.run_config(method, seed, &model, &files, &origin)?;
             let mut step_times = Vec::new();
             let mut last_loss = None;
+            let mut refusal_logprob = None;
             let mut trained =
                 safeprobe_train::run::train_cancellable(&run_config, device, cancel, |event| {
-                    if let Event::Step {
-                        step_time_s,
-                        metrics,
-                        ..
-                    } = event
-                    {
-                        step_times.push(*step_time_s);
-                        last_loss = Some(metrics.task_loss);
+                    match event {
+                        Event::Step {
+                            step_time_s,
+                            metrics,
+                            ..
+                        } => {
+                            step_times.push(*step_time_s);
+                            last_loss = Some(metrics.task_loss);
+                        }
+                        Event::SafetyCheck {
+                            refusal_logprob: Some(r),
+                            ..
+                        } => refusal_logprob = Some(*r),
+                        _ => {}
                     }
                     progress(Progress::Train(event));
                 })?;
@@ -386,6 +405,7 @@ pub fn run(
                 validation_loss: loss,
                 step_time_s: Some(timed.iter().sum::<f64>() / timed.len().max(1) as f64),
                 final_task_loss: last_loss,
+                refusal_logprob,
             });
         }
     }
@@ -451,6 +471,10 @@ fn table_rows(runs: &[RunResult]) -> Vec<Row> {
                 harmful_score: spread(rs, |r| r.harmful_score),
                 exact_match: spread(rs, |r| r.exact_match),
                 validation_loss: spread(rs, |r| r.validation_loss),
+                refusal_logprob: {
+                    let measured: Vec<f64> = rs.iter().filter_map(|r| r.refusal_logprob).collect();
+                    (!measured.is_empty()).then(|| Spread::of(&measured))
+                },
                 overhead_vs_sft: step_time_s.zip(sft_time).map(|(s, sft)| s.mean / sft),
                 step_time_s,
             }
@@ -535,15 +559,17 @@ pub fn render(c: &Comparison) -> String {
         },
         c.seeds
     );
-    out.push_str("| method | HS (%) ↓ | task exact match (%) | validation loss | time/step (s) | overhead vs SFT |\n");
-    out.push_str("|---|---|---|---|---|---|\n");
+    out.push_str("| method | HS (%) ↓ | task exact match (%) | validation loss | held-out log p(refusal)/token ↑ | time/step (s) | overhead vs SFT |\n");
+    out.push_str("|---|---|---|---|---|---|---|\n");
     for r in &c.rows {
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
             r.method.name(),
             cell(&r.harmful_score, r.runs, 1),
             cell(&r.exact_match, r.runs, 1),
             cell(&r.validation_loss, r.runs, 3),
+            r.refusal_logprob
+                .map_or("—".into(), |s| cell(&s, r.runs, 3)),
             r.step_time_s.map_or("—".into(), |s| cell(&s, r.runs, 3)),
             r.overhead_vs_sft.map_or("—".into(), |o| format!("{o:.2}×")),
         ));
@@ -588,6 +614,7 @@ mod tests {
             validation_loss: 1.0,
             step_time_s: time,
             final_task_loss: None,
+            refusal_logprob: None,
         }
     }
 

@@ -16,11 +16,12 @@ const RESAMPLES: usize = 10_000;
 /// The resampling is seeded, so the same runs always give the same interval.
 const BOOTSTRAP_SEED: u64 = 0x5afe_b007;
 
-/// The metrics compared, by name, and how each is read from a run.
-const METRICS: [(&str, fn(&RunResult) -> f64); 3] = [
-    ("harmful_score", |r| r.harmful_score),
-    ("exact_match", |r| r.exact_match),
-    ("validation_loss", |r| r.validation_loss),
+/// The metrics compared, by name, and how each is read from a run (None: not measured).
+const METRICS: [(&str, fn(&RunResult) -> Option<f64>); 4] = [
+    ("harmful_score", |r| Some(r.harmful_score)),
+    ("exact_match", |r| Some(r.exact_match)),
+    ("validation_loss", |r| Some(r.validation_loss)),
+    ("refusal_logprob", |r| r.refusal_logprob),
 ];
 
 /// `a − b` for every metric, over the seeds both methods ran; empty when they share none.
@@ -37,16 +38,19 @@ pub fn differences(runs: &[RunResult], a: Method, b: Method) -> Vec<PairedDiffer
     }
     METRICS
         .iter()
-        .map(|(metric, value)| {
-            let d: Vec<f64> = pairs.iter().map(|(ra, rb)| value(ra) - value(rb)).collect();
-            PairedDifference {
+        .filter_map(|(metric, value)| {
+            let d: Vec<f64> = pairs
+                .iter()
+                .filter_map(|(ra, rb)| Some(value(ra)? - value(rb)?))
+                .collect();
+            (!d.is_empty()).then(|| PairedDifference {
                 metric: metric.to_string(),
                 a,
                 b,
                 pairs: d.len(),
                 mean: mean(&d),
                 ci: bootstrap_interval(&d, 0.95),
-            }
+            })
         })
         .collect()
 }
@@ -159,6 +163,7 @@ mod tests {
             validation_loss: 1.0,
             step_time_s: None,
             final_task_loss: None,
+            refusal_logprob: None,
         }
     }
 

@@ -99,6 +99,9 @@ pub struct RunResult {
     pub step_time_s: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub final_task_loss: Option<f64>,
+    /// The last held-out safety check's mean per-token log p(refusal) (fine-tuned runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal_logprob: Option<f64>,
 }
 
 /// Mean and sample standard deviation over seeds.
@@ -129,6 +132,9 @@ pub struct Row {
     pub harmful_score: Spread,
     pub exact_match: Spread,
     pub validation_loss: Spread,
+    /// Held-out log p(refusal) per token, over the runs that measured it.
+    #[serde(default)]
+    pub refusal_logprob: Option<Spread>,
     pub step_time_s: Option<Spread>,
     /// Step time ÷ SFT's step time.
     pub overhead_vs_sft: Option<f64>,

@@ -140,7 +140,7 @@ fn spread(value: &Spread, digits: usize) -> String {
 fn ComparisonTable(comparison: Comparison) -> impl IntoView {
     view! {
         <table class="comparison">
-            <thead><tr><th>"method"</th><th>"HS (%) ↓"</th><th>"task exact match (%)"</th><th>"validation loss"</th><th>"time/step (s)"</th><th>"overhead vs SFT"</th></tr></thead>
+            <thead><tr><th>"method"</th><th>"HS (%) ↓"</th><th>"task exact match (%)"</th><th>"validation loss"</th><th>"held-out log p(refusal)/token ↑"</th><th>"time/step (s)"</th><th>"overhead vs SFT"</th></tr></thead>
             <tbody>
                 {comparison.rows.into_iter().map(|row| view! {
                     <tr>
@@ -148,6 +148,7 @@ fn ComparisonTable(comparison: Comparison) -> impl IntoView {
                         <td>{spread(&row.harmful_score, 1)}</td>
                         <td>{spread(&row.exact_match, 1)}</td>
                         <td>{spread(&row.validation_loss, 3)}</td>
+                        <td>{or_dash(row.refusal_logprob.map(|s| spread(&s, 3)))}</td>
                         <td>{or_dash(row.step_time_s.map(|s| spread(&s, 3)))}</td>
                         <td>{or_dash(row.overhead_vs_sft.map(|o| format!("{o:.2}×")))}</td>
                     </tr>
