@@ -156,25 +156,38 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             guard::check_host,
         ))
-        .layer(middleware::from_fn(log_request))
+        .layer(request_log())
         .with_state(state)
 }
 
-/// One line on stderr per request: method, path (never the query, which may hold the token),
-/// status and time to the response's head.
-async fn log_request(
-    request: axum::extract::Request,
-    next: middleware::Next,
-) -> axum::response::Response {
-    let (method, path) = (request.method().clone(), request.uri().path().to_string());
-    let started = std::time::Instant::now();
-    let response = next.run(request).await;
-    eprintln!(
-        "{method} {path} {} {:.1} ms",
-        response.status().as_u16(),
-        started.elapsed().as_secs_f64() * 1e3
-    );
-    response
+/// One log line per request (method, path, status, milliseconds) through tower-http's trace
+/// layer. The span names the path only: the query may carry the access token.
+fn request_log() -> tower_http::trace::TraceLayer<
+    tower_http::classify::SharedClassifier<tower_http::classify::ServerErrorsAsFailures>,
+    impl Fn(&axum::http::Request<axum::body::Body>) -> tracing::Span + Clone,
+    tower_http::trace::DefaultOnRequest,
+    tower_http::trace::DefaultOnResponse,
+> {
+    use tower_http::trace::{DefaultOnRequest, DefaultOnResponse, TraceLayer};
+    TraceLayer::new_for_http()
+        .make_span_with(|request: &axum::http::Request<axum::body::Body>| {
+            tracing::info_span!("request", method = %request.method(), path = %request.uri().path())
+        })
+        .on_request(DefaultOnRequest::new().level(tracing::Level::DEBUG))
+        .on_response(
+            DefaultOnResponse::new()
+                .level(tracing::Level::INFO)
+                .latency_unit(tower_http::LatencyUnit::Millis),
+        )
+}
+
+/// Prints the request log on stderr (once per process; a second call changes nothing).
+fn start_request_log() {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::INFO)
+        .with_target(false)
+        .try_init();
 }
 
 /// Serves until the process is stopped. On Ctrl-C (or SIGTERM) the running job stops at its
@@ -185,6 +198,7 @@ pub async fn serve(
     device_description: String,
 ) -> Result<(), ApiError> {
     config.check()?;
+    start_request_log();
     let state = state(&config, device, device_description)?;
     let listener = tokio::net::TcpListener::bind(config.bind)
         .await
