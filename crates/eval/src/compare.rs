@@ -625,6 +625,31 @@ mod tests {
         CompareConfig::parse(&text, origin)
     }
 
+    /// The committed comparison configs (configs/) stay valid: every run config they make is
+    /// checked, as `safeprobe compare --config` would.
+    #[test]
+    fn the_committed_configs_parse() {
+        for (name, text) in [
+            (
+                "compare-official-lora.toml",
+                include_str!("../../../configs/compare-official-lora.toml"),
+            ),
+            (
+                "compare-qwen2.5-lora-poisoned.toml",
+                include_str!("../../../configs/compare-qwen2.5-lora-poisoned.toml"),
+            ),
+        ] {
+            let config = CompareConfig::parse(text, Path::new(name))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(config.train["lora"]["r"].as_integer(), Some(8), "{name}");
+            assert_eq!(
+                config.train["sap"]["temperature"].as_float(),
+                Some(1.0),
+                "{name}"
+            );
+        }
+    }
+
     #[test]
     fn a_config_is_checked_before_its_data_and_model_exist() {
         // Nothing at the output folder yet, and the demo model need not be unpacked.
