@@ -992,3 +992,41 @@ fn ctrl_c_checkpoints_the_running_job_for_resume() {
         "every step once"
     );
 }
+
+/// A new store numbers jobs from 1 again: an earlier run's folder of the same name is moved
+/// aside, not reused, pruned or deleted with the new job.
+#[test]
+fn an_earlier_run_folder_is_never_reused() {
+    let data = tempfile::tempdir().unwrap();
+    let earlier = data.path().join("runs/job-1");
+    std::fs::create_dir_all(earlier.join("checkpoints/step-90")).unwrap();
+    std::fs::write(earlier.join("mine.txt"), "keep me").unwrap();
+    let server = Server::start(data.path());
+    let (code, job) = server.post(
+        "/api/jobs",
+        json!({"kind": "train", "config": train_config(1)}),
+    );
+    assert_eq!((code, job["id"].as_i64()), (200, Some(1)), "{job}");
+    let aside: Vec<_> = std::fs::read_dir(data.path().join("runs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("job-1.before-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(
+        std::fs::read_to_string(aside[0].join("mine.txt")).unwrap(),
+        "keep me"
+    );
+    server.wait_for(1, "the run", |j| {
+        j["status"] == "done" || j["status"] == "failed"
+    });
+    assert!(
+        !earlier.join("checkpoints/step-90").exists(),
+        "the new run starts clean"
+    );
+}

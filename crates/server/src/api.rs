@@ -77,7 +77,13 @@ pub async fn models(State(state): State<Arc<AppState>>) -> ApiResult<Vec<ModelSu
 const DATA_EXTENSIONS: [&str; 4] = ["jsonl", "json", "parquet", "csv"];
 
 fn is_data_file(p: &std::path::Path) -> bool {
-    p.is_file()
+    // Hidden files are uploads still arriving.
+    let hidden = p
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with('.'));
+    !hidden
+        && p.is_file()
         && p.extension()
             .and_then(|e| e.to_str())
             .is_some_and(|e| DATA_EXTENSIONS.contains(&e))
@@ -165,7 +171,11 @@ pub async fn create_job(
     jobs::validate(request.kind, config.clone(), 0, &state.places)?;
     let store = state.runner.store.clone();
     let id = store.create(request.kind, &config)?;
-    match jobs::validate(request.kind, config, id, &state.places) {
+    let checked = state
+        .places
+        .set_aside_stale_run_dir(id)
+        .and_then(|()| jobs::validate(request.kind, config, id, &state.places));
+    match checked {
         Ok((spec, dir)) => {
             let dir = dir.map(|d| d.display().to_string());
             store.set_spec(id, &spec, dir.as_deref())?;
@@ -282,8 +292,7 @@ pub async fn metrics(
 ) -> ApiResult<EventPage> {
     find_job(&state, id)?;
     let limit = page.limit.clamp(1, 10_000);
-    let events = state.runner.store.events(id, page.after, limit)?;
-    let next_after = events.last().map(|e| e.seq);
+    let (events, next_after) = state.runner.store.events(id, page.after, limit)?;
     Ok(Json(EventPage { events, next_after }))
 }
 

@@ -50,41 +50,46 @@ pub async fn upload(
             "file: {UPLOADS}/{name} exists; upload with ?replace=true to replace it"
         )));
     }
-    // Streamed to a hidden sibling, so a half-received or invalid file never shows.
-    let partial = dir.join(format!(".{name}.partial"));
-    let mut file = std::fs::File::create(&partial)
-        .map_err(|e| ApiError::Internal(format!("{}: {e}", partial.display())))?;
+    // Streamed to a hidden temporary file of its own (deleted if anything fails, the client
+    // goes away included), so a half-received or invalid file never shows.
+    let internal = |e: std::io::Error| ApiError::Internal(format!("{}: {e}", dir.display()));
+    let extension = Path::new(&name)
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or_default();
+    let mut partial = tempfile::Builder::new()
+        .prefix(".upload-")
+        .suffix(&format!(".{extension}"))
+        .tempfile_in(&dir)
+        .map_err(internal)?;
     let mut bytes = 0u64;
-    let received = async {
-        while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
-            bytes += chunk.len() as u64;
-            file.write_all(&chunk)
-                .map_err(|e| ApiError::Internal(format!("{}: {e}", partial.display())))?;
-        }
-        file.sync_all()
-            .map_err(|e| ApiError::Internal(format!("{}: {e}", partial.display())))
+    while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+        bytes += chunk.len() as u64;
+        partial.write_all(&chunk).map_err(internal)?;
     }
-    .await;
-    if let Err(e) = received {
-        let _ = std::fs::remove_file(&partial);
-        return Err(e);
-    }
-    let path = partial.clone();
-    let checked = tokio::task::spawn_blocking(move || what_it_holds(&path))
+    partial.as_file().sync_all().map_err(internal)?;
+    let path = partial.path().to_path_buf();
+    let (records, holds) = tokio::task::spawn_blocking(move || what_it_holds(&path))
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let (records, holds) = match checked {
-        Ok(found) => found,
-        Err(e) => {
-            let _ = std::fs::remove_file(&partial);
-            // Name the file the user sent, not the hidden one.
-            return Err(ApiError::Invalid(
-                e.to_string().replace(&partial.display().to_string(), &name),
-            ));
-        }
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        // Name the file the user sent, not the temporary one.
+        .map_err(|e| {
+            ApiError::Invalid(
+                e.to_string()
+                    .replace(&partial.path().display().to_string(), &name),
+            )
+        })?;
+    let placed = if query.replace {
+        partial.persist(&target).map_err(|e| e.error)
+    } else {
+        partial.persist_noclobber(&target).map_err(|e| e.error)
     };
-    std::fs::rename(&partial, &target)
-        .map_err(|e| ApiError::Internal(format!("{}: {e}", target.display())))?;
+    placed.map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => ApiError::Conflict(format!(
+            "file: {UPLOADS}/{name} exists; upload with ?replace=true to replace it"
+        )),
+        _ => internal(e),
+    })?;
     Ok(Json(Uploaded {
         name: format!("{UPLOADS}/{name}"),
         bytes,

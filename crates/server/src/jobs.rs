@@ -65,6 +65,24 @@ impl Places {
         self.runs_dir.join(format!("job-{id}"))
     }
 
+    /// Makes sure a new job's run folder is its own: a folder of that name left by an earlier
+    /// store (job numbers restart with a new safeprobe.db) is moved aside, never reused,
+    /// pruned or deleted with the new job.
+    pub fn set_aside_stale_run_dir(&self, id: i64) -> Result<(), ApiError> {
+        let dir = self.run_dir(id);
+        if !dir.exists() {
+            return Ok(());
+        }
+        let stamp = crate::store::now() as u64;
+        let aside = self.runs_dir.join(format!("job-{id}.before-{stamp}"));
+        std::fs::rename(&dir, &aside).map_err(|e| {
+            ApiError::Internal(format!(
+                "{}: cannot move an earlier run's folder aside: {e}",
+                dir.display()
+            ))
+        })
+    }
+
     fn resolve(&self, root: Root, field: &str, requested: &str) -> Result<PathBuf, ApiError> {
         match root {
             Root::Model => self.model(field, Some(requested)),
@@ -399,12 +417,8 @@ impl Runner {
     /// Asks a job to stop: a queued job is cancelled at once, a running one at its next step
     /// (or, while it evaluates, before its next batch of prompts).
     pub fn cancel(&self, id: i64) -> Result<(), ApiError> {
-        // Raise the flag first: a job the worker has taken off the queue but not yet marked
-        // running registered its flag already, and will see it.
-        if let Some(c) = self.cancels.lock().unwrap().get(&id) {
-            c.cancel();
-        }
         if self.store.cancel_queued(id)? {
+            // If the worker has already taken it off the queue, its start fails and it skips it.
             self.queue.lock().unwrap().retain(|j| *j != id);
             self.announce(
                 id,
@@ -414,6 +428,11 @@ impl Runner {
                 },
             );
             return Ok(());
+        }
+        // Not queued any more: a running job's flag was registered before it was marked
+        // running and is removed only after it ends, so it is there to raise.
+        if let Some(c) = self.cancels.lock().unwrap().get(&id) {
+            c.cancel();
         }
         let job = self
             .store

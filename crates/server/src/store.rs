@@ -293,8 +293,14 @@ impl Store {
         Ok(rows)
     }
 
-    /// Events of a job with seq > `after`, at most `limit`.
-    pub fn events(&self, id: i64, after: i64, limit: i64) -> Result<Vec<StoredEvent>, ApiError> {
+    /// Events of a job with seq > `after`, at most `limit` rows read, and the last row's seq
+    /// (the next page starts after it, even where a row does not read as an event).
+    pub fn events(
+        &self,
+        id: i64,
+        after: i64,
+        limit: i64,
+    ) -> Result<(Vec<StoredEvent>, Option<i64>), ApiError> {
         let conn = self.conn();
         let mut stmt = conn
             .prepare(
@@ -310,7 +316,11 @@ impl Store {
                 ))
             })
             .map_err(db)?
-            .filter_map(|r| r.ok())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db)?;
+        let last = rows.last().map(|(seq, _, _)| *seq);
+        let events = rows
+            .into_iter()
             .filter_map(|(seq, at, body)| {
                 Some(StoredEvent {
                     seq,
@@ -319,7 +329,7 @@ impl Store {
                 })
             })
             .collect();
-        Ok(rows)
+        Ok((events, last))
     }
 
     fn row(r: &rusqlite::Row) -> rusqlite::Result<Job> {
@@ -425,18 +435,19 @@ mod tests {
             store
                 .events(a, 2, 2)
                 .unwrap()
+                .0
                 .iter()
                 .map(|e| e.seq)
                 .collect::<Vec<_>>(),
             vec![3, 4]
         );
         store.truncate_steps_after(a, 3).unwrap();
-        assert_eq!(store.events(a, 0, 100).unwrap().len(), 3);
+        assert_eq!(store.events(a, 0, 100).unwrap().0.len(), 3);
         let next = store.add_event(a, &step_event(4)).unwrap();
         assert_eq!(next, 6, "event numbers are never reused after a truncation");
         assert!(store.delete(a).unwrap());
         assert!(
-            store.events(a, 0, 100).unwrap().is_empty(),
+            store.events(a, 0, 100).unwrap().0.is_empty(),
             "events go with their job"
         );
         assert!(store.get(a).unwrap().is_none());
