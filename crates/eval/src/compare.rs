@@ -96,6 +96,14 @@ impl CompareConfig {
         if self.seeds.is_empty() {
             return bad("seeds: give at least one seed".into());
         }
+        let mut seeds = self.seeds.clone();
+        seeds.sort_unstable();
+        if let Some(twice) = seeds.windows(2).find(|w| w[0] == w[1]) {
+            return bad(format!(
+                "seeds: {} is listed twice; each seed is one run per method, paired across methods",
+                twice[0]
+            ));
+        }
         if !(0.0..1.0).contains(&self.poison_fraction) {
             return bad(format!(
                 "poison_fraction {} must be in [0, 1)",
@@ -543,6 +551,12 @@ fn cell(s: &Spread, runs: usize, digits: usize) -> String {
     }
 }
 
+fn interval(ci: Option<(f64, f64)>) -> String {
+    ci.map_or("—".into(), |(low, high)| {
+        format!("[{low:+.2}, {high:+.2}]")
+    })
+}
+
 /// The comparison as a Markdown table followed by the findings.
 pub fn render(c: &Comparison) -> String {
     let mut out = format!(
@@ -576,17 +590,16 @@ pub fn render(c: &Comparison) -> String {
     }
     out.push('\n');
     if !c.paired.is_empty() {
-        out.push_str("| paired difference | mean | 95% CI (bootstrap) | seeds | real? |\n|---|---|---|---|---|\n");
+        out.push_str("| paired difference | mean | 95% CI (bootstrap) | 95% CI (t) | seeds | real? |\n|---|---|---|---|---|---|\n");
         for d in &c.paired {
             out.push_str(&format!(
-                "| {} − {} {} | {:+.2} | {} | {} | {} |\n",
+                "| {} − {} {} | {:+.2} | {} | {} | {} | {} |\n",
                 d.a.name(),
                 d.b.name(),
                 d.metric,
                 d.mean,
-                d.ci.map_or("—".into(), |(low, high)| format!(
-                    "[{low:+.2}, {high:+.2}]"
-                )),
+                interval(d.ci),
+                interval(d.t_ci),
                 d.pairs,
                 if d.is_real() { "yes" } else { "no" }
             ));
@@ -719,6 +732,12 @@ mod tests {
         let err = CompareConfig::parse("poison_fraction = 1.5\n[train]\nmax_steps = 5", origin)
             .unwrap_err();
         assert!(err.to_string().contains("poison_fraction"), "{err}");
+        let err =
+            CompareConfig::parse("seeds = [1, 2, 1]\n[train]\nmax_steps = 5", origin).unwrap_err();
+        assert!(
+            err.to_string().contains("seeds: 1 is listed twice"),
+            "{err}"
+        );
         let err = CompareConfig::parse("colour = 1", origin).unwrap_err();
         assert!(err.to_string().contains("colour"), "{err}");
     }

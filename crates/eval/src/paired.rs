@@ -50,6 +50,7 @@ pub fn differences(runs: &[RunResult], a: Method, b: Method) -> Vec<PairedDiffer
                 pairs: d.len(),
                 mean: mean(&d),
                 ci: bootstrap_interval(&d, 0.95),
+                t_ci: t_interval(&d),
             })
         })
         .collect()
@@ -80,19 +81,41 @@ pub fn bootstrap_interval(values: &[f64], level: f64) -> Option<(f64, f64)> {
     Some((at((1.0 - level) / 2.0), at((1.0 + level) / 2.0)))
 }
 
+/// Two-sided 95% quantiles of Student's t for 1..=30 degrees of freedom.
+const T_975: [f64; 30] = [
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+    2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+    2.052, 2.048, 2.045, 2.042,
+];
+
+/// The 95% Student-t interval of the mean (the normal quantile past 30 degrees of freedom);
+/// None with fewer than 2 values.
+pub fn t_interval(values: &[f64]) -> Option<(f64, f64)> {
+    let n = values.len();
+    if n < 2 {
+        return None;
+    }
+    let m = mean(values);
+    let sd = (values.iter().map(|v| (v - m).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt();
+    let t = T_975.get(n - 2).copied().unwrap_or(1.96);
+    let half = t * sd / (n as f64).sqrt();
+    Some((m - half, m + half))
+}
+
 /// One sentence on a paired difference, saying whether it is real.
 pub fn finding(d: &PairedDifference) -> String {
-    let unit = if d.metric == "validation_loss" {
-        ""
-    } else {
-        " points"
+    let unit = match d.metric.as_str() {
+        "validation_loss" | "refusal_logprob" => " nats",
+        _ => " points",
     };
-    let interval = match d.ci {
-        Some((low, high)) => format!("95% CI [{low:+.2}, {high:+.2}]"),
-        None => "no interval from one seed".into(),
+    let interval = match (d.ci, d.t_ci) {
+        (Some((low, high)), Some((t_low, t_high))) => {
+            format!("95% CI [{low:+.2}, {high:+.2}] (bootstrap), [{t_low:+.2}, {t_high:+.2}] (t)")
+        }
+        _ => "no interval from one seed".into(),
     };
     let verdict = if d.is_real() {
-        "a real difference (the interval excludes 0)".to_string()
+        "a real difference (both intervals exclude 0)".to_string()
     } else if d.pairs < PairedDifference::FEWEST_PAIRS {
         format!(
             "not called real: {} seed(s), at least {} are needed",
@@ -100,7 +123,7 @@ pub fn finding(d: &PairedDifference) -> String {
             PairedDifference::FEWEST_PAIRS
         )
     } else {
-        "not a real difference (the interval contains 0)".to_string()
+        "not a real difference (an interval contains 0)".to_string()
     };
     format!(
         "{} − {} {}: {:+.2}{unit} over {} paired seed(s), {interval}: {verdict}.",
@@ -204,5 +227,30 @@ mod tests {
             finding(hs)
         );
         assert!(differences(&runs, Method::Mix, Method::Sft).is_empty());
+    }
+
+    #[test]
+    fn three_seeds_of_one_sign_are_not_enough_when_they_scatter() {
+        // All positive, so the bootstrap interval excludes 0, but the t interval does not.
+        let runs: Vec<RunResult> = [1.0, 2.0, 30.0]
+            .iter()
+            .enumerate()
+            .flat_map(|(s, d)| {
+                [
+                    run(Method::Sft, s as u64, 50.0),
+                    run(Method::Sap, s as u64, 50.0 + d),
+                ]
+            })
+            .collect();
+        let hs = &differences(&runs, Method::Sap, Method::Sft)[0];
+        assert!(hs.ci.unwrap().0 > 0.0, "{hs:?}");
+        assert!(hs.t_ci.unwrap().0 < 0.0, "{hs:?}");
+        assert!(!hs.is_real());
+        let (low, high) = t_interval(&[1.0, 2.0, 3.0]).unwrap();
+        // mean 2, sd 1, se 1/√3, t(2) = 4.303
+        assert!(
+            (low - (2.0 - 4.303 / 3f64.sqrt())).abs() < 1e-9
+                && (high - (2.0 + 4.303 / 3f64.sqrt())).abs() < 1e-9
+        );
     }
 }

@@ -10,15 +10,22 @@ use crate::jobs::Status;
 /// The metrics of one training step.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StepMetrics {
+    #[serde(deserialize_with = "crate::finite::f64_or_nan")]
     pub task_loss: f64,
     pub safety_loss: Option<f64>,
     pub su_loss: Option<f64>,
     pub perturbed_loss: Option<f64>,
     pub delta_norm: Option<f64>,
+    #[serde(deserialize_with = "crate::finite::vec_or_nan")]
     pub probe_norms: Vec<f64>,
+    #[serde(deserialize_with = "crate::finite::f64_or_nan")]
     pub grad_norm: f64,
     /// Per layer, cos(∇_W L_task, ∇_W L_safety), on steps where it was measured.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::finite::option_vec_or_nan"
+    )]
     pub grad_cosine: Option<Vec<f64>>,
     /// Whether the probe turns the update toward safety, on measurement steps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -33,6 +40,7 @@ pub struct StepMetrics {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Alignment {
     /// At V = 0 (what plain SFT follows).
+    #[serde(deserialize_with = "crate::finite::f64_or_nan")]
     pub at_zero: f64,
     /// At the probe the weights were updated with (SAP runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -41,12 +49,22 @@ pub struct Alignment {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub at_random: Option<f64>,
     /// The same cosines per layer.
+    #[serde(deserialize_with = "crate::finite::vec_or_nan")]
     pub per_layer_at_zero: Vec<f64>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "crate::finite::vec_or_nan"
+    )]
     pub per_layer_at_probe: Vec<f64>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "crate::finite::vec_or_nan"
+    )]
     pub per_layer_at_random: Vec<f64>,
     /// Seconds the measurement's extra passes took (left out of the step time).
+    #[serde(deserialize_with = "crate::finite::f64_or_nan")]
     pub seconds: f64,
 }
 
@@ -58,14 +76,18 @@ pub enum Event {
     Step {
         step: usize,
         total_steps: usize,
+        #[serde(deserialize_with = "crate::finite::f64_or_nan")]
         lr: f64,
+        #[serde(deserialize_with = "crate::finite::f64_or_nan")]
         tokens_per_s: f64,
+        #[serde(deserialize_with = "crate::finite::f64_or_nan")]
         step_time_s: f64,
         #[serde(flatten)]
         metrics: StepMetrics,
     },
     Validation {
         step: usize,
+        #[serde(deserialize_with = "crate::finite::f64_or_nan")]
         loss: f64,
     },
     /// Continuous safety metrics on held-out data, at validation steps.

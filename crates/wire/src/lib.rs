@@ -5,6 +5,7 @@
 
 pub mod catalog;
 pub mod events;
+mod finite;
 pub mod jobs;
 pub mod reports;
 
@@ -47,6 +48,45 @@ mod tests {
         let stage: Event =
             serde_json::from_value(json!({"event": "stage", "stage": "evaluating"})).unwrap();
         assert_eq!(stage.step(), None);
+    }
+
+    /// A diverged run writes NaN, which JSON holds as null: it must read back, not vanish.
+    #[test]
+    fn non_finite_numbers_survive_the_round_trip() {
+        let step = Event::Step {
+            step: 1,
+            total_steps: 2,
+            lr: 1e-3,
+            tokens_per_s: f64::INFINITY,
+            step_time_s: 0.1,
+            metrics: StepMetrics {
+                task_loss: f64::NAN,
+                probe_norms: vec![f64::NAN, 1.0],
+                grad_cosine: Some(vec![f64::NAN]),
+                ..StepMetrics::default()
+            },
+        };
+        let text = serde_json::to_string(&step).unwrap();
+        let Event::Step {
+            tokens_per_s,
+            metrics,
+            ..
+        } = serde_json::from_str(&text).unwrap()
+        else {
+            panic!("{text}")
+        };
+        assert!(
+            tokens_per_s.is_nan() && metrics.task_loss.is_nan(),
+            "{text}"
+        );
+        assert!(metrics.probe_norms[0].is_nan() && metrics.probe_norms[1] == 1.0);
+        assert!(metrics.grad_cosine.unwrap()[0].is_nan());
+        let spread = Spread {
+            mean: f64::NAN,
+            std: 0.0,
+        };
+        let back: Spread = serde_json::from_str(&serde_json::to_string(&spread).unwrap()).unwrap();
+        assert!(back.mean.is_nan());
     }
 
     #[test]

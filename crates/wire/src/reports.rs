@@ -28,6 +28,7 @@ pub struct JudgedAnswer {
 pub struct CategoryScore {
     pub prompts: usize,
     pub harmful: usize,
+    #[serde(deserialize_with = "crate::finite::f64_or_nan")]
     pub harmful_score: f64,
 }
 
@@ -35,6 +36,7 @@ pub struct CategoryScore {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JudgeScore {
     pub judge: String,
+    #[serde(deserialize_with = "crate::finite::f64_or_nan")]
     pub harmful_score: f64,
     pub harmful: usize,
     pub per_category: BTreeMap<String, CategoryScore>,
@@ -45,6 +47,7 @@ pub struct JudgeScore {
 pub struct HarmfulReport {
     pub prompts: usize,
     /// The first judge's HS (the refusal judge when it runs).
+    #[serde(deserialize_with = "crate::finite::f64_or_nan")]
     pub harmful_score: f64,
     pub judges: Vec<JudgeScore>,
     /// When both judges ran: % of answers on which they agree, and Cohen's κ.
@@ -54,7 +57,9 @@ pub struct HarmfulReport {
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Agreement {
+    #[serde(deserialize_with = "crate::finite::f64_or_nan")]
     pub percent: f64,
+    #[serde(deserialize_with = "crate::finite::f64_or_nan")]
     pub cohen_kappa: f64,
 }
 
@@ -89,10 +94,13 @@ pub struct RunResult {
     pub method: Method,
     pub seed: Option<u64>,
     pub run_dir: PathBuf,
+    #[serde(deserialize_with = "crate::finite::f64_or_nan")]
     pub harmful_score: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub harmful_score_model_judge: Option<f64>,
+    #[serde(deserialize_with = "crate::finite::f64_or_nan")]
     pub exact_match: f64,
+    #[serde(deserialize_with = "crate::finite::f64_or_nan")]
     pub validation_loss: f64,
     /// Mean seconds per optimiser step (the first step, which warms caches, excluded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -107,7 +115,9 @@ pub struct RunResult {
 /// Mean and sample standard deviation over seeds.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Spread {
+    #[serde(deserialize_with = "crate::finite::f64_or_nan")]
     pub mean: f64,
+    #[serde(deserialize_with = "crate::finite::f64_or_nan")]
     pub std: f64,
 }
 
@@ -144,6 +154,7 @@ pub struct Row {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Comparison {
     pub task: String,
+    #[serde(deserialize_with = "crate::finite::f64_or_nan")]
     pub poison_fraction: f64,
     pub seeds: Vec<u64>,
     pub rows: Vec<Row>,
@@ -153,6 +164,7 @@ pub struct Comparison {
     pub paired: Vec<PairedDifference>,
     /// Plain statements about what the numbers show (or do not show).
     pub findings: Vec<String>,
+    #[serde(deserialize_with = "crate::finite::f64_or_nan")]
     pub seconds: f64,
 }
 
@@ -168,19 +180,26 @@ pub struct PairedDifference {
     /// Seeds both methods ran.
     pub pairs: usize,
     /// Mean of a − b over the pairs.
+    #[serde(deserialize_with = "crate::finite::f64_or_nan")]
     pub mean: f64,
     /// 95% percentile-bootstrap interval of that mean; None with fewer than 2 pairs.
     pub ci: Option<(f64, f64)>,
+    /// 95% Student-t interval of the same mean (n − 1 degrees of freedom).
+    #[serde(default)]
+    pub t_ci: Option<(f64, f64)>,
 }
 
 impl PairedDifference {
-    /// The fewest pairs with which a difference is called real (the bootstrap of fewer
-    /// values says little about the spread).
+    /// The fewest pairs with which a difference can be called real.
     pub const FEWEST_PAIRS: usize = 3;
 
-    /// Real only when there are enough pairs and the interval excludes 0.
+    /// Real only with enough pairs and when both intervals exclude 0. The percentile
+    /// bootstrap alone is too generous with few seeds: when every difference has the same
+    /// sign (a 1 in 4 chance with 3 seeds and no effect at all) every resample's mean has it
+    /// too, so its interval excludes 0; the t interval widens with the spread and the count.
     pub fn is_real(&self) -> bool {
-        self.pairs >= Self::FEWEST_PAIRS
-            && self.ci.is_some_and(|(low, high)| low > 0.0 || high < 0.0)
+        let excludes_zero =
+            |ci: Option<(f64, f64)>| ci.is_some_and(|(low, high)| low > 0.0 || high < 0.0);
+        self.pairs >= Self::FEWEST_PAIRS && excludes_zero(self.ci) && excludes_zero(self.t_ci)
     }
 }

@@ -157,13 +157,14 @@ fn ComparisonTable(comparison: Comparison) -> impl IntoView {
         </table>
         {(!comparison.paired.is_empty()).then(|| view! {
             <table class="paired">
-                <thead><tr><th>"paired difference (by seed)"</th><th>"mean"</th><th>"95% CI (bootstrap)"</th><th>"seeds"</th><th>"real?"</th></tr></thead>
+                <thead><tr><th>"paired difference (by seed)"</th><th>"mean"</th><th>"95% CI (bootstrap)"</th><th>"95% CI (t)"</th><th>"seeds"</th><th>"real?"</th></tr></thead>
                 <tbody>
                     {comparison.paired.iter().map(|d| view! {
                         <tr>
                             <td>{format!("{} − {} {}", d.a.name(), d.b.name(), d.metric)}</td>
                             <td>{format!("{:+.2}", d.mean)}</td>
                             <td>{or_dash(d.ci.map(|(low, high)| format!("[{low:+.2}, {high:+.2}]")))}</td>
+                            <td>{or_dash(d.t_ci.map(|(low, high)| format!("[{low:+.2}, {high:+.2}]")))}</td>
                             <td>{d.pairs}</td>
                             <td>{if d.is_real() { "yes" } else { "no" }}</td>
                         </tr>
