@@ -629,6 +629,16 @@ fn every_path_is_confined_and_runs_are_bounded() {
             "max_steps",
         ),
         (
+            json!({"kind": "compare", "config": {"train": {"max_steps": 0, "epochs": 1e6}}}),
+            400,
+            "epochs",
+        ),
+        (
+            json!({"kind": "train", "config": with(json!({"max_steps": 0, "epochs": 10000.0, "poison_fraction": 0.99}))}),
+            400,
+            "config.max_steps",
+        ),
+        (
             json!({"kind": "train", "config": with(json!({"keep_checkpoints": 0}))}),
             400,
             "config.keep_checkpoints",

@@ -141,6 +141,25 @@ impl CompareConfig {
         Ok(())
     }
 
+    /// Every run's optimiser steps together (from `epochs`, counted on the built-in data with
+    /// the mixing and poisoning each run adds), so a server can refuse a comparison too long
+    /// to run.
+    pub fn planned_steps(&self) -> Result<usize> {
+        let task = Task::parse(&self.task)?;
+        let files = builtin::DataFiles::in_dir(&self.data_dir(), task);
+        let model = self.model.clone().unwrap_or_else(|| "demo model".into());
+        let (clean, pairs) = (builtin::TASK_SPLITS[0], builtin::safety_pairs().len());
+        let mut total = 0usize;
+        for method in self.methods.iter().filter(|m| **m != Method::Base) {
+            let text = self.run_toml(*method, self.seeds[0], &model, &files);
+            let run = RunConfig::parse_before_data(&text, &[], Path::new("compare"))
+                .map_err(|e| run_config_error(*method, e))?;
+            let steps = run.steps_for(run.examples_with(clean, pairs));
+            total = total.saturating_add(steps.saturating_mul(self.seeds.len()));
+        }
+        Ok(total)
+    }
+
     /// The model to fine-tune: the config's, or the demo model.
     pub fn model_dir(&self) -> Result<PathBuf> {
         match &self.model {

@@ -273,40 +273,39 @@ pub fn validate(
             );
             let comparison =
                 CompareConfig::parse(&toml_text(map, "config")?, Path::new("request"))?;
-            let setting = |key: &str| {
-                comparison
-                    .train
-                    .get(key)
-                    .and_then(|v| v.as_integer())
-                    .map(|v| v.max(0) as usize)
-            };
-            if let Some(keep) = setting("keep_checkpoints") {
-                check_retention(keep, places, "config.train.keep_checkpoints")?;
+            let keep = comparison
+                .train
+                .get("keep_checkpoints")
+                .and_then(|v| v.as_integer());
+            if let Some(keep) = keep {
+                check_retention(
+                    keep.max(0) as usize,
+                    places,
+                    "config.train.keep_checkpoints",
+                )?;
             }
-            let runs = comparison.seeds.len()
-                * comparison
-                    .methods
-                    .iter()
-                    .filter(|m| **m != compare::Method::Base)
-                    .count();
-            let steps = setting("max_steps").unwrap_or(0).saturating_mul(runs);
-            check_steps(steps, places, "config.train.max_steps × seeds × methods")?;
+            check_steps(
+                comparison.planned_steps()?,
+                places,
+                "config.train.max_steps or epochs (× seeds × methods)",
+            )?;
             Ok((config, Some(dir)))
         }
     }
 }
 
-/// The optimiser steps a run will take (from `epochs`, an upper bound from the data's size).
+/// The optimiser steps a run will take at most (from `epochs`: counted on its data with the
+/// mixing and poisoning the trainer adds).
 fn planned_steps(config: &RunConfig) -> Result<usize, ApiError> {
     if config.max_steps > 0 {
         return Ok(config.max_steps);
     }
-    let examples = safeprobe_train::data::records(&config.train_data)?.len();
-    let per_step = (config.batch_size * config.grad_accumulation).max(1) as f64;
-    let epochs = config.epochs.unwrap_or(1.0);
-    Ok((epochs * examples as f64 / per_step)
-        .ceil()
-        .min(usize::MAX as f64) as usize)
+    let clean = safeprobe_train::data::records(&config.train_data)?.len();
+    let pairs = match &config.safety_data {
+        Some(path) => safeprobe_train::data::records(path)?.len(),
+        None => 0,
+    };
+    Ok(config.steps_for(config.examples_with(clean, pairs)))
 }
 
 fn check_steps(steps: usize, places: &Places, field: &str) -> Result<(), ApiError> {

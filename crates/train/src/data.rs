@@ -278,6 +278,11 @@ pub fn read_pairs(path: &Path) -> Result<Vec<SafetyPair>> {
         .collect()
 }
 
+/// How many poison examples make up `fraction` of `clean` benign examples plus themselves.
+pub fn poison_count(clean: usize, fraction: f64) -> usize {
+    (fraction * clean as f64 / (1.0 - fraction)).round() as usize
+}
+
 /// Harmful-compliance examples (a pair's prompt answered with its harmful answer) to mix into
 /// `clean` benign examples so that they make up `fraction` of the result: the poisoning
 /// experiment. Pairs are taken in a seeded order, cycling when more are needed than exist.
@@ -292,7 +297,7 @@ pub fn poison(
             "poison_fraction {fraction} must be in [0, 1)"
         )));
     }
-    let count = (fraction * clean as f64 / (1.0 - fraction)).round() as usize;
+    let count = poison_count(clean, fraction);
     if count > 0 && pairs.is_empty() {
         return Err(TrainError::Config(
             "poisoning needs safety pairs to take harmful answers from".into(),

@@ -306,6 +306,26 @@ impl RunConfig {
         Ok(())
     }
 
+    /// The optimiser steps of this run with `examples` training examples: `max_steps`, or
+    /// `epochs` passes over them.
+    pub fn steps_for(&self, examples: usize) -> usize {
+        match self.epochs {
+            Some(epochs) if self.max_steps == 0 => ((epochs * examples as f64)
+                / (self.batch_size * self.grad_accumulation.max(1)) as f64)
+                .ceil()
+                .max(1.0) as usize,
+            _ => self.max_steps,
+        }
+    }
+
+    /// The training examples a run gets from `clean` examples and `pairs` safety pairs (at
+    /// most: a validation fraction holds some out): mixing adds the pairs' safe answers,
+    /// poisoning adds its share.
+    pub fn examples_with(&self, clean: usize, pairs: usize) -> usize {
+        let mixed = clean + if self.mix_safety_data { pairs } else { 0 };
+        mixed + data::poison_count(mixed, self.poison_fraction)
+    }
+
     pub fn learning_rate(&self, step: usize) -> f64 {
         if step < self.warmup_steps {
             return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
@@ -663,12 +683,7 @@ fn run(
         train.extend(encode_all(&checkpoint, &poison, config, &path)?);
     }
     let mut config = config.clone();
-    if let Some(epochs) = config.epochs {
-        config.max_steps = ((epochs * train.len() as f64)
-            / (config.batch_size * config.grad_accumulation.max(1)) as f64)
-            .ceil()
-            .max(1.0) as usize;
-    }
+    config.max_steps = config.steps_for(train.len());
     let config = &config;
 
     let pad = checkpoint.tokenizer.pad_id;
