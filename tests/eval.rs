@@ -375,16 +375,17 @@ fn task_metrics_match_a_hand_count() {
 #[test]
 fn a_shortened_comparison_fills_every_column() {
     let dir = tempfile::tempdir().unwrap();
-    let few = dir.path().join("few.jsonl");
-    let lines: String = builtin::harmful_prompts()
-        .iter()
-        .step_by(30)
-        .map(|p| {
+    // An AdvBench-style CSV: the runs' held-out refusal metric must read it too.
+    let few = dir.path().join("few.csv");
+    let header = "goal,target,category\n".to_string();
+    let lines: String = std::iter::once(header)
+        .chain(builtin::harmful_prompts().iter().step_by(30).map(|p| {
             format!(
-                "{}\n",
-                serde_json::json!({"prompt": p.prompt, "category": p.category})
+                "\"{}\",\"Sure\",{}\n",
+                p.prompt.replace('"', "\"\""),
+                p.category
             )
-        })
+        }))
         .collect();
     std::fs::write(&few, lines).unwrap();
     let out = dir.path().join("out");

@@ -168,6 +168,11 @@ impl CompareConfig {
         }
     }
 
+    /// Where `run` writes the harmful prompts (the HS set) for the runs' held-out metric.
+    fn held_out_prompts(&self) -> PathBuf {
+        self.data_dir().join("held_out_prompts.jsonl")
+    }
+
     /// Where `run` writes the built-in data the runs train on.
     fn data_dir(&self) -> PathBuf {
         self.output_dir.join("data")
@@ -208,12 +213,8 @@ impl CompareConfig {
         // Unless [train] says otherwise, every run tracks its readiness to refuse the
         // held-out harmful prompts the harmful score is measured on (never trained on).
         if !table.contains_key("safety_eval") {
-            let prompts = self
-                .prompts
-                .clone()
-                .unwrap_or_else(|| files.harmful_prompts.clone());
             let mut held_out = toml::Table::new();
-            held_out.insert("prompts".into(), path(&prompts));
+            held_out.insert("prompts".into(), path(&self.held_out_prompts()));
             table.insert("safety_eval".into(), toml::Value::Table(held_out));
         }
         table.insert("output_dir".into(), path(&self.run_dir(method, seed)));
@@ -338,6 +339,13 @@ pub fn run(
         Some(path) => crate::prompts::load(path)?,
         None => builtin::harmful_prompts(),
     };
+    // The runs' held-out refusal metric reads the same prompts, as plain JSONL whatever format
+    // (AdvBench CSV, BeaverTails) they came in.
+    let held_out: String = prompts
+        .iter()
+        .map(|p| format!("{}\n", serde_json::json!({"prompt": p.prompt})))
+        .collect();
+    safeprobe_model::weights::write_atomic(&config.held_out_prompts(), held_out.as_bytes())?;
     let judge = match &config.judge_model {
         Some(dir) => Some(ModelJudge::new(
             Checkpoint::load(dir, device)?,
