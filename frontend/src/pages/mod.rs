@@ -3,6 +3,7 @@
 
 pub mod chat;
 pub mod compare;
+pub mod datasets;
 pub mod device;
 pub mod evaluate;
 pub mod new_run;
