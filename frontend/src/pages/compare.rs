@@ -39,7 +39,7 @@ pub fn Compare() -> impl IntoView {
         <h2>"Training runs side by side"</h2>
         <p class="help">"Pick runs to overlay their task loss. The cosine columns are the newest measurement: > 0 means the task step also lowers the safety loss."</p>
         {with_jobs(move |jobs| view! {
-            <table>
+            <table id="runs-side-by-side">
                 <thead><tr><th></th><th>"#"</th><th>"method"</th><th>"status"</th><th>"HS (%)"</th><th>"final task loss"</th><th>"validation loss"</th><th>"time/step (s)"</th><th>"cos(∇L_task, ĝ) at V = 0 / probe / random"</th></tr></thead>
                 <tbody>
                     {jobs.into_iter().filter(|j| j.kind == JobKind::Train).map(|job| view! { <PickRow job picked/> }).collect_view()}
