@@ -344,6 +344,17 @@ fn the_ui_runs_a_job_shows_live_charts_a_comparison_and_chats() {
     });
     assert!(preview.contains("of 8 examples"), "{preview}");
     browser.screenshot("04-upload-preview");
+    // The file list is read again after an upload (it sits folded away: its text, not what
+    // is drawn).
+    browser.wait_for("the upload in the file list", || {
+        browser
+            .script(
+                "const l = document.querySelector('#dataset-list'); return l ? l.textContent : ''",
+            )
+            .as_str()?
+            .contains("uploads/browser-upload.jsonl")
+            .then_some(())
+    });
     browser.choose_file("#upload-file", &upload);
     browser.click("#upload-send");
     let refused = browser.wait_for("the refusal to overwrite", || {
@@ -447,6 +458,10 @@ fn the_ui_runs_a_job_shows_live_charts_a_comparison_and_chats() {
     });
     let finished = side_by_side.lines().filter(|l| l.contains("done")).count();
     assert!(finished >= 2, "{side_by_side}");
+    assert!(
+        side_by_side.contains("LoRA") && side_by_side.contains("full"),
+        "{side_by_side}"
+    );
     browser.click("#runs-side-by-side tbody tr input[type='checkbox']");
     browser.wait_for("the picked run's task loss", || {
         (chart_points(&browser, "Task loss of the picked runs") >= 2).then_some(())
