@@ -69,7 +69,7 @@ fn ExportMerged(id: i64, lora: bool) -> impl IntoView {
     };
     let said = move || {
         outcome.get().map(|result| match result {
-            Ok(exported) => view! { <Exported exported/> }.into_any(),
+            Ok(exported) => view! { <ExportedCheckpoint exported/> }.into_any(),
             Err(error) => view! { <p class="error" id="export-error">{error}</p> }.into_any(),
         })
     };
@@ -89,7 +89,7 @@ fn ExportMerged(id: i64, lora: bool) -> impl IntoView {
 
 /// Where the checkpoint went, and the command that writes it again, with a Copy button.
 #[component]
-fn Exported(exported: Exported) -> impl IntoView {
+fn ExportedCheckpoint(exported: Exported) -> impl IntoView {
     let command = exported.command.clone();
     let copy = move |_| {
         if let Some(window) = web_sys::window() {
