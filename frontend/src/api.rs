@@ -4,7 +4,7 @@
 
 use gloo_net::http::{Request, RequestBuilder, Response};
 use safeprobe_wire::{
-    ChatDone, ChatRequest, ChatToken, ErrorBody, EventPage, LiveMessage, StoredEvent,
+    ChatDone, ChatRequest, ChatToken, ErrorBody, EventPage, LiveMessage, StoredEvent, Uploaded,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -83,6 +83,57 @@ pub async fn post<B: Serialize, T: DeserializeOwned>(
 
 pub async fn delete<T: DeserializeOwned>(path: impl Into<String>) -> Result<T, String> {
     read(auth(Request::delete(&path.into())).send().await).await
+}
+
+/// Uploads one data file as a multipart form. The browser writes the form's Content-Type
+/// (with its boundary) itself, so none is set here.
+pub async fn upload(file: &web_sys::File, replace: bool) -> Result<Uploaded, String> {
+    let form = web_sys::FormData::new().map_err(|e| format!("{e:?}"))?;
+    form.append_with_blob_and_filename("file", file, &file.name())
+        .map_err(|e| format!("{e:?}"))?;
+    let request = auth(Request::post(crate::files::upload_url(replace)))
+        .body(form)
+        .map_err(|e| e.to_string())?;
+    read(request.send().await).await
+}
+
+/// Fetches a file that needs the access token (so a plain link cannot) and hands it to the
+/// browser as a download named `file_name`, through a Blob URL and a temporary link.
+pub async fn download(path: &str, file_name: &str) -> Result<u64, String> {
+    let response = auth(Request::get(path))
+        .send()
+        .await
+        .map_err(|e| format!("network: {e}"))?;
+    if !response.ok() {
+        return Err(error_of(response, "download failed").await);
+    }
+    let blob = web_sys::Response::from(response)
+        .blob()
+        .map_err(|e| format!("{e:?}"))?;
+    let blob: web_sys::Blob = JsFuture::from(blob)
+        .await
+        .map_err(|e| format!("{e:?}"))?
+        .unchecked_into();
+    let url = web_sys::Url::create_object_url_with_blob(&blob).map_err(|e| format!("{e:?}"))?;
+    let document = web_sys::window()
+        .and_then(|w| w.document())
+        .ok_or("no document")?;
+    let link: web_sys::HtmlAnchorElement = document
+        .create_element("a")
+        .map_err(|e| format!("{e:?}"))?
+        .unchecked_into();
+    link.set_href(&url);
+    link.set_download(file_name);
+    link.click();
+    // Chrome reads the blob after the click returns, so the URL is freed a minute later.
+    let free = Closure::once_into_js(move || {
+        let _ = web_sys::Url::revoke_object_url(&url);
+    });
+    if let Some(window) = web_sys::window() {
+        let _ = window
+            .set_timeout_with_callback_and_timeout_and_arguments_0(free.unchecked_ref(), 60_000);
+    }
+    Ok(blob.size() as u64)
 }
 
 /// All stored events of a job, following the pages.

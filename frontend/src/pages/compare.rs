@@ -9,6 +9,7 @@ use super::{
     with_jobs,
 };
 use crate::charts::line_chart;
+use crate::files::trains_lora;
 use crate::series::{COLORS, Metric, Series};
 use crate::{Page, api};
 
@@ -39,8 +40,8 @@ pub fn Compare() -> impl IntoView {
         <h2>"Training runs side by side"</h2>
         <p class="help">"Pick runs to overlay their task loss. The cosine columns are the newest measurement: > 0 means the task step also lowers the safety loss."</p>
         {with_jobs(move |jobs| view! {
-            <table>
-                <thead><tr><th></th><th>"#"</th><th>"method"</th><th>"status"</th><th>"HS (%)"</th><th>"final task loss"</th><th>"validation loss"</th><th>"time/step (s)"</th><th>"cos(∇L_task, ĝ) at V = 0 / probe / random"</th></tr></thead>
+            <table id="runs-side-by-side">
+                <thead><tr><th></th><th>"#"</th><th>"method"</th><th>"fine-tune"</th><th>"status"</th><th>"HS (%)"</th><th>"final task loss"</th><th>"validation loss"</th><th>"time/step (s)"</th><th>"cos(∇L_task, ĝ) at V = 0 / probe / random"</th></tr></thead>
                 <tbody>
                     {jobs.into_iter().filter(|j| j.kind == JobKind::Train).map(|job| view! { <PickRow job picked/> }).collect_view()}
                 </tbody>
@@ -80,6 +81,8 @@ fn PickRow(job: Job, picked: RwSignal<Vec<i64>>) -> impl IntoView {
                 on:change=move |ev| picked.update(|p| if event_target_checked(&ev) { p.push(id) } else { p.retain(|x| *x != id) })/></td>
             <td><a href=Page::Run(id).hash()>{id}</a></td>
             <td>{method_of(&job)}</td>
+            // Runs of one method differ most by what they trained: an adapter or every weight.
+            <td>{if trains_lora(&job) { "LoRA" } else { "full" }}</td>
             <td>{job.status.name()}</td>
             <td>{or_dash(harmful_score(&job).map(|h| format!("{h:.1}")))}</td>
             <td>{or_dash(task_loss)}</td>

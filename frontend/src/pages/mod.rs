@@ -3,8 +3,10 @@
 
 pub mod chat;
 pub mod compare;
+pub mod datasets;
 pub mod device;
 pub mod evaluate;
+pub mod export;
 pub mod new_run;
 pub mod run_detail;
 pub mod runs;

@@ -9,6 +9,7 @@ use leptos::task::spawn_local;
 use safeprobe_wire::{CreateJob, Job, JobKind};
 use serde_json::{Map, Value};
 
+use super::datasets::DataFiles;
 use super::live;
 use crate::{Page, api, go};
 
@@ -242,6 +243,7 @@ pub fn NewRun() -> impl IntoView {
             <button id="preset-demo" on:click=move |_| values.set(preset(Preset::Demo))>"demo"</button>
             <span class="help">" (the demo preset fine-tunes the demo model on the built-in word-reversal task)"</span>
         </div>
+        <DataFiles values/>
         {FIELDS.iter().map(|(group, fields)| view! {
             <div class="card">
                 <h2>{*group}</h2>

@@ -2,14 +2,15 @@
 //! log, and an evaluation's judged answers.
 
 use leptos::prelude::*;
-use safeprobe_wire::{Event, Job, JobResult, JudgedAnswer, Status, StoredEvent};
+use safeprobe_wire::{Event, Job, JobKind, JobResult, JudgedAnswer, Status, StoredEvent};
 
+use super::export::ExportCard;
 use super::{
     ComparisonTable, JobActions, harmful_score, live, load_errors, loading, method_of, model_name,
 };
-use crate::api;
 use crate::charts::{heatmap, line_chart};
 use crate::series::{self, Metric};
+use crate::{api, files};
 
 #[component]
 pub fn RunDetail(id: i64) -> impl IntoView {
@@ -44,6 +45,9 @@ pub fn RunDetail(id: i64) -> impl IntoView {
         Suspend::new(async move {
             job.await.map(|job| {
                 let title = format!("Job {id}: {} on {}", method_of(&job), model_name(&job));
+                // Only a finished training run has weights to take out.
+                let exportable = (job.kind == JobKind::Train && job.status == Status::Done)
+                    .then(|| files::trains_lora(&job));
                 let comparison = match &job.result {
                     Some(JobResult::Compare(comparison)) => Some(comparison.clone()),
                     _ => None,
@@ -51,6 +55,7 @@ pub fn RunDetail(id: i64) -> impl IntoView {
                 view! {
                     <h1>{title}</h1>
                     <StatusCard job events/>
+                    {exportable.map(|lora| view! { <ExportCard id lora/> })}
                     {comparison.map(|comparison| view! { <h2>"Comparison"</h2> <ComparisonTable comparison/> })}
                 }
             })
