@@ -143,6 +143,11 @@ fn Charts(events: Memo<Vec<Event>>) -> impl IntoView {
             .last()
             .map(|run| series::cosine_heatmap(&run.events))
             .unwrap_or_default();
+        // Held-out safety is charted only for runs that measure it (safety_eval).
+        let measured = |metric: Metric| {
+            runs.iter()
+                .any(|run| !metric.points(&run.events).is_empty())
+        };
         let alignment = runs
             .last()
             .map(|run| series::alignment_series(&run.events))
@@ -162,8 +167,8 @@ fn Charts(events: Memo<Vec<Event>>) -> impl IntoView {
                 alignment,
             ))}
             {(!cosines.rows.is_empty()).then(|| heatmap("cos(∇L_task, ∇L_safety) per layer at the probe used (> 0: safer)".into(), cosines, 200))}
-            {chart("Held-out refusal log p / token (higher: readier to refuse)", "nats", Metric::RefusalLogprob)}
-            {chart("Held-out pair margin log p(safe) − log p(harmful)", "nats", Metric::PairMargin)}
+            {measured(Metric::RefusalLogprob).then(|| chart("Held-out refusal log p / token (higher: readier to refuse)", "nats", Metric::RefusalLogprob))}
+            {measured(Metric::PairMargin).then(|| chart("Held-out pair margin log p(safe) − log p(harmful)", "nats", Metric::PairMargin))}
         }
     };
     view! { <div class="grid" id="charts">{charts}</div> }
