@@ -691,8 +691,11 @@ fn run(
     let has_pairs = !pairs.is_empty();
     let mut pair_sampler = Sampler::new(pairs, config.seed.wrapping_add(1), config.shuffle);
     let mut optimizer = AdamW::new(config.adamw);
-    let mut sap = (config.method == Method::Sap)
-        .then(|| SapState::new(config.sap.clone(), &checkpoint.model, &device));
+    let mut sap = (config.method == Method::Sap).then(|| {
+        let mut state = SapState::new(config.sap.clone(), &checkpoint.model, &device);
+        state.control_seed = config.seed;
+        state
+    });
     // An SFT run with safety pairs measures how its steps line up with the harmful direction
     // (at V = 0: it has no probe) every `sap.cosine_every` steps, drawing pairs only then.
     let is_sft = sap.is_none();
@@ -783,7 +786,7 @@ fn run(
         // it per step makes the masks a function of (seed, step), so a resumed run draws the
         // ones it would have drawn, and the lock keeps concurrent runs from reseeding it
         // mid-step (their steps with dropout take turns).
-        let _rng = lora_config
+        let generator_lock = lora_config
             .as_ref()
             .is_some_and(|l| l.dropout > 0.0)
             .then(|| {
@@ -827,6 +830,12 @@ fn run(
                 )
             }
             Some(state) => {
+                // With dropout the generator is this run's for the step (the lock above).
+                state.dropout_seed = generator_lock.is_some().then(|| {
+                    (config.seed ^ 0xa11_9e)
+                        .wrapping_mul(1_000_003)
+                        .wrapping_add(step as u64)
+                });
                 let safety = safety_batch();
                 state.step(
                     &mut checkpoint.model,

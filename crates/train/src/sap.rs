@@ -224,9 +224,12 @@ pub fn sft_step(
             losses: vec![scalar(&loss)],
         }
     });
-    let grads = pass.grads.remove(0);
+    // Clipping reads the gradient norm, which also waits for the backward pass to finish, so
+    // none of it is timed as measurement; clipping scales uniformly, so cosines are unchanged.
+    let (grads, grad_norm) = clip(pass.grads.remove(0), max_grad_norm);
     let mut metrics = StepMetrics {
         task_loss: pass.losses[0],
+        grad_norm,
         ..Default::default()
     };
     if let Some((safety, temperature)) = measure {
@@ -241,8 +244,6 @@ pub fn sft_step(
             ..Default::default()
         });
     }
-    let (grads, grad_norm) = clip(grads, max_grad_norm);
-    metrics.grad_norm = grad_norm;
     apply_update(model, optimizer, grads, lr);
     metrics
 }
@@ -341,6 +342,11 @@ pub struct SapState {
     /// ΔW, kept between refreshes of the harmful direction.
     pub(crate) delta: Option<HarmfulDirection>,
     pub step: usize,
+    /// Mixed into the random control probe's seed (the run's seed), so seeds differ in it.
+    pub control_seed: u64,
+    /// Set for steps with LoRA dropout (the device generator then belongs to this run): the
+    /// mechanism measurement reseeds with it before each of its passes.
+    pub dropout_seed: Option<u64>,
 }
 
 impl SapState {
@@ -362,6 +368,8 @@ impl SapState {
             probe_updates: 0,
             delta: None,
             step: 0,
+            control_seed: 0,
+            dropout_seed: None,
         }
     }
 
@@ -408,14 +416,32 @@ impl SapState {
         &self,
         model: &Qwen2,
         tasks: &[Batch],
-        safety_gradient: &[Tensor<1>],
-        at_probe: &[Tensor<1>],
+        safety: &Batch,
         used: &[Tensor<1>],
     ) -> Alignment {
         let started = std::time::Instant::now();
-        let random = random_signs_like(used, self.step as u64);
-        let at_zero = task_gradient(model, tasks, None);
-        let at_random = task_gradient(model, tasks, Some(&self.constant_probe(&random)));
+        // ĝ at V = 0, as an SFT run measures it, so the two runs' lines are one quantity.
+        let loss = safety_loss(model, safety, None, self.config.temperature);
+        let safety_gradient = &params::gradients(model, &loss.backward());
+        // The three views of the task gradient in passes of their own, each with the same
+        // dropout masks, so that their differences are the probe's alone.
+        let device = model.embed_tokens.device();
+        let gradient_with = |vectors: Option<&[Tensor<1>]>| {
+            if let Some(seed) = self.dropout_seed {
+                device.seed(seed);
+            }
+            let probe = vectors.map(|v| self.constant_probe(v));
+            task_gradient(model, tasks, probe.as_ref())
+        };
+        let random = random_signs_like(
+            used,
+            self.control_seed
+                .wrapping_mul(1_000_003)
+                .wrapping_add(self.step as u64),
+        );
+        let at_zero = gradient_with(None);
+        let at_probe = &gradient_with(Some(used));
+        let at_random = gradient_with(Some(&random));
         Alignment {
             at_zero: params::cosine(&at_zero, safety_gradient),
             at_probe: Some(params::cosine(at_probe, safety_gradient)),
@@ -495,9 +521,10 @@ impl SapState {
         };
         let every = self.config.cosine_every;
         if refresh && every > 0 && self.step % every == 0 {
-            let safety_gradient = &self.delta.as_ref().expect("direction computed").gradient;
-            metrics.grad_cosine = Some(params::cosine_per_layer(model, &grad_w, safety_gradient));
-            metrics.alignment = Some(self.alignment(model, tasks, safety_gradient, &grad_w, &used));
+            let alignment = self.alignment(model, tasks, safety, &used);
+            // The heatmap's per-layer cosines are the alignment's at the probe used.
+            metrics.grad_cosine = Some(alignment.per_layer_at_probe.clone());
+            metrics.alignment = Some(alignment);
         }
         let (grad_w, grad_norm) = clip(grad_w, max_grad_norm);
         metrics.grad_norm = grad_norm;
