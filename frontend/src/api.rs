@@ -27,10 +27,15 @@ pub fn token() -> Option<String> {
         .split('&')
         .find_map(|kv| kv.strip_prefix("token="))
     {
+        // The link carries it URL-encoded.
+        let t = js_sys::decode_uri_component(t)
+            .ok()
+            .and_then(|t| t.as_string())
+            .unwrap_or_else(|| t.to_string());
         if let Some(s) = storage() {
-            let _ = s.set_item(TOKEN_KEY, t);
+            let _ = s.set_item(TOKEN_KEY, &t);
         }
-        return Some(t.to_string());
+        return Some(t);
     }
     storage()?.get_item(TOKEN_KEY).ok()?
 }
@@ -157,7 +162,7 @@ pub async fn all_events(id: i64) -> Result<Vec<StoredEvent>, String> {
 /// A message that does not read as a `LiveMessage` is logged and skipped.
 pub fn subscribe(on_message: impl Fn(LiveMessage) + 'static) -> Option<web_sys::EventSource> {
     let url = match token() {
-        Some(t) => format!("/api/events?token={t}"),
+        Some(t) => format!("/api/events?token={}", js_sys::encode_uri_component(&t)),
         None => "/api/events".to_string(),
     };
     let source = web_sys::EventSource::new(&url).ok()?;

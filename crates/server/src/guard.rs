@@ -207,16 +207,42 @@ pub async fn require_token(
                     .unwrap_or("")
                     .split('&')
                     .find_map(|kv| kv.strip_prefix("token="))
+                    .map(percent_decoded)
             })
             .flatten();
-        let given = bearer.or(query);
-        if !given.is_some_and(|g| tokens_match(g.as_bytes(), expected.as_bytes())) {
+        let given = bearer.map(|b| b.as_bytes().to_vec()).or(query);
+        if !given.is_some_and(|g| tokens_match(&g, expected.as_bytes())) {
             return Err(ApiError::Unauthorized(
                 "missing or wrong access token (Authorization: Bearer <token>)".into(),
             ));
         }
     }
     Ok(next.run(request).await)
+}
+
+/// A query value with its %XX escapes (and + for space) decoded; a malformed escape is kept
+/// as it is, so it cannot match a token by accident.
+fn percent_decoded(value: &str) -> Vec<u8> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(high), Some(low)) => {
+                    out.push((high * 16 + low) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    out
 }
 
 /// The event stream's path, inside the /api router or seen from outside it.
@@ -303,6 +329,14 @@ mod tests {
         ] {
             assert!(!is_json(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn query_tokens_are_percent_decoded() {
+        assert_eq!(percent_decoded("a%2Bb%26c+d"), b"a+b&c d");
+        assert_eq!(percent_decoded("100%"), b"100%");
+        assert_eq!(percent_decoded("%zz"), b"%zz");
+        assert_eq!(percent_decoded("%41"), b"A");
     }
 
     #[test]
