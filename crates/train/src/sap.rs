@@ -216,19 +216,12 @@ pub fn sft_step(
     max_grad_norm: Option<f64>,
     measure: Option<(&Batch, f64)>,
 ) -> StepMetrics {
-    let mut pass = accumulate(tasks, |task| {
-        let loss = task_loss(model, task, None);
-        let grads = params::gradients(model, &loss.backward());
-        Pass {
-            grads: vec![grads],
-            losses: vec![scalar(&loss)],
-        }
-    });
+    let (task_loss, grads) = task_gradient(model, tasks, None);
     // Clipping reads the gradient norm, which also waits for the backward pass to finish, so
     // none of it is timed as measurement; clipping scales uniformly, so cosines are unchanged.
-    let (grads, grad_norm) = clip(pass.grads.remove(0), max_grad_norm);
+    let (grads, grad_norm) = clip(grads, max_grad_norm);
     let mut metrics = StepMetrics {
-        task_loss: pass.losses[0],
+        task_loss,
         grad_norm,
         ..Default::default()
     };
@@ -248,17 +241,20 @@ pub fn sft_step(
     metrics
 }
 
-/// ∇_W L_task over the micro-batches (token-weighted), with `probe` in place.
-pub fn task_gradient(model: &Qwen2, tasks: &[Batch], probe: Option<&Probe>) -> Vec<Tensor<1>> {
-    accumulate(tasks, |task| {
+/// L_task and ∇_W L_task over the micro-batches (token-weighted), with `probe` in place.
+pub fn task_gradient(
+    model: &Qwen2,
+    tasks: &[Batch],
+    probe: Option<&Probe>,
+) -> (f64, Vec<Tensor<1>>) {
+    let mut pass = accumulate(tasks, |task| {
         let loss = task_loss(model, task, probe);
         Pass {
             grads: vec![params::gradients(model, &loss.backward())],
             losses: vec![scalar(&loss)],
         }
-    })
-    .grads
-    .remove(0)
+    });
+    (pass.losses[0], pass.grads.remove(0))
 }
 
 /// Random ±1 vectors, each scaled to the norm of its counterpart in `like`: the control
@@ -431,7 +427,7 @@ impl SapState {
                 device.seed(seed);
             }
             let probe = vectors.map(|v| self.constant_probe(v));
-            task_gradient(model, tasks, probe.as_ref())
+            task_gradient(model, tasks, probe.as_ref()).1
         };
         let random = random_signs_like(
             used,
@@ -507,16 +503,10 @@ impl SapState {
                 let plain = self.config.exact_update == ProbeUpdate::Gradient;
                 let v_safe = self.probe_update(grad_su, plain);
                 let probe = self.constant_probe(&v_safe);
-                let mut pass = accumulate(tasks, |task| {
-                    let loss = task_loss(model, task, Some(&probe));
-                    Pass {
-                        grads: vec![params::gradients(model, &loss.backward())],
-                        losses: vec![scalar(&loss)],
-                    }
-                });
-                metrics.task_loss = pass.losses[0];
+                let (loss, grads) = task_gradient(model, tasks, Some(&probe));
+                metrics.task_loss = loss;
                 self.probe.vectors = v_safe.clone();
-                (pass.grads.remove(0), v_safe)
+                (grads, v_safe)
             }
         };
         let every = self.config.cosine_every;
