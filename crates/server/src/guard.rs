@@ -144,6 +144,30 @@ pub async fn check_origin(request: Request, next: Next) -> Result<Response, ApiE
     Ok(next.run(request).await)
 }
 
+/// Refuses a body announced larger than its endpoint takes (413) before any of it is read,
+/// so a client is not kept sending what will be refused. (Bodies without a length are still
+/// cut off at the same limit as they are read.)
+pub async fn check_length(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let limit = if takes_uploads(request.uri().path()) {
+        state.max_upload_bytes
+    } else {
+        crate::BODY_LIMIT
+    };
+    let announced = header(request.headers(), &header::CONTENT_LENGTH)
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::TooLarge(format!(
+            "request body of {} bytes is over this endpoint's limit of {limit}",
+            announced.unwrap_or_default()
+        )));
+    }
+    Ok(next.run(request).await)
+}
+
 /// Whether `origin` (`scheme://host[:port]`) is the origin of a page served at `host`.
 fn same_origin(origin: &str, host: &str) -> bool {
     let Some((scheme, authority)) = origin.split_once("://") else {

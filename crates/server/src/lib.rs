@@ -151,6 +151,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .nest("/api", api)
         .fallback(assets::serve)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            guard::check_length,
+        ))
         .layer(middleware::from_fn(guard::check_origin))
         .layer(middleware::from_fn_with_state(
             state.clone(),
