@@ -172,14 +172,12 @@ impl Store {
         Ok(())
     }
 
+    /// Records a job's new status; a job starts running only through `start`, which checks
+    /// that it is still queued.
     pub fn set_status(&self, id: i64, status: Status, error: Option<&str>) -> Result<(), ApiError> {
         let conn = self.conn();
         let t = now();
         match status {
-            Status::Running => conn.execute(
-                "UPDATE jobs SET status = ?2, started_at = ?3, error = NULL, finished_at = NULL WHERE id = ?1",
-                params![id, status.name(), t],
-            ),
             Status::Queued => conn.execute(
                 "UPDATE jobs SET status = ?2, error = NULL, finished_at = NULL WHERE id = ?1",
                 params![id, status.name()],
@@ -419,7 +417,7 @@ mod tests {
             .create(JobKind::Train, &serde_json::json!({"x": 1}))
             .unwrap();
         let b = store.create(JobKind::Eval, &serde_json::json!({})).unwrap();
-        store.set_status(a, Status::Running, None).unwrap();
+        assert!(store.start(a).unwrap());
         for step in 1..=5 {
             store.add_event(a, &step_event(step)).unwrap();
         }
