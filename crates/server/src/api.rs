@@ -74,8 +74,6 @@ pub async fn models(State(state): State<Arc<AppState>>) -> ApiResult<Vec<ModelSu
     Ok(Json(out))
 }
 
-const DATA_EXTENSIONS: [&str; 4] = ["jsonl", "json", "parquet", "csv"];
-
 fn is_data_file(p: &std::path::Path) -> bool {
     // Hidden files are uploads still arriving.
     let hidden = p
@@ -86,7 +84,7 @@ fn is_data_file(p: &std::path::Path) -> bool {
         && p.is_file()
         && p.extension()
             .and_then(|e| e.to_str())
-            .is_some_and(|e| DATA_EXTENSIONS.contains(&e))
+            .is_some_and(|e| crate::files::DATA_EXTENSIONS.contains(&e))
 }
 
 /// Data files in each data directory and its immediate subfolders (run folders excluded).
