@@ -125,6 +125,18 @@ enum Command {
         #[command(flatten)]
         device: DeviceArg,
     },
+    /// Convert a GGUF file (llama.cpp's format) into a checkpoint folder safeprobe loads
+    Import {
+        /// The .gguf file (qwen2 architecture; F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
+        /// Q4_K and Q6_K tensors)
+        file: PathBuf,
+        /// A new (or empty) folder for config.json, model.safetensors and the tokenizer
+        #[arg(long)]
+        out: PathBuf,
+        /// bf16 or f32
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+    },
     /// Fine-tune with SFT or Safety-Aware Probing from a TOML run config
     Train {
         #[arg(long, required_unless_present = "resume")]
@@ -334,6 +346,31 @@ fn run(cli: Cli) -> Result<()> {
             export::merge_and_export(&model, adapter.as_deref(), &out, dtype, &selected.device)
                 .with_context(|| format!("exporting to {}", out.display()))?;
             eprintln!("wrote {}", out.display());
+        }
+        Command::Import { file, out, dtype } => {
+            let dtype = SaveDtype::parse(&dtype)?;
+            let report = safeprobe_model::import::import_gguf(&file, &out, dtype)?;
+            let types: Vec<String> = report
+                .tensor_types
+                .iter()
+                .map(|(name, n)| format!("{n} {name}"))
+                .collect();
+            let config = &report.config;
+            eprintln!(
+                "imported {} ({} layers, hidden {}, vocab {}; tensors: {}; {} tokens{})",
+                report.name.as_deref().unwrap_or("model"),
+                config.num_hidden_layers,
+                config.hidden_size,
+                config.vocab_size,
+                types.join(", "),
+                report.vocab_tokens,
+                if report.has_chat_template {
+                    ", chat template"
+                } else {
+                    ", no chat template: ChatML will be assumed"
+                },
+            );
+            eprintln!("wrote {}", report.out_dir.display());
         }
         Command::Bench(args) => bench::run(args, select_device)?,
         Command::Eval(args) => evaluate::eval(args)?,

@@ -7,6 +7,8 @@ pub mod device;
 pub mod error;
 pub mod export;
 pub mod generate;
+pub mod gguf;
+pub mod import;
 pub mod lora;
 pub mod qwen2;
 pub mod weights;
