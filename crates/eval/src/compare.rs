@@ -65,6 +65,10 @@ pub struct CompareConfig {
     /// Harmful prompt set (default: the built-in held-out prompts).
     #[serde(default)]
     pub prompts: Option<PathBuf>,
+    /// Evaluate only the first N harmful prompts: a reduced protocol for a CPU (the order of
+    /// the set is fixed, so the subset is chosen before any result is seen).
+    #[serde(default)]
+    pub max_prompts: Option<usize>,
     /// Also judge with this chat model (the refusal judge always runs).
     #[serde(default)]
     pub judge_model: Option<PathBuf>,
@@ -103,6 +107,9 @@ impl CompareConfig {
                 "seeds: {} is listed twice; each seed is one run per method, paired across methods",
                 twice[0]
             ));
+        }
+        if self.max_prompts == Some(0) {
+            return bad("max_prompts must be at least 1".into());
         }
         if !(0.0..1.0).contains(&self.poison_fraction) {
             return bad(format!(
@@ -335,10 +342,13 @@ pub fn run(
     let task = Task::parse(&config.task)?;
     let files = builtin::write(&config.data_dir(), task, DATA_SEED)?;
     let splits = builtin::task_splits(task, DATA_SEED)?;
-    let prompts = match &config.prompts {
+    let mut prompts = match &config.prompts {
         Some(path) => crate::prompts::load(path)?,
         None => builtin::harmful_prompts(),
     };
+    if let Some(n) = config.max_prompts {
+        prompts.truncate(n);
+    }
     // The runs' held-out refusal metric reads the same prompts, as plain JSONL whatever format
     // (AdvBench CSV, BeaverTails) they came in.
     let held_out: String = prompts
@@ -677,6 +687,10 @@ mod tests {
             (
                 "compare-qwen2.5-lora-poisoned.toml",
                 include_str!("../../../configs/compare-qwen2.5-lora-poisoned.toml"),
+            ),
+            (
+                "compare-qwen2.5-lora-poisoned-cpu.toml",
+                include_str!("../../../configs/compare-qwen2.5-lora-poisoned-cpu.toml"),
             ),
         ] {
             let config = CompareConfig::parse(text, Path::new(name))
