@@ -137,6 +137,15 @@ enum Command {
         #[arg(long, default_value = "bf16")]
         dtype: String,
     },
+    /// Download a model from the Hugging Face Hub into its standard cache; afterwards
+    /// `--model ORG/NAME` finds it there without the network
+    Pull {
+        /// ORG/NAME, e.g. Qwen/Qwen2.5-0.5B-Instruct
+        repo: String,
+        /// A branch, tag or commit
+        #[arg(long, default_value = "main")]
+        revision: String,
+    },
     /// Fine-tune with SFT or Safety-Aware Probing from a TOML run config
     Train {
         #[arg(long, required_unless_present = "resume")]
@@ -218,7 +227,7 @@ fn select_device(arg: &DeviceArg) -> Result<device::Selected> {
 /// The model a user named, or else the demo model (unpacked only then).
 fn model_or_demo(model: Option<PathBuf>) -> Result<PathBuf> {
     match model {
-        Some(dir) => Ok(dir),
+        Some(dir) => Ok(safeprobe_model::resolve_model_dir(&dir)?),
         None => Ok(safeprobe_eval::demo_model::dir()?),
     }
 }
@@ -371,6 +380,15 @@ fn run(cli: Cli) -> Result<()> {
                 },
             );
             eprintln!("wrote {}", report.out_dir.display());
+        }
+        Command::Pull { repo, revision } => {
+            let options = safeprobe_model::hub::HubOptions {
+                revision,
+                ..Default::default()
+            };
+            let dir = safeprobe_model::hub::pull(&repo, &options)?;
+            eprintln!("{repo}@{}: ready", options.revision);
+            println!("{}", dir.display());
         }
         Command::Bench(args) => bench::run(args, select_device)?,
         Command::Eval(args) => evaluate::eval(args)?,

@@ -38,7 +38,7 @@ pub fn merge_and_export(
     export(
         &checkpoint.model,
         &checkpoint.config,
-        model_dir,
+        &checkpoint.dir,
         out_dir,
         dtype,
     )

@@ -8,6 +8,7 @@ pub mod error;
 pub mod export;
 pub mod generate;
 pub mod gguf;
+pub mod hub;
 pub mod import;
 pub mod lora;
 pub mod qwen2;
@@ -37,12 +38,7 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        if !dir.is_dir() {
-            return Err(Error::Invalid(format!(
-                "--model {}: not a directory",
-                dir.display()
-            )));
-        }
+        let dir = &resolve_model_dir(dir)?;
         let config = Qwen2Config::from_file(&dir.join("config.json"))?;
         let tokenizer = ChatTokenizer::load(dir, &config.eos_token_ids)?;
         if tokenizer.vocab_size() > config.vocab_size {
@@ -110,6 +106,27 @@ impl Checkpoint {
         let (prompt_ids, response_ids) = self.tokenizer.encode_exchange(prompt, response)?;
         generate::score(&self.model, &prompt_ids, &response_ids, &self.device)
     }
+}
+
+/// A checkpoint folder, or a Hub id (`ORG/NAME`) already in the Hugging Face cache.
+pub fn resolve_model_dir(model: &Path) -> Result<PathBuf> {
+    if model.is_dir() {
+        return Ok(model.to_path_buf());
+    }
+    let name = model.to_string_lossy();
+    if hub::is_repo_id(&name) {
+        let options = hub::HubOptions::default();
+        return hub::cached(&name, &options.revision, &options.cache_dir).ok_or_else(|| {
+            Error::Invalid(format!(
+                "--model {name}: not a folder here, and not in the Hugging Face cache ({}); `safeprobe pull {name}` downloads it",
+                options.cache_dir.display()
+            ))
+        });
+    }
+    Err(Error::Invalid(format!(
+        "--model {}: not a directory",
+        model.display()
+    )))
 }
 
 /// Parameter count and the memory its f32 weights take.
