@@ -5,204 +5,18 @@ mod common;
 use common::*;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+
+#[path = "support/mock_hub.rs"]
+mod mock_hub;
+use mock_hub::{MockHub, MockRepo, SHA, TOKEN, repo_of};
 
 use burn::tensor::Device;
 use safeprobe_model::Checkpoint;
 use safeprobe_model::hub::{HubOptions, cached, is_repo_id, pull};
 
-const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
-const TOKEN: &str = "hf_secret";
-
-/// One repository the mock serves.
-#[derive(Clone)]
-struct MockRepo {
-    files: HashMap<String, Vec<u8>>,
-    /// Requests must carry `Authorization: Bearer TOKEN`.
-    gated: bool,
-    /// The first download of this file sends half its bytes, then hangs up.
-    breaks_once: Option<String>,
-}
-
-#[derive(Default)]
-struct Log {
-    /// (path, Range header) of every request.
-    requests: Vec<(String, Option<String>)>,
-    broken: bool,
-}
-
-struct MockHub {
-    endpoint: String,
-    log: Arc<Mutex<Log>>,
-}
-
-impl MockHub {
-    fn start(repos: HashMap<&'static str, MockRepo>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
-        let log = Arc::new(Mutex::new(Log::default()));
-        let shared = log.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { return };
-                let (repos, log) = (repos.clone(), shared.clone());
-                std::thread::spawn(move || answer(stream, &repos, &log));
-            }
-        });
-        Self { endpoint, log }
-    }
-
-    fn downloads(&self, file: &str) -> Vec<Option<String>> {
-        let log = self.log.lock().unwrap();
-        log.requests
-            .iter()
-            .filter(|(path, range)| {
-                path.ends_with(&format!("/{file}")) && range.as_deref() != Some("bytes=0-0")
-            })
-            .map(|(_, range)| range.clone())
-            .collect()
-    }
-}
-
-fn answer(mut stream: TcpStream, repos: &HashMap<&str, MockRepo>, log: &Mutex<Log>) {
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut request_line = String::new();
-    if reader.read_line(&mut request_line).is_err() {
-        return;
-    }
-    let mut headers = HashMap::new();
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
-            break;
-        }
-        if let Some((k, v)) = line.split_once(':') {
-            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-        }
-    }
-    let path = request_line
-        .split_whitespace()
-        .nth(1)
-        .unwrap_or("")
-        .to_string();
-    let range = headers.get("range").cloned();
-    log.lock()
-        .unwrap()
-        .requests
-        .push((path.clone(), range.clone()));
-
-    let reply = |stream: &mut TcpStream, status: &str, extra: &str, body: &[u8]| {
-        let head = format!(
-            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n",
-            body.len()
-        );
-        let _ = stream.write_all(head.as_bytes());
-        let _ = stream.write_all(body);
-    };
-    // /api/models/ORG/NAME/revision/REV or /ORG/NAME/resolve/REV/FILE
-    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let (repo_id, rest) = match parts.as_slice() {
-        ["api", "models", org, name, rest @ ..] => (format!("{org}/{name}"), rest),
-        [org, name, rest @ ..] => (format!("{org}/{name}"), rest),
-        _ => return reply(&mut stream, "404 Not Found", "", b"{}"),
-    };
-    let Some(repo) = repos.get(repo_id.as_str()) else {
-        return reply(
-            &mut stream,
-            "404 Not Found",
-            "",
-            b"{\"error\":\"Repository not found\"}",
-        );
-    };
-    if repo.gated && headers.get("authorization") != Some(&format!("Bearer {TOKEN}")) {
-        return reply(
-            &mut stream,
-            "401 Unauthorized",
-            "",
-            b"{\"error\":\"gated\"}",
-        );
-    }
-    match rest {
-        ["revision", "main"] => {
-            let mut names: Vec<&String> = repo.files.keys().collect();
-            names.sort();
-            let siblings: Vec<_> = names
-                .iter()
-                .map(|n| serde_json::json!({"rfilename": n}))
-                .chain([serde_json::json!({"rfilename": "README.md"})])
-                .collect();
-            let body = serde_json::json!({"sha": SHA, "siblings": siblings}).to_string();
-            reply(&mut stream, "200 OK", "", body.as_bytes());
-        }
-        ["resolve", "main", file] => {
-            let Some(bytes) = repo.files.get(*file) else {
-                return reply(&mut stream, "404 Not Found", "", b"{}");
-            };
-            let start: usize = range
-                .as_deref()
-                .and_then(|r| r.strip_prefix("bytes="))
-                .and_then(|r| r.split('-').next())
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
-            let end = match range.as_deref() {
-                Some("bytes=0-0") => 1,
-                _ => bytes.len(),
-            };
-            let extra = format!(
-                "Content-Range: bytes {start}-{}/{}\r\nETag: \"{:016x}\"\r\nX-Repo-Commit: {SHA}\r\n",
-                end - 1,
-                bytes.len(),
-                fnv(bytes)
-            );
-            let body = &bytes[start..end];
-            let mut log = log.lock().unwrap();
-            if repo.breaks_once.as_deref() == Some(*file) && end > 1 && !log.broken {
-                log.broken = true;
-                drop(log);
-                // Announce the whole body, send half of it, hang up.
-                let head = format!(
-                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n",
-                    body.len()
-                );
-                let _ = stream.write_all(head.as_bytes());
-                let _ = stream.write_all(&body[..body.len() / 2]);
-                let _ = stream.flush();
-                return;
-            }
-            drop(log);
-            reply(&mut stream, "206 Partial Content", &extra, body);
-        }
-        _ => reply(&mut stream, "404 Not Found", "", b"{}"),
-    }
-    let mut rest = Vec::new();
-    let _ = reader.read_to_end(&mut rest);
-}
-
-fn fnv(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x100000001b3)
-    })
-}
-
 fn tiny_repo() -> MockRepo {
-    let files = std::fs::read_dir(fixture("tiny-tied"))
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap(),
-            )
-        })
-        .collect();
-    MockRepo {
-        files,
-        gated: false,
-        breaks_once: None,
-    }
+    repo_of(&fixture("tiny-tied"))
 }
 
 fn options(hub: &MockHub, cache: &Path, token: Option<&str>) -> HubOptions {
@@ -232,7 +46,24 @@ fn same_files(snapshot: &Path, original: &Path) {
 fn a_pull_lands_in_the_hugging_face_cache_and_is_found_offline() {
     let hub = MockHub::start(HashMap::from([("org/tiny", tiny_repo())]));
     let cache = tempfile::tempdir().unwrap();
-    let snapshot = pull("org/tiny", &options(&hub, cache.path(), None)).unwrap();
+    let mut seen = Vec::new();
+    let snapshot = pull(
+        "org/tiny",
+        &options(&hub, cache.path(), None),
+        Some(&mut |p: &safeprobe_model::hub::PullProgress| seen.push(p.clone())),
+    )
+    .unwrap();
+    // Progress: every file ends counted, and the weights' bytes are reported up to their size.
+    let last = seen.last().unwrap();
+    assert_eq!((last.files_done, last.files), (5, 5), "{last:?}");
+    let weights = std::fs::metadata(fixture("tiny-tied/model.safetensors"))
+        .unwrap()
+        .len();
+    assert!(
+        seen.iter()
+            .any(|p| p.file == "model.safetensors" && p.bytes == weights && p.total == weights),
+        "{seen:?}"
+    );
 
     // huggingface_hub's layout: models--ORG--NAME/{refs/main, snapshots/SHA, blobs}.
     let repo_dir = cache.path().join("models--org--tiny");
@@ -257,7 +88,7 @@ fn a_pull_lands_in_the_hugging_face_cache_and_is_found_offline() {
     assert_eq!(cached("org/other", "main", cache.path()), None);
     let before = hub.downloads("model.safetensors").len();
     assert_eq!(before, 1);
-    pull("org/tiny", &options(&hub, cache.path(), None)).unwrap();
+    pull("org/tiny", &options(&hub, cache.path(), None), None).unwrap();
     assert_eq!(hub.downloads("model.safetensors").len(), before);
 }
 
@@ -268,7 +99,7 @@ fn missing_and_gated_repositories_are_explained() {
     let hub = MockHub::start(HashMap::from([("org/gated", gated)]));
     let cache = tempfile::tempdir().unwrap();
 
-    let error = pull("org/nothing", &options(&hub, cache.path(), None))
+    let error = pull("org/nothing", &options(&hub, cache.path(), None), None)
         .unwrap_err()
         .to_string();
     assert!(
@@ -276,22 +107,26 @@ fn missing_and_gated_repositories_are_explained() {
         "{error}"
     );
 
-    let error = pull("org/gated", &options(&hub, cache.path(), None))
+    let error = pull("org/gated", &options(&hub, cache.path(), None), None)
         .unwrap_err()
         .to_string();
     assert!(
         error.contains("access denied") && error.contains("401") && error.contains("HF_TOKEN"),
         "{error}"
     );
-    let error = pull("org/gated", &options(&hub, cache.path(), Some("hf_wrong")))
-        .unwrap_err()
-        .to_string();
+    let error = pull(
+        "org/gated",
+        &options(&hub, cache.path(), Some("hf_wrong")),
+        None,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(error.contains("401"), "{error}");
 
-    let snapshot = pull("org/gated", &options(&hub, cache.path(), Some(TOKEN))).unwrap();
+    let snapshot = pull("org/gated", &options(&hub, cache.path(), Some(TOKEN)), None).unwrap();
     same_files(&snapshot, &fixture("tiny-tied"));
 
-    let error = pull("not-an-id", &options(&hub, cache.path(), None))
+    let error = pull("not-an-id", &options(&hub, cache.path(), None), None)
         .unwrap_err()
         .to_string();
     assert!(error.contains("ORG/NAME"), "{error}");
@@ -304,7 +139,7 @@ fn an_interrupted_download_resumes_where_it_stopped() {
     let hub = MockHub::start(HashMap::from([("org/flaky", flaky)]));
     let cache = tempfile::tempdir().unwrap();
 
-    let error = pull("org/flaky", &options(&hub, cache.path(), None))
+    let error = pull("org/flaky", &options(&hub, cache.path(), None), None)
         .unwrap_err()
         .to_string();
     assert!(
@@ -317,7 +152,7 @@ fn an_interrupted_download_resumes_where_it_stopped() {
         "nothing half-done is offered"
     );
 
-    let snapshot = pull("org/flaky", &options(&hub, cache.path(), None)).unwrap();
+    let snapshot = pull("org/flaky", &options(&hub, cache.path(), None), None).unwrap();
     same_files(&snapshot, &fixture("tiny-tied"));
     let ranges = hub.downloads("model.safetensors");
     assert_eq!(ranges.len(), 2, "{ranges:?}");

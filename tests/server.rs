@@ -13,6 +13,9 @@ use serde_json::{Value, json};
 #[path = "support/serve.rs"]
 mod support;
 
+#[path = "support/mock_hub.rs"]
+mod mock_hub;
+
 const TOKEN: &str = "test-token-123";
 
 fn fixtures() -> PathBuf {
@@ -407,6 +410,106 @@ fn cancel_stops_within_a_step_and_events_stream_live() {
     let steps = steps_of(&server, id);
     assert!(steps.len() < 10_000);
     assert_eq!(job["status"], "cancelled");
+}
+
+#[test]
+fn models_are_pulled_from_the_hub_with_progress_and_then_usable_by_id() {
+    let hub = mock_hub::MockHub::start(std::collections::HashMap::from([(
+        "org/tiny",
+        mock_hub::repo_of(&fixtures().join("tiny-tied")),
+    )]));
+    let data = tempfile::tempdir().unwrap();
+    let (child, base) = support::spawn_with_env(
+        data.path(),
+        TOKEN,
+        &[&fixtures().join("data")],
+        &[],
+        &[("HF_ENDPOINT", hub.endpoint.as_str())],
+    );
+    let server = Server { child, base };
+
+    let (code, started) = server.post("/api/models/pull", json!({"repo": "org/tiny"}));
+    assert_eq!(code, 200, "{started}");
+    assert_eq!(started["state"], "running");
+    let (code, _) = server.post("/api/models/pull", json!({"repo": "org/missing"}));
+    assert_eq!(code, 200);
+    let (code, body) = server.post("/api/models/pull", json!({"repo": "../etc"}));
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("ORG/NAME"),
+        "{body}"
+    );
+
+    let started_at = Instant::now();
+    let pulls = loop {
+        let (_, pulls) = server.get("/api/models/pulls");
+        if pulls
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["state"] != "running")
+        {
+            break pulls;
+        }
+        assert!(started_at.elapsed() < Duration::from_secs(60), "{pulls}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let by_repo = |repo: &str| {
+        pulls
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["repo"] == repo)
+            .unwrap()
+            .clone()
+    };
+    let tiny = by_repo("org/tiny");
+    assert_eq!(tiny["state"], "done", "{tiny}");
+    assert_eq!(
+        (tiny["files_done"].as_u64(), tiny["files"].as_u64()),
+        (Some(5), Some(5))
+    );
+    let missing = by_repo("org/missing");
+    assert_eq!(missing["state"], "failed");
+    assert!(
+        missing["error"].as_str().unwrap().contains("404"),
+        "{missing}"
+    );
+
+    // The pulled model is listed under its id, sits in the standard cache layout, and a
+    // request can name it.
+    let (_, models) = server.get("/api/models");
+    let listed = models
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "org/tiny")
+        .unwrap_or_else(|| panic!("{models}"));
+    assert_eq!(listed["layers"], 2);
+    assert!(
+        data.path()
+            .join("hf-cache/models--org--tiny/snapshots")
+            .join(mock_hub::SHA)
+            .join("model.safetensors")
+            .exists()
+    );
+    let chat = ureq::post(&server.url("/api/chat"))
+        .set("Authorization", &format!("Bearer {TOKEN}"))
+        .send_json(json!({"model": "org/tiny", "messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 2}))
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(chat.contains("event: done"), "{chat}");
+    let (code, body) = server.post(
+        "/api/chat",
+        json!({"model": "org/other", "messages": [{"role": "user", "content": "hi"}]}),
+    );
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("pull it first"),
+        "{body}"
+    );
+    server.kill();
 }
 
 #[test]

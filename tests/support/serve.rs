@@ -20,7 +20,26 @@ pub fn spawn_with(
     datasets: &[&Path],
     args: &[&str],
 ) -> (Child, String) {
+    spawn_with_env(data_dir, token, datasets, args, &[])
+}
+
+/// `spawn_with` and environment variables. The Hugging Face cache is the test's own
+/// (`data_dir/hf-cache`) and the user's HF_TOKEN and HF_ENDPOINT are not passed on, unless
+/// `env` sets them.
+#[allow(dead_code)]
+pub fn spawn_with_env(
+    data_dir: &Path,
+    token: &str,
+    datasets: &[&Path],
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Child, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_safeprobe"));
+    command
+        .env_remove("HF_TOKEN")
+        .env_remove("HF_ENDPOINT")
+        .env("HF_HUB_CACHE", data_dir.join("hf-cache"))
+        .envs(env.iter().copied());
     command
         .args([
             "serve",

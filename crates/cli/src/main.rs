@@ -386,7 +386,7 @@ fn run(cli: Cli) -> Result<()> {
                 revision,
                 ..Default::default()
             };
-            let dir = safeprobe_model::hub::pull(&repo, &options)?;
+            let dir = safeprobe_model::hub::pull(&repo, &options, None)?;
             eprintln!("{repo}@{}: ready", options.revision);
             println!("{}", dir.display());
         }

@@ -73,9 +73,45 @@ fn wanted(file: &str) -> bool {
     !file.contains('/') && (EXACT.contains(&file) || file.ends_with(".safetensors"))
 }
 
+/// Where a pull stands, for a caller that shows it its own way (the control panel).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PullProgress {
+    pub file: String,
+    /// Files finished so far, of `files`.
+    pub files_done: usize,
+    pub files: usize,
+    /// Bytes of `file` on disk so far (a resumed download starts above 0), of `total`.
+    pub bytes: u64,
+    pub total: u64,
+}
+
+/// Adapts a progress callback to hf-hub's per-file `Progress`.
+struct Reporter<'a> {
+    progress: PullProgress,
+    report: &'a mut dyn FnMut(&PullProgress),
+}
+
+impl hf_hub::api::Progress for Reporter<'_> {
+    fn init(&mut self, size: usize, _filename: &str) {
+        self.progress.total = size as u64;
+        self.progress.bytes = 0;
+        (self.report)(&self.progress);
+    }
+    fn update(&mut self, size: usize) {
+        self.progress.bytes += size as u64;
+        (self.report)(&self.progress);
+    }
+    fn finish(&mut self) {}
+}
+
 /// Downloads `repo_id` at `options.revision` (what is already cached is not fetched again; a
 /// `.part` left by an interrupted download is resumed) and returns its snapshot folder.
-pub fn pull(repo_id: &str, options: &HubOptions) -> Result<PathBuf> {
+/// Progress goes to `report` when given, else to hf-hub's terminal bar if `options.progress`.
+pub fn pull(
+    repo_id: &str,
+    options: &HubOptions,
+    mut report: Option<&mut dyn FnMut(&PullProgress)>,
+) -> Result<PathBuf> {
     if !is_repo_id(repo_id) {
         return Err(Error::Invalid(format!(
             "\"{repo_id}\" is not a Hub model id (expected ORG/NAME)"
@@ -118,11 +154,36 @@ pub fn pull(repo_id: &str, options: &HubOptions) -> Result<PathBuf> {
             options.revision
         )));
     }
+    let cache = Cache::new(options.cache_dir.clone()).repo(Repo::with_revision(
+        repo_id.to_string(),
+        RepoType::Model,
+        options.revision.clone(),
+    ));
     let mut snapshot = None;
-    for file in files {
-        let path = repo
-            .get(file)
-            .map_err(|e| hub_error(repo_id, options, file, e))?;
+    let count = files.len();
+    for (index, file) in files.into_iter().enumerate() {
+        let path = match (cache.get(file), report.as_deref_mut()) {
+            (Some(path), _) => Ok(path),
+            (None, Some(report)) => {
+                let progress = PullProgress {
+                    file: file.to_string(),
+                    files_done: index,
+                    files: count,
+                    ..Default::default()
+                };
+                repo.download_with_progress(file, Reporter { progress, report })
+            }
+            (None, None) => repo.download(file),
+        }
+        .map_err(|e| hub_error(repo_id, options, file, e))?;
+        if let Some(report) = report.as_deref_mut() {
+            report(&PullProgress {
+                file: file.to_string(),
+                files_done: index + 1,
+                files: count,
+                ..Default::default()
+            });
+        }
         snapshot = path.parent().map(Path::to_path_buf);
     }
     snapshot.ok_or_else(|| Error::Invalid(format!("{repo_id}: nothing was downloaded")))

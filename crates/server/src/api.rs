@@ -21,7 +21,7 @@ use crate::error::ApiError;
 use crate::jobs;
 use crate::store::Status;
 
-type ApiResult<T> = Result<Json<T>, ApiError>;
+pub(crate) type ApiResult<T> = Result<Json<T>, ApiError>;
 
 pub async fn device(State(state): State<Arc<AppState>>) -> ApiResult<DeviceReport> {
     let adapters = safeprobe_model::device::list_adapters()
@@ -70,6 +70,9 @@ pub async fn models(State(state): State<Arc<AppState>>) -> ApiResult<Vec<ModelSu
             let name = dir.strip_prefix(root).unwrap_or(&dir).display().to_string();
             out.extend(model_summary(&dir, &name));
         }
+    }
+    for (repo, dir) in crate::hub::cached_models(&state.places.hub) {
+        out.extend(model_summary(&dir, &repo));
     }
     Ok(Json(out))
 }

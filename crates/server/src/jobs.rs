@@ -50,14 +50,28 @@ pub struct Places {
     /// Run directories go here: `<data_dir>/runs/job-<id>`.
     pub runs_dir: PathBuf,
     pub limits: Limits,
+    /// The Hugging Face cache (and endpoint and token) pulls use and model ids resolve in.
+    pub hub: safeprobe_model::hub::HubOptions,
 }
 
 impl Places {
-    /// A model named in a request: "demo" (or nothing) is the embedded demo model.
+    /// A model named in a request: "demo" (or nothing) is the embedded demo model; a folder
+    /// under the model directories; else a Hub id (`ORG/NAME`) finished in the Hugging Face
+    /// cache. An id has exactly one `/` and no `..`, so it cannot reach outside the cache.
     pub fn model(&self, field: &str, name: Option<&str>) -> Result<PathBuf, ApiError> {
         match name {
             None | Some("") | Some("demo") => demo_model_dir(),
-            Some(name) => self.models.resolve(field, name),
+            Some(name) => self.models.resolve(field, name).or_else(|error| {
+                if !safeprobe_model::hub::is_repo_id(name) {
+                    return Err(error);
+                }
+                safeprobe_model::hub::cached(name, &self.hub.revision, &self.hub.cache_dir)
+                    .ok_or_else(|| {
+                        ApiError::Invalid(format!(
+                            "{field}: {name:?} is not in the model directories, nor pulled into the Hugging Face cache; pull it first (the Models page, or `safeprobe pull {name}`)"
+                        ))
+                    })
+            }),
         }
     }
 
@@ -759,7 +773,46 @@ mod tests {
             data_dir: data.to_path_buf(),
             runs_dir: runs.to_path_buf(),
             limits: Limits::default(),
+            hub: safeprobe_model::hub::HubOptions {
+                cache_dir: runs.join("hf-cache"),
+                ..Default::default()
+            },
         }
+    }
+
+    #[test]
+    fn a_hub_id_names_a_finished_model_in_the_cache_and_nothing_else() {
+        let root = tempfile::tempdir().unwrap();
+        let (models, data, runs) = (
+            root.path().join("m"),
+            root.path().join("d"),
+            root.path().join("r"),
+        );
+        for dir in [&models, &data, &runs] {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        let places = places(&models, &data, &runs);
+        // The layout huggingface_hub (and `safeprobe pull`) leaves.
+        let repo = runs.join("hf-cache/models--org--m");
+        let snapshot = repo.join("snapshots/abc");
+        std::fs::create_dir_all(&snapshot).unwrap();
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs/main"), "abc").unwrap();
+        assert!(
+            places.model("model", Some("org/m")).is_err(),
+            "no config.json yet"
+        );
+        std::fs::write(snapshot.join("config.json"), "{}").unwrap();
+        assert_eq!(places.model("model", Some("org/m")).unwrap(), snapshot);
+        for name in ["org/other", "../org/m", "org/m/..", "/org/m", "org/../m"] {
+            assert!(places.model("model", Some(name)).is_err(), "{name}");
+        }
+        // A folder of that name in a model directory wins.
+        std::fs::create_dir_all(models.join("org/m")).unwrap();
+        assert_eq!(
+            places.model("model", Some("org/m")).unwrap(),
+            models.join("org/m").canonicalize().unwrap()
+        );
     }
 
     /// A config of `kind` whose `key` (dotted: nested) is `value`.

@@ -8,6 +8,7 @@ mod assets;
 pub mod error;
 pub mod files;
 pub mod guard;
+pub mod hub;
 pub mod jobs;
 pub mod paths;
 pub mod store;
@@ -79,6 +80,7 @@ pub struct AppState {
     pub device_description: String,
     pub chat_device: Device,
     pub chat_model: ChatCache,
+    pub pulls: hub::Pulls,
 }
 
 /// Opens the store, recovers interrupted jobs and starts the worker.
@@ -107,6 +109,7 @@ pub fn state(
         data_dir: data_dir.clone(),
         runs_dir: data_dir.join("runs"),
         limits: config.limits.clone(),
+        hub: safeprobe_model::hub::HubOptions::default(),
     };
     Ok(Arc::new(AppState {
         runner: Runner::start(store, device.clone())?,
@@ -117,6 +120,7 @@ pub fn state(
         device_description,
         chat_device: device,
         chat_model: Arc::new(Mutex::new(None)),
+        pulls: Default::default(),
     }))
 }
 
@@ -125,6 +129,8 @@ pub fn router(state: Arc<AppState>) -> Router {
     let api = Router::new()
         .route("/device", get(api::device))
         .route("/models", get(api::models))
+        .route("/models/pull", post(hub::start))
+        .route("/models/pulls", get(hub::list))
         .route(
             "/datasets",
             get(api::datasets)

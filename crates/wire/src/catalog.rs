@@ -34,6 +34,42 @@ pub struct ModelSummary {
     pub hidden_size: usize,
 }
 
+/// `POST /api/models/pull`: download a model from the Hugging Face Hub into the server's
+/// Hugging Face cache.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PullRequest {
+    /// ORG/NAME
+    pub repo: String,
+    /// A branch, tag or commit (default: main).
+    #[serde(default)]
+    pub revision: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PullState {
+    Running,
+    Done,
+    Failed,
+}
+
+/// A pull the server started: one entry of `GET /api/models/pulls`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PullStatus {
+    pub repo: String,
+    pub revision: String,
+    pub state: PullState,
+    /// The file being downloaded.
+    pub file: String,
+    pub files_done: usize,
+    pub files: usize,
+    /// Bytes of `file` so far, of `total`.
+    pub bytes: u64,
+    pub total: u64,
+    /// Why it failed, in the user's terms.
+    pub error: Option<String>,
+}
+
 /// One entry of `GET /api/datasets`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DatasetEntry {

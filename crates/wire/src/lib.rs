@@ -12,7 +12,7 @@ pub mod reports;
 pub use catalog::{
     AdapterInfo, ChatDone, ChatToken, DatasetEntry, Deleted, DeviceReport, ErrorBody,
     ExportRequest, Exported, MetricsQuery, ModelSummary, Preview, PreviewQuery, PreviewRow,
-    Uploaded,
+    PullRequest, PullState, PullStatus, Uploaded,
 };
 pub use events::{Alignment, Event, EventPage, LiveMessage, StepMetrics, StoredEvent};
 pub use jobs::{ChatRequest, CreateJob, EvalSpec, Job, JobKind, JobResult, Message, Status};
