@@ -15,6 +15,9 @@ use serde_json::{Value, json};
 #[path = "support/serve.rs"]
 mod support;
 
+#[path = "support/mock_hub.rs"]
+mod mock_hub;
+
 const TOKEN: &str = "browser-token";
 
 struct Kill(Child);
@@ -483,4 +486,57 @@ fn the_ui_runs_a_job_shows_live_charts_a_comparison_and_chats() {
         (replies.len() == 2 && replies.iter().all(|r| r.contains("moon cat red"))).then_some(())
     });
     browser.screenshot("08-chat");
+}
+
+#[test]
+fn the_ui_pulls_a_model_from_the_hub_and_puts_it_in_the_form() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let hub = mock_hub::MockHub::start(std::collections::HashMap::from([(
+        "org/tiny",
+        mock_hub::repo_of(&fixtures.join("tiny-tied")),
+    )]));
+    let data = tempfile::tempdir().unwrap();
+    let (child, base) = support::spawn_with_env(
+        data.path(),
+        TOKEN,
+        &[],
+        &[],
+        &[("HF_ENDPOINT", hub.endpoint.as_str())],
+    );
+    let _server = Kill(child);
+    let browser = Browser::start();
+    browser.open(&format!("{base}/?token={TOKEN}#/new"));
+    browser.type_into("#pull-repo", "org/nothing");
+    browser.click("#pull-start");
+    browser.wait_for("the failed pull", || {
+        browser.text("#pulls").contains("not found").then_some(())
+    });
+    browser.type_into("#pull-repo", "org/tiny");
+    browser.click("#pull-start");
+    browser.wait_for("the finished pull", || {
+        browser
+            .text("#pulls")
+            .contains("done: 5 files")
+            .then_some(())
+    });
+    // The list refreshes by itself; "use" puts the id into the form.
+    browser.click("#models summary");
+    browser.wait_for("the pulled model in the list", || {
+        browser
+            .text("#model-list")
+            .contains("org/tiny")
+            .then_some(())
+    });
+    browser.screenshot("20-models-pulled");
+    let use_button = "#model-list tbody tr:last-child button";
+    assert!(
+        browser
+            .text("#model-list tbody tr:last-child")
+            .contains("org/tiny")
+    );
+    browser.click(use_button);
+    browser.wait_for("the id in the form", || {
+        let value = browser.script("return document.querySelector(\"input[name='model']\").value");
+        (value.as_str() == Some("org/tiny")).then_some(())
+    });
 }

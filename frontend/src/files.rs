@@ -44,6 +44,33 @@ pub fn bytes_in_words(bytes: u64) -> String {
     }
 }
 
+/// A pull's state in words: the file and bytes while running, the reason when it failed.
+pub fn pull_in_words(pull: &safeprobe_wire::PullStatus) -> String {
+    use safeprobe_wire::PullState;
+    match pull.state {
+        PullState::Done => format!("done: {} files", pull.files),
+        PullState::Failed => format!("failed: {}", pull.error.as_deref().unwrap_or("unknown error")),
+        PullState::Running if pull.files == 0 => "asking the Hub for the file list".into(),
+        PullState::Running => {
+            let mut text = format!(
+                "{} (file {} of {})",
+                pull.file,
+                (pull.files_done + 1).min(pull.files),
+                pull.files
+            );
+            if pull.total > 0 {
+                text.push_str(&format!(
+                    ": {} of {} ({:.0}%)",
+                    bytes_in_words(pull.bytes),
+                    bytes_in_words(pull.total),
+                    100.0 * pull.bytes as f64 / pull.total as f64
+                ));
+            }
+            text
+        }
+    }
+}
+
 /// The preview endpoint for a data file, rendered through `model`'s chat template (the
 /// server's default model when the form names none).
 pub fn preview_url(path: &str, model: &str, rows: usize) -> String {
@@ -86,6 +113,34 @@ pub const EXPORT_DTYPES: [&str; 2] = ["bf16", "f32"];
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pull_reads_as_its_file_bytes_or_failure() {
+        use safeprobe_wire::{PullState, PullStatus};
+        let mut pull = PullStatus {
+            repo: "org/m".into(),
+            revision: "main".into(),
+            state: PullState::Running,
+            file: String::new(),
+            files_done: 0,
+            files: 0,
+            bytes: 0,
+            total: 0,
+            error: None,
+        };
+        assert_eq!(pull_in_words(&pull), "asking the Hub for the file list");
+        pull.file = "model.safetensors".into();
+        (pull.files_done, pull.files, pull.bytes, pull.total) = (2, 5, 250_000_000, 1_000_000_000);
+        assert_eq!(
+            pull_in_words(&pull),
+            "model.safetensors (file 3 of 5): 250.0 MB of 1000.0 MB (25%)"
+        );
+        pull.state = PullState::Failed;
+        pull.error = Some("org/m@main: not found (404)".into());
+        assert_eq!(pull_in_words(&pull), "failed: org/m@main: not found (404)");
+        pull.state = PullState::Done;
+        assert_eq!(pull_in_words(&pull), "done: 5 files");
+    }
     use safeprobe_wire::{JobKind, Status};
     use serde_json::json;
 

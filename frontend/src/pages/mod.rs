@@ -7,6 +7,7 @@ pub mod datasets;
 pub mod device;
 pub mod evaluate;
 pub mod export;
+pub mod models;
 pub mod new_run;
 pub mod run_detail;
 pub mod runs;

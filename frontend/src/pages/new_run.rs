@@ -10,6 +10,7 @@ use safeprobe_wire::{CreateJob, Job, JobKind};
 use serde_json::{Map, Value};
 
 use super::datasets::DataFiles;
+use super::models::Models;
 use super::live;
 use crate::{Page, api, go};
 
@@ -34,7 +35,7 @@ enum Kind {
 #[rustfmt::skip]
 const FIELDS: &[(&str, &[Field])] = &[
     ("Model and data", &[
-        Field { key: "model", label: "model", help: "\"demo\" or a checkpoint under the server's model directories", kind: Kind::Text },
+        Field { key: "model", label: "model", help: "\"demo\", a checkpoint under the server's model directories, or a pulled Hub id (ORG/NAME)", kind: Kind::Text },
         Field { key: "train_data", label: "training data", help: "JSONL/Parquet/Alpaca JSON in a data directory", kind: Kind::Text },
         Field { key: "safety_data", label: "safety pairs", help: "{prompt, chosen, rejected}; needed by SAP and mixing", kind: Kind::Text },
         Field { key: "validation_data", label: "validation data", help: "optional; or set a validation fraction", kind: Kind::Text },
@@ -243,6 +244,7 @@ pub fn NewRun() -> impl IntoView {
             <button id="preset-demo" on:click=move |_| values.set(preset(Preset::Demo))>"demo"</button>
             <span class="help">" (the demo preset fine-tunes the demo model on the built-in word-reversal task)"</span>
         </div>
+        <Models values/>
         <DataFiles values/>
         {FIELDS.iter().map(|(group, fields)| view! {
             <div class="card">
