@@ -117,17 +117,7 @@ mod tests {
     #[test]
     fn a_pull_reads_as_its_file_bytes_or_failure() {
         use safeprobe_wire::{PullState, PullStatus};
-        let mut pull = PullStatus {
-            repo: "org/m".into(),
-            revision: "main".into(),
-            state: PullState::Running,
-            file: String::new(),
-            files_done: 0,
-            files: 0,
-            bytes: 0,
-            total: 0,
-            error: None,
-        };
+        let mut pull = PullStatus::started("org/m", "main");
         assert_eq!(pull_in_words(&pull), "asking the Hub for the file list");
         pull.file = "model.safetensors".into();
         (pull.files_done, pull.files, pull.bytes, pull.total) = (2, 5, 250_000_000, 1_000_000_000);

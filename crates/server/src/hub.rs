@@ -33,17 +33,7 @@ pub async fn start(
         progress: false,
         ..state.places.hub.clone()
     };
-    let status = PullStatus {
-        repo: request.repo.clone(),
-        revision: options.revision.clone(),
-        state: PullState::Running,
-        file: String::new(),
-        files_done: 0,
-        files: 0,
-        bytes: 0,
-        total: 0,
-        error: None,
-    };
+    let status = PullStatus::started(&request.repo, &options.revision);
     let index = {
         let mut pulls = state.pulls.lock().unwrap();
         let running = |p: &PullStatus| {

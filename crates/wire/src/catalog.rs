@@ -70,6 +70,23 @@ pub struct PullStatus {
     pub error: Option<String>,
 }
 
+impl PullStatus {
+    /// A pull that has just started: nothing known yet about its files.
+    pub fn started(repo: impl Into<String>, revision: impl Into<String>) -> Self {
+        Self {
+            repo: repo.into(),
+            revision: revision.into(),
+            state: PullState::Running,
+            file: String::new(),
+            files_done: 0,
+            files: 0,
+            bytes: 0,
+            total: 0,
+            error: None,
+        }
+    }
+}
+
 /// One entry of `GET /api/datasets`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DatasetEntry {
