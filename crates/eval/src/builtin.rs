@@ -36,8 +36,55 @@ pub fn safety_pairs() -> Vec<CategorisedPair> {
     lines(SAFETY_PAIRS)
 }
 
-pub fn pairs_for_training() -> Vec<SafetyPair> {
-    safety_pairs()
+/// The part a built-in safety pair plays. The pairs are dealt into three disjoint thirds (by
+/// position, so each category lands in all three), and no pair plays two parts: the pairs the
+/// harmful direction is computed from would otherwise also be the poison it is tested against,
+/// or the yardstick it is measured by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PairRole {
+    /// SAP's harmful direction (and the mixing baseline's safe answers): `safety_data`.
+    Direction,
+    /// The continuous safety metric's held-out pairs: `safety_eval.pairs`.
+    HeldOut,
+    /// Where poisoning takes its harmful answers: `poison_data`.
+    Poison,
+}
+
+impl PairRole {
+    pub const ALL: [PairRole; 3] = [PairRole::Direction, PairRole::HeldOut, PairRole::Poison];
+
+    pub fn of(index: usize) -> Self {
+        Self::ALL[index % 3]
+    }
+
+    pub fn file_name(self) -> &'static str {
+        match self {
+            PairRole::Direction => "safety_pairs.jsonl",
+            PairRole::HeldOut => "held_out_pairs.jsonl",
+            PairRole::Poison => "poison_pairs.jsonl",
+        }
+    }
+}
+
+/// The JSONL lines of the pairs that play `role`, as written in the built-in file.
+fn pair_lines(role: PairRole) -> String {
+    SAFETY_PAIRS
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .filter(|(i, _)| PairRole::of(*i) == role)
+        .map(|(_, l)| format!("{l}\n"))
+        .collect()
+}
+
+/// How many built-in pairs play `role`.
+pub fn pair_count(role: PairRole) -> usize {
+    pair_lines(role).lines().count()
+}
+
+/// The pairs that play `role`, for the trainer.
+pub fn pairs_in(role: PairRole) -> Vec<SafetyPair> {
+    lines::<CategorisedPair>(&pair_lines(role))
         .into_iter()
         .enumerate()
         .map(|(i, p)| SafetyPair {
@@ -80,7 +127,10 @@ pub struct DataFiles {
     pub train: PathBuf,
     pub validation: PathBuf,
     pub test: PathBuf,
+    /// The direction pairs (`PairRole::Direction`).
     pub safety_pairs: PathBuf,
+    pub held_out_pairs: PathBuf,
+    pub poison_pairs: PathBuf,
     pub harmful_prompts: PathBuf,
 }
 
@@ -91,7 +141,9 @@ impl DataFiles {
             train: dir.join(format!("{}-train.jsonl", task.name())),
             validation: dir.join(format!("{}-validation.jsonl", task.name())),
             test: dir.join(format!("{}-test.jsonl", task.name())),
-            safety_pairs: dir.join("safety_pairs.jsonl"),
+            safety_pairs: dir.join(PairRole::Direction.file_name()),
+            held_out_pairs: dir.join(PairRole::HeldOut.file_name()),
+            poison_pairs: dir.join(PairRole::Poison.file_name()),
             harmful_prompts: dir.join("harmful_prompts.jsonl"),
         }
     }
@@ -107,7 +159,8 @@ pub fn write_labelled(path: &Path, examples: &[Labelled]) -> Result<()> {
     Ok(())
 }
 
-/// Writes the task's splits, the safety pairs and the harmful prompts into `dir`.
+/// Writes the task's splits, the safety pairs (one file per role) and the harmful prompts
+/// into `dir`.
 pub fn write(dir: &Path, task: Task, seed: u64) -> Result<DataFiles> {
     std::fs::create_dir_all(dir).map_err(|e| crate::EvalError::file(dir, e.to_string()))?;
     let splits = task_splits(task, seed)?;
@@ -115,7 +168,67 @@ pub fn write(dir: &Path, task: Task, seed: u64) -> Result<DataFiles> {
     write_labelled(&files.train, &splits.train)?;
     write_labelled(&files.validation, &splits.validation)?;
     write_labelled(&files.test, &splits.test)?;
-    safeprobe_model::weights::write_atomic(&files.safety_pairs, SAFETY_PAIRS.as_bytes())?;
+    for (role, path) in [
+        (PairRole::Direction, &files.safety_pairs),
+        (PairRole::HeldOut, &files.held_out_pairs),
+        (PairRole::Poison, &files.poison_pairs),
+    ] {
+        safeprobe_model::weights::write_atomic(path, pair_lines(role).as_bytes())?;
+    }
     safeprobe_model::weights::write_atomic(&files.harmful_prompts, HARMFUL_PROMPTS.as_bytes())?;
     Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn the_pair_roles_split_the_pairs_into_disjoint_thirds() {
+        let all = safety_pairs();
+        let roles: Vec<Vec<SafetyPair>> = PairRole::ALL.iter().map(|r| pairs_in(*r)).collect();
+        assert_eq!(roles.iter().map(Vec::len).sum::<usize>(), all.len());
+        for (role, pairs) in PairRole::ALL.iter().zip(&roles) {
+            assert_eq!(pairs.len(), pair_count(*role));
+            assert!(pairs.len() >= all.len() / 3, "{role:?}");
+        }
+        // No prompt, safe answer or harmful answer is in two roles, nor is any pair prompt
+        // among the harmful prompts the harmful score is measured on.
+        let texts = |pairs: &[SafetyPair]| -> HashSet<String> {
+            pairs
+                .iter()
+                .flat_map(|p| [p.prompt.clone(), p.chosen.clone(), p.rejected.clone()])
+                .collect()
+        };
+        for a in 0..3 {
+            for b in a + 1..3 {
+                let shared: Vec<_> = texts(&roles[a])
+                    .intersection(&texts(&roles[b]))
+                    .cloned()
+                    .collect();
+                assert!(
+                    shared.is_empty(),
+                    "{:?} and {:?} share {shared:?}",
+                    PairRole::ALL[a],
+                    PairRole::ALL[b]
+                );
+            }
+        }
+        let evaluated: HashSet<String> = harmful_prompts().into_iter().map(|p| p.prompt).collect();
+        for pairs in &roles {
+            assert!(pairs.iter().all(|p| !evaluated.contains(&p.prompt)));
+        }
+        // Every category is in every role.
+        let categories: HashSet<&str> = all.iter().map(|p| p.category.as_str()).collect();
+        for role in PairRole::ALL {
+            let present: HashSet<&str> = all
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| PairRole::of(*i) == role)
+                .map(|(_, p)| p.category.as_str())
+                .collect();
+            assert_eq!(present, categories, "{role:?}");
+        }
+    }
 }

@@ -155,7 +155,10 @@ impl CompareConfig {
         let task = Task::parse(&self.task)?;
         let files = builtin::DataFiles::in_dir(&self.data_dir(), task);
         let model = self.model.clone().unwrap_or_else(|| "demo model".into());
-        let (clean, pairs) = (builtin::TASK_SPLITS[0], builtin::safety_pairs().len());
+        let (clean, pairs) = (
+            builtin::TASK_SPLITS[0],
+            builtin::pair_count(builtin::PairRole::Direction),
+        );
         let mut total = 0usize;
         for method in self.methods.iter().filter(|m| **m != Method::Base) {
             let text = self.run_toml(*method, self.seeds[0], &model, &files);
@@ -217,11 +220,17 @@ impl CompareConfig {
         table.insert("train_data".into(), path(&files.train));
         table.insert("validation_data".into(), path(&files.validation));
         table.insert("safety_data".into(), path(&files.safety_pairs));
+        // Poison comes from pairs SAP never sees (builtin::PairRole), unless [train] names a pool.
+        if !table.contains_key("poison_data") {
+            table.insert("poison_data".into(), path(&files.poison_pairs));
+        }
         // Unless [train] says otherwise, every run tracks its readiness to refuse the
-        // held-out harmful prompts the harmful score is measured on (never trained on).
+        // held-out harmful prompts the harmful score is measured on (never trained on) and its
+        // margins on held-out pairs (never used for the direction or the poison).
         if !table.contains_key("safety_eval") {
             let mut held_out = toml::Table::new();
             held_out.insert("prompts".into(), path(&self.held_out_prompts()));
+            held_out.insert("pairs".into(), path(&files.held_out_pairs));
             table.insert("safety_eval".into(), toml::Value::Table(held_out));
         }
         table.insert("output_dir".into(), path(&self.run_dir(method, seed)));
