@@ -39,6 +39,12 @@ pub struct Checkpoint {
 impl Checkpoint {
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let dir = &resolve_model_dir(dir)?;
+        if !dir.is_dir() {
+            return Err(Error::Invalid(format!(
+                "--model {}: not a directory",
+                dir.display()
+            )));
+        }
         let config = Qwen2Config::from_file(&dir.join("config.json"))?;
         let tokenizer = ChatTokenizer::load(dir, &config.eos_token_ids)?;
         if tokenizer.vocab_size() > config.vocab_size {
@@ -108,7 +114,8 @@ impl Checkpoint {
     }
 }
 
-/// A checkpoint folder, or a Hub id (`ORG/NAME`) already in the Hugging Face cache.
+/// A checkpoint folder, or a Hub id (`ORG/NAME`) already in the Hugging Face cache. Any other
+/// path comes back as it is, for the load to name what is missing in it.
 pub fn resolve_model_dir(model: &Path) -> Result<PathBuf> {
     if model.is_dir() {
         return Ok(model.to_path_buf());
@@ -123,10 +130,8 @@ pub fn resolve_model_dir(model: &Path) -> Result<PathBuf> {
             ))
         });
     }
-    Err(Error::Invalid(format!(
-        "--model {}: not a directory",
-        model.display()
-    )))
+    // Loading names the file it cannot read (config.json) and the OS's reason.
+    Ok(model.to_path_buf())
 }
 
 /// Parameter count and the memory its f32 weights take.
