@@ -101,12 +101,18 @@ fn builtin_files_are_written_for_runs() {
         test.iter()
             .all(|e| !train_prompts.contains(&e.prompt[0].content))
     );
-    assert_eq!(
-        safeprobe_train::data::read_pairs(&files.safety_pairs)
-            .unwrap()
-            .len(),
-        builtin::safety_pairs().len()
-    );
+    // The pairs are written one file per role, together all of them.
+    let mut written = 0;
+    for (role, path) in [
+        (builtin::PairRole::Direction, &files.safety_pairs),
+        (builtin::PairRole::HeldOut, &files.held_out_pairs),
+        (builtin::PairRole::Poison, &files.poison_pairs),
+    ] {
+        let pairs = safeprobe_train::data::read_pairs(path).unwrap();
+        assert_eq!(pairs.len(), builtin::pair_count(role), "{role:?}");
+        written += pairs.len();
+    }
+    assert_eq!(written, builtin::safety_pairs().len());
     assert_eq!(
         prompts::load(&files.harmful_prompts).unwrap(),
         builtin::harmful_prompts()
