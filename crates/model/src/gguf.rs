@@ -5,8 +5,8 @@
 //! file's size before it is used, so a truncated or corrupt file is refused with the field
 //! that gave it away instead of a panic or an allocation the size of a bogus count.
 //!
-//! Why not a crate: `ggml-quants` 0.1 leaves Q4_K and Q6_K (the types of a real Qwen2.5 GGUF)
-//! as `todo!()`, `gguf-rs-lib` has no block decoders, and candle-core would bring a second
+//! Why not a crate: `ggml-quants` 0.1 does not implement Q4_K and Q6_K (the types of a real
+//! Qwen2.5 GGUF; they panic there), `gguf-rs-lib` has no block decoders, and candle-core would bring a second
 //! tensor library into the build for ~150 lines of decoding. The decoders are checked
 //! against gguf-py's own numpy decoder on every type (`tests/fixtures/make_gguf.py`).
 
