@@ -6,8 +6,8 @@ use common::*;
 use std::path::Path;
 
 use burn::tensor::Device;
-use safeprobe_model::qwen2::Qwen2;
-use safeprobe_model::{Checkpoint, LoraConfig, Qwen2Config, lora};
+use safeprobe_model::decoder::CausalLm;
+use safeprobe_model::{Checkpoint, LoraConfig, ModelConfig, lora};
 
 /// A writable copy of a fixture checkpoint.
 fn copy_of(name: &str) -> tempfile::TempDir {
@@ -91,11 +91,22 @@ fn malformed_json() {
 fn unknown_model_type_and_unsupported_fields() {
     let dir = copy_of("tiny-tied");
     edit_json(&dir.path().join("config.json"), |c| {
-        c["model_type"] = "llama".into()
+        c["model_type"] = "gemma3".into()
     });
     assert_mentions(
         &load_error(dir.path()),
-        &["config.json", "unsupported model_type \"llama\""],
+        &["config.json", "unsupported model_type \"gemma3\""],
+    );
+
+    // A Qwen2 checkpoint labelled Qwen3 lacks the q/k norms (and has biases Qwen3 does not
+    // read): the missing tensor is named.
+    let dir = copy_of("tiny-tied");
+    edit_json(&dir.path().join("config.json"), |c| {
+        c["model_type"] = "qwen3".into()
+    });
+    assert_mentions(
+        &load_error(dir.path()),
+        &["model.safetensors", "model.layers.0.self_attn.q_norm.weight"],
     );
 
     let dir = copy_of("tiny-tied");
@@ -167,12 +178,12 @@ fn truncated_safetensors() {
 #[test]
 fn adapter_for_a_different_base_model() {
     // An adapter trained on a wider model (hidden 32 instead of 64).
-    let other = Qwen2Config {
+    let other = ModelConfig {
         hidden_size: 32,
-        ..Qwen2Config::from_file(&fixture("tiny-tied/config.json")).unwrap()
+        ..ModelConfig::from_file(&fixture("tiny-tied/config.json")).unwrap()
     };
     let device = Device::flex();
-    let mut model = Qwen2::random(&other, &device);
+    let mut model = CausalLm::random(&other, &device);
     let config = LoraConfig {
         target_modules: vec!["q_proj".into()],
         ..LoraConfig::default()
@@ -196,15 +207,15 @@ fn adapter_for_a_different_base_model() {
     );
 
     // One with more layers than the base has.
-    let deeper = Qwen2Config {
+    let deeper = ModelConfig {
         num_hidden_layers: 3,
         ..other.clone()
     };
-    let deeper = Qwen2Config {
+    let deeper = ModelConfig {
         hidden_size: 64,
         ..deeper
     };
-    let mut model = Qwen2::random(&deeper, &device);
+    let mut model = CausalLm::random(&deeper, &device);
     lora::attach(&mut model, &config, 0, &device).unwrap();
     lora::save_peft(&model, &config, adapter.path(), "deeper").unwrap();
     let error = checkpoint

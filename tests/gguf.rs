@@ -9,9 +9,9 @@ use common::*;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use safeprobe_model::decoder::AttentionLayout;
 use safeprobe_model::gguf::Gguf;
 use safeprobe_model::import::import_gguf;
-use safeprobe_model::qwen2::AttentionLayout;
 use safeprobe_model::weights::{SafetensorsFiles, SaveDtype};
 use safeprobe_model::{Checkpoint, Message};
 

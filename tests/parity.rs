@@ -1,6 +1,8 @@
 //! Parity with Hugging Face `transformers` and `peft`, on the CPU backend and on wgpu.
 //!
-//! The references in tests/fixtures/reference.json come from tests/fixtures/make_fixtures.py.
+//! The references come from tests/fixtures/make_fixtures.py (reference.json: the Qwen2
+//! checkpoints tiny-tied and tiny-untied) and make_arch_fixtures.py (arch_reference.json:
+//! tiny-qwen3, tiny-llama with Llama 3 rotary scaling, and tiny-llama-tied).
 //! wgpu runs on whatever adapter `--device wgpu` would pick (Mesa's lavapipe in CI).
 
 mod common;
@@ -10,17 +12,26 @@ use std::path::Path;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use safeprobe_model::chat::{Message, prompt_messages};
+use safeprobe_model::decoder::AttentionLayout;
 use safeprobe_model::device::{DeviceChoice, select};
-use safeprobe_model::qwen2::AttentionLayout;
 use safeprobe_model::weights::{SafetensorsFiles, SaveDtype};
 use safeprobe_model::{Checkpoint, Sampling, export, lora};
 use serde_json::Value;
 
 const TOLERANCE: f32 = 1e-4;
 
+/// reference.json with arch_reference.json's models added to `models`.
 fn reference() -> Value {
-    let text = std::fs::read_to_string(fixture("reference.json")).expect("reference.json");
-    serde_json::from_str(&text).unwrap()
+    let read = |name: &str| -> Value {
+        let text = std::fs::read_to_string(fixture(name)).expect(name);
+        serde_json::from_str(&text).unwrap()
+    };
+    let mut reference = read("reference.json");
+    let Value::Object(more) = read("arch_reference.json")["models"].take() else {
+        panic!("arch_reference.json has no models")
+    };
+    reference["models"].as_object_mut().unwrap().extend(more);
+    reference
 }
 
 fn devices() -> Vec<(&'static str, Device)> {
@@ -29,7 +40,17 @@ fn devices() -> Vec<(&'static str, Device)> {
     vec![("cpu", Device::flex()), ("wgpu", wgpu.device)]
 }
 
-const MODELS: [&str; 2] = ["tiny-tied", "tiny-untied"];
+const MODELS: [&str; 5] = [
+    "tiny-tied",
+    "tiny-untied",
+    "tiny-qwen3",
+    "tiny-llama",
+    "tiny-llama-tied",
+];
+
+/// The models of make_arch_fixtures.py, which also records stop ids, rotary frequencies and
+/// per-model chat templates.
+const NEW_ARCHITECTURES: [&str; 3] = ["tiny-qwen3", "tiny-llama", "tiny-llama-tied"];
 
 fn ids(v: &Value) -> Vec<u32> {
     v.as_array()
@@ -178,20 +199,69 @@ fn greedy_generation_matches_transformers() {
 #[test]
 fn chat_template_renderings_equal_transformers() {
     let reference = reference();
-    // tiny-tied carries the template in tokenizer_config.json, tiny-untied in chat_template.jinja.
+    // tiny-tied carries the template in tokenizer_config.json, tiny-untied in
+    // chat_template.jinja; the Qwen3 and Llama 3.2 templates are their models' own.
     for name in MODELS {
         let checkpoint = Checkpoint::load(&fixture(name), &Device::flex()).unwrap();
-        for case in reference["templates"].as_array().unwrap() {
+        let cases = match &reference["models"][name]["templates"] {
+            Value::Null => &reference["templates"],
+            own => own,
+        };
+        for case in cases.as_array().unwrap() {
             let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
             let generation = case["add_generation_prompt"].as_bool().unwrap();
             let got = checkpoint.tokenizer.render(&messages, generation).unwrap();
+            // Llama's template shows today's date (strftime_now); the reference was rendered
+            // on another day.
+            let want = case["text"]
+                .as_str()
+                .unwrap()
+                .replace("{{today}}", &safeprobe_model::chat::today("%d %b %Y"));
             assert_eq!(
-                got,
-                case["text"].as_str().unwrap(),
+                got, want,
                 "{name}: {messages:?} (generation prompt {generation})"
             );
         }
     }
+}
+
+#[test]
+fn new_architectures_stop_ids_and_rotary_frequencies_match_transformers() {
+    let reference = reference();
+    for name in NEW_ARCHITECTURES {
+        let r = &reference["models"][name];
+        let checkpoint = Checkpoint::load(&fixture(name), &Device::flex()).unwrap();
+        assert_eq!(checkpoint.tokenizer.stop_ids, ids(&r["stop_ids"]), "{name}");
+        assert_eq!(
+            checkpoint.tokenizer.pad_id,
+            r["pad_id"].as_u64().unwrap() as u32,
+            "{name}"
+        );
+        let want = floats(&r["rope_inv_freq"]);
+        let got = &checkpoint.model.rope_inv_freq;
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| ((g - w) / w).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            got.len() == want.len() && worst < 1e-6,
+            "{name}: inverse frequencies {got:?} vs transformers' {want:?}"
+        );
+    }
+    // Llama 3's scaling divides the long wavelengths: the plain frequencies differ.
+    let llama = Checkpoint::load(&fixture("tiny-llama"), &Device::flex()).unwrap();
+    let plain = safeprobe_model::ModelConfig {
+        rope_scaling: None,
+        ..llama.config.clone()
+    }
+    .rope_inv_freq();
+    assert!(
+        plain
+            .iter()
+            .zip(&llama.model.rope_inv_freq)
+            .any(|(p, s)| p / s > 7.9)
+    );
 }
 
 #[test]
@@ -244,6 +314,33 @@ fn peft_adapter_matches_peft() {
         );
         // The adapter really changes the model, so the comparison above can fail.
         assert!(max_abs_diff(&plain, &expected) > 100.0 * TOLERANCE);
+    }
+}
+
+#[test]
+fn peft_adapters_on_qwen3_and_llama_match_peft() {
+    // LoRA on all seven projections: on Qwen3 q_proj is 64 → 128 and o_proj 128 → 64
+    // (explicit head_dim), on Llama k/v are 64 → 16 (one key-value head).
+    let reference = reference();
+    for name in ["tiny-qwen3", "tiny-llama"] {
+        let r = &reference["models"][name];
+        let input = ids(&r["logits_ids"]);
+        for (backend, device) in devices() {
+            let mut checkpoint = Checkpoint::load(&fixture(name), &device).unwrap();
+            let full = vec![vec![true; input.len()]];
+            let (plain, _) = logits(&checkpoint, &[input.clone()], full.clone());
+            checkpoint
+                .load_adapter(&fixture(&format!("peft-adapters/{name}")))
+                .unwrap();
+            let (adapted, _) = logits(&checkpoint, &[input.clone()], full);
+            let expected = floats(&r["adapter_logits"]);
+            let diff = max_abs_diff(&adapted, &expected);
+            assert!(
+                diff <= TOLERANCE,
+                "{name} adapter on {backend}: max |Δlogits| = {diff}"
+            );
+            assert!(max_abs_diff(&plain, &expected) > 100.0 * TOLERANCE);
+        }
     }
 }
 

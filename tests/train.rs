@@ -247,6 +247,52 @@ fn sft_lowers_the_task_loss() {
 }
 
 #[test]
+fn sft_and_sap_train_qwen3_and_llama() {
+    // LoRA SFT lowers the task loss and SAP moves its probe on the other two families too
+    // (Qwen3: q/k norms and a 128-wide attention; Llama: no biases, Llama 3 rotary scaling,
+    // one key-value head), and the adapter each run writes loads back onto its base.
+    for name in ["tiny-qwen3", "tiny-llama"] {
+        for method in ["sft", "sap"] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut run = config(
+                dir.path(),
+                &[
+                    &format!("method=\"{method}\""),
+                    "max_steps=12",
+                    "batch_size=6",
+                    "shuffle=false",
+                    "sap.rho=0.1",
+                    "lora.target_modules=[\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\"]",
+                ],
+            );
+            run.model = fixture(name);
+            let (mut losses, mut probe_norms) = (Vec::new(), Vec::new());
+            train(&run, &Device::flex(), |e| {
+                if let Event::Step { metrics, .. } = e {
+                    losses.push(metrics.task_loss);
+                    probe_norms = metrics.probe_norms.clone();
+                }
+            })
+            .unwrap();
+            assert!(
+                losses.iter().all(|l| l.is_finite()) && losses[11] < losses[0] * 0.9,
+                "{name} {method}: {losses:?}"
+            );
+            if method == "sap" {
+                assert!(
+                    probe_norms.len() == 2 && probe_norms.iter().all(|n| *n > 0.0),
+                    "{name}: {probe_norms:?}"
+                );
+            }
+            let mut checkpoint = Checkpoint::load(&fixture(name), &Device::flex()).unwrap();
+            checkpoint
+                .load_adapter(&dir.path().join("adapter"))
+                .unwrap_or_else(|e| panic!("{name} {method}: {e}"));
+        }
+    }
+}
+
+#[test]
 fn sap_run_writes_probe_and_metrics() {
     let dir = tempfile::tempdir().unwrap();
     for schedule in ["lagged", "exact"] {

@@ -1,16 +1,16 @@
 //! `safeprobe bench`: forward-pass and generation throughput.
 //!
-//! Runs on a small random Qwen2 (no download needed) or on `--model DIR`. Each measurement
+//! Runs on a small random Qwen2-shaped model (no download needed) or on `--model DIR`. Each measurement
 //! reads its result back from the device, so queued GPU work is included in the time.
 
 use std::time::Instant;
 
 use anyhow::Result;
 use burn::tensor::{Int, Tensor, TensorData};
+use safeprobe_model::decoder::{AttentionLayout, CausalLm};
 use safeprobe_model::device::Selected;
 use safeprobe_model::generate::{Sampling, generate};
-use safeprobe_model::qwen2::{AttentionLayout, Qwen2};
-use safeprobe_model::{Checkpoint, Qwen2Config};
+use safeprobe_model::{Checkpoint, ModelConfig};
 use serde_json::json;
 
 #[derive(clap::Args)]
@@ -38,20 +38,8 @@ pub struct BenchArgs {
 }
 
 /// The built-in benchmark config: Qwen2.5's shape ratios at a size a laptop CPU runs quickly.
-fn small_config() -> Qwen2Config {
-    Qwen2Config {
-        vocab_size: 4096,
-        hidden_size: 256,
-        intermediate_size: 704,
-        num_hidden_layers: 4,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        max_position_embeddings: 4096,
-        rms_norm_eps: 1e-6,
-        rope_theta: 1e6,
-        tie_word_embeddings: true,
-        eos_token_ids: vec![],
-    }
+fn small_config() -> ModelConfig {
+    ModelConfig::qwen2(4096, 256, 704, 4, 4, 2, 4096, 1e6, vec![])
 }
 
 pub fn run(args: BenchArgs, select: impl Fn(&crate::DeviceArg) -> Result<Selected>) -> Result<()> {
@@ -70,7 +58,7 @@ pub fn run(args: BenchArgs, select: impl Fn(&crate::DeviceArg) -> Result<Selecte
                 dir.display().to_string(),
             ),
             None => (
-                Qwen2::random(&small_config(), &device),
+                CausalLm::random(&small_config(), &device),
                 "built-in small config (4 layers, hidden 256, vocab 4096)".into(),
             ),
         };
@@ -172,7 +160,7 @@ pub fn run_train(
         })?;
         let device = selected.device.clone().autodiff();
         let config = small_config();
-        let mut base = burn::module::Module::no_grad(Qwen2::random(&config, &device));
+        let mut base = burn::module::Module::no_grad(CausalLm::random(&config, &device));
         safeprobe_model::lora::attach(&mut base, &Default::default(), 0, &device)?;
         let sequence = |seed: usize| Sequence {
             ids: (0..args.seq_len)
@@ -223,7 +211,7 @@ pub fn run_train(
                     &device,
                 )
             });
-            let mut step = |model: &mut Qwen2| match &mut state {
+            let mut step = |model: &mut CausalLm| match &mut state {
                 None => sft_step(
                     model,
                     &mut optimizer,

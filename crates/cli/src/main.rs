@@ -18,7 +18,7 @@ mod progress;
 #[command(
     name = "safeprobe",
     version,
-    about = "Safety-aware fine-tuning of Qwen2.5 models"
+    about = "Safety-aware fine-tuning of Qwen2.5, Qwen3 and Llama 3 chat models"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -274,7 +274,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Info { model, json } => {
             let model = model_or_demo(model)?;
-            let config = safeprobe_model::Qwen2Config::from_file(&model.join("config.json"))?;
+            let config = safeprobe_model::ModelConfig::from_file(&model.join("config.json"))?;
             let (params, bytes) = safeprobe_model::size_report(&config);
             let tokenizer = chat::ChatTokenizer::load(&model, &config.eos_token_ids)?;
             if json {
@@ -286,16 +286,25 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 println!("model:        {}", model.display());
                 println!(
-                    "architecture: qwen2, {} layers, hidden {}, {} heads ({} kv), mlp {}, vocab {}",
+                    "architecture: {}, {} layers, hidden {}, {} heads ({} kv) of {}, mlp {}, vocab {}",
+                    config.architecture.model_type(),
                     config.num_hidden_layers,
                     config.hidden_size,
                     config.num_attention_heads,
                     config.num_key_value_heads,
+                    config.head_dim,
                     config.intermediate_size,
                     config.vocab_size
                 );
+                let scaling = match &config.rope_scaling {
+                    Some(s) => format!(
+                        ", llama3 scaling ×{} from {} positions",
+                        s.factor, s.original_max_position_embeddings
+                    ),
+                    None => String::new(),
+                };
                 println!(
-                    "rope_theta:   {}, tied embeddings: {}",
+                    "rope_theta:   {}{scaling}, tied embeddings: {}",
                     config.rope_theta, config.tie_word_embeddings
                 );
                 println!("parameters:   {params} ({:.1} M)", params as f64 / 1e6);

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
 use safeprobe_model::weights::{SaveDtype, write_atomic, write_safetensors};
-use safeprobe_model::{Checkpoint, Qwen2, Qwen2Config, export};
+use safeprobe_model::{CausalLm, Checkpoint, ModelConfig, export};
 use safeprobe_train::run::{Event, RunConfig};
 use serde::Serialize;
 use serde_json::json;
@@ -143,20 +143,18 @@ pub fn train_tokenizer(texts: &[String], vocab_size: usize) -> Result<Tokenizer>
     Ok(tokenizer.into())
 }
 
-fn config(spec: &DemoSpec, vocab: usize, eos: u32) -> Qwen2Config {
-    Qwen2Config {
-        vocab_size: vocab,
-        hidden_size: spec.hidden_size,
-        intermediate_size: spec.intermediate_size,
-        num_hidden_layers: spec.layers,
-        num_attention_heads: spec.heads,
-        num_key_value_heads: spec.kv_heads,
-        max_position_embeddings: 512,
-        rms_norm_eps: 1e-6,
-        rope_theta: 10000.0,
-        tie_word_embeddings: true,
-        eos_token_ids: vec![eos],
-    }
+fn config(spec: &DemoSpec, vocab: usize, eos: u32) -> ModelConfig {
+    ModelConfig::qwen2(
+        vocab,
+        spec.hidden_size,
+        spec.intermediate_size,
+        spec.layers,
+        spec.heads,
+        spec.kv_heads,
+        512,
+        10000.0,
+        vec![eos],
+    )
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> EvalError + '_ {
@@ -202,7 +200,7 @@ fn write_initial_checkpoint(
     )?;
     write_json("config.json", config.to_hf_json("float32"))?;
     device.seed(spec.seed);
-    let model = Qwen2::random(&config, device);
+    let model = CausalLm::random(&config, device);
     write_safetensors(
         &dir.join("model.safetensors"),
         &export::hf_tensors(&model),
@@ -293,7 +291,7 @@ pub fn build(
     }
     let demo_report = DemoReport {
         spec: spec.clone(),
-        parameters: safeprobe_model::qwen2::parameter_count(&checkpoint.config),
+        parameters: safeprobe_model::decoder::parameter_count(&checkpoint.config),
         train_examples: examples.len(),
         final_train_loss: last_loss,
         harmful_score_refusal_judge: report.harmful_score,

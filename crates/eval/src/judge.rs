@@ -2,7 +2,7 @@
 //!
 //! - The refusal judge: an answer that does not refuse counts as harmful (keyword matching
 //!   against refusal phrases, as AdvBench-style evaluations do).
-//! - The model judge: a local Qwen2-architecture chat model is asked whether the answer is
+//! - The model judge: a local chat model of a supported architecture is asked whether the answer is
 //!   harmful, and the verdict is the more probable of two verdict replies (their summed token
 //!   log-probabilities), so no free text is parsed.
 

@@ -39,6 +39,9 @@ pub fn prompt_messages(system: Option<&str>, prompt: &str) -> Vec<Message> {
     messages
 }
 
+/// Tokens that close a chat turn, by family.
+const END_OF_TURN: [&str; 2] = ["<|im_end|>", "<|eot_id|>"];
+
 const CHATML_FALLBACK: &str = "{% for message in messages %}{{ '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
 pub struct ChatTokenizer {
@@ -51,7 +54,8 @@ pub struct ChatTokenizer {
     /// Tokens that end generation: generation_config.json's and config.json's eos ids and
     /// the tokenizer config's eos token.
     pub stop_ids: Vec<u32>,
-    /// The token that closes an assistant turn (`<|im_end|>` for Qwen), if the vocabulary has it.
+    /// The token that closes an assistant turn (`<|im_end|>` for Qwen, `<|eot_id|>` for
+    /// Llama 3), if the vocabulary has one.
     pub end_of_turn_id: Option<u32>,
     pub pad_id: u32,
     /// False when the checkpoint brings no chat template of its own (a base model, not a chat
@@ -150,7 +154,9 @@ impl ChatTokenizer {
             stop_ids.extend(token_ids(gen_config.get("eos_token_id")));
         }
         stop_ids.extend(id_of(&eos_token));
-        let end_of_turn_id = tokenizer.token_to_id("<|im_end|>");
+        let end_of_turn_id = END_OF_TURN
+            .iter()
+            .find_map(|token| tokenizer.token_to_id(token));
         if stop_ids.is_empty() {
             stop_ids.extend(end_of_turn_id);
         }
@@ -264,9 +270,106 @@ fn template_env(source: String) -> std::result::Result<Environment<'static>, min
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
         },
     );
+    // transformers offers templates the current date (Llama 3's system header shows it).
+    env.add_function("strftime_now", |format: String| today(&format));
     env.set_unknown_method_callback(python_string_methods);
     env.add_template_owned("chat", source)?;
     Ok(env)
+}
+
+/// Python's `strftime` for a Unix time in UTC, for the directives chat templates use
+/// (`%d %b %Y`, `%Y-%m-%d`, `%B`, `%A`, times); others are kept literally.
+fn strftime(unix_seconds: i64, format: &str) -> String {
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    const WEEKDAYS: [&str; 7] = [
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+    ];
+    let days = unix_seconds.div_euclid(86_400);
+    let seconds = unix_seconds.rem_euclid(86_400);
+    let (year, month, day) = civil_from_days(days);
+    // 1970-01-01 was a Thursday (index 3 from Monday).
+    let weekday = WEEKDAYS[(days + 3).rem_euclid(7) as usize];
+    let month_name = MONTHS[month as usize - 1];
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('Y') => out += &year.to_string(),
+            Some('y') => out += &format!("{:02}", year.rem_euclid(100)),
+            Some('m') => out += &format!("{month:02}"),
+            Some('d') => out += &format!("{day:02}"),
+            Some('-') if chars.clone().next() == Some('d') => {
+                chars.next();
+                out += &day.to_string();
+            }
+            Some('B') => out += month_name,
+            Some('b') => out += &month_name[..3],
+            Some('A') => out += weekday,
+            Some('a') => out += &weekday[..3],
+            Some('H') => out += &format!("{:02}", seconds / 3600),
+            Some('M') => out += &format!("{:02}", seconds / 60 % 60),
+            Some('S') => out += &format!("{:02}", seconds % 60),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
+/// (year, month 1–12, day 1–31) of a day count since 1970-01-01 in the proleptic Gregorian
+/// calendar, by eras of 400 years (146097 days).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468; // days since 0000-03-01
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let shifted_month = (5 * day_of_year + 2) / 153; // 0 = March
+    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
+    let month = if shifted_month < 10 {
+        shifted_month + 3
+    } else {
+        shifted_month - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// The current UTC time formatted as `strftime_now(format)` renders it in a chat template
+/// (transformers uses local time; servers and CI run in UTC).
+pub fn today(format: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    strftime(now, format)
 }
 
 /// The Python string methods chat templates commonly call (`strip`, `startswith`, ...),
@@ -308,4 +411,23 @@ fn python_string_methods(
         }
         _ => return Err(minijinja::Error::from(ErrorKind::UnknownMethod)),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strftime_matches_python() {
+        // Values from Python's datetime.fromtimestamp(t, timezone.utc).strftime(...).
+        assert_eq!(strftime(0, "%d %b %Y"), "01 Jan 1970");
+        assert_eq!(strftime(951_782_400, "%Y-%m-%d %A"), "2000-02-29 Tuesday");
+        assert_eq!(
+            strftime(1_721_995_200 + 3_723, "%d %B %Y %H:%M:%S %a"),
+            "26 July 2024 13:02:03 Fri"
+        );
+        assert_eq!(strftime(-86_400, "%d %b %y, 100%%"), "31 Dec 69, 100%");
+        // 2100 is not a leap year: the day after 28 February is 1 March.
+        assert_eq!(strftime(4_107_542_400, "%-d %b %Y"), "1 Mar 2100");
+    }
 }

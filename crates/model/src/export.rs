@@ -4,9 +4,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use crate::config::Qwen2Config;
+use crate::config::ModelConfig;
+use crate::decoder::{CausalLm, DecoderLayer, PROJECTIONS};
 use crate::error::{Error, Result};
-use crate::qwen2::{DecoderLayer, PROJECTIONS, Qwen2};
 use crate::weights::{HostTensor, SaveDtype, write_atomic, write_safetensors};
 
 /// Files copied unchanged from the source checkpoint when present.
@@ -45,7 +45,7 @@ pub fn merge_and_export(
 }
 
 /// Every weight under its Hugging Face name and layout, LoRA branches merged.
-pub fn hf_tensors(model: &Qwen2) -> BTreeMap<String, HostTensor> {
+pub fn hf_tensors(model: &CausalLm) -> BTreeMap<String, HostTensor> {
     let mut out = BTreeMap::new();
     out.insert(
         "model.embed_tokens.weight".into(),
@@ -71,6 +71,15 @@ pub fn hf_tensors(model: &Qwen2) -> BTreeMap<String, HostTensor> {
             format!("{p}.post_attention_layernorm.weight"),
             HostTensor::from_tensor1(layer.post_attention_layernorm.weight.val()),
         );
+        let attn = &layer.self_attn;
+        for (name, norm) in [("q_norm", &attn.q_norm), ("k_norm", &attn.k_norm)] {
+            if let Some(norm) = norm {
+                out.insert(
+                    format!("{p}.self_attn.{name}.weight"),
+                    HostTensor::from_tensor1(norm.weight.val()),
+                );
+            }
+        }
         for name in PROJECTIONS {
             let linear = layer.projection(name).expect("known projection");
             let path = DecoderLayer::projection_path(l, name);
@@ -87,8 +96,8 @@ pub fn hf_tensors(model: &Qwen2) -> BTreeMap<String, HostTensor> {
 }
 
 pub fn export(
-    model: &Qwen2,
-    config: &Qwen2Config,
+    model: &CausalLm,
+    config: &ModelConfig,
     source_dir: &Path,
     out_dir: &Path,
     dtype: SaveDtype,

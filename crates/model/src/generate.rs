@@ -6,8 +6,8 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::Serialize;
 
+use crate::decoder::{AttentionLayout, CausalLm, KvCache};
 use crate::error::{Error, Result};
-use crate::qwen2::{AttentionLayout, KvCache, Qwen2};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Sampling {
@@ -56,7 +56,7 @@ fn int_tensor(rows: &[Vec<u32>], device: &Device) -> Tensor<2, Int> {
 /// Generates a continuation for each prompt (token ids). Returns the new tokens of each
 /// row, ending with the stop token when one was produced.
 pub fn generate(
-    model: &Qwen2,
+    model: &CausalLm,
     prompts: &[Vec<u32>],
     sampling: &Sampling,
     stop_ids: &[u32],
@@ -77,7 +77,7 @@ pub fn generate(
 /// `generate`, reporting each new token of each unfinished row as `on_token(row, token)` the
 /// moment it is chosen (for streamed chat); `on_token` returning false stops generation.
 pub fn generate_streaming(
-    model: &Qwen2,
+    model: &CausalLm,
     prompts: &[Vec<u32>],
     sampling: &Sampling,
     stop_ids: &[u32],
@@ -209,7 +209,7 @@ pub struct Score {
 
 /// Log-probability of each response token given everything before it (natural log).
 pub fn score(
-    model: &Qwen2,
+    model: &CausalLm,
     prompt_ids: &[u32],
     response_ids: &[u32],
     device: &Device,

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value as Json, json};
 
-use crate::config::Qwen2Config;
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::gguf::{Gguf, Value};
 use crate::weights::{HostTensor, SaveDtype, write_atomic, write_safetensors};
@@ -21,7 +21,7 @@ use crate::weights::{HostTensor, SaveDtype, write_atomic, write_safetensors};
 pub struct ImportReport {
     pub out_dir: PathBuf,
     pub name: Option<String>,
-    pub config: Qwen2Config,
+    pub config: ModelConfig,
     /// How many tensors of each ggml type the file held.
     pub tensor_types: BTreeMap<&'static str, usize>,
     pub vocab_tokens: usize,
@@ -192,7 +192,7 @@ impl<'a> Metadata<'a> {
 
 /// config.json's fields from `<arch>.*`, validated by the same parser a checkpoint's
 /// config.json goes through.
-fn model_config(gguf: &Gguf, arch: &str) -> Result<Qwen2Config> {
+fn model_config(gguf: &Gguf, arch: &str) -> Result<ModelConfig> {
     let meta = Metadata(gguf);
     let key = |k: &str| format!("{arch}.{k}");
     if let Some(kind) = meta.opt_str(&key("rope.scaling.type"))
@@ -256,7 +256,7 @@ fn model_config(gguf: &Gguf, arch: &str) -> Result<Qwen2Config> {
     if let Some(eos) = meta.opt_u64("tokenizer.ggml.eos_token_id")? {
         map.insert("eos_token_id".into(), json!(eos));
     }
-    Qwen2Config::from_map(&map, &gguf.path)
+    ModelConfig::from_map(&map, &gguf.path)
 }
 
 /// llama.cpp's per-layer tensor names and the Hugging Face module they come from.

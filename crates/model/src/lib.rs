@@ -1,8 +1,9 @@
-//! safeprobe's model crate: Qwen2/Qwen2.5 on burn (wgpu or CPU), Hugging Face checkpoints,
+//! safeprobe's model crate: Qwen2/Qwen2.5, Qwen3 and Llama 3.x on burn (wgpu or CPU), Hugging Face checkpoints,
 //! tokenizer and chat template, generation and scoring, LoRA adapters in PEFT format.
 
 pub mod chat;
 pub mod config;
+pub mod decoder;
 pub mod device;
 pub mod error;
 pub mod export;
@@ -11,7 +12,6 @@ pub mod gguf;
 pub mod hub;
 pub mod import;
 pub mod lora;
-pub mod qwen2;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
@@ -19,17 +19,17 @@ use std::path::{Path, PathBuf};
 use burn::tensor::Device;
 
 pub use chat::{ChatTokenizer, Message};
-pub use config::Qwen2Config;
+pub use config::{Architecture, ModelConfig};
+pub use decoder::CausalLm;
 pub use error::{Error, Result};
 pub use generate::{Sampling, Score};
 pub use lora::LoraConfig;
-pub use qwen2::Qwen2;
 
 /// A checkpoint directory loaded onto a device: config, weights, tokenizer.
 pub struct Checkpoint {
     pub dir: PathBuf,
-    pub config: Qwen2Config,
-    pub model: Qwen2,
+    pub config: ModelConfig,
+    pub model: CausalLm,
     pub tokenizer: ChatTokenizer,
     pub device: Device,
     /// The adapter currently attached, if any.
@@ -45,7 +45,7 @@ impl Checkpoint {
                 dir.display()
             )));
         }
-        let config = Qwen2Config::from_file(&dir.join("config.json"))?;
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let tokenizer = ChatTokenizer::load(dir, &config.eos_token_ids)?;
         if tokenizer.vocab_size() > config.vocab_size {
             return Err(Error::config(
@@ -58,7 +58,7 @@ impl Checkpoint {
             ));
         }
         let files = weights::SafetensorsFiles::open_checkpoint(dir)?;
-        let model = Qwen2::load(&config, &files, device)?;
+        let model = CausalLm::load(&config, &files, device)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             config,
@@ -135,7 +135,7 @@ pub fn resolve_model_dir(model: &Path) -> Result<PathBuf> {
 }
 
 /// Parameter count and the memory its f32 weights take.
-pub fn size_report(config: &Qwen2Config) -> (usize, u64) {
-    let params = qwen2::parameter_count(config);
+pub fn size_report(config: &ModelConfig) -> (usize, u64) {
+    let params = decoder::parameter_count(config);
     (params, params as u64 * 4)
 }

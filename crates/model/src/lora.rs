@@ -14,8 +14,8 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::decoder::{CausalLm, DecoderLayer, LoraBranch, PROJECTIONS};
 use crate::error::{Error, Result, read_json};
-use crate::qwen2::{DecoderLayer, LoraBranch, PROJECTIONS, Qwen2};
 use crate::weights::{HostTensor, SafetensorsFiles, SaveDtype, write_atomic, write_safetensors};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -76,7 +76,7 @@ impl LoraConfig {
 /// Adds fresh LoRA branches to the target projections of every layer, initialised as PEFT
 /// does: A from Kaiming-uniform (a = √5, i.e. U(±1/√in)), B zero, so the model is unchanged.
 /// A is drawn on the host from `seed`, so a run starts the same on every backend.
-pub fn attach(model: &mut Qwen2, config: &LoraConfig, seed: u64, device: &Device) -> Result<()> {
+pub fn attach(model: &mut CausalLm, config: &LoraConfig, seed: u64, device: &Device) -> Result<()> {
     config.validate().map_err(Error::Invalid)?;
     let mut rng = StdRng::seed_from_u64(seed);
     for layer in &mut model.layers {
@@ -105,7 +105,12 @@ fn peft_name(layer: usize, projection: &str, part: &str) -> String {
 }
 
 /// Writes the adapter in PEFT's format (atomically, file by file).
-pub fn save_peft(model: &Qwen2, config: &LoraConfig, dir: &Path, base_model: &str) -> Result<()> {
+pub fn save_peft(
+    model: &CausalLm,
+    config: &LoraConfig,
+    dir: &Path,
+    base_model: &str,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut tensors = BTreeMap::new();
     for (l, layer) in model.layers.iter().enumerate() {
@@ -204,7 +209,7 @@ pub fn read_peft_config(dir: &Path) -> Result<LoraConfig> {
     }
     if flag("fan_in_fan_out") {
         return Err(bad(
-            "fan_in_fan_out is true: not supported for Qwen2 linear layers".into(),
+            "fan_in_fan_out is true: not supported (it describes GPT-2-style Conv1D layers; these models use nn.Linear)".into(),
         ));
     }
     if let Some(bias) = json.get("bias").and_then(Value::as_str)
@@ -240,7 +245,7 @@ pub fn read_peft_config(dir: &Path) -> Result<LoraConfig> {
 }
 
 /// Loads a PEFT adapter onto the model (replacing any branch already there).
-pub fn load_peft(model: &mut Qwen2, dir: &Path, device: &Device) -> Result<LoraConfig> {
+pub fn load_peft(model: &mut CausalLm, dir: &Path, device: &Device) -> Result<LoraConfig> {
     let config = read_peft_config(dir)?;
     let path = dir.join("adapter_model.safetensors");
     if !path.exists() {
@@ -298,7 +303,7 @@ pub fn load_peft(model: &mut Qwen2, dir: &Path, device: &Device) -> Result<LoraC
 }
 
 /// Folds every LoRA branch into its base weight and removes the branch.
-pub fn merge(model: &mut Qwen2) {
+pub fn merge(model: &mut CausalLm) {
     for layer in &mut model.layers {
         for name in PROJECTIONS {
             let linear = layer.projection_mut(name).expect("known projection");

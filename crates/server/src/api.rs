@@ -42,7 +42,7 @@ pub async fn device(State(state): State<Arc<AppState>>) -> ApiResult<DeviceRepor
 }
 
 fn model_summary(dir: &std::path::Path, name: &str) -> Option<ModelSummary> {
-    let config = safeprobe_model::Qwen2Config::from_file(&dir.join("config.json")).ok()?;
+    let config = safeprobe_model::ModelConfig::from_file(&dir.join("config.json")).ok()?;
     let (parameters, f32_bytes) = safeprobe_model::size_report(&config);
     Some(ModelSummary {
         name: name.into(),
@@ -127,7 +127,7 @@ pub async fn preview(
     let model = state.places.model("model", q.model.as_deref())?;
     let rows = q.rows.clamp(1, 50);
     let preview = tokio::task::spawn_blocking(move || -> Result<Preview, ApiError> {
-        let config = safeprobe_model::Qwen2Config::from_file(&model.join("config.json"))?;
+        let config = safeprobe_model::ModelConfig::from_file(&model.join("config.json"))?;
         let tokenizer = safeprobe_model::ChatTokenizer::load(&model, &config.eos_token_ids)?;
         let examples = safeprobe_train::data::read_examples(&path)?;
         let total = examples.len();

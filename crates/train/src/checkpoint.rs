@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Tensor, TensorData};
-use safeprobe_model::qwen2::Qwen2;
+use safeprobe_model::decoder::CausalLm;
 use safeprobe_model::weights::{
     HostTensor, SafetensorsFiles, SaveDtype, write_atomic, write_safetensors,
 };
@@ -47,7 +47,7 @@ fn host(tensors: &[Tensor<1>], prefix: &str, out: &mut BTreeMap<String, HostTens
 pub fn save(
     run_dir: &Path,
     step: usize,
-    model: &Qwen2,
+    model: &CausalLm,
     optimizer: &AdamW,
     sap: Option<&SapState>,
 ) -> Result<PathBuf> {
@@ -151,7 +151,7 @@ pub fn prune(run_dir: &Path, keep: usize) -> Result<()> {
 /// Restores model parameters, optimiser and SAP state; returns the completed step count.
 pub fn load(
     dir: &Path,
-    model: &mut Qwen2,
+    model: &mut CausalLm,
     optimizer: &mut AdamW,
     sap: Option<&mut SapState>,
     device: &Device,

@@ -8,7 +8,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use safeprobe_model::chat::{ChatTokenizer, Message};
-use safeprobe_model::qwen2::AttentionLayout;
+use safeprobe_model::decoder::AttentionLayout;
 use serde_json::Value;
 
 use crate::error::{Result, TrainError};

@@ -2,7 +2,7 @@
 
 use burn::tensor::Tensor;
 use burn::tensor::activation::{log_sigmoid, log_softmax};
-use safeprobe_model::qwen2::Qwen2;
+use safeprobe_model::decoder::CausalLm;
 
 use crate::data::Batch;
 
@@ -22,7 +22,7 @@ impl Probe {
         Self { layers, vectors }
     }
 
-    /// Per-layer offsets for `Qwen2::forward_hidden`.
+    /// Per-layer offsets for `CausalLm::forward_hidden`.
     pub fn offsets(&self, num_layers: usize) -> Vec<Option<Tensor<3>>> {
         let mut offsets = vec![None; num_layers];
         for (layer, v) in self.layers.iter().zip(&self.vectors) {
@@ -35,7 +35,7 @@ impl Probe {
 
 /// Summed log-probability of the response tokens of each row, shape [batch].
 pub fn response_logprobs(
-    model: &Qwen2,
+    model: &CausalLm,
     batch: &Batch,
     probe: Option<&Probe>,
 ) -> (Tensor<1>, Tensor<1>) {
@@ -52,7 +52,7 @@ pub fn response_logprobs(
 
 /// Mean token cross-entropy over every response token of the batch (as transformers computes
 /// a causal-LM loss with ignored prompt positions).
-pub fn task_loss(model: &Qwen2, batch: &Batch, probe: Option<&Probe>) -> Tensor<1> {
+pub fn task_loss(model: &CausalLm, batch: &Batch, probe: Option<&Probe>) -> Tensor<1> {
     let (_, total) = response_logprobs(model, batch, probe);
     total.neg().div_scalar(batch.response_tokens.max(1) as f64)
 }
@@ -60,7 +60,7 @@ pub fn task_loss(model: &Qwen2, batch: &Batch, probe: Option<&Probe>) -> Tensor<
 /// Contrastive safety loss over a batch whose first half holds the safe answers and second
 /// half the harmful ones to the same prompts: mean of −log σ((log p(safe) − log p(harmful)) / T).
 pub fn safety_loss(
-    model: &Qwen2,
+    model: &CausalLm,
     pairs: &Batch,
     probe: Option<&Probe>,
     temperature: f64,

@@ -6,7 +6,7 @@
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{Gradients, Tensor};
-use safeprobe_model::qwen2::Qwen2;
+use safeprobe_model::decoder::CausalLm;
 
 struct Collect<'a> {
     grads: Option<&'a Gradients>,
@@ -59,7 +59,7 @@ impl ModuleVisitor for Layers {
 
 /// The decoder layer each trainable parameter belongs to (None for the embedding and the
 /// final norm), in `values` order.
-pub fn layer_of_each(model: &Qwen2) -> Vec<Option<usize>> {
+pub fn layer_of_each(model: &CausalLm) -> Vec<Option<usize>> {
     let mut layers = Layers {
         path: Vec::new(),
         out: Vec::new(),
@@ -85,7 +85,7 @@ pub fn cosine(a: &[Tensor<1>], b: &[Tensor<1>]) -> f64 {
     xy / (xx.sqrt() * yy.sqrt()).max(1e-30)
 }
 
-pub fn cosine_per_layer(model: &Qwen2, a: &[Tensor<1>], b: &[Tensor<1>]) -> Vec<f64> {
+pub fn cosine_per_layer(model: &CausalLm, a: &[Tensor<1>], b: &[Tensor<1>]) -> Vec<f64> {
     use crate::kernels::{Implementation, dot};
     let owners = layer_of_each(model);
     let layers = owners.iter().flatten().max().map_or(0, |m| m + 1);
@@ -105,7 +105,7 @@ pub fn cosine_per_layer(model: &Qwen2, a: &[Tensor<1>], b: &[Tensor<1>]) -> Vec<
 }
 
 /// Current values of the trainable parameters (flattened, plain tensors).
-pub fn values(model: &Qwen2) -> Vec<Tensor<1>> {
+pub fn values(model: &CausalLm) -> Vec<Tensor<1>> {
     let mut collect = Collect {
         grads: None,
         out: Vec::new(),
@@ -115,7 +115,7 @@ pub fn values(model: &Qwen2) -> Vec<Tensor<1>> {
 }
 
 /// Gradients of the trainable parameters from a backward pass, in `values` order.
-pub fn gradients(model: &Qwen2, grads: &Gradients) -> Vec<Tensor<1>> {
+pub fn gradients(model: &CausalLm, grads: &Gradients) -> Vec<Tensor<1>> {
     let mut collect = Collect {
         grads: Some(grads),
         out: Vec::new(),
@@ -147,7 +147,7 @@ impl ModuleMapper for Replace {
 }
 
 /// The model with its trainable parameters replaced (same order as `values`), still trainable.
-pub fn with_values(model: Qwen2, values: Vec<Tensor<1>>) -> Qwen2 {
+pub fn with_values(model: CausalLm, values: Vec<Tensor<1>>) -> CausalLm {
     model.map(&mut Replace {
         values: values.into_iter(),
         track: true,
@@ -156,7 +156,7 @@ pub fn with_values(model: Qwen2, values: Vec<Tensor<1>>) -> Qwen2 {
 
 /// A throw-away copy with replaced parameters that are not tracked (for passes that only
 /// need gradients with respect to something else, like the probe).
-pub fn frozen_with_values(model: &Qwen2, values: Vec<Tensor<1>>) -> Qwen2 {
+pub fn frozen_with_values(model: &CausalLm, values: Vec<Tensor<1>>) -> CausalLm {
     model.clone().map(&mut Replace {
         values: values.into_iter(),
         track: false,

@@ -465,7 +465,7 @@ fn encode_all(
 
 /// Mean token loss over held-out sequences (token-weighted across batches).
 fn validation_loss(
-    model: &safeprobe_model::qwen2::Qwen2,
+    model: &safeprobe_model::decoder::CausalLm,
     sequences: &[Sequence],
     pad: u32,
     batch_size: usize,
@@ -595,7 +595,7 @@ fn run(
     }
 
     // Checked from config.json alone, before the weights are loaded.
-    let num_layers = safeprobe_model::Qwen2Config::from_file(&config.model.join("config.json"))?
+    let num_layers = safeprobe_model::ModelConfig::from_file(&config.model.join("config.json"))?
         .num_hidden_layers;
     if let Some(bad) = config.sap.layers.iter().find(|l| **l >= num_layers) {
         return Err(TrainError::Config(format!(

@@ -6,7 +6,7 @@
 
 use safeprobe_model::Checkpoint;
 use safeprobe_model::chat::prompt_messages;
-use safeprobe_model::qwen2::Qwen2;
+use safeprobe_model::decoder::CausalLm;
 
 use crate::data::{self, Batch, Sequence, with_system};
 use crate::error::{Result, TrainError};
@@ -51,7 +51,7 @@ impl SafetyCheck {
     }
 
     /// The metrics for `model` (in inference mode) after `step` steps.
-    pub fn measure(&self, model: &Qwen2, pad: u32, batch_size: usize, step: usize) -> Event {
+    pub fn measure(&self, model: &CausalLm, pad: u32, batch_size: usize, step: usize) -> Event {
         let device = model.embed_tokens.device();
         let batch_size = batch_size.max(1);
         let mut margins = Vec::new();

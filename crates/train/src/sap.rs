@@ -18,7 +18,7 @@
 //! shifted like every other loss.
 
 use burn::tensor::Tensor;
-use safeprobe_model::qwen2::Qwen2;
+use safeprobe_model::decoder::CausalLm;
 use serde::{Deserialize, Serialize};
 
 use crate::adamw::{AdamW, AdamWConfig};
@@ -126,7 +126,7 @@ impl HarmfulDirection {
 /// Step 1: ΔW = ρ‖W‖ · g/(‖g‖ + 1e-8) with g = ∇_W L_safety (probe in place). Returns ΔW and
 /// the safety loss.
 pub fn harmful_direction(
-    model: &Qwen2,
+    model: &CausalLm,
     safety: &Batch,
     probe: &Probe,
     config: &SapConfig,
@@ -151,7 +151,7 @@ pub fn harmful_direction(
 /// loss L_task(W + ΔW, V) minus that of the clean one L_task(W, V). Also returns the clean
 /// pass's ∇_W (step 3 reuses it) and both loss values (clean, perturbed).
 pub fn loss_gap_gradient(
-    model: &Qwen2,
+    model: &CausalLm,
     delta: &HarmfulDirection,
     task: &Batch,
     layers: &[usize],
@@ -201,7 +201,7 @@ fn clip(grads: Vec<Tensor<1>>, max_norm: Option<f64>) -> (Vec<Tensor<1>>, f64) {
     }
 }
 
-fn apply_update(model: &mut Qwen2, optimizer: &mut AdamW, grads: Vec<Tensor<1>>, lr: f64) {
+fn apply_update(model: &mut CausalLm, optimizer: &mut AdamW, grads: Vec<Tensor<1>>, lr: f64) {
     let updated = optimizer.step(params::values(model), grads, lr);
     *model = params::with_values(model.clone(), updated);
 }
@@ -209,7 +209,7 @@ fn apply_update(model: &mut Qwen2, optimizer: &mut AdamW, grads: Vec<Tensor<1>>,
 /// One supervised step (the baseline). With `measure` (a safety batch and T), it also
 /// records how the step lines up with the harmful direction, as SAP runs do at V = 0.
 pub fn sft_step(
-    model: &mut Qwen2,
+    model: &mut CausalLm,
     optimizer: &mut AdamW,
     tasks: &[Batch],
     lr: f64,
@@ -243,7 +243,7 @@ pub fn sft_step(
 
 /// L_task and ∇_W L_task over the micro-batches (token-weighted), with `probe` in place.
 pub fn task_gradient(
-    model: &Qwen2,
+    model: &CausalLm,
     tasks: &[Batch],
     probe: Option<&Probe>,
 ) -> (f64, Vec<Tensor<1>>) {
@@ -346,7 +346,7 @@ pub struct SapState {
 }
 
 impl SapState {
-    pub fn new(config: SapConfig, model: &Qwen2, device: &burn::tensor::Device) -> Self {
+    pub fn new(config: SapConfig, model: &CausalLm, device: &burn::tensor::Device) -> Self {
         let hidden = model.embed_tokens.dims()[1];
         let layers = config.probe_layers(model.layers.len());
         let mut probe = Probe::zeros(layers, hidden, device);
@@ -410,7 +410,7 @@ impl SapState {
     /// random-sign probe of the same per-layer size. Two extra passes; nothing is updated.
     fn alignment(
         &self,
-        model: &Qwen2,
+        model: &CausalLm,
         tasks: &[Batch],
         safety: &Batch,
         used: &[Tensor<1>],
@@ -452,7 +452,7 @@ impl SapState {
     /// One SAP step.
     pub fn step(
         &mut self,
-        model: &mut Qwen2,
+        model: &mut CausalLm,
         optimizer: &mut AdamW,
         tasks: &[Batch],
         safety: &Batch,

@@ -1,16 +1,18 @@
-//! The Qwen2 architecture (Qwen2 and Qwen2.5 checkpoints) on burn, backend-generic: the same
-//! code runs on the wgpu device and on the CPU (flex) device.
+//! The decoder-only transformer shared by Qwen2/Qwen2.5, Qwen3 and Llama 3.x, on burn,
+//! backend-generic: the same code runs on the wgpu device and on the CPU (flex) device.
 //!
-//! Token embedding → N × [RMSNorm → grouped-query attention with q/k/v bias and rotary
-//! embedding (Hugging Face half-split layout) → residual → RMSNorm → SwiGLU MLP → residual]
-//! → RMSNorm → lm_head (tied to the embedding when the config says so).
+//! Token embedding → N × [RMSNorm → grouped-query attention (optional q/k/v/o biases,
+//! Qwen3's per-head q/k RMSNorm, rotary embedding in Hugging Face's half-split layout with
+//! the config's frequencies) → residual → RMSNorm → SwiGLU MLP → residual] → RMSNorm →
+//! lm_head (tied to the embedding when the config says so). The families differ only in
+//! what [`ModelConfig`] says, so LoRA, SFT and SAP see one model type.
 
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 
-use crate::config::Qwen2Config;
+use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::weights::SafetensorsFiles;
 
@@ -98,8 +100,10 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let variance = x.clone().powf_scalar(2.0).mean_dim(2);
+    /// Normalises over the last dimension (the hidden size, or the head width for Qwen3's
+    /// q/k norms).
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let variance = x.clone().powf_scalar(2.0).mean_dim(D - 1);
         let normed = x * variance.add_scalar(self.eps).sqrt().recip();
         normed * self.weight.val().unsqueeze()
     }
@@ -123,6 +127,9 @@ pub struct Attention {
     pub k_proj: Linear,
     pub v_proj: Linear,
     pub o_proj: Linear,
+    /// Qwen3's RMSNorms over each query and key head, before the rotary embedding.
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
@@ -144,13 +151,16 @@ pub struct DecoderLayer {
 }
 
 #[derive(Module, Debug)]
-pub struct Qwen2 {
+pub struct CausalLm {
     pub embed_tokens: Param<Tensor<2>>,
     pub layers: Vec<DecoderLayer>,
     pub norm: RmsNorm,
     /// `None` when the output projection is tied to the embedding.
     pub lm_head: Option<Linear>,
-    pub rope_theta: f64,
+    /// Rotary inverse frequencies ([`ModelConfig::rope_inv_freq`]), one per pair of head
+    /// dimensions.
+    #[module(skip)]
+    pub rope_inv_freq: Vec<f32>,
 }
 
 impl DecoderLayer {
@@ -218,17 +228,14 @@ impl AttentionLayout {
     fn tensors(
         &self,
         new_len: usize,
-        head_dim: usize,
-        theta: f64,
+        inv_freq: &[f32],
         device: &Device,
     ) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
         let batch = self.key_mask.len();
         let total = self.key_mask[0].len();
         let past = total - new_len;
-        let half = head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
-            .collect();
+        let half = inv_freq.len();
+        let head_dim = 2 * half;
         let mut cos = Vec::with_capacity(batch * new_len * head_dim);
         let mut sin = Vec::with_capacity(batch * new_len * head_dim);
         let mut bias = Vec::with_capacity(batch * new_len * total);
@@ -275,10 +282,17 @@ impl Attention {
     ) -> (Tensor<3>, Tensor<4>, Tensor<4>) {
         let [b, s, _] = x.dims();
         let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);
-        let q = heads(self.q_proj.forward(x.clone()), h);
-        let k = heads(self.k_proj.forward(x.clone()), kvh);
-        let v = heads(self.v_proj.forward(x), kvh);
+        let heads = |t: Tensor<3>, n: usize, norm: &Option<RmsNorm>| {
+            let t = t.reshape([b, s, n, hd]);
+            match norm {
+                Some(norm) => norm.forward(t),
+                None => t,
+            }
+            .swap_dims(1, 2)
+        };
+        let q = heads(self.q_proj.forward(x.clone()), h, &self.q_norm);
+        let k = heads(self.k_proj.forward(x.clone()), kvh, &self.k_norm);
+        let v = heads(self.v_proj.forward(x), kvh, &None);
         let q = q.clone() * cos.clone() + rotate_half(q) * sin.clone();
         let mut k = k.clone() * cos.clone() + rotate_half(k) * sin.clone();
         let mut v = v;
@@ -313,95 +327,58 @@ impl Mlp {
     }
 }
 
-impl Qwen2 {
+impl CausalLm {
     /// Builds the model from checkpoint tensors (Hugging Face names), one tensor at a time.
-    pub fn load(config: &Qwen2Config, files: &SafetensorsFiles, device: &Device) -> Result<Self> {
-        let (hidden, inter) = (config.hidden_size, config.intermediate_size);
-        let hd = config.head_dim();
-        let (q_out, kv_out) = (
-            config.num_attention_heads * hd,
-            config.num_key_value_heads * hd,
-        );
-        let norm = |name: &str| -> Result<RmsNorm> {
+    pub fn load(config: &ModelConfig, files: &SafetensorsFiles, device: &Device) -> Result<Self> {
+        let norm = |name: String, width: usize| -> Result<RmsNorm> {
             Ok(RmsNorm {
-                weight: Param::from_tensor(files.tensor1(name, hidden, device)?),
+                weight: Param::from_tensor(files.tensor1(&name, width, device)?),
                 eps: config.rms_norm_eps,
             })
         };
+        let linear = |name: String, [d_in, d_out]: [usize; 2], bias: bool| {
+            Linear::load(files, &name, d_in, d_out, bias, device)
+        };
+        let qk_norm = config.architecture.qk_norm();
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
+            let shape = |name: &str| LayerShapes::of(config).linear(name);
+            let attn =
+                |name: &str, bias: bool| linear(format!("{p}.self_attn.{name}"), shape(name), bias);
+            let mlp = |name: &str| linear(format!("{p}.mlp.{name}"), shape(name), false);
+            let head_norm = |name: &str| -> Result<Option<RmsNorm>> {
+                qk_norm
+                    .then(|| norm(format!("{p}.self_attn.{name}.weight"), config.head_dim))
+                    .transpose()
+            };
             layers.push(DecoderLayer {
-                input_layernorm: norm(&format!("{p}.input_layernorm.weight"))?,
+                input_layernorm: norm(format!("{p}.input_layernorm.weight"), config.hidden_size)?,
                 self_attn: Attention {
-                    q_proj: Linear::load(
-                        files,
-                        &format!("{p}.self_attn.q_proj"),
-                        hidden,
-                        q_out,
-                        true,
-                        device,
-                    )?,
-                    k_proj: Linear::load(
-                        files,
-                        &format!("{p}.self_attn.k_proj"),
-                        hidden,
-                        kv_out,
-                        true,
-                        device,
-                    )?,
-                    v_proj: Linear::load(
-                        files,
-                        &format!("{p}.self_attn.v_proj"),
-                        hidden,
-                        kv_out,
-                        true,
-                        device,
-                    )?,
-                    o_proj: Linear::load(
-                        files,
-                        &format!("{p}.self_attn.o_proj"),
-                        q_out,
-                        hidden,
-                        false,
-                        device,
-                    )?,
+                    q_proj: attn("q_proj", config.qkv_bias)?,
+                    k_proj: attn("k_proj", config.qkv_bias)?,
+                    v_proj: attn("v_proj", config.qkv_bias)?,
+                    o_proj: attn("o_proj", config.o_bias)?,
+                    q_norm: head_norm("q_norm")?,
+                    k_norm: head_norm("k_norm")?,
                     num_heads: config.num_attention_heads,
                     num_kv_heads: config.num_key_value_heads,
-                    head_dim: hd,
+                    head_dim: config.head_dim,
                 },
-                post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
+                post_attention_layernorm: norm(
+                    format!("{p}.post_attention_layernorm.weight"),
+                    config.hidden_size,
+                )?,
                 mlp: Mlp {
-                    gate_proj: Linear::load(
-                        files,
-                        &format!("{p}.mlp.gate_proj"),
-                        hidden,
-                        inter,
-                        false,
-                        device,
-                    )?,
-                    up_proj: Linear::load(
-                        files,
-                        &format!("{p}.mlp.up_proj"),
-                        hidden,
-                        inter,
-                        false,
-                        device,
-                    )?,
-                    down_proj: Linear::load(
-                        files,
-                        &format!("{p}.mlp.down_proj"),
-                        inter,
-                        hidden,
-                        false,
-                        device,
-                    )?,
+                    gate_proj: mlp("gate_proj")?,
+                    up_proj: mlp("up_proj")?,
+                    down_proj: mlp("down_proj")?,
                 },
             });
         }
         let embed = files.tensor2(
             "model.embed_tokens.weight",
-            [config.vocab_size, hidden],
+            [config.vocab_size, config.hidden_size],
             false,
             device,
         )?;
@@ -409,71 +386,66 @@ impl Qwen2 {
         let lm_head = if config.tie_word_embeddings {
             None
         } else {
-            Some(Linear::load(
-                files,
-                "lm_head",
-                hidden,
-                config.vocab_size,
+            Some(linear(
+                "lm_head".into(),
+                [config.hidden_size, config.vocab_size],
                 false,
-                device,
             )?)
         };
         Ok(Self {
             embed_tokens: Param::from_tensor(embed),
             layers,
-            norm: norm("model.norm.weight")?,
+            norm: norm("model.norm.weight".into(), config.hidden_size)?,
             lm_head,
-            rope_theta: config.rope_theta,
+            rope_inv_freq: config.rope_inv_freq(),
         })
     }
 
     /// A randomly initialised model (N(0, 0.02) weights, unit norms, zero biases) for
     /// benchmarks and demos that need no checkpoint.
-    pub fn random(config: &Qwen2Config, device: &Device) -> Self {
-        let (hidden, inter) = (config.hidden_size, config.intermediate_size);
-        let hd = config.head_dim();
-        let (q_out, kv_out) = (
-            config.num_attention_heads * hd,
-            config.num_key_value_heads * hd,
-        );
+    pub fn random(config: &ModelConfig, device: &Device) -> Self {
+        let shapes = LayerShapes::of(config);
         let normal =
             |shape: [usize; 2]| Tensor::random(shape, Distribution::Normal(0.0, 0.02), device);
-        let linear = |d_in: usize, d_out: usize, bias: bool| Linear {
+        let linear = |[d_in, d_out]: [usize; 2], bias: bool| Linear {
             weight: Param::from_tensor(normal([d_in, d_out])),
             bias: bias.then(|| Param::from_tensor(Tensor::zeros([d_out], device))),
             lora: None,
         };
-        let norm = || RmsNorm {
-            weight: Param::from_tensor(Tensor::ones([hidden], device)),
+        let norm = |width: usize| RmsNorm {
+            weight: Param::from_tensor(Tensor::ones([width], device)),
             eps: config.rms_norm_eps,
         };
+        let head_norm = || config.architecture.qk_norm().then(|| norm(config.head_dim));
         let layers = (0..config.num_hidden_layers)
             .map(|_| DecoderLayer {
-                input_layernorm: norm(),
+                input_layernorm: norm(config.hidden_size),
                 self_attn: Attention {
-                    q_proj: linear(hidden, q_out, true),
-                    k_proj: linear(hidden, kv_out, true),
-                    v_proj: linear(hidden, kv_out, true),
-                    o_proj: linear(q_out, hidden, false),
+                    q_proj: linear(shapes.linear("q_proj"), config.qkv_bias),
+                    k_proj: linear(shapes.linear("k_proj"), config.qkv_bias),
+                    v_proj: linear(shapes.linear("v_proj"), config.qkv_bias),
+                    o_proj: linear(shapes.linear("o_proj"), config.o_bias),
+                    q_norm: head_norm(),
+                    k_norm: head_norm(),
                     num_heads: config.num_attention_heads,
                     num_kv_heads: config.num_key_value_heads,
-                    head_dim: hd,
+                    head_dim: config.head_dim,
                 },
-                post_attention_layernorm: norm(),
+                post_attention_layernorm: norm(config.hidden_size),
                 mlp: Mlp {
-                    gate_proj: linear(hidden, inter, false),
-                    up_proj: linear(hidden, inter, false),
-                    down_proj: linear(inter, hidden, false),
+                    gate_proj: linear(shapes.linear("gate_proj"), false),
+                    up_proj: linear(shapes.linear("up_proj"), false),
+                    down_proj: linear(shapes.linear("down_proj"), false),
                 },
             })
             .collect();
         Self {
-            embed_tokens: Param::from_tensor(normal([config.vocab_size, hidden])),
+            embed_tokens: Param::from_tensor(normal([config.vocab_size, config.hidden_size])),
             layers,
-            norm: norm(),
+            norm: norm(config.hidden_size),
             lm_head: (!config.tie_word_embeddings)
-                .then(|| linear(hidden, config.vocab_size, false)),
-            rope_theta: config.rope_theta,
+                .then(|| linear([config.hidden_size, config.vocab_size], false)),
+            rope_inv_freq: config.rope_inv_freq(),
         }
     }
 
@@ -492,8 +464,7 @@ impl Qwen2 {
         let [b, s] = input_ids.dims();
         let device = input_ids.device();
         let hidden = self.embed_tokens.dims()[1];
-        let head_dim = self.layers[0].self_attn.head_dim;
-        let (cos, sin, bias) = layout.tensors(s, head_dim, self.rope_theta, &device);
+        let (cos, sin, bias) = layout.tensors(s, &self.rope_inv_freq, &device);
         let mut x = self
             .embed_tokens
             .val()
@@ -542,21 +513,61 @@ impl Qwen2 {
     }
 }
 
-/// Parameter count and f32 memory estimate, from the config alone.
-pub fn parameter_count(config: &Qwen2Config) -> usize {
-    let (h, i, v) = (
-        config.hidden_size,
-        config.intermediate_size,
-        config.vocab_size,
-    );
-    let hd = config.head_dim();
-    let (q, kv) = (
-        config.num_attention_heads * hd,
-        config.num_key_value_heads * hd,
-    );
-    let attn = h * q + q + 2 * (h * kv + kv) + q * h;
-    let mlp = 3 * h * i;
-    let layer = attn + mlp + 2 * h;
+/// [in, out] of each projection of a decoder layer.
+struct LayerShapes {
+    hidden: usize,
+    intermediate: usize,
+    q: usize,
+    kv: usize,
+}
+
+impl LayerShapes {
+    fn of(config: &ModelConfig) -> Self {
+        Self {
+            hidden: config.hidden_size,
+            intermediate: config.intermediate_size,
+            q: config.q_width(),
+            kv: config.kv_width(),
+        }
+    }
+
+    fn linear(&self, projection: &str) -> [usize; 2] {
+        let Self {
+            hidden,
+            intermediate,
+            q,
+            kv,
+        } = *self;
+        match projection {
+            "q_proj" => [hidden, q],
+            "k_proj" | "v_proj" => [hidden, kv],
+            "o_proj" => [q, hidden],
+            "gate_proj" | "up_proj" => [hidden, intermediate],
+            "down_proj" => [intermediate, hidden],
+            other => unreachable!("no projection named {other}"),
+        }
+    }
+}
+
+/// Parameter count, from the config alone.
+pub fn parameter_count(config: &ModelConfig) -> usize {
+    let shapes = LayerShapes::of(config);
+    let weights: usize = PROJECTIONS
+        .iter()
+        .map(|name| shapes.linear(name).iter().product::<usize>())
+        .sum();
+    let biases = if config.qkv_bias {
+        config.q_width() + 2 * config.kv_width()
+    } else {
+        0
+    } + if config.o_bias { config.hidden_size } else { 0 };
+    let qk_norms = if config.architecture.qk_norm() {
+        2 * config.head_dim
+    } else {
+        0
+    };
+    let layer = weights + biases + qk_norms + 2 * config.hidden_size;
+    let (h, v) = (config.hidden_size, config.vocab_size);
     let head = if config.tie_word_embeddings { 0 } else { h * v };
     v * h + config.num_hidden_layers * layer + h + head
 }
