@@ -1,7 +1,9 @@
 //! GGUF import: block decoders against gguf-py's numpy decoder, imported checkpoints against
-//! the checkpoints they were converted from, and refusals that name what is wrong.
+//! the checkpoints they were converted from and against transformers' own GGUF loading, and
+//! refusals that name what is wrong.
 //!
-//! The fixtures in tests/fixtures/gguf/ come from tests/fixtures/make_gguf.py.
+//! The fixtures in tests/fixtures/gguf/ come from tests/fixtures/make_gguf.py, the
+//! transformers reference from tests/fixtures/make_gguf_reference.py.
 
 mod common;
 use common::*;
@@ -38,53 +40,14 @@ fn logits(checkpoint: &Checkpoint, ids: &[u32]) -> Vec<f32> {
 }
 
 /// 50 strings of the kinds a tokenizer gets wrong first: code, CJK, emoji (multi-codepoint
-/// too), whitespace runs, digits, contractions, special tokens, combining marks.
+/// too), whitespace runs, digits, contractions, special tokens, combining marks, and pairs of
+/// them joined so boundaries between scripts are covered (gguf/mixed_strings.json, which
+/// make_gguf_reference.py feeds transformers as well).
 fn mixed_strings() -> Vec<String> {
-    let base = [
-        "fn main() {\n    println!(\"hi\");\n}",
-        "def f(x):\n\treturn x ** 2  # square",
-        "SELECT * FROM users WHERE id = 42;",
-        "<|im_start|>user\nHello<|im_end|>",
-        "你好，世界！这是一个测试。",
-        "日本語のテキストとカタカナ",
-        "한국어 문장입니다",
-        "emoji: 😀🎉👍🏽 and 👨‍👩‍👧‍👦 family",
-        "    four spaces, then\t\ttabs",
-        "\n\n\nnewlines\r\nand CRLF",
-        "trailing spaces   ",
-        "  leading",
-        "numbers 1234567890 and 3.14159",
-        "I'm sure they'll say we've done it, 'twas fine",
-        "UPPER lower MiXeD",
-        "naïve café résumé (combining: e\u{301})",
-        "Ünïcödé ñ ß ø å",
-        "https://example.com/path?query=1&x=y#frag",
-        "a+b=c; x<=y && y>=z || !w",
-        "{\"json\": [1, 2, {\"k\": null}]}",
-        "",
-        " ",
-        "\u{200b}zero width",
-        "Ελληνικά και русский текст",
-        "עברית ועربية",
-        "$ cargo build --release 2>&1 | tail",
-        "<tool_call>{\"name\": \"f\"}</tool_call>",
-        "mixed中文and English混合",
-        "punctuation!!! ??? ... ---",
-        "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
-    ]
-    .map(str::to_string);
-    let mut out: Vec<String> = base.to_vec();
-    // Pairs of the above joined, so boundaries between scripts are covered as well.
-    let mut i = 0;
-    while out.len() < 50 {
-        out.push(format!(
-            "{}{}",
-            base[i % base.len()],
-            base[(i * 7 + 3) % base.len()]
-        ));
-        i += 1;
-    }
-    out
+    let text = std::fs::read_to_string(gguf_fixture("mixed_strings.json")).unwrap();
+    let strings: Vec<String> = serde_json::from_str(&text).unwrap();
+    assert_eq!(strings.len(), 50);
+    strings
 }
 
 #[test]
@@ -140,6 +103,64 @@ fn an_f32_import_is_the_original_checkpoint() {
     );
     assert_eq!(imported.tokenizer.stop_ids, original.tokenizer.stop_ids);
     assert_eq!(imported.tokenizer.pad_id, original.tokenizer.pad_id);
+}
+
+#[test]
+fn imports_match_transformers_own_gguf_loading() {
+    // transformers dequantises GGUF tensors to f32 itself (gguf_file=...), and builds its
+    // tokenizer from tokenizer.ggml.*; make_gguf_reference.py recorded both.
+    let text = std::fs::read_to_string(gguf_fixture("transformers_reference.json")).unwrap();
+    let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let ids: Vec<u32> = reference["logits_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let strings = mixed_strings();
+    let files = reference["files"].as_object().unwrap();
+    assert_eq!(files.len(), 6, "every tiny-*.gguf fixture has a reference");
+    for (file, expected) in files {
+        let (_tmp, out) = import(file, SaveDtype::F32);
+        let imported = Checkpoint::load(&out, &Device::flex()).unwrap();
+        let want: Vec<f32> = expected["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|row| row.as_array().unwrap())
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let diff = max_abs_diff(&logits(&imported, &ids), &want);
+        assert!(
+            diff <= 1e-4,
+            "{file}: max |Δlogits| = {diff} against transformers"
+        );
+        let nfc_stable = reference["nfc_stable"].as_array().unwrap();
+        let cases = strings
+            .iter()
+            .zip(expected["token_ids"].as_array().unwrap())
+            .zip(nfc_stable)
+            // transformers' GGUF tokenizer drops the NFC normalizer Qwen2's tokenizer.json
+            // has; the import keeps it, and an_f32_import_is_the_original_checkpoint checks
+            // those strings against the original tokenizer.
+            .filter(|(_, stable)| stable.as_bool().unwrap())
+            .map(|(case, _)| case)
+            .collect::<Vec<_>>();
+        assert_eq!(cases.len(), 47, "three strings carry a combining accent");
+        for (text, want) in cases {
+            let want: Vec<u32> = want
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            assert_eq!(
+                imported.tokenizer.encode(text).unwrap(),
+                want,
+                "{file}: token ids of {text:?}"
+            );
+        }
+    }
 }
 
 /// Relative RMS error of every imported weight against the original checkpoint's.
