@@ -358,13 +358,21 @@ pub fn with_system(prompt: &[Message], system: Option<&str>) -> Vec<Message> {
 }
 
 /// A right-padded batch on the device with its loss targets.
+///
+/// Only the scored positions (those whose next token is a response token) are kept for the
+/// loss, so the vocabulary projection and its log-softmax run on those rows alone instead of
+/// on every prompt and padding position: [scored, vocab] rather than [batch, width, vocab].
 pub struct Batch {
     pub input_ids: Tensor<2, Int>,
     pub layout: AttentionLayout,
-    /// Next-token targets: position t is scored on token t + 1.
-    pub targets: Tensor<3, Int>,
-    /// 1 where the target is a response token, else 0.
-    pub weights: Tensor<2>,
+    /// Flat indices (row · width + position) of the scored positions; position t is scored
+    /// on token t + 1. A batch without response tokens keeps one position, weighted 0.
+    pub scored_positions: Tensor<1, Int>,
+    /// The next token at each scored position, [scored, 1].
+    pub scored_targets: Tensor<2, Int>,
+    /// [batch, scored]: 1 where a scored position belongs to the row, so a matrix product
+    /// sums each row's log-probabilities.
+    pub row_of_scored: Tensor<2>,
     pub response_tokens: usize,
 }
 
@@ -377,26 +385,37 @@ impl Batch {
             .unwrap_or(1)
             .max(1);
         let b = sequences.len();
-        let (mut ids, mut targets, mut weights) = (Vec::new(), Vec::new(), Vec::new());
-        let mut key_mask = Vec::new();
-        let mut response_tokens = 0;
-        for s in sequences {
+        let (mut ids, mut key_mask) = (Vec::new(), Vec::new());
+        let (mut positions, mut targets, mut rows) = (Vec::new(), Vec::new(), Vec::new());
+        for (row, s) in sequences.iter().enumerate() {
             let n = s.ids.len();
             key_mask.push((0..width).map(|t| t < n).collect());
             for t in 0..width {
                 ids.push(*s.ids.get(t).unwrap_or(&pad_id) as i64);
                 let next = t + 1;
-                let scored = next < n && next >= s.prompt_len;
-                targets.push(if next < n { s.ids[next] as i64 } else { 0 });
-                weights.push(if scored { 1.0f32 } else { 0.0 });
-                response_tokens += scored as usize;
+                if next < n && next >= s.prompt_len {
+                    positions.push((row * width + t) as i64);
+                    targets.push(s.ids[next] as i64);
+                    rows.push(row);
+                }
             }
+        }
+        let response_tokens = positions.len();
+        let scored = response_tokens.max(1);
+        let mut row_of_scored = vec![0.0f32; b * scored];
+        for (j, row) in rows.iter().enumerate() {
+            row_of_scored[row * scored + j] = 1.0;
+        }
+        if response_tokens == 0 {
+            positions.push(0);
+            targets.push(0);
         }
         Self {
             input_ids: Tensor::from_data(TensorData::new(ids, [b, width]), device),
             layout: AttentionLayout { key_mask },
-            targets: Tensor::from_data(TensorData::new(targets, [b, width, 1]), device),
-            weights: Tensor::from_data(TensorData::new(weights, [b, width]), device),
+            scored_positions: Tensor::from_data(TensorData::new(positions, [scored]), device),
+            scored_targets: Tensor::from_data(TensorData::new(targets, [scored, 1]), device),
+            row_of_scored: Tensor::from_data(TensorData::new(row_of_scored, [b, scored]), device),
             response_tokens,
         }
     }

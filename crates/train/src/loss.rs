@@ -43,11 +43,18 @@ pub fn response_logprobs(
         .map(|p| p.offsets(model.layers.len()))
         .unwrap_or_default();
     let hidden = model.forward_hidden(batch.input_ids.clone(), &batch.layout, None, &offsets);
-    let logp = log_softmax(model.logits(hidden), 2);
-    let [b, s, _] = logp.dims();
-    let token_logp = logp.gather(2, batch.targets.clone()).reshape([b, s]) * batch.weights.clone();
-    let per_row = token_logp.clone().sum_dim(1).reshape([b]);
-    (per_row, token_logp.sum())
+    let [b, s, h] = hidden.dims();
+    // Only the scored positions reach the vocabulary projection.
+    let scored = hidden
+        .reshape([b * s, h])
+        .select(0, batch.scored_positions.clone());
+    let [n, _] = scored.dims();
+    let logits = model.logits(scored.reshape([1, n, h]));
+    let vocab = logits.dims()[2];
+    let logp = log_softmax(logits.reshape([n, vocab]), 1);
+    let token_logp = logp.gather(1, batch.scored_targets.clone());
+    let per_row = batch.row_of_scored.clone().matmul(token_logp).reshape([b]);
+    (per_row.clone(), per_row.sum())
 }
 
 /// Mean token cross-entropy over every response token of the batch (as transformers computes
