@@ -46,15 +46,22 @@ impl LoraBranch {
 
 impl Linear {
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let mut y = x.clone().matmul(self.weight.val().unsqueeze());
+        // One [rows, in] × [in, out] product: a broadcast [batch, seq, in] × [1, in, out]
+        // runs one smaller product per batch row on the CPU backend, each packing the
+        // weight again.
+        let mut dims = x.dims();
+        let rows = dims[..D - 1].iter().product();
+        let x = x.reshape([rows, dims[D - 1]]);
+        let mut y = x.clone().matmul(self.weight.val());
         if let Some(bias) = &self.bias {
             y = y + bias.val().unsqueeze();
         }
         if let Some(lora) = &self.lora {
-            let down = lora.dropout.forward(x).matmul(lora.a.val().unsqueeze());
-            y = y + down.matmul(lora.b.val().unsqueeze()).mul_scalar(lora.scale);
+            let down = lora.dropout.forward(x).matmul(lora.a.val());
+            y = y + down.matmul(lora.b.val()).mul_scalar(lora.scale);
         }
-        y
+        dims[D - 1] = y.dims()[1];
+        y.reshape(dims)
     }
 
     /// The weight with the LoRA branch folded in: W + scale·A·B.
@@ -499,7 +506,14 @@ impl CausalLm {
     pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
-            None => hidden.matmul(self.embed_tokens.val().transpose().unsqueeze()),
+            None => {
+                let [b, s, h] = hidden.dims();
+                let logits = hidden
+                    .reshape([b * s, h])
+                    .matmul(self.embed_tokens.val().transpose());
+                let vocab = logits.dims()[1];
+                logits.reshape([b, s, vocab])
+            }
         }
     }
 
