@@ -83,6 +83,15 @@ enum Command {
         /// Checkpoint directory (default: the demo model)
         #[arg(long)]
         model: Option<PathBuf>,
+        /// Sequences per training step, for the training-memory estimate
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Safety pairs per SAP step (default: --batch)
+        #[arg(long)]
+        safety_batch: Option<usize>,
+        /// Tokens per sequence, for the training-memory estimate
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
         #[arg(long)]
         json: bool,
     },
@@ -272,15 +281,30 @@ fn run(cli: Cli) -> Result<()> {
                 println!("--device auto picks: {} ({})", auto.describe(), auto.reason);
             }
         }
-        Command::Info { model, json } => {
+        Command::Info {
+            model,
+            batch,
+            safety_batch,
+            seq_len,
+            json,
+        } => {
             let model = model_or_demo(model)?;
             let config = safeprobe_model::ModelConfig::from_file(&model.join("config.json"))?;
             let (params, bytes) = safeprobe_model::size_report(&config);
             let tokenizer = chat::ChatTokenizer::load(&model, &config.eos_token_ids)?;
+            let sft = safeprobe_model::lora_pass_memory(&config, batch, seq_len);
+            let sap = safeprobe_model::lora_pass_memory(
+                &config,
+                2 * safety_batch.unwrap_or(batch),
+                seq_len,
+            );
             if json {
                 println!(
                     "{}",
                     json!({"config": config, "parameters": params, "f32_bytes": bytes,
+                           "lora_training_bytes": {"batch": batch, "seq_len": seq_len,
+                                                   "sft": sft, "sft_total": sft.total(),
+                                                   "sap": sap, "sap_total": sap.total()},
                            "chat_template": tokenizer.template_source, "stop_token_ids": tokenizer.stop_ids})
                 );
             } else {
@@ -308,9 +332,15 @@ fn run(cli: Cli) -> Result<()> {
                     config.rope_theta, config.tie_word_embeddings
                 );
                 println!("parameters:   {params} ({:.1} M)", params as f64 / 1e6);
+                let mib = |b: u64| b as f64 / 1048576.0;
+                println!("memory:       {:.1} MiB for f32 weights", mib(bytes));
                 println!(
-                    "memory:       {:.1} MiB for f32 weights (activations and optimizer state come on top; training with Adam needs about 4× this for full-parameter runs)",
-                    bytes as f64 / 1048576.0
+                    "training:     LoRA, {batch} × {seq_len} tokens (every token scored: an upper bound): SFT ≈ {:.0} MiB (activations {:.0}, logits {:.0}), SAP ≈ {:.0} MiB (its safety pass: chosen and rejected, {} rows); full fine-tuning adds 3 × the weights (gradients, Adam moments)",
+                    mib(sft.total()),
+                    mib(sft.activations),
+                    mib(sft.logits),
+                    mib(sap.total()),
+                    2 * safety_batch.unwrap_or(batch)
                 );
                 println!("template:     {}", tokenizer.template_source);
                 println!("stop tokens:  {:?}", tokenizer.stop_ids);

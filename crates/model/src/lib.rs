@@ -139,3 +139,41 @@ pub fn size_report(config: &ModelConfig) -> (usize, u64) {
     let params = decoder::parameter_count(config);
     (params, params as u64 * 4)
 }
+
+/// The peak memory of one LoRA training pass, estimated from the shapes alone (f32 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct PassMemory {
+    pub weights: u64,
+    /// Tensors the forward pass keeps for the backward pass.
+    pub activations: u64,
+    /// The output projection at the scored positions: logits, log-softmax and their gradient.
+    pub logits: u64,
+}
+
+impl PassMemory {
+    pub fn total(&self) -> u64 {
+        self.weights + self.activations + self.logits
+    }
+}
+
+/// Estimated peak of a LoRA pass over `rows` sequences of `seq_len` tokens, all of them
+/// scored (an upper bound: prompts are not), counting what the autodiff graph keeps for the
+/// backward pass per token and layer: 5 hidden-sized tensors (each RMSNorm's input and
+/// normalised output, the residual stream), 4 of the query width (the rotated queries, keys
+/// and values repeated for grouped attention, the attention output), 4 of the MLP width (gate,
+/// SiLU, up, their product), and one row of `heads × seq_len` attention probabilities.
+/// Products with constants (rotary tables, masks, scales) keep nothing. The vocabulary
+/// projection adds three [tokens, vocab] tensors. SFT makes one such pass; a SAP step's
+/// largest is the safety pass, whose rows are the chosen and the rejected answers.
+pub fn lora_pass_memory(config: &ModelConfig, rows: usize, seq_len: usize) -> PassMemory {
+    let tokens = (rows * seq_len) as u64;
+    let per_token_layer = 5 * config.hidden_size
+        + 4 * config.q_width()
+        + 4 * config.intermediate_size
+        + config.num_attention_heads * seq_len;
+    PassMemory {
+        weights: size_report(config).1,
+        activations: 4 * tokens * (per_token_layer * config.num_hidden_layers) as u64,
+        logits: 4 * tokens * 3 * config.vocab_size as u64,
+    }
+}
