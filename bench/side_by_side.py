@@ -5,7 +5,7 @@
     python3 bench/side_by_side.py --model DIR > table.md     # the table is Markdown
 
 Needs torch, transformers and peft (pip install torch transformers peft) and a release build of
-safeprobe (`cargo build --release --locked -p safeprobe-cli`, or pass --safeprobe PATH).
+safeprobe (`cargo build --release --locked -p safeprobe`, or pass --safeprobe PATH).
 
 What it runs, each measurement in a fresh process so that its peak RSS is its own:
   - training steps, LoRA r = 8 (alpha 16, no dropout) on q_proj and v_proj, task batch --batch,
@@ -47,6 +47,10 @@ def torch_model(model_dir, lora):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
+    # Subnormal floats run ~100x slower on x86 unless flushed: the SAP safety loss's gradient
+    # (a sigmoid of a margin of hundreds of nats) reaches them, and without this the PyTorch
+    # lagged k = 1 step measured 73-75 s instead of ~27 s from its fourth step on.
+    torch.set_flush_denormal(True)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if not lora:
         return model.eval()
@@ -219,7 +223,7 @@ def safeprobe_binary(given):
     for candidate in [target / "release" / "safeprobe", Path.home() / ".cargo" / "bin" / "safeprobe"]:
         if candidate.exists():
             return candidate
-    sys.exit("no safeprobe binary: build it (cargo build --release --locked -p safeprobe-cli) or pass --safeprobe PATH")
+    sys.exit("no safeprobe binary: build it (cargo build --release --locked -p safeprobe) or pass --safeprobe PATH")
 
 
 def main():
