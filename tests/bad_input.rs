@@ -106,7 +106,10 @@ fn unknown_model_type_and_unsupported_fields() {
     });
     assert_mentions(
         &load_error(dir.path()),
-        &["model.safetensors", "model.layers.0.self_attn.q_norm.weight"],
+        &[
+            "model.safetensors",
+            "model.layers.0.self_attn.q_norm.weight",
+        ],
     );
 
     let dir = copy_of("tiny-tied");
