@@ -94,26 +94,16 @@ def safety_loss(model, batch):
     return -torch.nn.functional.logsigmoid((rows[:n] - rows[n:]) / TEMPERATURE).mean()
 
 
-class Probe:
-    """v_j added to the output hidden state of decoder layer j (the middle ten layers)."""
+def middle_probe(model):
+    """The probe on the middle ten decoder layers (safeprobe's default), as the trainer's
+    PyTorch reference (tests/fixtures/make_train_reference.py) hooks it."""
+    sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
+    from make_train_reference import Probe
 
-    def __init__(self, model, hidden):
-        import torch
-
-        layers = model.base_model.model.model.layers
-        count = min(10, len(layers))
-        start = (len(layers) - count) // 2
-        self.vectors = [torch.zeros(hidden) for _ in range(count)]
-        for i, layer in enumerate(layers[start : start + count]):
-            layer.register_forward_hook(self.hook(i))
-
-    def hook(self, i):
-        def add(_module, _inputs, output):
-            if isinstance(output, tuple):
-                return (output[0] + self.vectors[i],) + tuple(output[1:])
-            return output + self.vectors[i]
-
-        return add
+    layers = len(model.base_model.model.model.layers)
+    count = min(10, layers)
+    start = (layers - count) // 2
+    return Probe(model, list(range(start, start + count)), model.config.hidden_size)
 
 
 def torch_train(args):
@@ -127,7 +117,7 @@ def torch_train(args):
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
     variant = args.variant
     schedule, k = (None, 1) if variant == "sft" else (variant.split("-")[0], int(variant.split("-")[1]))
-    probe = Probe(model, model.config.hidden_size) if schedule else None
+    probe = middle_probe(model) if schedule else None
     probe_vars = [torch.zeros_like(v) for v in probe.vectors] if probe else []
     probe_opt = torch.optim.AdamW([v.requires_grad_(True) for v in probe_vars], lr=BETA, weight_decay=0.0) if probe else None
     state = {"step": 0, "delta": None}
