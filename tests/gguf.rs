@@ -105,6 +105,60 @@ fn an_f32_import_is_the_original_checkpoint() {
     assert_eq!(imported.tokenizer.pad_id, original.tokenizer.pad_id);
 }
 
+/// Llama 3 and Qwen3 files import to their original checkpoints: llama's q and k rows come
+/// back from llama.cpp's rotary layout, its llama3 rope scaling from the rope_freqs factors,
+/// Qwen3's head_dim from attention.key_length and its q/k norms by name. (transformers' own
+/// GGUF loading is no reference here: it drops the rope_freqs scaling, which moves these
+/// logits by 7.0, and ignores Qwen3's key_length, so the Qwen3 file fails to load.)
+#[test]
+fn llama_and_qwen3_imports_are_their_original_checkpoints() {
+    let device = Device::flex();
+    for (file, original) in [
+        ("tiny-llama-f32.gguf", "tiny-llama"),
+        ("tiny-qwen3-f32.gguf", "tiny-qwen3"),
+    ] {
+        let (_tmp, out) = import(file, SaveDtype::F32);
+        let original = Checkpoint::load(&fixture(original), &device).unwrap();
+        let imported = Checkpoint::load(&out, &device).unwrap();
+        // config.json keeps the file's one eos id; the stop ids (generation_config.json)
+        // are compared below.
+        let mut config = imported.config.clone();
+        config.eos_token_ids = original.config.eos_token_ids.clone();
+        assert_eq!(config, original.config, "{file}");
+        let ids: Vec<u32> = (0..24).map(|i| (i * 37 + 5) % 512).collect();
+        let diff = max_abs_diff(&logits(&imported, &ids), &logits(&original, &ids));
+        assert!(diff <= 1e-5, "{file}: logits differ by {diff}");
+        for text in mixed_strings() {
+            assert_eq!(
+                imported.tokenizer.encode(&text).unwrap(),
+                original.tokenizer.encode(&text).unwrap(),
+                "{file}: token ids of {text:?}"
+            );
+        }
+        let conversation = [Message::new("user", "Hi 你好 😀")];
+        assert_eq!(
+            imported.tokenizer.render(&conversation, true).unwrap(),
+            original.tokenizer.render(&conversation, true).unwrap(),
+            "{file}"
+        );
+        assert_eq!(
+            imported.tokenizer.stop_ids, original.tokenizer.stop_ids,
+            "{file}"
+        );
+    }
+    // Quantised, the weights are the original's up to Q8_0's step (see the bound below).
+    let (_tmp, out) = import("tiny-llama-q8_0.gguf", SaveDtype::F32);
+    let (error, name) = worst_weight_error(&out, "tiny-llama");
+    assert!(
+        error <= 0.01,
+        "tiny-llama-q8_0.gguf: {name} is off by {error:.5}"
+    );
+    // Encoding with special tokens starts with bos, as Llama 3's tokenizer does.
+    let tokenizer = tokenizers::Tokenizer::from_file(out.join("tokenizer.json")).unwrap();
+    let bos = tokenizer.token_to_id("<|begin_of_text|>").unwrap();
+    assert_eq!(tokenizer.encode("Hi", true).unwrap().get_ids()[0], bos);
+}
+
 #[test]
 fn imports_match_transformers_own_gguf_loading() {
     // transformers dequantises GGUF tensors to f32 itself (gguf_file=...), and builds its
@@ -322,7 +376,10 @@ fn an_unknown_architecture_or_missing_tokenizer_is_refused_by_name() {
     });
     assert_mentions(
         &import_error(&path),
-        &["general.architecture \"gemma\" is not supported", "qwen2"],
+        &[
+            "general.architecture \"gemma\" is not supported",
+            "qwen2, qwen3, llama",
+        ],
     );
 
     let (_dir, path) = edited("tiny-tied-q8_0.gguf", |b| {

@@ -2,16 +2,18 @@
 //! `transformers`) loads: `config.json` from the metadata, the tensors dequantised into
 //! `model.safetensors`, and the tokenizer rebuilt from `tokenizer.ggml.*`.
 //!
-//! The mapping is the inverse of llama.cpp's `convert_hf_to_gguf.py` for qwen2: the same
-//! tensor names, the same token types. Whatever it cannot map (another architecture, another
-//! tokenizer, rope scaling, an unknown tensor) is refused by name, never guessed.
+//! The mapping is the inverse of llama.cpp's `convert_hf_to_gguf.py` for qwen2, qwen3 and
+//! llama: the same tensor names and token types; llama's q and k rows back from llama.cpp's
+//! rotary layout; llama3 rope scaling back from the `rope_freqs` factors the converter stores.
+//! Whatever it cannot map (another architecture, another tokenizer, another rope scaling, an
+//! unknown tensor) is refused by name, never guessed.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value as Json, json};
 
-use crate::config::ModelConfig;
+use crate::config::{Architecture, ModelConfig};
 use crate::error::{Error, Result};
 use crate::gguf::{Gguf, Value};
 use crate::weights::{HostTensor, SaveDtype, write_atomic, write_safetensors};
@@ -36,14 +38,15 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, dtype: SaveDtype) -> Result
     let gguf = Gguf::open(gguf_path)?;
     let meta = Metadata(&gguf);
     let arch = meta.str("general.architecture")?;
-    if arch != "qwen2" {
+    if !ARCHITECTURES.contains(&arch) {
         return Err(meta.error(format!(
-            "general.architecture \"{arch}\" is not supported (safeprobe imports \"qwen2\": Qwen2 and Qwen2.5)"
+            "general.architecture \"{arch}\" is not supported (safeprobe imports {})",
+            ARCHITECTURES.join(", ")
         )));
     }
     let config = model_config(&gguf, arch)?;
-    let tensors = hf_tensors(&gguf)?;
-    let tokenizer = TokenizerFiles::from_gguf(&meta)?;
+    let tensors = hf_tensors(&gguf, &config)?;
+    let tokenizer = TokenizerFiles::from_gguf(&meta, arch)?;
 
     let staging = staging_dir(out_dir)?;
     let written = (|| {
@@ -90,6 +93,9 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, dtype: SaveDtype) -> Result
         has_chat_template: tokenizer.has_chat_template,
     })
 }
+
+/// The `general.architecture`s imported: Qwen2/2.5, Qwen3 (dense), Llama 3.x.
+const ARCHITECTURES: [&str; 3] = ["qwen2", "qwen3", "llama"];
 
 fn refuse_occupied(out_dir: &Path) -> Result<()> {
     if let Ok(mut entries) = std::fs::read_dir(out_dir)
@@ -253,19 +259,146 @@ fn model_config(gguf: &Gguf, arch: &str) -> Result<ModelConfig> {
         "tie_word_embeddings".into(),
         json!(gguf.tensor("output.weight").is_none()),
     );
+    if let Some(head_dim) = meta.opt_u64(&key("attention.key_length"))? {
+        let value_length = meta.opt_u64(&key("attention.value_length"))?;
+        if value_length.is_some_and(|v| v != head_dim) {
+            return Err(meta.error(format!(
+                "{} {head_dim} differs from {} {}: not supported",
+                key("attention.key_length"),
+                key("attention.value_length"),
+                value_length.unwrap_or_default()
+            )));
+        }
+        map.insert("head_dim".into(), json!(head_dim));
+    }
+    if let Some(info) = gguf.tensor("rope_freqs.weight") {
+        let head_dim = match map.get("head_dim") {
+            Some(d) => d.as_u64().unwrap_or(0),
+            None => meta.u64(&key("embedding_length"))? / heads.max(1),
+        };
+        let theta = map["rope_theta"].as_f64().unwrap_or(10_000.0);
+        let factors = gguf.read_f32(info)?;
+        if let Some(scaling) = llama3_scaling(&factors, theta, head_dim as usize)
+            .map_err(|e| Error::weights(&gguf.path, format!("tensor \"rope_freqs.weight\": {e}")))?
+        {
+            map.insert("rope_scaling".into(), scaling);
+        }
+    }
     if let Some(eos) = meta.opt_u64("tokenizer.ggml.eos_token_id")? {
         map.insert("eos_token_id".into(), json!(eos));
     }
     ModelConfig::from_map(&map, &gguf.path)
 }
 
+/// The llama3 rope scaling that gives the per-frequency divisors `factors` (what the
+/// converter stores as `rope_freqs.weight`), as config.json's `rope_scaling`; None when every
+/// divisor is 1. The divisors are 1 for short wavelengths, `factor` for long ones, and
+/// between them 1 / ((1 − s) / factor + s) with s = (old / λ − low) / (high − low). Scaling
+/// (old, low, high) together changes nothing, so low = 1 (as in every Llama 3.x); high and old
+/// come from the smooth part, or Llama's high = 4 where it has fewer than two points. The
+/// result is checked by recomputing every divisor.
+fn llama3_scaling(
+    factors: &[f32],
+    theta: f64,
+    head_dim: usize,
+) -> std::result::Result<Option<Json>, String> {
+    if factors.len() * 2 != head_dim {
+        return Err(format!(
+            "{} values for head_dim {head_dim} (expected head_dim / 2)",
+            factors.len()
+        ));
+    }
+    let factors: Vec<f64> = factors.iter().map(|f| *f as f64).collect();
+    let factor = factors.iter().copied().fold(1.0, f64::max);
+    if factors.iter().all(|f| (f - 1.0).abs() < 1e-6) {
+        return Ok(None);
+    }
+    let wavelength =
+        |i: usize| 2.0 * std::f64::consts::PI * theta.powf(2.0 * i as f64 / head_dim as f64);
+    let tolerance = 1e-5 * factor;
+    let smooth: Vec<(f64, f64)> = (0..factors.len())
+        .filter(|i| factors[*i] > 1.0 + tolerance && factors[*i] < factor - tolerance)
+        .map(|i| {
+            let s = (1.0 / factors[i] - 1.0 / factor) / (1.0 - 1.0 / factor);
+            (1.0 / wavelength(i), s)
+        })
+        .collect();
+    let (high, old) = match smooth.len() {
+        0 => {
+            // Any old with every unscaled wavelength below old / 4 and every scaled one above old.
+            let below = (0..factors.len())
+                .filter(|i| factors[*i] <= 1.0 + tolerance)
+                .map(wavelength)
+                .fold(0.0, f64::max);
+            let above = (0..factors.len())
+                .filter(|i| factors[*i] >= factor - tolerance)
+                .map(wavelength)
+                .fold(f64::INFINITY, f64::min);
+            (4.0, (4.0 * below * above).sqrt())
+        }
+        1 => {
+            let (inv_wavelength, s) = smooth[0];
+            (4.0, (3.0 * s + 1.0) / inv_wavelength)
+        }
+        n => {
+            // s = a / λ + b, with a = old / (high − 1) and b = −1 / (high − 1).
+            let n = n as f64;
+            let (mx, my) = smooth
+                .iter()
+                .fold((0.0, 0.0), |(x, y), (a, b)| (x + a / n, y + b / n));
+            let sxy: f64 = smooth.iter().map(|(x, y)| (x - mx) * (y - my)).sum();
+            let sxx: f64 = smooth.iter().map(|(x, _)| (x - mx) * (x - mx)).sum();
+            let a = sxy / sxx;
+            let b = my - a * mx;
+            (1.0 - 1.0 / b, -a / b)
+        }
+    };
+    // Context lengths are whole numbers; the fit is exact up to rounding.
+    let old = if (old - old.round()).abs() < 1e-3 * old {
+        old.round()
+    } else {
+        old
+    };
+    for (i, f) in factors.iter().enumerate() {
+        let lambda = wavelength(i);
+        let expected = if lambda < old / high {
+            1.0
+        } else if lambda > old {
+            factor
+        } else {
+            let s = (old / lambda - 1.0) / (high - 1.0);
+            1.0 / ((1.0 - s) / factor + s)
+        };
+        if (expected - f).abs() > 1e-4 * f.abs().max(1.0) {
+            return Err(format!(
+                "the divisors are not those of llama3 rope scaling (value {i} is {f}, the closest \
+                 llama3 scaling gives {expected}); this rope scaling is not supported"
+            ));
+        }
+    }
+    let high = if (high - high.round()).abs() < 1e-6 {
+        high.round()
+    } else {
+        high
+    };
+    Ok(Some(json!({
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": old,
+    })))
+}
+
 /// llama.cpp's per-layer tensor names and the Hugging Face module they come from.
-const LAYER_TENSORS: [(&str, &str); 9] = [
+const LAYER_TENSORS: [(&str, &str); 11] = [
     ("attn_norm", "input_layernorm"),
     ("ffn_norm", "post_attention_layernorm"),
     ("attn_q", "self_attn.q_proj"),
     ("attn_k", "self_attn.k_proj"),
     ("attn_v", "self_attn.v_proj"),
+    ("attn_q_norm", "self_attn.q_norm"),
+    ("attn_k_norm", "self_attn.k_norm"),
     ("attn_output", "self_attn.o_proj"),
     ("ffn_gate", "mlp.gate_proj"),
     ("ffn_up", "mlp.up_proj"),
@@ -291,26 +424,70 @@ pub fn hf_name(gguf_name: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{hf_module}.{param}"))
 }
 
-fn hf_tensors(gguf: &Gguf) -> Result<BTreeMap<String, HostTensor>> {
+fn hf_tensors(gguf: &Gguf, config: &ModelConfig) -> Result<BTreeMap<String, HostTensor>> {
+    let arch = config.architecture.model_type();
     let mut out = BTreeMap::new();
     for info in &gguf.tensors {
+        if info.name == "rope_freqs.weight" {
+            continue; // read into config.json's rope_scaling
+        }
         let name = hf_name(&info.name).ok_or_else(|| {
             Error::weights(
                 &gguf.path,
                 format!(
-                    "tensor \"{}\" has no qwen2 counterpart; this file is not a plain Qwen2 model",
+                    "tensor \"{}\" has no {arch} counterpart; this file is not a plain {arch} model",
                     info.name
                 ),
             )
         })?;
-        let values = gguf.read_f32(info)?;
-        out.insert(
-            name,
-            HostTensor {
-                shape: info.hf_shape(),
-                values,
-            },
-        );
+        let mut values = gguf.read_f32(info)?;
+        let shape = info.hf_shape();
+        // The converter interleaves the rotary halves of llama's q and k rows.
+        if config.architecture == Architecture::Llama {
+            let heads = if name.ends_with("q_proj.weight") {
+                Some(config.num_attention_heads)
+            } else if name.ends_with("k_proj.weight") {
+                Some(config.num_key_value_heads)
+            } else {
+                None
+            };
+            if let Some(heads) = heads {
+                values =
+                    from_rotary_layout(&values, &shape, heads, config.head_dim).map_err(|e| {
+                        Error::weights(&gguf.path, format!("tensor \"{}\": {e}", info.name))
+                    })?;
+            }
+        }
+        out.insert(name, HostTensor { shape, values });
+    }
+    Ok(out)
+}
+
+/// Undoes llama.cpp's row order for llama's q and k: within each head, row 2j + t of the
+/// file is row t · head_dim / 2 + j of the Hugging Face weight.
+fn from_rotary_layout(
+    values: &[f32],
+    shape: &[usize],
+    heads: usize,
+    head_dim: usize,
+) -> std::result::Result<Vec<f32>, String> {
+    let rows = shape.first().copied().unwrap_or(0);
+    if rows != heads * head_dim || values.len() % rows.max(1) != 0 {
+        return Err(format!(
+            "shape {shape:?} is not {heads} heads of {head_dim} rows"
+        ));
+    }
+    let cols = values.len() / rows;
+    let half = head_dim / 2;
+    let mut out = vec![0.0; values.len()];
+    for h in 0..heads {
+        for j in 0..half {
+            for t in 0..2 {
+                let from = (h * head_dim + 2 * j + t) * cols;
+                let to = (h * head_dim + t * half + j) * cols;
+                out[to..to + cols].copy_from_slice(&values[from..from + cols]);
+            }
+        }
     }
     Ok(out)
 }
@@ -381,7 +558,7 @@ struct TokenizerFiles {
 }
 
 impl TokenizerFiles {
-    fn from_gguf(meta: &Metadata) -> Result<Self> {
+    fn from_gguf(meta: &Metadata, arch: &str) -> Result<Self> {
         let model = meta.str("tokenizer.ggml.model")?;
         if model != "gpt2" {
             return Err(meta.error(format!(
@@ -446,7 +623,7 @@ impl TokenizerFiles {
 
         let vocab_tokens = vocab.len();
         let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false});
-        let tokenizer = json!({
+        let mut tokenizer = json!({
             "version": "1.0",
             "truncation": null,
             "padding": null,
@@ -493,6 +670,21 @@ impl TokenizerFiles {
         } else {
             None
         };
+        if let (Some(bos), Some(id)) = (&bos, meta.opt_u64("tokenizer.ggml.bos_token_id")?) {
+            // Encoding with special tokens starts with bos, as Llama 3's own tokenizer.json does.
+            let special = |type_id: u32| json!({"SpecialToken": {"id": bos, "type_id": type_id}});
+            let sequence =
+                |id: &str, type_id: u32| json!({"Sequence": {"id": id, "type_id": type_id}});
+            tokenizer["post_processor"] = json!({"type": "Sequence", "processors": [
+                byte_level,
+                {
+                    "type": "TemplateProcessing",
+                    "single": [special(0), sequence("A", 0)],
+                    "pair": [special(0), sequence("A", 0), special(1), sequence("B", 1)],
+                    "special_tokens": {bos.as_str(): {"id": bos, "ids": [id], "tokens": [bos]}},
+                },
+            ]});
+        }
         let template = meta.opt_str("tokenizer.chat_template");
         let mut tokenizer_config = json!({
             "tokenizer_class": "PreTrainedTokenizerFast",
@@ -500,7 +692,7 @@ impl TokenizerFiles {
             "bos_token": bos,
             "eos_token": eos,
             "pad_token": pad,
-            "model_max_length": meta.opt_u64("qwen2.context_length")?,
+            "model_max_length": meta.opt_u64(&format!("{arch}.context_length"))?,
         });
         if let Some(template) = template {
             tokenizer_config["chat_template"] = json!(template);
