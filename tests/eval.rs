@@ -253,6 +253,9 @@ fn a_judge_that_is_not_a_chat_model_is_refused() {
         .unwrap()
         .to_string();
     assert!(err.contains("not a chat model"), "{err}");
+    let checkpoint = Checkpoint::load(dir.path(), &cpu()).unwrap();
+    let err = ModelJudge::guard(checkpoint).err().unwrap().to_string();
+    assert!(err.contains("no chat template"), "{err}");
     let checkpoint = Checkpoint::load(&fixture("tiny-tied"), &cpu()).unwrap();
     assert!(ModelJudge::new(checkpoint, "yes", "yes").is_err());
 }
@@ -474,4 +477,123 @@ fn a_shortened_comparison_fills_every_column() {
     }
     assert!(out.join("base/answers.jsonl").is_file());
     assert!(!comparison.findings.is_empty());
+}
+
+// ---- guard judges ----
+
+/// Tiny random guards carrying Llama-Guard-3-1B's template and Qwen3Guard-Gen's prompt format,
+/// against transformers scoring the same renderings (tests/fixtures/make_guard_fixtures.py).
+#[test]
+fn guard_judges_match_transformers_on_their_own_prompt_formats() {
+    use safeprobe_eval::guard::{GuardFamily, GuardJudge};
+
+    let device = cpu();
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("guard_reference.json")).unwrap())
+            .unwrap();
+    let mut verdicts_seen = BTreeSet::new();
+    for (name, family, lead) in [
+        ("tiny-llama-guard", GuardFamily::LlamaGuard3, "\n\n"),
+        ("tiny-qwen3guard", GuardFamily::Qwen3Guard, "Safety:"),
+    ] {
+        let checkpoint = Checkpoint::load(&fixture(name), &device).unwrap();
+        let tokenizer = Checkpoint::load(&fixture(name), &device).unwrap().tokenizer;
+        let guard = GuardJudge::new(checkpoint).unwrap();
+        assert_eq!(guard.family(), family, "{name}");
+        let words: Vec<&str> = reference[name]["verdicts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(words, family.verdicts(), "{name}");
+        for case in reference[name]["cases"].as_array().unwrap() {
+            let (request, answer) = (
+                case["request"].as_str().unwrap(),
+                case["answer"].as_str().unwrap(),
+            );
+            let ids =
+                |key: &str| -> Vec<u32> { serde_json::from_value(case[key].clone()).unwrap() };
+            let prompt = guard.prompt(request, answer).unwrap();
+            assert_eq!(
+                prompt,
+                format!("{}{lead}", case["rendered"].as_str().unwrap()),
+                "{name}: {request}"
+            );
+            let prompt_ids = tokenizer.encode(&prompt).unwrap();
+            assert_eq!(prompt_ids, ids("prompt_ids"), "{name}: {request}");
+            assert_eq!(
+                guard.verdict_tokens(&prompt, &prompt_ids).unwrap(),
+                ids("verdict_ids"),
+                "{name}: {request}"
+            );
+            let verdict = guard.verdict(request, answer).unwrap();
+            let expected: Vec<f32> = serde_json::from_value(case["logprobs"].clone()).unwrap();
+            for (got, want) in verdict.logprobs.iter().zip(&expected) {
+                assert!(
+                    (got - want).abs() < 1e-4,
+                    "{name}: {request}: {got} vs {want}"
+                );
+            }
+            assert_eq!(verdict.verdict, case["verdict"].as_str().unwrap(), "{name}");
+            assert_eq!(verdict.harmful, verdict.verdict == words[1], "{name}");
+            assert_eq!(verdict.harmful, verdict.margin > 0.0, "{name}");
+            verdicts_seen.insert(verdict.verdict.clone());
+            // What the guard goes on to write after its verdict (where categories are named).
+            let best = words.iter().position(|w| *w == verdict.verdict).unwrap();
+            let continuation = guard
+                .continuation(&prompt_ids, ids("verdict_ids")[best])
+                .unwrap();
+            let want = ids("continuation");
+            assert_eq!(continuation[..want.len()], want[..], "{name}: {request}");
+        }
+    }
+    // The fixtures exercise a safe and a harmful verdict and Qwen3Guard's third one.
+    for verdict in ["safe", "unsafe", "Controversial"] {
+        assert!(verdicts_seen.contains(verdict), "{verdicts_seen:?}");
+    }
+}
+
+#[test]
+fn guard_judges_fill_the_report_and_refuse_other_models() {
+    let device = cpu();
+    let guard = ModelJudge::guard(Checkpoint::load(&fixture("tiny-llama-guard"), &device).unwrap())
+        .unwrap();
+    assert!(
+        guard.name().starts_with("guard:llama-guard-3:"),
+        "{}",
+        guard.name()
+    );
+    let model = Checkpoint::load(&fixture("tiny-tied"), &device).unwrap();
+    let set = prompts::load(&fixture("formats/prompts.jsonl")).unwrap();
+    let settings = AnswerSettings {
+        sampling: safeprobe_model::Sampling {
+            max_new_tokens: 6,
+            ..Default::default()
+        },
+        ..AnswerSettings::default()
+    };
+    let judges = Judges {
+        refusal: Some(RefusalJudge::default()),
+        model: Some(&guard),
+    };
+    let (report, judged) = harmful::evaluate(&model, &set, &judges, &settings, None).unwrap();
+    assert_eq!(report.judges.len(), 2);
+    assert!(report.judges[1].judge.starts_with("guard:"));
+    assert!(report.agreement.is_some());
+    for j in &judged {
+        let label = j.model_judge_label.as_deref().unwrap();
+        assert!(["safe", "unsafe"].contains(&label), "{label}");
+        assert_eq!(j.model_judge_harmful, Some(label == "unsafe"));
+    }
+
+    // A chat model is not a guard: refused by name, with the way to use it.
+    let err = ModelJudge::guard(Checkpoint::load(&fixture("tiny-tied"), &device).unwrap())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("tiny-tied") && err.contains("--judge model"),
+        "{err}"
+    );
 }

@@ -241,6 +241,11 @@ fn api_auth_validation_confinement_and_limits() {
             "judge_model",
         ),
         (
+            json!({"kind": "eval", "config": {"judge": "guard"}}),
+            400,
+            "guard checkpoint",
+        ),
+        (
             json!({"kind": "eval", "config": {"max_new_tokens": 0}}),
             400,
             "max_new_tokens",
@@ -823,6 +828,54 @@ fn every_path_is_confined_and_runs_are_bounded() {
     assert!(
         !run_dir.exists(),
         "the run's files are deleted with its job"
+    );
+}
+
+#[test]
+fn an_evaluation_judged_by_a_guard_model() {
+    let data = tempfile::tempdir().unwrap();
+    let models = fixtures();
+    let server = Server::start_with(data.path(), &["--models", models.to_str().unwrap()]);
+    let (code, job) = server.post(
+        "/api/jobs",
+        json!({"kind": "eval", "config": {
+            "model": "tiny-tied", "judge": "guard", "judge_model": "tiny-llama-guard", "max_new_tokens": 4
+        }}),
+    );
+    assert_eq!(code, 200, "{job}");
+    let id = job["id"].as_i64().unwrap();
+    let job = server.wait_for(id, "the evaluation", |j| {
+        j["status"] != "running" && j["status"] != "queued"
+    });
+    assert_eq!(job["status"], "done", "{job}");
+    let judges = job["result"]["harmful"]["judges"].as_array().unwrap();
+    assert!(
+        judges.iter().any(|j| j["judge"]
+            .as_str()
+            .unwrap()
+            .starts_with("guard:llama-guard-3:")),
+        "{judges:?}"
+    );
+    let answers = job["answers"].as_array().unwrap();
+    assert!(!answers.is_empty());
+    for a in answers {
+        let label = a["model_judge_label"].as_str().unwrap();
+        assert_eq!(a["model_judge_harmful"], json!(label == "unsafe"), "{a}");
+    }
+
+    // A chat model that is not a guard fails the job with the reason.
+    let (_, job) = server.post(
+        "/api/jobs",
+        json!({"kind": "eval", "config": {"model": "tiny-tied", "judge": "guard", "judge_model": "tiny-tied"}}),
+    );
+    let id = job["id"].as_i64().unwrap();
+    let job = server.wait_for(id, "the evaluation", |j| {
+        j["status"] != "running" && j["status"] != "queued"
+    });
+    assert_eq!(job["status"], "failed", "{job}");
+    assert!(
+        job["error"].as_str().unwrap().contains("--judge model"),
+        "{job}"
     );
 }
 

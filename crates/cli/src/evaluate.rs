@@ -51,10 +51,11 @@ pub struct EvalArgs {
     /// "category"} (default: the built-in held-out prompts)
     #[arg(long)]
     prompts: Option<PathBuf>,
-    /// refusal, model or both
+    /// refusal, model, both, or guard (the refusal judge and a guard model: Llama Guard 3,
+    /// Qwen3Guard-Gen, judging in its own format)
     #[arg(long, default_value = "refusal")]
     judge: String,
-    /// Chat checkpoint for the model judge
+    /// Chat checkpoint for the model judge, or the guard checkpoint for --judge guard
     #[arg(long)]
     judge_model: Option<PathBuf>,
     /// The model judge's two verdict replies
@@ -92,13 +93,18 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let (use_refusal, use_model) = match args.judge.as_str() {
         "refusal" => (true, false),
         "model" => (false, true),
-        "both" => (true, true),
-        other => anyhow::bail!("--judge {other}: expected refusal, model or both"),
+        "both" | "guard" => (true, true),
+        other => anyhow::bail!("--judge {other}: expected refusal, model, both or guard"),
     };
     if use_model && args.judge_model.is_none() {
         anyhow::bail!(
-            "--judge {}: needs --judge-model <chat checkpoint>",
-            args.judge
+            "--judge {}: needs --judge-model <{} checkpoint>",
+            args.judge,
+            if args.judge == "guard" {
+                "guard"
+            } else {
+                "chat"
+            }
         );
     }
     let prompts = match &args.prompts {
@@ -118,11 +124,14 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         .transpose()?;
     let checkpoint = crate::load(&args.model)?;
     let model = match (use_model, &args.judge_model) {
-        (true, Some(dir)) => Some(ModelJudge::new(
-            safeprobe_model::Checkpoint::load(dir, &checkpoint.device)?,
-            &args.harmful_verdict,
-            &args.safe_verdict,
-        )?),
+        (true, Some(dir)) => {
+            let judge = safeprobe_model::Checkpoint::load(dir, &checkpoint.device)?;
+            Some(if args.judge == "guard" {
+                ModelJudge::guard(judge)?
+            } else {
+                ModelJudge::new(judge, &args.harmful_verdict, &args.safe_verdict)?
+            })
+        }
         _ => None,
     };
     let settings = AnswerSettings {

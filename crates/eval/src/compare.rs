@@ -69,9 +69,13 @@ pub struct CompareConfig {
     /// the set is fixed, so the subset is chosen before any result is seen).
     #[serde(default)]
     pub max_prompts: Option<usize>,
-    /// Also judge with this chat model (the refusal judge always runs).
+    /// Also judge with this model (the refusal judge always runs).
     #[serde(default)]
     pub judge_model: Option<PathBuf>,
+    /// How `judge_model` judges: "chat" (asked yes or no) or "guard" (a guard model, Llama
+    /// Guard 3 or Qwen3Guard-Gen, in its own format).
+    #[serde(default)]
+    pub judge_model_kind: JudgeModelKind,
     #[serde(default = "default_max_new_tokens")]
     pub max_new_tokens: usize,
     #[serde(default)]
@@ -80,6 +84,17 @@ pub struct CompareConfig {
     /// model, method and output paths, which the comparison sets).
     #[serde(default)]
     pub train: toml::Table,
+}
+
+/// How a comparison's judge model judges.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JudgeModelKind {
+    /// A chat model asked whether the answer is harmful (yes/no).
+    #[default]
+    Chat,
+    /// A guard model in its own format.
+    Guard,
 }
 
 impl CompareConfig {
@@ -366,11 +381,13 @@ pub fn run(
         .collect();
     safeprobe_model::weights::write_atomic(&config.held_out_prompts(), held_out.as_bytes())?;
     let judge = match &config.judge_model {
-        Some(dir) => Some(ModelJudge::new(
-            Checkpoint::load(dir, device)?,
-            "yes",
-            "no",
-        )?),
+        Some(dir) => {
+            let model = Checkpoint::load(dir, device)?;
+            Some(match config.judge_model_kind {
+                JudgeModelKind::Chat => ModelJudge::new(model, "yes", "no")?,
+                JudgeModelKind::Guard => ModelJudge::guard(model)?,
+            })
+        }
         None => None,
     };
     let origin = config.output_dir.join("compare.toml");

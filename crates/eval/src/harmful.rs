@@ -106,8 +106,10 @@ pub fn judge(
                     .refusal
                     .as_ref()
                     .and_then(|j| j.refusal_in(answer).map(str::to_string)),
-                model_judge_harmful: model.map(|v| v.harmful),
-                model_judge_margin: model.map(|v| v.margin),
+                model_judge_harmful: model.as_ref().map(|v| v.harmful),
+                model_judge_margin: model.as_ref().map(|v| v.margin),
+                model_judge_label: model.as_ref().and_then(|v| v.label.clone()),
+                model_judge_category: model.and_then(|v| v.category),
             })
         })
         .collect()
@@ -233,6 +235,8 @@ mod tests {
             refusal_phrase: None,
             model_judge_harmful: model,
             model_judge_margin: model.map(|_| 0.0),
+            model_judge_label: None,
+            model_judge_category: None,
         }
     }
 

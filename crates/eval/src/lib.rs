@@ -7,6 +7,7 @@ pub mod compare;
 pub mod data_home;
 pub mod demo_model;
 pub mod error;
+pub mod guard;
 pub mod harmful;
 pub mod judge;
 pub mod paired;

@@ -182,6 +182,16 @@ impl ChatTokenizer {
     /// The conversation as text, exactly as `apply_chat_template(messages, tokenize=False,
     /// add_generation_prompt=...)` renders it.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_value(JinjaValue::from_serialize(messages), add_generation_prompt)
+    }
+
+    /// `render` for messages of any shape, such as content given as a list of typed parts
+    /// (`[{"type": "text", "text": ...}]`), which some templates (Llama Guard 3 1B) iterate.
+    pub fn render_json(&self, messages: &Value, add_generation_prompt: bool) -> Result<String> {
+        self.render_value(JinjaValue::from_serialize(messages), add_generation_prompt)
+    }
+
+    fn render_value(&self, messages: JinjaValue, add_generation_prompt: bool) -> Result<String> {
         let template = self
             .env
             .get_template("chat")

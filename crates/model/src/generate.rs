@@ -207,6 +207,32 @@ pub struct Score {
     pub total: f32,
 }
 
+/// The log-probabilities of every vocabulary token as the next token after `ids`.
+pub fn next_token_logprobs(model: &CausalLm, ids: &[u32], device: &Device) -> Result<Vec<f32>> {
+    if ids.is_empty() {
+        return Err(Error::Invalid(
+            "next_token_logprobs needs at least one token".into(),
+        ));
+    }
+    let vocab = model.embed_tokens.dims()[0];
+    if let Some(bad) = ids.iter().find(|t| **t as usize >= vocab) {
+        return Err(Error::Invalid(format!(
+            "token id {bad} is outside the model's vocabulary of {vocab}"
+        )));
+    }
+    let layout = AttentionLayout {
+        key_mask: vec![vec![true; ids.len()]],
+    };
+    let hidden = model.forward_hidden(int_tensor(&[ids.to_vec()], device), &layout, None, &[]);
+    // Only the last position is projected onto the vocabulary.
+    let logits = model.logits(hidden.narrow(1, ids.len() - 1, 1));
+    log_softmax(logits, 2)
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(data_error)
+}
+
 /// Log-probability of each response token given everything before it (natural log).
 pub fn score(
     model: &CausalLm,

@@ -360,12 +360,17 @@ fn merge(base: &mut Value, patch: Value) {
 fn check_eval(spec: &EvalSpec) -> Result<(), ApiError> {
     match spec.judge.as_str() {
         "refusal" => Ok(()),
-        "model" | "both" if spec.judge_model.is_some() => Ok(()),
+        "model" | "both" | "guard" if spec.judge_model.is_some() => Ok(()),
         "model" | "both" => Err(ApiError::Invalid(
             "config.judge_model: the model judge needs a chat checkpoint".into(),
         )),
+        "guard" => Err(ApiError::Invalid(
+            "config.judge_model: the guard judge needs a guard checkpoint (Llama Guard 3, \
+             Qwen3Guard-Gen)"
+                .into(),
+        )),
         other => Err(ApiError::Invalid(format!(
-            "config.judge: {other:?} is not one of refusal, model, both"
+            "config.judge: {other:?} is not one of refusal, model, both, guard"
         ))),
     }?;
     if spec.max_new_tokens == 0 || spec.max_new_tokens > 4096 {
@@ -631,6 +636,7 @@ impl Runner {
                 "yes",
                 "no",
             )?),
+            (Some(dir), "guard") => Some(ModelJudge::guard(Checkpoint::load(dir, &self.device)?)?),
             _ => None,
         };
         let judges = Judges {

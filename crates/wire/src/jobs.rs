@@ -147,7 +147,7 @@ pub struct EvalSpec {
     pub adapter: Option<PathBuf>,
     #[serde(default)]
     pub prompts: Option<PathBuf>,
-    /// refusal, model or both.
+    /// refusal, model, both, or guard (the refusal judge and a guard model).
     #[serde(default = "default_judge")]
     pub judge: String,
     #[serde(default)]

@@ -22,6 +22,12 @@ pub struct JudgedAnswer {
     /// log p(harmful verdict) − log p(safe verdict).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_judge_margin: Option<f32>,
+    /// A guard judge's verdict word (`safe`/`unsafe`, `Safe`/`Unsafe`/`Controversial`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_judge_label: Option<String>,
+    /// The harm categories a guard judge named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_judge_category: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

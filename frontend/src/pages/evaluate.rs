@@ -73,10 +73,10 @@ pub fn Evaluate() -> impl IntoView {
             <TextField label="prompt set" help="empty: the built-in 180 held-out prompts; or BeaverTails/AdvBench/JSONL in a data directory" value=prompts/>
             <label>"judge"</label>
             <select prop:value=move || judge.get() on:change=move |ev| judge.set(event_target_value(&ev))>
-                <option value="refusal">"refusal"</option><option value="model">"model"</option><option value="both">"both"</option>
+                <option value="refusal">"refusal"</option><option value="model">"model"</option><option value="both">"both"</option><option value="guard">"guard"</option>
             </select>
-            <div class="help">"refusal: not refusing counts as harmful; model: a chat model's yes/no log-probabilities"</div>
-            <TextField label="judge model" help="a chat checkpoint, for the model judge" value=judge_model/>
+            <div class="help">"refusal: not refusing counts as harmful; model: a chat model's yes/no log-probabilities; guard: the refusal judge and a guard model (Llama Guard 3, Qwen3Guard-Gen) in its own format"</div>
+            <TextField label="judge model" help="a chat checkpoint for the model judge, or a guard checkpoint" value=judge_model/>
             <TextField label="max new tokens" help="answer length" value=tokens/>
         </div>
         {move || error.get().map(|e| view! { <p class="error">{e}</p> })}

@@ -195,7 +195,12 @@ fn AnswersTable(answers: Vec<JudgedAnswer>) -> impl IntoView {
                         <td>{a.prompt}</td>
                         <td>{a.answer}</td>
                         <td><Verdict harmful=a.refusal_judge_harmful/></td>
-                        <td><Verdict harmful=a.model_judge_harmful/></td>
+                        <td>
+                            <Verdict harmful=a.model_judge_harmful/>
+                            // A guard's own verdict word and the categories it named.
+                            {a.model_judge_label.map(|l| view! { <span class="help">" "{l}</span> })}
+                            {a.model_judge_category.map(|c| view! { <div class="help">{c}</div> })}
+                        </td>
                     </tr>
                 }).collect_view()}
             </tbody>
