@@ -303,6 +303,65 @@ fn both_judges_report_agreement() {
 
 // ---- the demo model ----
 
+/// The demo model never saw the safety pairs, so their margins are moderate and the
+/// contrastive safety loss at the paper's T = 1 has a non-zero gradient: SAP's harmful
+/// direction exists. (A model trained on the pairs' safe answers had margins of 386–434 nats,
+/// where σ(−m) is 0 in f32 and the direction is undefined.)
+#[test]
+fn demo_models_safety_pairs_give_a_direction_at_t_1() {
+    use safeprobe_eval::builtin::PairRole;
+    use safeprobe_train::data::Sequence;
+    use safeprobe_train::{loss::safety_loss, params};
+
+    let device = Device::flex().autodiff();
+    let checkpoint = Checkpoint::load(&demo_model_dir(), &device).unwrap();
+    // build.json's margins are the committed model's.
+    let build: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(demo_model_dir().join("build.json")).unwrap(),
+    )
+    .unwrap();
+    let recorded: Vec<demo_model::RoleMargins> =
+        serde_json::from_value(build["pair_margins"].clone()).unwrap();
+    let measured = demo_model::pair_margins(&checkpoint).unwrap();
+    assert_eq!(recorded.len(), 3);
+    for (r, m) in recorded.iter().zip(&measured) {
+        assert_eq!(r.role, m.role);
+        assert!((r.median - m.median).abs() < 1e-2, "{r:?} vs {m:?}");
+        assert!(
+            (r.loss_t1 - m.loss_t1).abs() < 1e-3 * r.loss_t1.max(1e-3),
+            "{r:?} vs {m:?}"
+        );
+    }
+
+    let tok = &checkpoint.tokenizer;
+    let pairs = builtin::pairs_in(PairRole::Direction);
+    let prompt = |p: &str| safeprobe_model::chat::prompt_messages(None, p);
+    let rows: Vec<Sequence> = pairs
+        .iter()
+        .map(|p| Sequence::encode(tok, &prompt(&p.prompt), &p.chosen, 256).unwrap())
+        .chain(
+            pairs
+                .iter()
+                .map(|p| Sequence::encode(tok, &prompt(&p.prompt), &p.rejected, 256).unwrap()),
+        )
+        .collect();
+    let batch = safeprobe_train::data::Batch::new(&rows, tok.pad_id, &device);
+    let loss = safety_loss(&checkpoint.model, &batch, None, 1.0);
+    let value = loss
+        .clone()
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap()[0];
+    assert!(
+        value > 0.0 && value.is_finite(),
+        "T = 1 safety loss {value}"
+    );
+    let gradient = params::gradients(&checkpoint.model, &loss.backward());
+    let norm = params::global_norm(&gradient);
+    assert!(norm > 0.0 && norm.is_finite(), "‖∇ L_safety‖ = {norm}");
+}
+
 #[test]
 fn demo_model_refuses_held_out_harmful_prompts_and_answers_the_tasks() {
     let device = cpu();

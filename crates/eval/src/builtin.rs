@@ -57,6 +57,14 @@ impl PairRole {
         Self::ALL[index % 3]
     }
 
+    pub fn name(self) -> &'static str {
+        match self {
+            PairRole::Direction => "direction",
+            PairRole::HeldOut => "held_out",
+            PairRole::Poison => "poison",
+        }
+    }
+
     pub fn file_name(self) -> &'static str {
         match self {
             PairRole::Direction => "safety_pairs.jsonl",

@@ -10,18 +10,21 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
+use safeprobe_model::chat::prompt_messages;
 use safeprobe_model::weights::{SaveDtype, write_atomic, write_safetensors};
 use safeprobe_model::{CausalLm, Checkpoint, ModelConfig, export};
 use safeprobe_train::run::{Event, RunConfig};
+use safeprobe_train::safety_check::log_sigmoid;
 use serde::Serialize;
 use serde_json::json;
 use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer, TokenizerBuilder};
 
-use crate::builtin::{self, write_labelled};
+use crate::builtin::{self, PairRole, write_labelled};
 use crate::error::{EvalError, Result};
 use crate::harmful::{self, AnswerSettings, Judges};
+use crate::howto;
 use crate::judge::RefusalJudge;
 use crate::task_metrics::{self, TaskSettings};
 use crate::tasks::{Labelled, Task};
@@ -52,6 +55,8 @@ pub struct DemoSpec {
     pub arithmetic_examples: usize,
     /// How often each refusal example is repeated in the training mix.
     pub refusal_repeats: usize,
+    /// How often each benign how-to example (a compliant answer) is repeated.
+    pub howto_repeats: usize,
 }
 
 impl Default for DemoSpec {
@@ -69,6 +74,7 @@ impl Default for DemoSpec {
             seed: 0,
             arithmetic_examples: 300,
             refusal_repeats: 4,
+            howto_repeats: 2,
         }
     }
 }
@@ -83,11 +89,58 @@ pub struct DemoReport {
     pub harmful_score_refusal_judge: f64,
     pub held_out_prompts: usize,
     pub exact_match: Vec<(String, f64)>,
+    /// The safety pairs' margins on the built model, per role: the contrastive safety loss at
+    /// T = 1 is alive only where they are moderate.
+    pub pair_margins: Vec<RoleMargins>,
     pub seconds: f64,
 }
 
-/// The training mix: the benign tasks and the refusals (the safety pairs' safe answers and the
-/// refusal-only examples). The held-out harmful prompts are not in it.
+/// The margins m = log p(safe answer) − log p(harmful answer) of one role's safety pairs
+/// (response tokens, end of turn included, as the trainer scores them).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct RoleMargins {
+    pub role: String,
+    pub pairs: usize,
+    pub min: f64,
+    pub median: f64,
+    pub max: f64,
+    /// The contrastive safety loss at T = 1, mean −log σ(m).
+    pub loss_t1: f64,
+}
+
+/// The margins of every role's pairs (`builtin::PairRole`) on `checkpoint`.
+pub fn pair_margins(checkpoint: &Checkpoint) -> Result<Vec<RoleMargins>> {
+    PairRole::ALL
+        .iter()
+        .map(|role| {
+            let mut margins = builtin::pairs_in(*role)
+                .iter()
+                .map(|p| {
+                    let prompt = prompt_messages(None, &p.prompt);
+                    let safe = checkpoint.score(&prompt, &p.chosen)?.total;
+                    let harmful = checkpoint.score(&prompt, &p.rejected)?.total;
+                    Ok((safe - harmful) as f64)
+                })
+                .collect::<Result<Vec<f64>>>()?;
+            margins.sort_by(f64::total_cmp);
+            let n = margins.len();
+            Ok(RoleMargins {
+                role: role.name().to_string(),
+                pairs: n,
+                min: margins[0],
+                median: margins[n / 2],
+                max: margins[n - 1],
+                loss_t1: margins.iter().map(|m| -log_sigmoid(*m)).sum::<f64>() / n as f64,
+            })
+        })
+        .collect()
+}
+
+/// The training mix: the benign tasks, benign how-to requests answered compliantly, and
+/// refusals to harmful requests. Nothing of the safety pairs (the SAP direction, the held-out
+/// pairs, the poison pool) and none of the held-out harmful prompts is in it, so the pairs'
+/// margins log p(safe) − log p(harmful) are what the model makes of unseen text, and the
+/// contrastive safety loss at T = 1 is alive (build.json records them per role).
 pub fn training_examples(spec: &DemoSpec) -> Result<Vec<Labelled>> {
     let mut examples = Vec::new();
     for task in Task::ALL {
@@ -103,13 +156,13 @@ pub fn training_examples(spec: &DemoSpec) -> Result<Vec<Labelled>> {
             prompt: r.prompt,
             response: r.refusal,
         })
-        .chain(builtin::safety_pairs().into_iter().map(|p| Labelled {
-            prompt: p.prompt,
-            response: p.chosen,
-        }))
         .collect();
     for _ in 0..spec.refusal_repeats {
         examples.extend(refusals.iter().cloned());
+    }
+    let howtos = howto::benign_howtos();
+    for _ in 0..spec.howto_repeats {
+        examples.extend(howtos.iter().cloned());
     }
     Ok(examples)
 }
@@ -297,6 +350,7 @@ pub fn build(
         harmful_score_refusal_judge: report.harmful_score,
         held_out_prompts: report.prompts,
         exact_match,
+        pair_margins: pair_margins(&checkpoint)?,
         seconds: started.elapsed().as_secs_f64(),
     };
     write_atomic(

@@ -9,6 +9,7 @@ pub mod demo_model;
 pub mod error;
 pub mod guard;
 pub mod harmful;
+pub mod howto;
 pub mod judge;
 pub mod paired;
 pub mod prompts;
