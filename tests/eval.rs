@@ -362,6 +362,45 @@ fn demo_models_safety_pairs_give_a_direction_at_t_1() {
     assert!(norm > 0.0 && norm.is_finite(), "‖∇ L_safety‖ = {norm}");
 }
 
+/// At T = 1 the demo's direction pairs are separated by 47 nats or more, the safety
+/// gradient (σ(−m) ≤ 4e-21) is far below the 1e-8 the direction's normalisation adds, and SAP
+/// would silently be SFT: the run says so once. At T = 100 the direction is there.
+#[test]
+fn sap_warns_when_its_harmful_direction_vanishes() {
+    use safeprobe_train::run::{Event, RunConfig, train};
+
+    let dir = tempfile::tempdir().unwrap();
+    let files = builtin::write(dir.path(), Task::Arithmetic, 0).unwrap();
+    for (temperature, warns) in [(1.0, true), (100.0, false)] {
+        let text = format!(
+            "model = {:?}\ntrain_data = {:?}\nsafety_data = {:?}\noutput_dir = {:?}\n\
+             method = \"sap\"\nfinetune = \"full\"\nmax_steps = 2\nbatch_size = 2\n\
+             safety_batch_size = 8\nmax_len = 128\n[sap]\ntemperature = {temperature:?}\n",
+            demo_model_dir(),
+            files.train,
+            files.safety_pairs,
+            dir.path().join(format!("run-{temperature}")),
+        );
+        let config = RunConfig::parse(&text, &[], Path::new("test.toml")).unwrap();
+        let mut warnings = Vec::new();
+        train(&config, &cpu(), |e| {
+            if let Event::Warning { message, .. } = e {
+                warnings.push(message.clone());
+            }
+        })
+        .unwrap();
+        if warns {
+            assert_eq!(warnings.len(), 1, "said once: {warnings:?}");
+            assert!(
+                warnings[0].contains("vanishes") && warnings[0].contains("sap.temperature"),
+                "{warnings:?}"
+            );
+        } else {
+            assert!(warnings.is_empty(), "T = {temperature}: {warnings:?}");
+        }
+    }
+}
+
 #[test]
 fn demo_model_refuses_held_out_harmful_prompts_and_answers_the_tasks() {
     let device = cpu();

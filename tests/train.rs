@@ -39,6 +39,37 @@ fn adapter_tensors(run: &Path) -> Vec<(String, Vec<f32>)> {
         .collect()
 }
 
+/// Gradient checkpointing recomputes activations in the backward pass instead of keeping
+/// them: the same numbers, SAP's extra passes included.
+#[test]
+fn gradient_checkpointing_trains_the_same_adapter() {
+    let device = Device::flex();
+    for method in ["method=\"sft\"", "method=\"sap\""] {
+        let (plain, checkpointed) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        train(&config(plain.path(), &[method]), &device, |_| {}).unwrap();
+        train(
+            &config(
+                checkpointed.path(),
+                &[method, "gradient_checkpointing=true"],
+            ),
+            &device,
+            |_| {},
+        )
+        .unwrap();
+        for ((name, a), (_, b)) in adapter_tensors(plain.path())
+            .into_iter()
+            .zip(adapter_tensors(checkpointed.path()))
+        {
+            let diff = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(diff <= 1e-6, "{method}: {name} differs by {diff}");
+        }
+    }
+}
+
 #[test]
 fn sap_with_zero_radius_follows_sft_exactly() {
     let (sft_dir, sap_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());

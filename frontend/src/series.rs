@@ -69,7 +69,7 @@ pub fn segments(events: &[Event]) -> Vec<Segment> {
                 .expect("starts with one")
                 .events
                 .push(event.clone()),
-            Event::Done { .. } | Event::Status { .. } => {}
+            Event::Done { .. } | Event::Status { .. } | Event::Warning { .. } => {}
         }
     }
     out.retain(|s| !s.events.is_empty());
@@ -253,7 +253,7 @@ pub fn progress(events: &[Event]) -> Progress {
     }
 }
 
-/// The log's lines: status changes, stages and the end of training.
+/// The log's lines: status changes, stages, warnings and the end of training.
 pub fn log_lines(events: &[Event]) -> Vec<String> {
     events
         .iter()
@@ -268,6 +268,7 @@ pub fn log_lines(events: &[Event]) -> Vec<String> {
             )),
             Event::Stage { stage } => Some(format!("stage: {stage}")),
             Event::Done { steps, .. } => Some(format!("finished {steps} steps")),
+            Event::Warning { step, message } => Some(format!("warning (step {step}): {message}")),
             Event::Step { .. } | Event::Validation { .. } | Event::SafetyCheck { .. } => None,
         })
         .collect()

@@ -42,6 +42,9 @@ pub struct BenchArgs {
     /// With --train: which of sft, lagged-1, lagged-4, exact-1, exact-4 to time (default: all)
     #[arg(long, value_delimiter = ',')]
     variants: Vec<String>,
+    /// With --train: gradient checkpointing (recompute memory-bound activations in backward)
+    #[arg(long)]
+    gradient_checkpointing: bool,
 }
 
 impl BenchArgs {
@@ -189,7 +192,10 @@ pub fn run_train(
         let selected = select(&crate::DeviceArg {
             device: name.clone(),
         })?;
-        let device = selected.device.clone().autodiff();
+        let mut device = selected.device.clone().autodiff();
+        if args.gradient_checkpointing {
+            device = device.gradient_checkpointing();
+        }
         let loaded = Instant::now();
         let (mut base, label) = match &args.model {
             Some(dir) => (

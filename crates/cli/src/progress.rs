@@ -81,6 +81,12 @@ pub fn reporter() -> impl FnMut(&Event) {
                     shown("log p(refusal)/token", refusal_logprob)
                 )
             }
+            Event::Warning { step, message } => {
+                if interactive {
+                    eprint!("\r\x1b[2K");
+                }
+                eprintln!("warning (step {step}): {message}")
+            }
             // The server's events; the trainer does not send them.
             Event::Stage { .. } | Event::Status { .. } => {}
         }

@@ -5,7 +5,7 @@
 //! model's parameters are then replaced with the results, tracked again for the next pass.
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
-use burn::tensor::{Gradients, Tensor};
+use burn::tensor::{Device, Gradients, Tensor};
 use safeprobe_model::decoder::CausalLm;
 
 struct Collect<'a> {
@@ -140,9 +140,19 @@ impl ModuleMapper for Replace {
             .expect("one value per trainable parameter");
         let track = self.track;
         param.map(|old| {
-            let shaped = Tensor::from_inner(value.reshape(old.dims()));
+            let shaped = autodiff_on(value.reshape(old.dims()), &old.device());
             if track { shaped.require_grad() } else { shaped }
         })
+    }
+}
+
+/// `inner` with autodiff, on `device`'s gradient-checkpointing strategy: `Tensor::from_inner`
+/// alone takes the default strategy, and an operation refuses to mix two.
+pub fn autodiff_on<const D: usize>(inner: Tensor<D>, device: &Device) -> Tensor<D> {
+    let tensor = Tensor::from_inner(inner);
+    match device.gradient_checkpointing_strategy() {
+        Some(strategy) => tensor.with_gradient_checkpointing_strategy(strategy),
+        None => tensor,
     }
 }
 

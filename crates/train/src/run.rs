@@ -22,7 +22,7 @@ use crate::data::{self, Batch, Sequence, with_system};
 use crate::error::{Result, TrainError};
 use crate::loss::task_loss;
 use crate::safety_check::SafetyCheck;
-use crate::sap::{SapConfig, SapState, sft_step};
+use crate::sap::{DIRECTION_FLOOR, SapConfig, SapState, sft_step};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -135,6 +135,11 @@ pub struct RunConfig {
     pub safety_eval: Option<SafetyEvalConfig>,
     #[serde(default = "default_device")]
     pub device: String,
+    /// Gradient checkpointing: the backward pass recomputes memory-bound activations
+    /// (element-wise operations) instead of keeping them, for less peak memory; compute-bound
+    /// outputs (matrix products) are still kept. The numbers are the same.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 /// Held-out safety data, measured every `eval_every` steps: it is never used for the harmful
@@ -612,7 +617,10 @@ fn run(
         Some(path) => Some(data::read_examples(path)?),
         None => None,
     };
-    let device = device.clone().autodiff();
+    let mut device = device.clone().autodiff();
+    if config.gradient_checkpointing {
+        device = device.gradient_checkpointing();
+    }
     let mut checkpoint = Checkpoint::load(&config.model, &device)?;
     let lora_config = match config.finetune {
         // Every weight stays trainable.
@@ -767,6 +775,7 @@ fn run(
         Ok(())
     };
 
+    let mut warned_vanishing = false;
     for step in start..config.max_steps {
         if cancel.is_cancelled() {
             if step > start {
@@ -865,6 +874,18 @@ fn run(
             },
             &mut on_event,
         )?;
+        if let Some(gradient_norm) = sap.as_ref().and_then(SapState::vanishing_direction)
+            && !warned_vanishing
+        {
+            warned_vanishing = true;
+            emit(
+                Event::Warning {
+                    step: step + 1,
+                    message: vanishing_direction_warning(gradient_norm, config.sap.temperature),
+                },
+                &mut on_event,
+            )?;
+        }
 
         let evaluating = (step + 1) % config.eval_every.max(1) == 0 || step + 1 == config.max_steps;
         if evaluating && (validation.is_some() || safety_check.is_some()) {
@@ -945,4 +966,15 @@ fn run(
         &mut on_event,
     )?;
     Ok(checkpoint)
+}
+
+/// Why SAP is doing nothing, and what to change.
+fn vanishing_direction_warning(gradient_norm: f64, temperature: f64) -> String {
+    format!(
+        "SAP's harmful direction vanishes: ‖∇L_safety‖ = {gradient_norm:.1e}, far below the \
+         {DIRECTION_FLOOR:.0e} its normalisation adds, so ΔW is about 0 and these steps are plain \
+         SFT. The model already separates the safety pairs by so much that their contrastive \
+         loss at T = {temperature} is saturated: raise sap.temperature, or use pairs it does not \
+         separate as clearly."
+    )
 }

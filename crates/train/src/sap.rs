@@ -17,7 +17,7 @@
 //! inputs and without the causal shift; here they are teacher-forced response log-probs,
 //! shifted like every other loss.
 
-use burn::tensor::Tensor;
+use burn::tensor::{Device, Tensor};
 use safeprobe_model::decoder::CausalLm;
 use serde::{Deserialize, Serialize};
 
@@ -92,12 +92,12 @@ impl SapConfig {
 pub use safeprobe_wire::{Alignment, StepMetrics};
 
 /// The probe as leaves of the autodiff graph (so ∇_V can be read after a backward).
-fn tracked_probe(vectors: &[Tensor<1>], layers: &[usize]) -> Probe {
+fn tracked_probe(vectors: &[Tensor<1>], layers: &[usize], device: &Device) -> Probe {
     Probe {
         layers: layers.to_vec(),
         vectors: vectors
             .iter()
-            .map(|v| Tensor::from_inner(v.clone()).require_grad())
+            .map(|v| params::autodiff_on(v.clone(), device).require_grad())
             .collect(),
     }
 }
@@ -110,18 +110,25 @@ pub struct HarmfulDirection {
     pub scale: f32,
     /// ‖ΔW‖ = scale·‖g‖, kept so that steps reusing the direction don't reduce it again.
     pub norm: f64,
+    /// ‖g‖ = ‖∇_W L_safety‖ before the normalisation.
+    pub gradient_norm: f64,
 }
 
 impl HarmfulDirection {
     pub fn new(gradient: Vec<Tensor<1>>, scale: f32) -> Self {
-        let norm = scale as f64 * global_norm(&gradient);
+        let gradient_norm = global_norm(&gradient);
         Self {
             gradient,
             scale,
-            norm,
+            norm: scale as f64 * gradient_norm,
+            gradient_norm,
         }
     }
 }
+
+/// What the normalisation g/(‖g‖ + floor) adds (as the official code does): a direction whose
+/// gradient is far below it is shrunk to nothing, and SAP's step is SFT's.
+pub const DIRECTION_FLOOR: f64 = 1e-8;
 
 /// Step 1: ΔW = ρ‖W‖ · g/(‖g‖ + 1e-8) with g = ∇_W L_safety (probe in place). Returns ΔW and
 /// the safety loss.
@@ -135,13 +142,14 @@ pub fn harmful_direction(
     let gradient = params::gradients(model, &loss.backward());
     let epsilon = config.rho * global_norm(&params::values(model));
     let gradient_norm = global_norm(&gradient);
-    let scale = (epsilon / (gradient_norm + 1e-8)) as f32;
+    let scale = (epsilon / (gradient_norm + DIRECTION_FLOOR)) as f32;
     let norm = scale as f64 * gradient_norm;
     (
         HarmfulDirection {
             gradient,
             scale,
             norm,
+            gradient_norm,
         },
         scalar(&loss),
     )
@@ -157,7 +165,8 @@ pub fn loss_gap_gradient(
     layers: &[usize],
     vectors: &[Tensor<1>],
 ) -> (Vec<Tensor<1>>, Vec<Tensor<1>>, f64, f64) {
-    let clean_probe = tracked_probe(vectors, layers);
+    let device = model.embed_tokens.device();
+    let clean_probe = tracked_probe(vectors, layers, &device);
     let clean = task_loss(model, task, Some(&clean_probe));
     let clean_grads = clean.backward();
     let grad_w = params::gradients(model, &clean_grads);
@@ -173,7 +182,7 @@ pub fn loss_gap_gradient(
         .map(|(w, g)| kernels::axpy(w, g.clone(), delta.scale, Implementation::Auto))
         .collect();
     let perturbed_model = params::frozen_with_values(model, shifted);
-    let perturbed_probe = tracked_probe(vectors, layers);
+    let perturbed_probe = tracked_probe(vectors, layers, &device);
     let perturbed = task_loss(&perturbed_model, task, Some(&perturbed_probe));
     let perturbed_grads = perturbed.backward();
     let grad_su = perturbed_probe
@@ -369,13 +378,12 @@ impl SapState {
         }
     }
 
+    /// The probe as constants of the autodiff graph: tensors without autodiff, which an
+    /// operation with tracked inputs treats as constants.
     fn constant_probe(&self, vectors: &[Tensor<1>]) -> Probe {
         Probe {
             layers: self.probe.layers.clone(),
-            vectors: vectors
-                .iter()
-                .map(|v| Tensor::from_inner(v.clone()))
-                .collect(),
+            vectors: vectors.to_vec(),
         }
     }
 
@@ -447,6 +455,15 @@ impl SapState {
             per_layer_at_random: params::cosine_per_layer(model, &at_random, safety_gradient),
             seconds: started.elapsed().as_secs_f64(),
         }
+    }
+
+    /// ‖∇_W L_safety‖ of the current harmful direction when it is below `DIRECTION_FLOOR`
+    /// (the direction then vanishes and the step is SFT's).
+    pub fn vanishing_direction(&self) -> Option<f64> {
+        self.delta
+            .as_ref()
+            .map(|d| d.gradient_norm)
+            .filter(|g| *g < DIRECTION_FLOOR)
     }
 
     /// One SAP step.

@@ -108,6 +108,11 @@ pub enum Event {
         steps: usize,
         adapter: PathBuf,
     },
+    /// Something about the run the user should know that does not stop it (said once).
+    Warning {
+        step: usize,
+        message: String,
+    },
     /// A comparison's or a job's phase ("sft (seed 0)", "evaluating").
     Stage {
         stage: String,
@@ -125,7 +130,8 @@ impl Event {
         match self {
             Event::Step { step, .. }
             | Event::Validation { step, .. }
-            | Event::SafetyCheck { step, .. } => Some(*step),
+            | Event::SafetyCheck { step, .. }
+            | Event::Warning { step, .. } => Some(*step),
             _ => None,
         }
     }
