@@ -310,7 +310,7 @@ fn both_judges_report_agreement() {
 #[test]
 fn demo_models_safety_pairs_give_a_direction_at_t_1() {
     use safeprobe_eval::builtin::PairRole;
-    use safeprobe_train::data::Sequence;
+    use safeprobe_train::data::{Batch, contrastive_rows};
     use safeprobe_train::{loss::safety_loss, params};
 
     let device = Device::flex().autodiff();
@@ -334,18 +334,11 @@ fn demo_models_safety_pairs_give_a_direction_at_t_1() {
     }
 
     let tok = &checkpoint.tokenizer;
-    let pairs = builtin::pairs_in(PairRole::Direction);
-    let prompt = |p: &str| safeprobe_model::chat::prompt_messages(None, p);
-    let rows: Vec<Sequence> = pairs
+    let pairs: Vec<_> = builtin::pairs_in(PairRole::Direction)
         .iter()
-        .map(|p| Sequence::encode(tok, &prompt(&p.prompt), &p.chosen, 256).unwrap())
-        .chain(
-            pairs
-                .iter()
-                .map(|p| Sequence::encode(tok, &prompt(&p.prompt), &p.rejected, 256).unwrap()),
-        )
+        .map(|p| p.encode(tok, None, 256).unwrap())
         .collect();
-    let batch = safeprobe_train::data::Batch::new(&rows, tok.pad_id, &device);
+    let batch = Batch::new(&contrastive_rows(&pairs), tok.pad_id, &device);
     let loss = safety_loss(&checkpoint.model, &batch, None, 1.0);
     let value = loss
         .clone()

@@ -141,18 +141,12 @@ fn loss_gap_gradient_matches_finite_differences() {
         .map(|e| Sequence::encode(tok, &e.prompt, &e.response, 256).unwrap())
         .collect();
     let task = Batch::new(&sequences, tok.pad_id, &device);
-    let pairs = data::read_pairs(&fixture("data/safety.jsonl")).unwrap();
-    let prompt = |p: &str| safeprobe_model::chat::prompt_messages(None, p);
-    let rows: Vec<Sequence> = pairs
+    let pairs: Vec<_> = data::read_pairs(&fixture("data/safety.jsonl"))
+        .unwrap()
         .iter()
-        .map(|p| Sequence::encode(tok, &prompt(&p.prompt), &p.chosen, 256).unwrap())
-        .chain(
-            pairs
-                .iter()
-                .map(|p| Sequence::encode(tok, &prompt(&p.prompt), &p.rejected, 256).unwrap()),
-        )
+        .map(|p| p.encode(tok, None, 256).unwrap())
         .collect();
-    let safety = Batch::new(&rows, tok.pad_id, &device);
+    let safety = Batch::new(&data::contrastive_rows(&pairs), tok.pad_id, &device);
 
     let layers = vec![0, 1];
     let inner = Device::flex();

@@ -92,12 +92,7 @@ pub fn generate_streaming(
     if let Some(i) = prompts.iter().position(Vec::is_empty) {
         return Err(Error::Invalid(format!("prompt {i} has no tokens")));
     }
-    let vocab = model.embed_tokens.dims()[0];
-    if let Some(bad) = prompts.iter().flatten().find(|t| **t as usize >= vocab) {
-        return Err(Error::Invalid(format!(
-            "token id {bad} is outside the model's vocabulary of {vocab}"
-        )));
-    }
+    check_vocabulary(model, prompts.iter().flatten())?;
     let width = prompts.iter().map(Vec::len).max().unwrap();
     // Left padding keeps every row's last prompt token in the last column.
     let mut key_mask: Vec<Vec<bool>> = Vec::new();
@@ -207,6 +202,17 @@ pub struct Score {
     pub total: f32,
 }
 
+/// Refuses token ids the model has no embedding for.
+fn check_vocabulary<'a>(model: &CausalLm, mut ids: impl Iterator<Item = &'a u32>) -> Result<()> {
+    let vocab = model.embed_tokens.dims()[0];
+    match ids.find(|t| **t as usize >= vocab) {
+        Some(bad) => Err(Error::Invalid(format!(
+            "token id {bad} is outside the model's vocabulary of {vocab}"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// The log-probabilities of every vocabulary token as the next token after `ids`.
 pub fn next_token_logprobs(model: &CausalLm, ids: &[u32], device: &Device) -> Result<Vec<f32>> {
     if ids.is_empty() {
@@ -214,12 +220,7 @@ pub fn next_token_logprobs(model: &CausalLm, ids: &[u32], device: &Device) -> Re
             "next_token_logprobs needs at least one token".into(),
         ));
     }
-    let vocab = model.embed_tokens.dims()[0];
-    if let Some(bad) = ids.iter().find(|t| **t as usize >= vocab) {
-        return Err(Error::Invalid(format!(
-            "token id {bad} is outside the model's vocabulary of {vocab}"
-        )));
-    }
+    check_vocabulary(model, ids.iter())?;
     let layout = AttentionLayout {
         key_mask: vec![vec![true; ids.len()]],
     };
@@ -246,12 +247,7 @@ pub fn score(
         ));
     }
     let ids: Vec<u32> = prompt_ids.iter().chain(response_ids).copied().collect();
-    let vocab = model.embed_tokens.dims()[0];
-    if let Some(bad) = ids.iter().find(|t| **t as usize >= vocab) {
-        return Err(Error::Invalid(format!(
-            "token id {bad} is outside the model's vocabulary of {vocab}"
-        )));
-    }
+    check_vocabulary(model, ids.iter())?;
     let layout = AttentionLayout {
         key_mask: vec![vec![true; ids.len()]],
     };

@@ -33,6 +33,35 @@ pub struct SafetyPair {
     pub line: usize,
 }
 
+impl SafetyPair {
+    /// The (safe, harmful) sequences of this pair, with an optional system prompt.
+    pub fn encode(
+        &self,
+        tokenizer: &ChatTokenizer,
+        system: Option<&str>,
+        max_len: usize,
+    ) -> Result<(Sequence, Sequence)> {
+        let prompt = with_system(
+            &safeprobe_model::chat::prompt_messages(None, &self.prompt),
+            system,
+        );
+        Ok((
+            Sequence::encode(tokenizer, &prompt, &self.chosen, max_len)?,
+            Sequence::encode(tokenizer, &prompt, &self.rejected, max_len)?,
+        ))
+    }
+}
+
+/// A contrastive batch's rows: every pair's safe answer, then every harmful one, as the safety
+/// loss reads them.
+pub fn contrastive_rows(pairs: &[(Sequence, Sequence)]) -> Vec<Sequence> {
+    pairs
+        .iter()
+        .map(|p| p.0.clone())
+        .chain(pairs.iter().map(|p| p.1.clone()))
+        .collect()
+}
+
 /// The largest record a data file may hold. Tokenising text costs far more memory than the
 /// text itself (a 50 MB record took 7.6 GB), so an oversized record is refused before it is
 /// parsed; no chat example a model can train on comes near this size.

@@ -11,7 +11,6 @@ use std::time::Instant;
 use burn::tensor::Device;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
-use safeprobe_model::chat::{Message, prompt_messages};
 use safeprobe_model::weights::{HostTensor, SaveDtype, write_atomic, write_safetensors};
 use safeprobe_model::{Checkpoint, LoraConfig, lora};
 use serde::{Deserialize, Serialize};
@@ -496,18 +495,16 @@ pub(crate) fn encode_pairs(
     pairs
         .iter()
         .map(|p| {
-            let prompt: Vec<Message> =
-                with_system(&prompt_messages(None, &p.prompt), config.system.as_deref());
-            let encode = |answer: &str| {
-                Sequence::encode(&checkpoint.tokenizer, &prompt, answer, config.max_len).map_err(
-                    |e| TrainError::Data {
-                        path: path.into(),
-                        line: p.line,
-                        message: e.to_string(),
-                    },
-                )
-            };
-            Ok((encode(&p.chosen)?, encode(&p.rejected)?))
+            p.encode(
+                &checkpoint.tokenizer,
+                config.system.as_deref(),
+                config.max_len,
+            )
+            .map_err(|e| TrainError::Data {
+                path: path.into(),
+                line: p.line,
+                message: e.to_string(),
+            })
         })
         .collect()
 }
@@ -816,13 +813,7 @@ fn run(
             .collect();
         let mut safety_batch = || {
             let pairs = pair_sampler.next_batch(config.safety_batch_size);
-            // Safe answers first, then the harmful ones, as the safety loss reads them.
-            let rows: Vec<Sequence> = pairs
-                .iter()
-                .map(|p| p.0.clone())
-                .chain(pairs.iter().map(|p| p.1.clone()))
-                .collect();
-            Batch::new(&rows, pad, &device)
+            Batch::new(&data::contrastive_rows(&pairs), pad, &device)
         };
         let metrics = match &mut sap {
             None => {

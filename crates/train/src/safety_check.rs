@@ -56,12 +56,7 @@ impl SafetyCheck {
         let batch_size = batch_size.max(1);
         let mut margins = Vec::new();
         for chunk in self.pairs.chunks(batch_size) {
-            // Safe answers first, then the harmful ones, as the safety loss reads them.
-            let rows: Vec<Sequence> = chunk
-                .iter()
-                .map(|p| p.0.clone())
-                .chain(chunk.iter().map(|p| p.1.clone()))
-                .collect();
+            let rows = data::contrastive_rows(chunk);
             let (per_row, _) = response_logprobs(model, &Batch::new(&rows, pad, &device), None);
             let logp = values(per_row);
             let n = chunk.len();
