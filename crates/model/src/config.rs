@@ -273,7 +273,8 @@ impl ModelConfig {
                 "factor": s.factor,
                 "low_freq_factor": s.low_freq_factor,
                 "high_freq_factor": s.high_freq_factor,
-                "original_max_position_embeddings": s.original_max_position_embeddings,
+                // A context length: transformers wants an integer here when it is one.
+                "original_max_position_embeddings": whole_number(s.original_max_position_embeddings),
             })),
             "tie_word_embeddings": self.tie_word_embeddings,
             "hidden_act": "silu",
@@ -492,6 +493,15 @@ impl Fields<'_> {
                 )
             }),
         }
+    }
+}
+
+/// `x` as a JSON integer when it is a whole number, else as it is.
+fn whole_number(x: f64) -> Value {
+    if x.fract() == 0.0 && x.abs() < 2f64.powi(53) {
+        Value::from(x as i64)
+    } else {
+        Value::from(x)
     }
 }
 

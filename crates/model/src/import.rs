@@ -8,6 +8,7 @@
 //! Whatever it cannot map (another architecture, another tokenizer, another rope scaling, an
 //! unknown tensor) is refused by name, never guessed.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -15,8 +16,8 @@ use serde_json::{Map, Value as Json, json};
 
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{Error, Result};
-use crate::gguf::{Gguf, Value};
-use crate::weights::{HostTensor, SaveDtype, write_atomic, write_safetensors};
+use crate::gguf::{Gguf, TensorInfo, Value};
+use crate::weights::{SaveDtype, write_atomic, write_safetensors_streaming};
 
 /// What an import wrote, for the CLI to report.
 #[derive(Debug)]
@@ -45,16 +46,21 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, dtype: SaveDtype) -> Result
         )));
     }
     let config = model_config(&gguf, arch)?;
-    let tensors = hf_tensors(&gguf, &config)?;
+    let planned = plan_tensors(&gguf, &config)?;
     let tokenizer = TokenizerFiles::from_gguf(&meta, arch)?;
 
     let staging = staging_dir(out_dir)?;
     let written = (|| {
-        write_safetensors(
+        let entries: Vec<(String, Vec<usize>)> = planned
+            .iter()
+            .map(|t| (t.name.clone(), t.shape.clone()))
+            .collect();
+        write_safetensors_streaming(
             &staging.join("model.safetensors"),
-            &tensors,
+            &entries,
             dtype,
             Some([("format".to_string(), "pt".to_string())].into()),
+            |i| read_planned(&gguf, &planned[i], config.head_dim).map(Cow::Owned),
         )?;
         write_json(
             &staging.join("config.json"),
@@ -424,9 +430,19 @@ pub fn hf_name(gguf_name: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{hf_module}.{param}"))
 }
 
-fn hf_tensors(gguf: &Gguf, config: &ModelConfig) -> Result<BTreeMap<String, HostTensor>> {
+/// One tensor of the output: where it comes from in the file, its Hugging Face name and
+/// shape, and, for llama's q and k, the heads whose rotary layout to undo.
+struct Planned<'g> {
+    info: &'g TensorInfo,
+    name: String,
+    shape: Vec<usize>,
+    rotary_heads: Option<usize>,
+}
+
+/// Every tensor of the file, mapped (nothing is read yet: the writer dequantises one at a time).
+fn plan_tensors<'g>(gguf: &'g Gguf, config: &ModelConfig) -> Result<Vec<Planned<'g>>> {
     let arch = config.architecture.model_type();
-    let mut out = BTreeMap::new();
+    let mut planned = Vec::new();
     for info in &gguf.tensors {
         if info.name == "rope_freqs.weight" {
             continue; // read into config.json's rope_scaling
@@ -440,27 +456,35 @@ fn hf_tensors(gguf: &Gguf, config: &ModelConfig) -> Result<BTreeMap<String, Host
                 ),
             )
         })?;
-        let mut values = gguf.read_f32(info)?;
-        let shape = info.hf_shape();
         // The converter interleaves the rotary halves of llama's q and k rows.
-        if config.architecture == Architecture::Llama {
-            let heads = if name.ends_with("q_proj.weight") {
+        let rotary_heads = match config.architecture {
+            Architecture::Llama if name.ends_with("q_proj.weight") => {
                 Some(config.num_attention_heads)
-            } else if name.ends_with("k_proj.weight") {
-                Some(config.num_key_value_heads)
-            } else {
-                None
-            };
-            if let Some(heads) = heads {
-                values =
-                    from_rotary_layout(&values, &shape, heads, config.head_dim).map_err(|e| {
-                        Error::weights(&gguf.path, format!("tensor \"{}\": {e}", info.name))
-                    })?;
             }
-        }
-        out.insert(name, HostTensor { shape, values });
+            Architecture::Llama if name.ends_with("k_proj.weight") => {
+                Some(config.num_key_value_heads)
+            }
+            _ => None,
+        };
+        planned.push(Planned {
+            info,
+            name,
+            shape: info.hf_shape(),
+            rotary_heads,
+        });
     }
-    Ok(out)
+    planned.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(planned)
+}
+
+/// A planned tensor's values in Hugging Face's layout.
+fn read_planned(gguf: &Gguf, t: &Planned, head_dim: usize) -> Result<Vec<f32>> {
+    let values = gguf.read_f32(t.info)?;
+    match t.rotary_heads {
+        Some(heads) => from_rotary_layout(&values, &t.shape, heads, head_dim)
+            .map_err(|e| Error::weights(&gguf.path, format!("tensor \"{}\": {e}", t.info.name))),
+        None => Ok(values),
+    }
 }
 
 /// Undoes llama.cpp's row order for llama's q and k: within each head, row 2j + t of the

@@ -264,35 +264,89 @@ pub fn write_safetensors(
     dtype: SaveDtype,
     metadata: Option<std::collections::HashMap<String, String>>,
 ) -> Result<()> {
-    let encoded: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+    let entries: Vec<(String, Vec<usize>)> = tensors
         .iter()
-        .map(|(name, t)| {
-            let bytes = match dtype {
-                SaveDtype::F32 => t.values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                SaveDtype::Bf16 => t
-                    .values
+        .map(|(name, t)| (name.clone(), t.shape.clone()))
+        .collect();
+    write_safetensors_streaming(path, &entries, dtype, metadata, |i| {
+        Ok(std::borrow::Cow::Borrowed(&tensors[&entries[i].0].values))
+    })
+}
+
+/// `write_safetensors` for tensors made one at a time: `values(i)` gives the f32 values of
+/// `entries[i]` (name, shape) when its turn comes, so that no more than one tensor and its
+/// encoding are in memory at once (an import dequantising a whole model would otherwise hold
+/// it twice over).
+pub fn write_safetensors_streaming<'a>(
+    path: &Path,
+    entries: &[(String, Vec<usize>)],
+    dtype: SaveDtype,
+    metadata: Option<std::collections::HashMap<String, String>>,
+    mut values: impl FnMut(usize) -> Result<std::borrow::Cow<'a, [f32]>>,
+) -> Result<()> {
+    use std::io::Write;
+    let (st_dtype, width) = match dtype {
+        SaveDtype::F32 => ("F32", 4),
+        SaveDtype::Bf16 => ("BF16", 2),
+    };
+    let mut header = serde_json::Map::new();
+    if let Some(metadata) = metadata {
+        header.insert("__metadata__".into(), serde_json::json!(metadata));
+    }
+    let mut offset = 0usize;
+    for (name, shape) in entries {
+        let end = offset + shape.iter().product::<usize>() * width;
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": st_dtype, "shape": shape, "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    let mut header = serde_json::to_vec(&header).expect("json");
+    // The data start 8-byte aligned, as the format's own writer pads them.
+    header.resize(header.len().next_multiple_of(8), b' ');
+
+    let tmp = path.with_extension(format!(
+        "{}.tmp",
+        path.extension().and_then(|e| e.to_str()).unwrap_or("")
+    ));
+    let written = (|| {
+        let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+        let io = |e| Error::io(&tmp, e);
+        out.write_all(&(header.len() as u64).to_le_bytes())
+            .map_err(io)?;
+        out.write_all(&header).map_err(io)?;
+        for (i, (name, shape)) in entries.iter().enumerate() {
+            let data = values(i)?;
+            if data.len() != shape.iter().product::<usize>() {
+                return Err(Error::weights(
+                    path,
+                    format!(
+                        "tensor \"{name}\": {} values for shape {shape:?}",
+                        data.len()
+                    ),
+                ));
+            }
+            let bytes: Vec<u8> = match dtype {
+                SaveDtype::F32 => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                SaveDtype::Bf16 => data
                     .iter()
                     .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
                     .collect(),
             };
-            (name.clone(), bytes, t.shape.clone())
-        })
-        .collect();
-    let st_dtype = match dtype {
-        SaveDtype::F32 => Dtype::F32,
-        SaveDtype::Bf16 => Dtype::BF16,
-    };
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = encoded
-        .iter()
-        .map(|(name, bytes, shape)| {
-            let view = safetensors::tensor::TensorView::new(st_dtype, shape.clone(), bytes)
-                .map_err(|e| Error::weights(path, format!("tensor \"{name}\": {e}")))?;
-            Ok((name.clone(), view))
-        })
-        .collect::<Result<_>>()?;
-    let bytes =
-        safetensors::serialize(views, metadata).map_err(|e| Error::weights(path, e.to_string()))?;
-    write_atomic(path, &bytes)
+            out.write_all(&bytes).map_err(io)?;
+        }
+        let file = out
+            .into_inner()
+            .map_err(|e| Error::io(&tmp, e.into_error()))?;
+        file.sync_all().map_err(io)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 /// Write to `<path>.tmp` and rename over `path`.
