@@ -20,6 +20,14 @@ What it runs, each measurement in a fresh process so that its peak RSS is its ow
   - greedy generation of --new-tokens tokens after a 16-token prompt, batch 1, no stop token;
     model load time reported separately.
 Peak memory is the process's maximum resident set size (wait4's ru_maxrss), on the CPU.
+
+    python3 bench/side_by_side.py --gpu --model DIR     # on a machine with an NVIDIA GPU
+
+--gpu runs safeprobe on wgpu (`--devices wgpu`: Vulkan there) and PyTorch on CUDA, the same
+steps and settings; peak memory is then device memory: PyTorch's
+torch.cuda.max_memory_allocated, and for safeprobe the largest `nvidia-smi` reading of its
+process (sampled every 0.1 s; wgpu has no allocator statistics of its own). Prepared for the
+GPU machine; not yet run, since none has been available.
 """
 
 import argparse
@@ -27,6 +35,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -60,10 +69,21 @@ def torch_model(model_dir, lora):
     return get_peft_model(model, config).train()
 
 
-def torch_batch(seeds, seq_len, vocab):
+def torch_device(args):
+    return "cuda" if args.gpu else "cpu"
+
+
+def synchronize(args):
     import torch
 
-    ids = torch.tensor([sequence(s, seq_len, vocab) for s in seeds])
+    if args.gpu:
+        torch.cuda.synchronize()
+
+
+def torch_batch(seeds, seq_len, vocab, device):
+    import torch
+
+    ids = torch.tensor([sequence(s, seq_len, vocab) for s in seeds], device=device)
     labels = ids.clone()
     labels[:, : seq_len // 4] = -100
     return ids, labels
@@ -109,15 +129,18 @@ def middle_probe(model):
 def torch_train(args):
     import torch
 
-    model = torch_model(args.model, lora=True)
+    device = torch_device(args)
+    model = torch_model(args.model, lora=True).to(device)
     vocab = model.config.vocab_size
-    task = torch_batch(range(args.batch), args.seq_len, vocab)
-    safety = torch_batch(range(100, 100 + 2 * args.batch), args.seq_len, vocab)
+    task = torch_batch(range(args.batch), args.seq_len, vocab, device)
+    safety = torch_batch(range(100, 100 + 2 * args.batch), args.seq_len, vocab, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
     variant = args.variant
     schedule, k = (None, 1) if variant == "sft" else (variant.split("-")[0], int(variant.split("-")[1]))
     probe = middle_probe(model) if schedule else None
+    if probe:
+        probe.vectors = [v.to(device) for v in probe.vectors]
     probe_vars = [torch.zeros_like(v) for v in probe.vectors] if probe else []
     probe_opt = torch.optim.AdamW([v.requires_grad_(True) for v in probe_vars], lr=BETA, weight_decay=0.0) if probe else None
     state = {"step": 0, "delta": None}
@@ -167,43 +190,87 @@ def torch_train(args):
     step = sap_step if schedule else sft_step
     step()
     iters = -(-max(1, args.iters) // k) * k
+    synchronize(args)
     start = time.perf_counter()
     for _ in range(iters):
         step()
+    synchronize(args)
     per_step = (time.perf_counter() - start) / iters
-    print(json.dumps({"variant": variant, "ms_per_step": per_step * 1e3, "steps_timed": iters, "threads": torch.get_num_threads()}))
+    out = {"variant": variant, "ms_per_step": per_step * 1e3, "steps_timed": iters, "threads": torch.get_num_threads()}
+    if args.gpu:
+        out["device_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(out))
 
 
 def torch_generate(args):
     import torch
 
+    device = torch_device(args)
     start = time.perf_counter()
-    model = torch_model(args.model, lora=False)
+    model = torch_model(args.model, lora=False).to(device)
+    synchronize(args)
     load_s = time.perf_counter() - start
     vocab = model.config.vocab_size
-    prompt = torch.tensor([[(i * 17) % vocab for i in range(16)]])
+    prompt = torch.tensor([[(i * 17) % vocab for i in range(16)]], device=device)
     greedy = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
     with torch.no_grad():
         model.generate(prompt, max_new_tokens=2, min_new_tokens=2, **greedy)
+        synchronize(args)
         start = time.perf_counter()
         out = model.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **greedy)
+        synchronize(args)
         seconds = time.perf_counter() - start
     new = out.shape[1] - prompt.shape[1]
-    print(json.dumps({"load_s": load_s, "generate_tokens_per_s": new / seconds, "new_tokens": new}))
+    result = {"load_s": load_s, "generate_tokens_per_s": new / seconds, "new_tokens": new}
+    if args.gpu:
+        result["device_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(result))
 
 
 # ---------------------------------------------------------------- the driver
 
 
-def run_measured(command):
-    """Runs a command; returns (its last stdout line as JSON, its peak RSS in MiB)."""
+def gpu_memory_of(pid):
+    """The GPU memory `nvidia-smi` reports for process `pid` (MiB), or None."""
+    try:
+        listing = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=5,
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in listing.splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) == 2 and fields[0] == str(pid) and fields[1].isdigit():
+            return float(fields[1])
+    return None
+
+
+def run_measured(command, gpu=False):
+    """Runs a command; returns (its last stdout line as JSON, its peak memory in MiB): the peak
+    RSS on the CPU; with gpu, what the command reports itself (device_peak_mib) or else the
+    largest nvidia-smi reading of its process."""
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampled = []
+    if gpu:
+        def sample():
+            while proc.poll() is None:
+                used = gpu_memory_of(proc.pid)
+                if used is not None:
+                    sampled.append(used)
+                time.sleep(0.1)
+
+        threading.Thread(target=sample, daemon=True).start()
     out, err = proc.stdout.read(), proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         sys.exit(f"failed ({code}): {' '.join(map(str, command))}\n{err[-3000:]}")
-    return json.loads(out.strip().splitlines()[-1]), usage.ru_maxrss / 1024
+    result = json.loads(out.strip().splitlines()[-1])
+    if not gpu:
+        return result, usage.ru_maxrss / 1024
+    reported = (result[0] if isinstance(result, list) else result).get("device_peak_mib")
+    return result, reported if reported is not None else (max(sampled) if sampled else float("nan"))
 
 
 def safeprobe_binary(given):
@@ -227,6 +294,7 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--variant")
+    parser.add_argument("--gpu", action="store_true", help="safeprobe on wgpu, PyTorch on CUDA")
     args = parser.parse_args()
     if args.mode == "torch-train":
         return torch_train(args)
@@ -235,17 +303,21 @@ def main():
 
     binary = safeprobe_binary(args.safeprobe)
     shape = ["--batch", str(args.batch), "--seq-len", str(args.seq_len), "--iters", str(args.iters)]
-    me = [sys.executable, __file__, "--model", args.model] + shape
+    me = [sys.executable, __file__, "--model", args.model] + shape + (["--gpu"] if args.gpu else [])
+    devices = "wgpu" if args.gpu else "cpu"
     rows = []
     for variant in args.variants.split(","):
-        ours, our_rss = run_measured([binary, "bench", "--train", "--model", args.model, "--devices", "cpu", "--json", "--variants", variant] + shape)
-        theirs, their_rss = run_measured(me + ["torch-train", "--variant", variant])
+        ours, our_rss = run_measured(
+            [binary, "bench", "--train", "--model", args.model, "--devices", devices, "--json", "--variants", variant] + shape, args.gpu
+        )
+        theirs, their_rss = run_measured(me + ["torch-train", "--variant", variant], args.gpu)
         rows.append((variant, ours[0]["ms_per_step"] / 1e3, theirs["ms_per_step"] / 1e3, our_rss, their_rss))
         print(f"{variant}: safeprobe {rows[-1][1]:.2f} s ({our_rss:.0f} MiB), PyTorch {rows[-1][2]:.2f} s ({their_rss:.0f} MiB)", file=sys.stderr)
     gen_ours, gen_our_rss = run_measured(
-        [binary, "bench", "--model", args.model, "--devices", "cpu", "--json", "--batch", "1", "--seq-len", "16", "--new-tokens", str(args.new_tokens), "--iters", "1"]
+        [binary, "bench", "--model", args.model, "--devices", devices, "--json", "--batch", "1", "--seq-len", "16", "--new-tokens", str(args.new_tokens), "--iters", "1"],
+        args.gpu,
     )
-    gen_theirs, gen_their_rss = run_measured(me + ["torch-generate", "--new-tokens", str(args.new_tokens)])
+    gen_theirs, gen_their_rss = run_measured(me + ["torch-generate", "--new-tokens", str(args.new_tokens)], args.gpu)
     report(args, rows, (gen_ours[0], gen_our_rss), (gen_theirs, gen_their_rss))
 
 
@@ -255,11 +327,17 @@ def report(args, rows, gen_ours, gen_theirs):
     import torch
 
     sft = {r[0]: r for r in rows}.get("sft")
+    if args.gpu:
+        backends = f"safeprobe wgpu vs PyTorch {torch.__version__} CUDA eager + peft on {torch.cuda.get_device_name()}"
+        memory = "device memory"
+    else:
+        backends = f"safeprobe CPU backend (burn flex) vs PyTorch {torch.__version__} eager + peft, {torch.get_num_threads()} threads"
+        memory = "RSS"
     lines = [
-        f"Model {args.model}; {platform.machine()}, {os.cpu_count()} cores; safeprobe CPU backend (burn flex) vs PyTorch {torch.__version__} eager + peft, "
-        f"{torch.get_num_threads()} threads; task batch {args.batch}, {args.batch} safety pairs, {args.seq_len} tokens per sequence.",
+        f"Model {args.model}; {platform.machine()}, {os.cpu_count()} cores; {backends}; "
+        f"task batch {args.batch}, {args.batch} safety pairs, {args.seq_len} tokens per sequence.",
         "",
-        "| step | safeprobe s/step | PyTorch s/step | safeprobe / PyTorch | safeprobe peak RSS | PyTorch peak RSS | SAP/SFT safeprobe | SAP/SFT PyTorch |",
+        f"| step | safeprobe s/step | PyTorch s/step | safeprobe / PyTorch | safeprobe peak {memory} | PyTorch peak {memory} | SAP/SFT safeprobe | SAP/SFT PyTorch |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for variant, ours, theirs, our_rss, their_rss in rows:
@@ -273,7 +351,7 @@ def report(args, rows, gen_ours, gen_theirs):
         "|---|---|---|",
         f"| tokens/s | {ours['generate_tokens_per_s']:.1f} | {theirs['generate_tokens_per_s']:.1f} |",
         f"| model load | {ours['load_s']:.2f} s | {theirs['load_s']:.2f} s |",
-        f"| peak RSS | {our_rss:.0f} MiB | {their_rss:.0f} MiB |",
+        f"| peak {memory} | {our_rss:.0f} MiB | {their_rss:.0f} MiB |",
     ]
     print("\n".join(lines))
 
