@@ -645,6 +645,42 @@ fn guard_judges_match_transformers_on_their_own_prompt_formats() {
     }
 }
 
+/// Llama-Guard-3-8B's template takes message content as a string (`content.strip()`), where
+/// the 1B's reads typed parts: the judge renders it as transformers does.
+#[test]
+fn a_guard_template_with_string_content_renders_as_transformers_does() {
+    use safeprobe_eval::guard::{GuardFamily, GuardJudge};
+
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("guard_reference.json")).unwrap())
+            .unwrap();
+    let eight_b = &reference["llama-guard-3-8b-template"];
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture("tiny-llama-guard")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("chat_template.jinja"),
+        eight_b["template"].as_str().unwrap(),
+    )
+    .unwrap();
+    let guard = GuardJudge::new(Checkpoint::load(dir.path(), &cpu()).unwrap()).unwrap();
+    assert_eq!(guard.family(), GuardFamily::LlamaGuard3);
+    for case in eight_b["cases"].as_array().unwrap() {
+        let (request, answer) = (
+            case["request"].as_str().unwrap(),
+            case["answer"].as_str().unwrap(),
+        );
+        assert_eq!(
+            guard.prompt(request, answer).unwrap(),
+            format!("{}\n\n", case["rendered"].as_str().unwrap()),
+            "{request}"
+        );
+        guard.verdict(request, answer).unwrap();
+    }
+}
+
 #[test]
 fn guard_judges_fill_the_report_and_refuse_other_models() {
     let device = cpu();
