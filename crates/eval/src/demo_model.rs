@@ -10,11 +10,10 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
-use safeprobe_model::chat::prompt_messages;
 use safeprobe_model::weights::{SaveDtype, write_atomic, write_safetensors};
 use safeprobe_model::{CausalLm, Checkpoint, ModelConfig, export};
 use safeprobe_train::run::{Event, RunConfig};
-use safeprobe_train::safety_check::log_sigmoid;
+use safeprobe_train::safety_check;
 use serde::Serialize;
 use serde_json::json;
 use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
@@ -108,20 +107,21 @@ pub struct RoleMargins {
     pub loss_t1: f64,
 }
 
-/// The margins of every role's pairs (`builtin::PairRole`) on `checkpoint`.
+/// Longer than any built-in pair (prompt and answer), so none is cut.
+const MAX_PAIR_TOKENS: usize = 512;
+
+/// The margins of every role's pairs (`builtin::PairRole`) on `checkpoint`, as the trainer's
+/// held-out check measures them.
 pub fn pair_margins(checkpoint: &Checkpoint) -> Result<Vec<RoleMargins>> {
     PairRole::ALL
         .iter()
         .map(|role| {
-            let mut margins = builtin::pairs_in(*role)
+            let encoded = builtin::pairs_in(*role)
                 .iter()
-                .map(|p| {
-                    let prompt = prompt_messages(None, &p.prompt);
-                    let safe = checkpoint.score(&prompt, &p.chosen)?.total;
-                    let harmful = checkpoint.score(&prompt, &p.rejected)?.total;
-                    Ok((safe - harmful) as f64)
-                })
-                .collect::<Result<Vec<f64>>>()?;
+                .map(|p| p.encode(&checkpoint.tokenizer, None, MAX_PAIR_TOKENS))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let pad = checkpoint.tokenizer.pad_id;
+            let mut margins = safety_check::pair_margins(&checkpoint.model, &encoded, pad, 8);
             margins.sort_by(f64::total_cmp);
             let n = margins.len();
             Ok(RoleMargins {
@@ -130,7 +130,7 @@ pub fn pair_margins(checkpoint: &Checkpoint) -> Result<Vec<RoleMargins>> {
                 min: margins[0],
                 median: margins[n / 2],
                 max: margins[n - 1],
-                loss_t1: margins.iter().map(|m| -log_sigmoid(*m)).sum::<f64>() / n as f64,
+                loss_t1: safety_check::loss_at_t1(&margins).unwrap_or(0.0),
             })
         })
         .collect()

@@ -54,14 +54,7 @@ impl SafetyCheck {
     pub fn measure(&self, model: &CausalLm, pad: u32, batch_size: usize, step: usize) -> Event {
         let device = model.embed_tokens.device();
         let batch_size = batch_size.max(1);
-        let mut margins = Vec::new();
-        for chunk in self.pairs.chunks(batch_size) {
-            let rows = data::contrastive_rows(chunk);
-            let (per_row, _) = response_logprobs(model, &Batch::new(&rows, pad, &device), None);
-            let logp = values(per_row);
-            let n = chunk.len();
-            margins.extend((0..n).map(|i| logp[i] - logp[n + i]));
-        }
+        let margins = pair_margins(model, &self.pairs, pad, batch_size);
         let mut refusal_logprobs = Vec::new();
         for chunk in self.refusals.chunks(batch_size) {
             let (per_row, _) = response_logprobs(model, &Batch::new(chunk, pad, &device), None);
@@ -74,10 +67,35 @@ impl SafetyCheck {
         Event::SafetyCheck {
             step,
             pair_margin: mean(&margins),
-            pair_loss: mean(&margins.iter().map(|m| -log_sigmoid(*m)).collect::<Vec<_>>()),
+            pair_loss: loss_at_t1(&margins),
             refusal_logprob: mean(&refusal_logprobs),
         }
     }
+}
+
+/// The margins log p(safe) − log p(harmful) of encoded (safe, harmful) pairs under `model`
+/// (in inference mode), `batch_size` pairs per pass.
+pub fn pair_margins(
+    model: &CausalLm,
+    pairs: &[(Sequence, Sequence)],
+    pad: u32,
+    batch_size: usize,
+) -> Vec<f64> {
+    let device = model.embed_tokens.device();
+    let mut margins = Vec::new();
+    for chunk in pairs.chunks(batch_size.max(1)) {
+        let rows = data::contrastive_rows(chunk);
+        let (per_row, _) = response_logprobs(model, &Batch::new(&rows, pad, &device), None);
+        let logp = values(per_row);
+        let n = chunk.len();
+        margins.extend((0..n).map(|i| logp[i] - logp[n + i]));
+    }
+    margins
+}
+
+/// The contrastive safety loss at T = 1 of these margins: mean −log σ(m).
+pub fn loss_at_t1(margins: &[f64]) -> Option<f64> {
+    mean(&margins.iter().map(|m| -log_sigmoid(*m)).collect::<Vec<_>>())
 }
 
 /// A vector's values on the host.
