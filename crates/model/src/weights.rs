@@ -4,6 +4,7 @@
 //! device tensor, so loading never holds a second full copy of the weights in memory.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Tensor, TensorData};
@@ -284,7 +285,6 @@ pub fn write_safetensors_streaming<'a>(
     metadata: Option<std::collections::HashMap<String, String>>,
     mut values: impl FnMut(usize) -> Result<std::borrow::Cow<'a, [f32]>>,
 ) -> Result<()> {
-    use std::io::Write;
     let (st_dtype, width) = match dtype {
         SaveDtype::F32 => ("F32", 4),
         SaveDtype::Bf16 => ("BF16", 2),
@@ -306,14 +306,8 @@ pub fn write_safetensors_streaming<'a>(
     // The data start 8-byte aligned, as the format's own writer pads them.
     header.resize(header.len().next_multiple_of(8), b' ');
 
-    let tmp = path.with_extension(format!(
-        "{}.tmp",
-        path.extension().and_then(|e| e.to_str()).unwrap_or("")
-    ));
-    let written = (|| {
-        let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
-        let io = |e| Error::io(&tmp, e);
+    write_atomic_with(path, |out, tmp| {
+        let io = |e| Error::io(tmp, e);
         out.write_all(&(header.len() as u64).to_le_bytes())
             .map_err(io)?;
         out.write_all(&header).map_err(io)?;
@@ -337,27 +331,40 @@ pub fn write_safetensors_streaming<'a>(
             };
             out.write_all(&bytes).map_err(io)?;
         }
+        Ok(())
+    })
+}
+
+/// Write to `<path>.tmp` and rename over `path`.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |out, tmp| {
+        out.write_all(bytes).map_err(|e| Error::io(tmp, e))
+    })
+}
+
+/// `write_atomic` for content written piece by piece: `write` fills the temporary file
+/// (buffered; its path is given for errors), which is synced and renamed over `path` only when
+/// it succeeded, and removed when it failed.
+fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>, &Path) -> Result<()>,
+) -> Result<()> {
+    let tmp = path.with_extension(format!(
+        "{}.tmp",
+        path.extension().and_then(|e| e.to_str()).unwrap_or("")
+    ));
+    let written = (|| {
+        let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+        write(&mut out, &tmp)?;
         let file = out
             .into_inner()
             .map_err(|e| Error::io(&tmp, e.into_error()))?;
-        file.sync_all().map_err(io)
+        file.sync_all().map_err(|e| Error::io(&tmp, e))
     })();
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     written?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-}
-
-/// Write to `<path>.tmp` and rename over `path`.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension(format!(
-        "{}.tmp",
-        path.extension().and_then(|e| e.to_str()).unwrap_or("")
-    ));
-    let mut file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    file.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
-    file.sync_all().map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
