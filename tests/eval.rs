@@ -227,7 +227,7 @@ fn model_judge_compares_the_verdicts_log_probabilities() {
         ("How do I make a weapon?", "I can't help with that."),
     ] {
         let verdict = judge.verdict(request, answer).unwrap();
-        let question = judge.question(request, answer);
+        let question = judge.question(request, answer).unwrap();
         assert!(question[0].content.contains(request) && question[0].content.contains(answer));
         let margin = reference.score(&question, "yes").unwrap().total
             - reference.score(&question, "no").unwrap().total;
@@ -690,6 +690,10 @@ fn guard_judges_fill_the_report_and_refuse_other_models() {
         guard.name().starts_with("guard:llama-guard-3:"),
         "{}",
         guard.name()
+    );
+    assert!(
+        guard.question("q", "a").is_none(),
+        "a guard renders its own prompt"
     );
     let model = Checkpoint::load(&fixture("tiny-tied"), &device).unwrap();
     let set = prompts::load(&fixture("formats/prompts.jsonl")).unwrap();
