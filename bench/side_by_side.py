@@ -114,6 +114,14 @@ def safety_loss(model, batch):
     return -torch.nn.functional.logsigmoid((rows[:n] - rows[n:]) / TEMPERATURE).mean()
 
 
+def reference_update(*args):
+    """Step 3 as the trainer's PyTorch reference takes it (make_train_reference.update)."""
+    sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
+    from make_train_reference import update
+
+    update(*args)
+
+
 def middle_probe(model):
     """The probe on the middle ten decoder layers (safeprobe's default), as the trainer's
     PyTorch reference (tests/fixtures/make_train_reference.py) hooks it."""
@@ -177,15 +185,7 @@ def torch_train(args):
         if schedule == "exact":
             probe.vectors = [BETA * g for g in g_su]
             grad_w = torch.autograd.grad(task_loss(model, task), params)
-        for p, g in zip(params, grad_w):
-            p.grad = g
-        optimizer.step()
-        with torch.no_grad():
-            for v in probe_vars:
-                v.zero_()
-        for v, g in zip(probe_vars, g_su):
-            v.grad = -g
-        probe_opt.step()
+        reference_update(optimizer, params, grad_w, probe_opt, probe_vars, g_su)
 
     step = sap_step if schedule else sft_step
     step()
