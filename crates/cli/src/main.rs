@@ -10,6 +10,7 @@ use safeprobe_model::weights::SaveDtype;
 use safeprobe_model::{Checkpoint, Message, Sampling, chat, export, lora};
 use serde_json::json;
 
+mod allocator;
 mod bench;
 mod evaluate;
 mod progress;
@@ -557,6 +558,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    allocator::keep_freed_memory();
     // Mesa's Vulkan drivers print an error on every start when XDG_RUNTIME_DIR is unset
     // (containers, CI); any private writable folder silences it.
     if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
