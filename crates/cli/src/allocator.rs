@@ -2,40 +2,85 @@
 //!
 //! A training step allocates and frees the same few hundred tensor buffers, many of them
 //! megabytes, on every pass. The system allocator hands large blocks back to the kernel when
-//! they are freed, so every step faults its working set in again page by page and the kernel
-//! zeroes it: on the real 0.5B model that was about 4 million page faults per SFT benchmark
-//! run. mimalloc with purging turned off keeps freed memory mapped for the next step and
-//! backs large regions with transparent huge pages; the faults drop to about 23 thousand and
-//! the SFT step by about a quarter (README, "Speed against PyTorch").
+//! they are freed, so every step faulted its working set in again page by page and the kernel
+//! zeroed it: about 4 million page faults in a three-step SFT benchmark of the real 0.5B
+//! model. mimalloc with purging turned off keeps freed memory mapped for the next step; the
+//! faults drop to about 23 thousand and the SFT step by about a quarter (README, "Speed
+//! against PyTorch").
+//!
+//! Transparent huge pages are turned off: they doubled the 0.5B model's load time (5.4 s →
+//! 12.5 s, the kernel clearing and compacting 2 MiB pages) and added 180 MiB of peak memory
+//! without a step-time gain we could measure.
 //!
 //! The price is that the process keeps its peak footprint until it exits: a server that has
-//! run a job holds that job's memory for the next one. `MIMALLOC_PURGE_DELAY` (milliseconds;
-//! mimalloc's default is 10) gives memory back again when set.
+//! run a job holds that job's memory for the next one. mimalloc's own variables override both
+//! choices: `MIMALLOC_PURGE_DELAY` (milliseconds; mimalloc's default is 10) gives memory back,
+//! `MIMALLOC_ALLOW_THP=1` allows huge pages.
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// `mi_option_purge_delay` in mimalloc's option enum (the same index in its v2 and v3);
-/// libmimalloc-sys does not name it.
+/// Indices in mimalloc v3's option enum (libmimalloc-sys builds v3 and names neither).
 const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+const ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
 
-/// Turns off purging of freed memory unless the user chose a delay.
+/// Purging off and huge pages off, unless the user chose otherwise.
 pub fn keep_freed_memory() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        // SAFETY: an option store, made before any other thread exists.
-        unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, -1) };
+    for (option, variable, value) in [
+        (PURGE_DELAY, "MIMALLOC_PURGE_DELAY", -1),
+        (ALLOW_THP, "MIMALLOC_ALLOW_THP", 0),
+    ] {
+        if std::env::var_os(variable).is_none() {
+            // SAFETY: an option store, made before any other thread exists.
+            unsafe { libmimalloc_sys::mi_option_set(option, value) };
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::{ALLOW_THP, PURGE_DELAY};
+
+    fn option(index: libmimalloc_sys::mi_option_t) -> std::ffi::c_long {
+        // SAFETY: reading an option.
+        unsafe { libmimalloc_sys::mi_option_get(index) }
+    }
+
+    /// The indices name the options we mean: a child process started with mimalloc's own
+    /// variables reads their values back at our indices.
     #[test]
-    fn purge_delay_is_the_option_we_set() {
+    fn the_option_indices_are_purge_delay_and_allow_thp() {
+        if std::env::var_os("SAFEPROBE_ALLOCATOR_CHILD").is_some() {
+            assert_eq!((option(PURGE_DELAY), option(ALLOW_THP)), (1234, 7));
+            return;
+        }
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "allocator::tests::the_option_indices_are_purge_delay_and_allow_thp",
+            ])
+            .env("SAFEPROBE_ALLOCATOR_CHILD", "1")
+            .env("MIMALLOC_PURGE_DELAY", "1234")
+            .env("MIMALLOC_ALLOW_THP", "7")
+            .output()
+            .unwrap();
+        assert!(
+            child.status.success(),
+            "{}",
+            String::from_utf8_lossy(&child.stdout)
+        );
+    }
+
+    #[test]
+    fn a_users_setting_wins() {
+        // This test process was not started with either variable (unless a user exported
+        // them), so ours are set.
         super::keep_freed_memory();
         if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-            // SAFETY: reading an option.
-            let delay = unsafe { libmimalloc_sys::mi_option_get(super::PURGE_DELAY) };
-            assert_eq!(delay, -1);
+            assert_eq!(option(PURGE_DELAY), -1);
+        }
+        if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
+            assert_eq!(option(ALLOW_THP), 0);
         }
     }
 }
