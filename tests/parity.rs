@@ -285,7 +285,29 @@ fn response_scores_match_transformers() {
                     *score.token_ids.last().unwrap(),
                     checkpoint.tokenizer.end_of_turn_id.unwrap()
                 );
-                let diff = max_abs_diff(&score.logprobs, &floats(&case["logprobs"]));
+                // Llama's template puts the day it renders on into the prompt, and the response's
+                // log-probabilities depend on it: they are compared on the prompt rendered with
+                // the reference's date, through the scoring `Checkpoint::score` ends in.
+                let prompt = match reference["models"][name]["rendered_on"].as_str() {
+                    Some(day) => {
+                        let today = safeprobe_model::chat::today("%d %b %Y");
+                        let text = checkpoint.tokenizer.render(&messages, true).unwrap();
+                        checkpoint
+                            .tokenizer
+                            .encode(&text.replace(&today, day))
+                            .unwrap()
+                    }
+                    None => checkpoint.tokenizer.encode_prompt(&messages).unwrap(),
+                };
+                let logprobs = safeprobe_model::generate::score(
+                    &checkpoint.model,
+                    &prompt,
+                    &score.token_ids,
+                    &checkpoint.device,
+                )
+                .unwrap()
+                .logprobs;
+                let diff = max_abs_diff(&logprobs, &floats(&case["logprobs"]));
                 assert!(
                     diff <= TOLERANCE,
                     "{name} on {backend}: max |Δlogprob| = {diff}"
