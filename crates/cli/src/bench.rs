@@ -192,10 +192,8 @@ pub fn run_train(
         let selected = select(&crate::DeviceArg {
             device: name.clone(),
         })?;
-        let mut device = selected.device.clone().autodiff();
-        if args.gradient_checkpointing {
-            device = device.gradient_checkpointing();
-        }
+        let device =
+            safeprobe_train::params::training_device(&selected.device, args.gradient_checkpointing);
         let loaded = Instant::now();
         let (mut base, label) = match &args.model {
             Some(dir) => (

@@ -146,6 +146,18 @@ impl ModuleMapper for Replace {
     }
 }
 
+/// The device a training pass runs on: `device` with autodiff, and with burn's balanced
+/// gradient-checkpointing strategy when asked (the backward pass recomputes memory-bound
+/// activations instead of keeping them).
+pub fn training_device(device: &Device, gradient_checkpointing: bool) -> Device {
+    let device = device.clone().autodiff();
+    if gradient_checkpointing {
+        device.gradient_checkpointing()
+    } else {
+        device
+    }
+}
+
 /// `inner` with autodiff, on `device`'s gradient-checkpointing strategy: `Tensor::from_inner`
 /// alone takes the default strategy, and an operation refuses to mix two.
 pub fn autodiff_on<const D: usize>(inner: Tensor<D>, device: &Device) -> Tensor<D> {

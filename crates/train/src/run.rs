@@ -20,6 +20,7 @@ use crate::checkpoint;
 use crate::data::{self, Batch, Sequence, with_system};
 use crate::error::{Result, TrainError};
 use crate::loss::task_loss;
+use crate::params;
 use crate::safety_check::SafetyCheck;
 use crate::sap::{DIRECTION_FLOOR, SapConfig, SapState, sft_step};
 
@@ -479,7 +480,7 @@ fn validation_loss(
     for chunk in sequences.chunks(batch_size.max(1)) {
         let batch = Batch::new(chunk, pad, &device);
         let loss = task_loss(model, &batch, None);
-        total += crate::params::scalar(&loss) * batch.response_tokens as f64;
+        total += params::scalar(&loss) * batch.response_tokens as f64;
         tokens += batch.response_tokens;
     }
     total / tokens.max(1) as f64
@@ -614,10 +615,7 @@ fn run(
         Some(path) => Some(data::read_examples(path)?),
         None => None,
     };
-    let mut device = device.clone().autodiff();
-    if config.gradient_checkpointing {
-        device = device.gradient_checkpointing();
-    }
+    let device = params::training_device(device, config.gradient_checkpointing);
     let mut checkpoint = Checkpoint::load(&config.model, &device)?;
     let lora_config = match config.finetune {
         // Every weight stays trainable.

@@ -117,6 +117,11 @@ pub struct HarmfulDirection {
 impl HarmfulDirection {
     pub fn new(gradient: Vec<Tensor<1>>, scale: f32) -> Self {
         let gradient_norm = global_norm(&gradient);
+        Self::with_gradient_norm(gradient, scale, gradient_norm)
+    }
+
+    /// As `new`, with ‖g‖ already read back.
+    fn with_gradient_norm(gradient: Vec<Tensor<1>>, scale: f32, gradient_norm: f64) -> Self {
         Self {
             gradient,
             scale,
@@ -143,14 +148,8 @@ pub fn harmful_direction(
     let epsilon = config.rho * global_norm(&params::values(model));
     let gradient_norm = global_norm(&gradient);
     let scale = (epsilon / (gradient_norm + DIRECTION_FLOOR)) as f32;
-    let norm = scale as f64 * gradient_norm;
     (
-        HarmfulDirection {
-            gradient,
-            scale,
-            norm,
-            gradient_norm,
-        },
+        HarmfulDirection::with_gradient_norm(gradient, scale, gradient_norm),
         scalar(&loss),
     )
 }
