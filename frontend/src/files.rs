@@ -49,7 +49,10 @@ pub fn pull_in_words(pull: &safeprobe_wire::PullStatus) -> String {
     use safeprobe_wire::PullState;
     match pull.state {
         PullState::Done => format!("done: {} files", pull.files),
-        PullState::Failed => format!("failed: {}", pull.error.as_deref().unwrap_or("unknown error")),
+        PullState::Failed => format!(
+            "failed: {}",
+            pull.error.as_deref().unwrap_or("unknown error")
+        ),
         PullState::Running if pull.files == 0 => "asking the Hub for the file list".into(),
         PullState::Running => {
             let mut text = format!(

@@ -80,11 +80,8 @@ fn PullForm(models: ModelList) -> impl IntoView {
             let Ok(now) = api::get::<Vec<PullStatus>>("/api/models/pulls").await else {
                 return;
             };
-            let finished = |list: &[PullStatus]| {
-                list.iter()
-                    .filter(|p| p.state == PullState::Done)
-                    .count()
-            };
+            let finished =
+                |list: &[PullStatus]| list.iter().filter(|p| p.state == PullState::Done).count();
             if finished(&now) > finished(&pulls.get_untracked()) {
                 models.refetch();
             }

@@ -10,8 +10,8 @@ use safeprobe_wire::{CreateJob, Job, JobKind};
 use serde_json::{Map, Value};
 
 use super::datasets::DataFiles;
-use super::models::Models;
 use super::live;
+use super::models::Models;
 use crate::{Page, api, go};
 
 /// A run-config field: dotted key, label, help, and kind.
