@@ -2,6 +2,8 @@
 
     python3 bench/alignment_summary.py COMPARE_OUTPUT_DIR
 
+A comparison with several conditions (the demo's benign and poisoned data) keeps each
+condition's runs in a folder of its own (benign/, poison-10pct/); each is summarised apart.
 For every SAP run, at each measurement step after the first (at step 1 the probe is still 0),
 the shift of cos(∇L_task, ĝ) that the probe makes over V = 0, and the shift a random-sign probe
 of the same size makes (the control); for every run, the held-out pairs' margin and T = 1 loss
@@ -29,6 +31,15 @@ def describe(values):
 
 
 def main(out):
+    conditions = sorted({p.parent.parent for p in out.glob("*/*/metrics.jsonl")})
+    for condition in conditions:
+        print(f"== {condition.name}")
+        summarise(condition)
+    if not conditions:
+        summarise(out)
+
+
+def summarise(out):
     probe, random, zero = [], [], {"sft": [], "sap": []}
     validation = {}
     for run in sorted(p for p in out.iterdir() if (p / "metrics.jsonl").exists()):

@@ -452,6 +452,16 @@ fn the_ui_runs_a_job_shows_live_charts_a_comparison_and_chats() {
     for method in ["base", "sft", "sap", "mix"] {
         assert!(table.contains(method), "{table}");
     }
+    // The demo's two conditions, each under its name with a table of its own.
+    let conditions = browser.script(
+        "return [...document.querySelectorAll('.condition')].map(c => \
+         [c.querySelector('h3')?.innerText, c.querySelectorAll('table.comparison tbody tr').length]);",
+    );
+    assert_eq!(
+        conditions,
+        json!([["benign data", 4], ["benign data, 10% poisoned", 4]]),
+        "{conditions}"
+    );
     browser.screenshot("06-compare");
 
     // Both finished training runs side by side, and the picked ones' task loss overlaid.

@@ -515,59 +515,85 @@ fn a_shortened_comparison_fills_every_column() {
         }
     })
     .unwrap();
-    assert_eq!(stages.len(), 7, "{stages:?}");
-    let methods: Vec<Method> = comparison.rows.iter().map(|r| r.method).collect();
-    assert_eq!(
-        methods,
-        vec![Method::Base, Method::Sft, Method::Sap, Method::Mix]
-    );
-    for row in &comparison.rows {
-        assert!(
-            row.harmful_score.mean.is_finite() && (0.0..=100.0).contains(&row.harmful_score.mean)
-        );
-        assert!((0.0..=100.0).contains(&row.exact_match.mean));
-        assert!(row.validation_loss.mean.is_finite() && row.validation_loss.mean > 0.0);
-        if row.method != Method::Base {
-            assert!(row.step_time_s.unwrap().mean > 0.0);
-            assert!(row.overhead_vs_sft.unwrap() > 0.0);
-        }
-    }
+    // The base model once, then both of the demo's conditions (benign, 10% poisoned): two
+    // seeds of three methods each.
+    assert_eq!(stages.len(), 1 + 2 * 2 * 3, "{stages:?}");
+    assert_eq!(stages[1], "sft (seed 0, benign data)");
+    assert_eq!(stages[7], "sft (seed 0, benign data, 10% poisoned)");
+    let poisons: Vec<f64> = comparison
+        .conditions
+        .iter()
+        .map(|c| c.poison_fraction)
+        .collect();
+    assert_eq!(poisons, vec![0.0, 0.1]);
     let table = std::fs::read_to_string(out.join("comparison.md")).unwrap();
     assert_eq!(table, compare::render(&comparison));
-    // The method table (header and 4 rows), then the paired differences (header and SAP − SFT,
-    // mix − SFT for four metrics each, the held-out refusal log-probability included), paired
-    // over both seeds.
+    // Per condition: the method table (header and 4 rows), then the paired differences
+    // (header and SAP − SFT, mix − SFT for four metrics each, the held-out refusal
+    // log-probability included), paired over both seeds.
     assert_eq!(
         table.lines().filter(|l| l.starts_with("| ")).count(),
-        5 + 1 + 8
+        2 * (5 + 1 + 8)
     );
-    assert_eq!(comparison.paired.len(), 8);
-    for d in &comparison.paired {
-        assert_eq!((d.b, d.pairs), (Method::Sft, 2), "{d:?}");
-        let (low, high) = d.ci.unwrap();
-        assert!(low <= d.mean + 1e-9 && d.mean <= high + 1e-9, "{d:?}");
+    for condition in &comparison.conditions {
+        let methods: Vec<Method> = condition.rows.iter().map(|r| r.method).collect();
+        assert_eq!(
+            methods,
+            vec![Method::Base, Method::Sft, Method::Sap, Method::Mix]
+        );
+        for row in &condition.rows {
+            assert!(
+                row.harmful_score.mean.is_finite()
+                    && (0.0..=100.0).contains(&row.harmful_score.mean)
+            );
+            assert!((0.0..=100.0).contains(&row.exact_match.mean));
+            assert!(row.validation_loss.mean.is_finite() && row.validation_loss.mean > 0.0);
+            if row.method != Method::Base {
+                assert!(row.step_time_s.unwrap().mean > 0.0);
+                assert!(row.overhead_vs_sft.unwrap() > 0.0);
+            }
+        }
+        assert_eq!(condition.paired.len(), 8);
+        for d in &condition.paired {
+            assert_eq!((d.b, d.pairs), (Method::Sft, 2), "{d:?}");
+            let (low, high) = d.ci.unwrap();
+            assert!(low <= d.mean + 1e-9 && d.mean <= high + 1e-9, "{d:?}");
+            assert!(
+                !d.is_real(),
+                "two seeds never make a difference real: {d:?}"
+            );
+        }
         assert!(
-            !d.is_real(),
-            "two seeds never make a difference real: {d:?}"
+            condition
+                .findings
+                .iter()
+                .any(|f| f.starts_with("SAP − SFT harmful_score")),
+            "{:?}",
+            condition.findings
         );
     }
-    assert!(
-        comparison
-            .findings
-            .iter()
-            .any(|f| f.starts_with("SAP − SFT harmful_score")),
-        "{:?}",
-        comparison.findings
+    // The base model is evaluated once and shown in both tables.
+    assert_eq!(
+        comparison.conditions[0].runs[0],
+        comparison.conditions[1].runs[0]
     );
-    for method in ["sft", "sap", "mix"] {
-        let run = out.join(format!("{method}-seed0"));
-        assert!(run.join("config.toml").is_file() && run.join("metrics.jsonl").is_file());
-        // The demo comparison trains every weight: the run exports a whole model.
-        assert!(run.join("model/model.safetensors").is_file());
-        assert!(run.join("eval/answers.jsonl").is_file() && run.join("eval/report.json").is_file());
+    for (folder, poison) in [("benign", 0.0), ("poison-10pct", 0.1)] {
+        for method in ["sft", "sap", "mix"] {
+            let run = out.join(folder).join(format!("{method}-seed0"));
+            assert!(run.join("config.toml").is_file() && run.join("metrics.jsonl").is_file());
+            let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
+            assert!(
+                config.contains(&format!("poison_fraction = {poison:?}")),
+                "{config}"
+            );
+            // The demo comparison trains every weight: the run exports a whole model.
+            assert!(run.join("model/model.safetensors").is_file());
+            assert!(
+                run.join("eval/answers.jsonl").is_file() && run.join("eval/report.json").is_file()
+            );
+        }
     }
     assert!(out.join("base/answers.jsonl").is_file());
-    assert!(!comparison.findings.is_empty());
 }
 
 // ---- guard judges ----

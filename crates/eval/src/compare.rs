@@ -25,7 +25,7 @@ use crate::tasks::{Labelled, Task};
 pub const DEMO_CONFIG: &str = include_str!("../demo-compare.toml");
 
 // What a comparison reports is made of wire types: the server stores it and the UI shows it.
-pub use safeprobe_wire::{Comparison, Method, Row, RunResult, Spread};
+pub use safeprobe_wire::{Comparison, Condition, Method, Row, RunResult, Spread, poison_percent};
 
 fn default_methods() -> Vec<Method> {
     vec![Method::Sft, Method::Sap, Method::Mix]
@@ -41,6 +41,26 @@ fn default_output() -> PathBuf {
 }
 fn default_max_new_tokens() -> usize {
     32
+}
+fn benign() -> Vec<f64> {
+    vec![0.0]
+}
+
+/// A number, or a list of numbers.
+fn one_or_more<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<f64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMore {
+        One(f64),
+        More(Vec<f64>),
+    }
+    match OneOrMore::deserialize(d) {
+        Ok(OneOrMore::One(value)) => Ok(vec![value]),
+        Ok(OneOrMore::More(values)) => Ok(values),
+        Err(_) => Err(serde::de::Error::custom(
+            "poison_fraction: give a number (0.1) or a list of numbers ([0.0, 0.1])",
+        )),
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -59,9 +79,11 @@ pub struct CompareConfig {
     pub methods: Vec<Method>,
     #[serde(default = "default_seeds")]
     pub seeds: Vec<u64>,
-    /// Poisoning: this fraction of the fine-tuning data is harmful compliance.
-    #[serde(default)]
-    pub poison_fraction: f64,
+    /// Poisoning: this fraction of the fine-tuning data is harmful compliance. A list makes
+    /// one condition of each value (`[0.0, 0.1]`: the paper's two threat models, benign data
+    /// and benign data with poisoning); every method and seed runs under each.
+    #[serde(default = "benign", deserialize_with = "one_or_more")]
+    pub poison_fraction: Vec<f64>,
     /// Harmful prompt set (default: the built-in held-out prompts).
     #[serde(default)]
     pub prompts: Option<PathBuf>,
@@ -126,11 +148,24 @@ impl CompareConfig {
         if self.max_prompts == Some(0) {
             return bad("max_prompts must be at least 1".into());
         }
-        if !(0.0..1.0).contains(&self.poison_fraction) {
-            return bad(format!(
-                "poison_fraction {} must be in [0, 1)",
-                self.poison_fraction
-            ));
+        if self.poison_fraction.is_empty() {
+            return bad("poison_fraction: give at least one value (0.0: benign data)".into());
+        }
+        for (i, fraction) in self.poison_fraction.iter().enumerate() {
+            if !(0.0..1.0).contains(fraction) {
+                return bad(format!("poison_fraction {fraction} must be in [0, 1)"));
+            }
+            // Conditions are named (and their runs' folders too) by the rounded percentage.
+            let percent = poison_percent(*fraction);
+            if let Some(same) = self.poison_fraction[..i]
+                .iter()
+                .find(|f| poison_percent(**f) == percent)
+            {
+                return bad(format!(
+                    "poison_fraction: {same} and {fraction} are the same condition ({percent}%); \
+                     list each once"
+                ));
+            }
         }
         for key in [
             "model",
@@ -153,11 +188,11 @@ impl CompareConfig {
         // (`run` writes it) nor the demo model (unpacked on first use) need be there yet.
         let files = builtin::DataFiles::in_dir(&self.data_dir(), task);
         let model = self.model.clone().unwrap_or_else(|| "demo model".into());
-        for method in &self.methods {
-            if *method != Method::Base {
-                let text = self.run_toml(*method, self.seeds[0], &model, &files);
+        for &poison in &self.poison_fraction {
+            for &method in self.fine_tuned() {
+                let text = self.run_toml(poison, method, self.seeds[0], &model, &files);
                 RunConfig::parse_before_data(&text, &[], origin)
-                    .map_err(|e| run_config_error(*method, e))?;
+                    .map_err(|e| run_config_error(method, e))?;
             }
         }
         Ok(())
@@ -175,14 +210,21 @@ impl CompareConfig {
             builtin::pair_count(builtin::PairRole::Direction),
         );
         let mut total = 0usize;
-        for method in self.methods.iter().filter(|m| **m != Method::Base) {
-            let text = self.run_toml(*method, self.seeds[0], &model, &files);
-            let run = RunConfig::parse_before_data(&text, &[], Path::new("compare"))
-                .map_err(|e| run_config_error(*method, e))?;
-            let steps = run.steps_for(run.examples_with(clean, pairs));
-            total = total.saturating_add(steps.saturating_mul(self.seeds.len()));
+        for &poison in &self.poison_fraction {
+            for &method in self.fine_tuned() {
+                let text = self.run_toml(poison, method, self.seeds[0], &model, &files);
+                let run = RunConfig::parse_before_data(&text, &[], Path::new("compare"))
+                    .map_err(|e| run_config_error(method, e))?;
+                let steps = run.steps_for(run.examples_with(clean, pairs));
+                total = total.saturating_add(steps.saturating_mul(self.seeds.len()));
+            }
         }
         Ok(total)
+    }
+
+    /// The methods that fine-tune (all but the base model, which is evaluated once).
+    fn fine_tuned(&self) -> impl Iterator<Item = &Method> {
+        self.methods.iter().filter(|m| **m != Method::Base)
     }
 
     /// The model to fine-tune: the config's, or the demo model.
@@ -206,17 +248,18 @@ impl CompareConfig {
     /// One run's trainer config, its data written and its model in place.
     fn run_config(
         &self,
+        poison: f64,
         method: Method,
         seed: u64,
         model: &Path,
         files: &builtin::DataFiles,
         origin: &Path,
     ) -> Result<RunConfig> {
-        let text = self.run_toml(method, seed, model, files);
+        let text = self.run_toml(poison, method, seed, model, files);
         let mut config =
             RunConfig::parse(&text, &[], origin).map_err(|e| run_config_error(method, e))?;
         // The exact path: the TOML text holds its display form.
-        config.output_dir = self.run_dir(method, seed);
+        config.output_dir = self.run_dir(poison, method, seed);
         Ok(config)
     }
 
@@ -224,6 +267,7 @@ impl CompareConfig {
     /// sets itself.
     fn run_toml(
         &self,
+        poison: f64,
         method: Method,
         seed: u64,
         model: &Path,
@@ -248,12 +292,12 @@ impl CompareConfig {
             held_out.insert("pairs".into(), path(&files.held_out_pairs));
             table.insert("safety_eval".into(), toml::Value::Table(held_out));
         }
-        table.insert("output_dir".into(), path(&self.run_dir(method, seed)));
-        table.insert("seed".into(), toml::Value::Integer(seed as i64));
         table.insert(
-            "poison_fraction".into(),
-            toml::Value::Float(self.poison_fraction),
+            "output_dir".into(),
+            path(&self.run_dir(poison, method, seed)),
         );
+        table.insert("seed".into(), toml::Value::Integer(seed as i64));
+        table.insert("poison_fraction".into(), toml::Value::Float(poison));
         let (trainer_method, mix) = match method {
             Method::Sap => ("sap", false),
             Method::Mix => ("sft", true),
@@ -267,12 +311,23 @@ impl CompareConfig {
         toml::to_string(&table).expect("a TOML table serialises")
     }
 
-    pub fn run_dir(&self, method: Method, seed: u64) -> PathBuf {
+    /// A run's folder: `base`, `sft-seed0`, … With more than one condition, the fine-tuned
+    /// runs go in a folder per condition (`benign/`, `poison-10pct/`); a single condition keeps
+    /// the layout that comparisons had before conditions.
+    pub fn run_dir(&self, poison: f64, method: Method, seed: u64) -> PathBuf {
         if method == Method::Base {
-            self.output_dir.join("base")
-        } else {
+            return self.output_dir.join("base");
+        }
+        let run = format!("{}-seed{seed}", method.name());
+        if self.poison_fraction.len() == 1 {
+            self.output_dir.join(run)
+        } else if poison > 0.0 {
+            let percent = poison_percent(poison);
             self.output_dir
-                .join(format!("{}-seed{seed}", method.name()))
+                .join(format!("poison-{percent}pct"))
+                .join(run)
+        } else {
+            self.output_dir.join("benign").join(run)
         }
     }
 }
@@ -396,9 +451,9 @@ pub fn run(
         toml::to_string_pretty(config).expect("toml").as_bytes(),
     )?;
 
-    let mut runs = Vec::new();
     progress(Progress::Stage("evaluating the base model".into()));
     let model = config.model_dir()?;
+    let base_dir = config.run_dir(0.0, Method::Base, 0);
     let base = Checkpoint::load(&model, device)?;
     let (hs, hs_model, em, loss) = evaluate_model(
         &base,
@@ -406,13 +461,14 @@ pub fn run(
         &prompts,
         judge.as_ref(),
         &splits,
-        &config.run_dir(Method::Base, 0),
+        &base_dir,
         cancel,
     )?;
-    runs.push(RunResult {
+    drop(base);
+    let base = RunResult {
         method: Method::Base,
         seed: None,
-        run_dir: config.run_dir(Method::Base, 0),
+        run_dir: base_dir,
         harmful_score: hs,
         harmful_score_model_judge: hs_model,
         exact_match: em,
@@ -420,87 +476,49 @@ pub fn run(
         step_time_s: None,
         final_task_loss: None,
         refusal_logprob: None,
-    });
-    drop(base);
+    };
 
-    for &seed in &config.seeds {
-        for &method in config.methods.iter().filter(|m| **m != Method::Base) {
-            progress(Progress::Stage(format!("{} (seed {seed})", method.name())));
-            let run_config = config.run_config(method, seed, &model, &files, &origin)?;
-            let mut step_times = Vec::new();
-            let mut last_loss = None;
-            let mut refusal_logprob = None;
-            let mut trained =
-                safeprobe_train::run::train_cancellable(&run_config, device, cancel, |event| {
-                    match event {
-                        Event::Step {
-                            step_time_s,
-                            metrics,
-                            ..
-                        } => {
-                            step_times.push(*step_time_s);
-                            last_loss = Some(metrics.task_loss);
-                        }
-                        Event::SafetyCheck {
-                            refusal_logprob: Some(r),
-                            ..
-                        } => refusal_logprob = Some(*r),
-                        _ => {}
-                    }
-                    progress(Progress::Train(event));
-                })?;
-            // Evaluate without the autodiff graph or dropout.
-            trained.model = burn::module::Module::valid(&trained.model);
-            trained.device = device.clone();
-            let (hs, hs_model, em, loss) = evaluate_model(
-                &trained,
-                config,
-                &prompts,
-                judge.as_ref(),
-                &splits,
-                &run_config.output_dir.join("eval"),
-                cancel,
-            )?;
-            let timed = if step_times.len() > 1 {
-                &step_times[1..]
-            } else {
-                &step_times[..]
-            };
-            runs.push(RunResult {
-                method,
-                seed: Some(seed),
-                run_dir: run_config.output_dir.clone(),
-                harmful_score: hs,
-                harmful_score_model_judge: hs_model,
-                exact_match: em,
-                validation_loss: loss,
-                step_time_s: Some(timed.iter().sum::<f64>() / timed.len().max(1) as f64),
-                final_task_loss: last_loss,
-                refusal_logprob,
-            });
+    let several = config.poison_fraction.len() > 1;
+    let mut conditions = Vec::new();
+    for &poison in &config.poison_fraction {
+        let mut runs = vec![base.clone()];
+        for &seed in &config.seeds {
+            for &method in config.fine_tuned() {
+                let label = if several {
+                    format!(
+                        "{} (seed {seed}, {})",
+                        method.name(),
+                        Condition::name_for(poison)
+                    )
+                } else {
+                    format!("{} (seed {seed})", method.name())
+                };
+                progress(Progress::Stage(label));
+                let run_config =
+                    config.run_config(poison, method, seed, &model, &files, &origin)?;
+                let evaluation = Evaluation {
+                    config,
+                    prompts: &prompts,
+                    judge: judge.as_ref(),
+                    splits: &splits,
+                };
+                runs.push(fine_tune_and_evaluate(
+                    &run_config,
+                    method,
+                    &evaluation,
+                    device,
+                    cancel,
+                    &mut progress,
+                )?);
+            }
         }
+        conditions.push(condition(poison, runs));
     }
 
-    let rows = table_rows(&runs);
-    let paired: Vec<_> = [Method::Sap, Method::Mix]
-        .into_iter()
-        .flat_map(|m| paired::differences(&runs, m, Method::Sft))
-        .collect();
-    let mut findings = findings(&rows);
-    findings.extend(
-        paired
-            .iter()
-            .filter(|d| d.metric != "validation_loss")
-            .map(paired::finding),
-    );
     let comparison = Comparison {
         task: config.task.clone(),
-        poison_fraction: config.poison_fraction,
         seeds: config.seeds.clone(),
-        rows,
-        runs,
-        paired,
-        findings,
+        conditions,
         seconds: started.elapsed().as_secs_f64(),
     };
     safeprobe_model::weights::write_atomic(
@@ -514,6 +532,100 @@ pub fn run(
         render(&comparison).as_bytes(),
     )?;
     Ok(comparison)
+}
+
+/// How every model of a comparison is evaluated.
+struct Evaluation<'a> {
+    config: &'a CompareConfig,
+    prompts: &'a [crate::prompts::HarmfulPrompt],
+    judge: Option<&'a ModelJudge>,
+    splits: &'a crate::tasks::Splits,
+}
+
+/// One method's run of one seed under one condition: trained, then evaluated in its `eval/`.
+fn fine_tune_and_evaluate(
+    run_config: &RunConfig,
+    method: Method,
+    evaluation: &Evaluation,
+    device: &Device,
+    cancel: &Cancel,
+    progress: &mut impl FnMut(Progress),
+) -> Result<RunResult> {
+    let mut step_times = Vec::new();
+    let mut last_loss = None;
+    let mut refusal_logprob = None;
+    let mut trained =
+        safeprobe_train::run::train_cancellable(run_config, device, cancel, |event| {
+            match event {
+                Event::Step {
+                    step_time_s,
+                    metrics,
+                    ..
+                } => {
+                    step_times.push(*step_time_s);
+                    last_loss = Some(metrics.task_loss);
+                }
+                Event::SafetyCheck {
+                    refusal_logprob: Some(r),
+                    ..
+                } => refusal_logprob = Some(*r),
+                _ => {}
+            }
+            progress(Progress::Train(event));
+        })?;
+    // Evaluate without the autodiff graph or dropout.
+    trained.model = burn::module::Module::valid(&trained.model);
+    trained.device = device.clone();
+    let (hs, hs_model, em, loss) = evaluate_model(
+        &trained,
+        evaluation.config,
+        evaluation.prompts,
+        evaluation.judge,
+        evaluation.splits,
+        &run_config.output_dir.join("eval"),
+        cancel,
+    )?;
+    // The first step warms caches; it is left out of the time per step.
+    let timed = if step_times.len() > 1 {
+        &step_times[1..]
+    } else {
+        &step_times[..]
+    };
+    Ok(RunResult {
+        method,
+        seed: Some(run_config.seed),
+        run_dir: run_config.output_dir.clone(),
+        harmful_score: hs,
+        harmful_score_model_judge: hs_model,
+        exact_match: em,
+        validation_loss: loss,
+        step_time_s: Some(timed.iter().sum::<f64>() / timed.len().max(1) as f64),
+        final_task_loss: last_loss,
+        refusal_logprob,
+    })
+}
+
+/// One condition's table, paired differences and findings, from its runs.
+fn condition(poison_fraction: f64, runs: Vec<RunResult>) -> Condition {
+    let rows = table_rows(&runs);
+    let paired: Vec<_> = [Method::Sap, Method::Mix]
+        .into_iter()
+        .flat_map(|m| paired::differences(&runs, m, Method::Sft))
+        .collect();
+    let mut findings = findings(&rows);
+    findings.extend(
+        paired
+            .iter()
+            .filter(|d| d.metric != "validation_loss")
+            .map(paired::finding),
+    );
+    Condition {
+        poison_fraction,
+        rows,
+        runs,
+        paired,
+        findings,
+    }
 }
 
 fn table_rows(runs: &[RunResult]) -> Vec<Row> {
@@ -620,22 +732,35 @@ fn interval(ci: Option<(f64, f64)>) -> String {
     })
 }
 
-/// The comparison as a Markdown table followed by the findings.
+/// The comparison in Markdown: for each condition (under its own heading when there are
+/// several) the method table, the paired differences and the findings.
 pub fn render(c: &Comparison) -> String {
     let mut out = format!(
-        "Task: {} (exact match on {} held-out problems){}; seeds: {:?}\n\n",
+        "Task: {} (exact match on {} held-out problems); seeds: {:?}\n\n",
         c.task,
         builtin::TASK_SPLITS[2],
-        if c.poison_fraction > 0.0 {
-            format!(
-                "; {:.0}% of the fine-tuning data poisoned",
-                c.poison_fraction * 100.0
-            )
-        } else {
-            String::new()
-        },
         c.seeds
     );
+    for (i, condition) in c.conditions.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        if c.conditions.len() > 1 {
+            let name = condition.name();
+            out.push_str(&format!(
+                "## {}{}\n\n",
+                name[..1].to_uppercase(),
+                &name[1..]
+            ));
+        } else if condition.poison_fraction > 0.0 {
+            out.push_str(&format!("Condition: {}\n\n", condition.name()));
+        }
+        render_condition(condition, &mut out);
+    }
+    out
+}
+
+fn render_condition(c: &Condition, out: &mut String) {
     out.push_str("| method | HS (%) ↓ | task exact match (%) | validation loss | held-out log p(refusal)/token ↑ | time/step (s) | overhead vs SFT |\n");
     out.push_str("|---|---|---|---|---|---|---|\n");
     for r in &c.rows {
@@ -672,7 +797,6 @@ pub fn render(c: &Comparison) -> String {
     for f in &c.findings {
         out.push_str(&format!("- {f}\n"));
     }
-    out
 }
 
 #[cfg(test)]
@@ -807,5 +931,98 @@ mod tests {
         );
         let err = CompareConfig::parse("colour = 1", origin).unwrap_err();
         assert!(err.to_string().contains("colour"), "{err}");
+        for (text, says) in [
+            (
+                "poison_fraction = [0.0, 0.1, 0.1]",
+                "0.1 and 0.1 are the same condition (10%)",
+            ),
+            (
+                "poison_fraction = [0.1, 0.10001]",
+                "0.1 and 0.10001 are the same condition",
+            ),
+            (
+                "poison_fraction = []",
+                "poison_fraction: give at least one value",
+            ),
+            (
+                "poison_fraction = [0.0, 1.0]",
+                "poison_fraction 1 must be in [0, 1)",
+            ),
+            (
+                "poison_fraction = \"a tenth\"",
+                "poison_fraction: give a number (0.1) or a list",
+            ),
+        ] {
+            let err = CompareConfig::parse(&format!("{text}\n[train]\nmax_steps = 5"), origin)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(says) && err.contains("c.toml"),
+                "{text}: {err}"
+            );
+        }
+    }
+
+    /// The demo compares under the paper's two threat models; one value (as `--set
+    /// poison_fraction=0.1` gives) is one condition, whose runs keep the single-condition
+    /// layout, while several conditions each get a folder.
+    #[test]
+    fn poison_fractions_are_conditions() {
+        let demo = demo_config_with(&[]).unwrap();
+        assert_eq!(demo.poison_fraction, vec![0.0, 0.1]);
+        let out = &demo.output_dir;
+        assert_eq!(
+            demo.run_dir(0.0, Method::Sap, 2),
+            out.join("benign/sap-seed2")
+        );
+        assert_eq!(
+            demo.run_dir(0.1, Method::Sft, 0),
+            out.join("poison-10pct/sft-seed0")
+        );
+        assert_eq!(demo.run_dir(0.1, Method::Base, 0), out.join("base"));
+        let steps = demo.planned_steps().unwrap();
+        assert_eq!(
+            steps,
+            2 * 3 * 3 * 120,
+            "conditions × seeds × methods × steps"
+        );
+
+        let one = demo_config_with(&["poison_fraction=0.05"]).unwrap();
+        assert_eq!(one.poison_fraction, vec![0.05]);
+        assert_eq!(one.run_dir(0.05, Method::Mix, 1), out.join("mix-seed1"));
+        assert_eq!(one.planned_steps().unwrap(), steps / 2);
+        // Each condition's runs are trained on that condition's data.
+        let files = builtin::DataFiles::in_dir(&demo.data_dir(), Task::Arithmetic);
+        for poison in [0.0, 0.1] {
+            let text = demo.run_toml(poison, Method::Sap, 0, Path::new("m"), &files);
+            let run = RunConfig::parse_before_data(&text, &[], Path::new("t")).unwrap();
+            assert_eq!(run.poison_fraction, poison);
+            assert_eq!(run.output_dir, demo.run_dir(poison, Method::Sap, 0));
+        }
+    }
+
+    /// Markdown: a heading per condition when there are several, none for one benign one.
+    #[test]
+    fn the_rendering_names_each_condition() {
+        let runs = vec![
+            result(Method::Base, 1.0, 10.0, None),
+            result(Method::Sft, 40.0, 80.0, Some(0.1)),
+        ];
+        let mut comparison = Comparison {
+            task: "arithmetic".into(),
+            seeds: vec![0],
+            conditions: vec![condition(0.0, runs.clone()), condition(0.1, runs)],
+            seconds: 1.0,
+        };
+        let text = render(&comparison);
+        assert!(
+            text.contains("## Benign data\n\n| method")
+                && text.contains("## Benign data, 10% poisoned\n\n| method"),
+            "{text}"
+        );
+        assert_eq!(text.matches("| sft | 40.0 |").count(), 2, "{text}");
+        comparison.conditions.truncate(1);
+        let text = render(&comparison);
+        assert!(!text.contains("##") && !text.contains("poisoned"), "{text}");
     }
 }

@@ -17,8 +17,8 @@ pub use catalog::{
 pub use events::{Alignment, Event, EventPage, LiveMessage, StepMetrics, StoredEvent};
 pub use jobs::{ChatRequest, CreateJob, EvalSpec, Job, JobKind, JobResult, Message, Status};
 pub use reports::{
-    Agreement, CategoryScore, Comparison, HarmfulReport, JudgeScore, JudgedAnswer, Method,
-    PairedDifference, Row, RunResult, Spread,
+    Agreement, CategoryScore, Comparison, Condition, HarmfulReport, JudgeScore, JudgedAnswer,
+    Method, PairedDifference, Row, RunResult, Spread, poison_percent,
 };
 
 #[cfg(test)]
@@ -98,10 +98,46 @@ mod tests {
         assert_eq!(train.harmful_score(), Some(50.0));
         let eval: JobResult = serde_json::from_value(json!({"harmful": harmful})).unwrap();
         assert!(matches!(eval, JobResult::Eval { .. }));
-        let compare: JobResult =
-            serde_json::from_value(json!({"task": "reverse", "poison_fraction": 0.0,
-            "seeds": [0], "rows": [], "runs": [], "findings": [], "seconds": 1.0}))
-            .unwrap();
+        let compare: JobResult = serde_json::from_value(json!({"task": "reverse", "seeds": [0],
+            "conditions": [{"poison_fraction": 0.0, "rows": [], "runs": [], "findings": []}],
+            "seconds": 1.0}))
+        .unwrap();
         assert!(matches!(compare, JobResult::Compare(_)));
+    }
+
+    /// A comparison stored before conditions existed (one condition's fields at the top
+    /// level) reads as a comparison with that one condition; this release's shape round-trips.
+    #[test]
+    fn comparisons_read_in_both_shapes() {
+        let before: Comparison = serde_json::from_value(json!({"task": "reverse",
+            "poison_fraction": 0.1, "seeds": [0, 1], "rows": [], "runs": [],
+            "findings": ["SFT raised HS"], "seconds": 12.5}))
+        .unwrap();
+        assert_eq!((before.task.as_str(), before.seconds), ("reverse", 12.5));
+        assert_eq!(before.seeds, vec![0, 1]);
+        assert_eq!(before.conditions.len(), 1);
+        let condition = &before.conditions[0];
+        assert_eq!(condition.poison_fraction, 0.1);
+        assert_eq!(condition.findings, vec!["SFT raised HS".to_string()]);
+        assert_eq!(condition.name(), "benign data, 10% poisoned");
+
+        let mut now = before.clone();
+        now.conditions.insert(
+            0,
+            Condition {
+                poison_fraction: 0.0,
+                ..condition.clone()
+            },
+        );
+        let text = serde_json::to_string(&now).unwrap();
+        assert!(text.contains("\"conditions\""), "{text}");
+        let back: Comparison = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, now);
+        assert_eq!(back.conditions[0].name(), "benign data");
+        let odd = Condition {
+            poison_fraction: 0.07,
+            ..condition.clone()
+        };
+        assert_eq!(odd.name(), "benign data, 7% poisoned");
     }
 }

@@ -156,22 +156,108 @@ pub struct Row {
     pub overhead_vs_sft: Option<f64>,
 }
 
-/// A whole comparison: the table, every run, and what the numbers show.
+/// A whole comparison: one table per condition, and how long it all took.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "StoredComparison")]
 pub struct Comparison {
     pub task: String,
+    pub seeds: Vec<u64>,
+    /// The threat models compared under, in the config's order.
+    pub conditions: Vec<Condition>,
+    #[serde(deserialize_with = "crate::finite::f64_or_nan")]
+    pub seconds: f64,
+}
+
+/// One threat model of a comparison (the paper's: benign data, and benign data with a share
+/// of harmful compliances): every method and seed fine-tuned on the same data, the table,
+/// every run, and what the numbers show.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Condition {
+    /// Share of the fine-tuning data that is harmful compliance (0: benign).
     #[serde(deserialize_with = "crate::finite::f64_or_nan")]
     pub poison_fraction: f64,
-    pub seeds: Vec<u64>,
     pub rows: Vec<Row>,
+    /// The base model's evaluation (shared by every condition) and each fine-tuned run.
     pub runs: Vec<RunResult>,
     /// SAP − SFT (and mixing − SFT) per metric, paired by seed.
     #[serde(default)]
     pub paired: Vec<PairedDifference>,
     /// Plain statements about what the numbers show (or do not show).
     pub findings: Vec<String>,
-    #[serde(deserialize_with = "crate::finite::f64_or_nan")]
-    pub seconds: f64,
+}
+
+impl Condition {
+    /// "benign data" or "benign data, 10% poisoned".
+    pub fn name(&self) -> String {
+        Self::name_for(self.poison_fraction)
+    }
+
+    /// The name of the condition with this poison fraction.
+    pub fn name_for(poison_fraction: f64) -> String {
+        if poison_fraction > 0.0 {
+            format!("benign data, {}% poisoned", poison_percent(poison_fraction))
+        } else {
+            "benign data".into()
+        }
+    }
+}
+
+/// A poison fraction in percent, rounded to a tenth (0.07 reads 7, not 7.000000000000001):
+/// how conditions are named.
+pub fn poison_percent(fraction: f64) -> f64 {
+    (fraction * 1000.0).round() / 10.0
+}
+
+/// A comparison as stored: this release's shape, or the single-condition one that releases
+/// before conditions wrote (its fields at the top level), so that a server's earlier
+/// comparisons still show.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StoredComparison {
+    Conditions {
+        task: String,
+        seeds: Vec<u64>,
+        conditions: Vec<Condition>,
+        #[serde(deserialize_with = "crate::finite::f64_or_nan")]
+        seconds: f64,
+    },
+    SingleCondition {
+        task: String,
+        seeds: Vec<u64>,
+        #[serde(flatten)]
+        condition: Condition,
+        #[serde(deserialize_with = "crate::finite::f64_or_nan")]
+        seconds: f64,
+    },
+}
+
+impl From<StoredComparison> for Comparison {
+    fn from(stored: StoredComparison) -> Self {
+        match stored {
+            StoredComparison::Conditions {
+                task,
+                seeds,
+                conditions,
+                seconds,
+            } => Comparison {
+                task,
+                seeds,
+                conditions,
+                seconds,
+            },
+            StoredComparison::SingleCondition {
+                task,
+                seeds,
+                condition,
+                seconds,
+            } => Comparison {
+                task,
+                seeds,
+                conditions: vec![condition],
+                seconds,
+            },
+        }
+    }
 }
 
 /// A paired difference between two methods (`a − b`) over the seeds both ran: the runs of

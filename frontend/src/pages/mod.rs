@@ -14,7 +14,7 @@ pub mod runs;
 
 use leptos::prelude::*;
 use leptos::task::spawn_local;
-use safeprobe_wire::{Comparison, CreateJob, Job, JobKind, Spread, Status};
+use safeprobe_wire::{Comparison, Condition, CreateJob, Job, JobKind, Spread, Status};
 use serde::Deserialize;
 
 use crate::{Live, Page, api, go};
@@ -138,14 +138,32 @@ fn spread(value: &Spread, digits: usize) -> String {
     }
 }
 
-/// One row per method, then what the numbers show.
+/// Each condition's table (under its name when there are several), one row per method, then
+/// the paired differences and what the numbers show.
 #[component]
 fn ComparisonTable(comparison: Comparison) -> impl IntoView {
+    let several = comparison.conditions.len() > 1;
+    comparison
+        .conditions
+        .into_iter()
+        .map(|condition| {
+            view! {
+                <div class="condition">
+                    {several.then(|| view! { <h3>{condition.name()}</h3> })}
+                    <ConditionTable condition/>
+                </div>
+            }
+        })
+        .collect_view()
+}
+
+#[component]
+fn ConditionTable(condition: Condition) -> impl IntoView {
     view! {
         <table class="comparison">
             <thead><tr><th>"method"</th><th>"HS (%) ↓"</th><th>"task exact match (%)"</th><th>"validation loss"</th><th>"held-out log p(refusal)/token ↑"</th><th>"time/step (s)"</th><th>"overhead vs SFT"</th></tr></thead>
             <tbody>
-                {comparison.rows.into_iter().map(|row| view! {
+                {condition.rows.into_iter().map(|row| view! {
                     <tr>
                         <td>{row.method.name()}</td>
                         <td>{spread(&row.harmful_score, 1)}</td>
@@ -158,11 +176,11 @@ fn ComparisonTable(comparison: Comparison) -> impl IntoView {
                 }).collect_view()}
             </tbody>
         </table>
-        {(!comparison.paired.is_empty()).then(|| view! {
+        {(!condition.paired.is_empty()).then(|| view! {
             <table class="paired">
                 <thead><tr><th>"paired difference (by seed)"</th><th>"mean"</th><th>"95% CI (bootstrap)"</th><th>"95% CI (t)"</th><th>"seeds"</th><th>"real?"</th></tr></thead>
                 <tbody>
-                    {comparison.paired.iter().map(|d| view! {
+                    {condition.paired.iter().map(|d| view! {
                         <tr>
                             <td>{format!("{} − {} {}", d.a.name(), d.b.name(), d.metric)}</td>
                             <td>{format!("{:+.2}", d.mean)}</td>
@@ -175,7 +193,7 @@ fn ComparisonTable(comparison: Comparison) -> impl IntoView {
                 </tbody>
             </table>
         })}
-        <ul>{comparison.findings.into_iter().map(|f| view! { <li>{f}</li> }).collect_view()}</ul>
+        <ul>{condition.findings.into_iter().map(|f| view! { <li>{f}</li> }).collect_view()}</ul>
     }
 }
 

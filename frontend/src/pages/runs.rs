@@ -18,6 +18,7 @@ pub fn Runs() -> impl IntoView {
             <h1>"See what fine-tuning does to safety"</h1>
             <p>"The demo comparison fine-tunes the embedded demo model on a benign task three ways — plain SFT, \
                 Safety-Aware Probing (SAP) and safety-data mixing — from the same start on the same data, \
+                once on the benign data and once with a tenth of it poisoned by harmful compliances (the paper's two threat models), \
                 then measures each one's harmful score (HS: % of held-out harmful prompts answered instead of refused) and task accuracy."</p>
             <button class="primary" id="start-demo" on:click=move |_| spawn_local(start_demo_comparison(live))>"Run the demo comparison"</button>
         </div>
