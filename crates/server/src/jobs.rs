@@ -301,7 +301,7 @@ pub fn validate(
             check_steps(
                 comparison.planned_steps()?,
                 places,
-                "config.train.max_steps or epochs (× seeds × methods)",
+                "config.train.max_steps or epochs (× seeds × methods × poison_fraction conditions)",
             )?;
             Ok((config, Some(dir)))
         }
