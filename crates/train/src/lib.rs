@@ -10,5 +10,6 @@ pub mod params;
 pub mod run;
 pub mod safety_check;
 pub mod sap;
+pub mod token_logprobs;
 
 pub use error::{Result, TrainError};

@@ -1,10 +1,11 @@
 //! The losses SFT and SAP optimise, with an optional probe in place.
 
 use burn::tensor::Tensor;
-use burn::tensor::activation::{log_sigmoid, log_softmax};
+use burn::tensor::activation::log_sigmoid;
 use safeprobe_model::decoder::CausalLm;
 
 use crate::data::Batch;
+use crate::token_logprobs;
 
 /// Vectors added to the outputs of some layers: x_j = layer_j(x_{j−1}) + v_j.
 #[derive(Clone, Debug)]
@@ -51,8 +52,8 @@ pub fn response_logprobs(
     let [n, _] = scored.dims();
     let logits = model.logits(scored.reshape([1, n, h]));
     let vocab = logits.dims()[2];
-    let logp = log_softmax(logits.reshape([n, vocab]), 1);
-    let token_logp = logp.gather(1, batch.scored_targets.clone());
+    let token_logp =
+        token_logprobs::token_logprobs(logits.reshape([n, vocab]), batch.scored_targets.clone());
     let per_row = batch.row_of_scored.clone().matmul(token_logp).reshape([b]);
     (per_row.clone(), per_row.sum())
 }
