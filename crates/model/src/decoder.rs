@@ -9,11 +9,12 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 
 use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::fused;
 use crate::weights::SafetensorsFiles;
 
 /// A linear layer `y = x·W + b`, W stored as [in, out], with an optional LoRA branch
@@ -329,8 +330,10 @@ impl Attention {
 
 impl Mlp {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.down_proj
-            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+        self.down_proj.forward(fused::swiglu(
+            self.gate_proj.forward(x.clone()),
+            self.up_proj.forward(x),
+        ))
     }
 }
 

@@ -7,6 +7,7 @@ pub mod decoder;
 pub mod device;
 pub mod error;
 pub mod export;
+pub mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod hub;

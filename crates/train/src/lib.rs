@@ -10,6 +10,5 @@ pub mod params;
 pub mod run;
 pub mod safety_check;
 pub mod sap;
-pub mod token_logprobs;
 
 pub use error::{Result, TrainError};

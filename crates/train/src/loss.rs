@@ -3,9 +3,9 @@
 use burn::tensor::Tensor;
 use burn::tensor::activation::log_sigmoid;
 use safeprobe_model::decoder::CausalLm;
+use safeprobe_model::fused;
 
 use crate::data::Batch;
-use crate::token_logprobs;
 
 /// Vectors added to the outputs of some layers: x_j = layer_j(x_{j−1}) + v_j.
 #[derive(Clone, Debug)]
@@ -53,7 +53,7 @@ pub fn response_logprobs(
     let logits = model.logits(scored.reshape([1, n, h]));
     let vocab = logits.dims()[2];
     let token_logp =
-        token_logprobs::token_logprobs(logits.reshape([n, vocab]), batch.scored_targets.clone());
+        fused::token_logprobs(logits.reshape([n, vocab]), batch.scored_targets.clone());
     let per_row = batch.row_of_scored.clone().matmul(token_logp).reshape([b]);
     (per_row.clone(), per_row.sum())
 }
