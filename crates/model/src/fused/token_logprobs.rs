@@ -31,10 +31,19 @@ pub(super) fn forward(
 ) -> (FlexTensor, Vec<usize>, Vec<f32>) {
     let logits = contiguous(logits);
     let targets = target_ids(targets);
+    let shape = logits.shape();
+    let (rows, vocab) = (shape[0], shape[1]);
+    assert_eq!(
+        rows,
+        targets.len(),
+        "token_logprobs: one target per row of logits"
+    );
+    if let Some(t) = targets.iter().find(|&&t| t >= vocab) {
+        panic!("token_logprobs: target id {t} is outside the vocabulary of {vocab}");
+    }
     let lse = log_sum_exp(&logits);
     let x = logits.storage::<f32>();
-    let vocab = x.len() / targets.len().max(1);
-    let out = float_tensor(Shape::new([targets.len(), 1]), |out| {
+    let out = float_tensor(Shape::new([rows, 1]), |out| {
         for (i, (o, (&t, &lse))) in out.iter_mut().zip(targets.iter().zip(&lse)).enumerate() {
             *o = x[i * vocab + t] - lse;
         }
