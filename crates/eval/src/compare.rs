@@ -137,6 +137,15 @@ impl CompareConfig {
         if self.seeds.is_empty() {
             return bad("seeds: give at least one seed".into());
         }
+        if let Some(method) = (1..self.methods.len())
+            .find(|&i| self.methods[..i].contains(&self.methods[i]))
+            .map(|i| self.methods[i])
+        {
+            return bad(format!(
+                "methods: {} is listed twice; each method runs once per seed",
+                method.name()
+            ));
+        }
         let mut seeds = self.seeds.clone();
         seeds.sort_unstable();
         if let Some(twice) = seeds.windows(2).find(|w| w[0] == w[1]) {
@@ -935,6 +944,10 @@ mod tests {
             (
                 "poison_fraction = [0.0, 0.1, 0.1]",
                 "0.1 and 0.1 are the same condition (10%)",
+            ),
+            (
+                "methods = [\"sft\", \"sap\", \"sft\"]",
+                "methods: sft is listed twice",
             ),
             (
                 "poison_fraction = [0.1, 0.10001]",

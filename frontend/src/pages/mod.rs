@@ -147,9 +147,11 @@ fn ComparisonTable(comparison: Comparison) -> impl IntoView {
         .conditions
         .into_iter()
         .map(|condition| {
+            // Named when there are several, or when the one there is is not plain benign data.
+            let named = several || condition.poison_fraction > 0.0;
             view! {
                 <div class="condition">
-                    {several.then(|| view! { <h3>{condition.name()}</h3> })}
+                    {named.then(|| view! { <h3>{condition.name()}</h3> })}
                     <ConditionTable condition/>
                 </div>
             }

@@ -96,8 +96,11 @@ pub fn swiglu_composed<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor
 /// nothing, small enough to share a 512 × 4864 activation between the cores evenly.
 const CHUNK: usize = 1 << 14;
 
+/// The tensor with its elements alone in its buffer, in order: a contiguous view at offset 0
+/// of a larger buffer (a prefix `narrow`) is copied too, since the sweeps read whole buffers.
 fn contiguous(t: FlexTensor) -> FlexTensor {
-    if t.is_contiguous() && t.layout().start_offset() == 0 {
+    let whole = t.bytes().len() == t.layout().num_elements() * t.dtype().size();
+    if t.is_contiguous() && t.layout().start_offset() == 0 && whole {
         t
     } else {
         t.to_contiguous()

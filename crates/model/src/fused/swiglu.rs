@@ -22,8 +22,12 @@ use super::{CHUNK, contiguous, float_tensor};
 
 /// silu(gate) · up; both contiguous and of one shape.
 pub(super) fn forward(gate: &FlexTensor, up: &FlexTensor) -> FlexTensor {
+    assert_eq!(
+        gate.shape(),
+        up.shape(),
+        "swiglu: gate and up differ in shape"
+    );
     let (g, u) = (gate.storage::<f32>(), up.storage::<f32>());
-    assert_eq!(g.len(), u.len(), "swiglu: gate and up differ in shape");
     float_tensor(gate.shape(), |out| {
         out.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))

@@ -65,8 +65,12 @@ fn uniform<const D: usize>(
     Tensor::from_data(TensorData::new(values, shape), device)
 }
 
+/// The CPU backend, plain and under autodiff: where the fused forms run (checked, so that the
+/// comparisons cannot pass by running the composed forms twice).
 fn devices() -> [Device; 2] {
-    [Device::flex(), Device::flex().autodiff()]
+    let devices = [Device::flex(), Device::flex().autodiff()];
+    assert!(devices.iter().all(|d| on_cpu(d.clone())));
+    devices
 }
 
 /// Rows of several widths, a transposed (strided) logits matrix, logits far from 0 (the shift
@@ -160,5 +164,38 @@ fn swiglu_matches_silu_times_up() {
                 );
             }
         }
+    }
+}
+
+/// A contiguous view of the first rows of a larger buffer (a prefix `narrow`) is read as its
+/// own rows only.
+#[test]
+fn views_into_larger_buffers_read_only_their_rows() {
+    for device in devices() {
+        let logits = uniform([9, 300], 0.0, 8.0, 6, &device).narrow(0, 0, 4);
+        let targets =
+            Tensor::<2, Int>::from_data(TensorData::new(vec![0i64, 299, 7, 150], [4, 1]), &device);
+        let weights = uniform([4, 1], 0.5, 0.5, 7, &device);
+        let run = |fused: bool| {
+            with_gradients(
+                &device,
+                &[logits.clone()],
+                |x| match fused {
+                    true => token_logprobs(x[0].clone(), targets.clone()),
+                    false => token_logprobs_composed(x[0].clone(), targets.clone()),
+                },
+                &weights,
+            )
+        };
+        let ((fused, fused_grads), (reference, reference_grads)) = (run(true), run(false));
+        assert!(max_difference(fused, reference) < 1e-5);
+        for (f, r) in fused_grads.into_iter().zip(reference_grads) {
+            assert!(relative_error(f, r) < 1e-5);
+        }
+
+        let gate = uniform([6, 50], 0.0, 10.0, 8, &device).narrow(0, 0, 3);
+        let up = uniform([3, 50], 0.0, 2.0, 9, &device);
+        let error = relative_error(swiglu(gate.clone(), up.clone()), swiglu_composed(gate, up));
+        assert!(error < 1e-6, "swiglu of a view off by {error}");
     }
 }

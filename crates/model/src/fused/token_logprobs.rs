@@ -131,7 +131,7 @@ fn log_sum_exp(logits: &FlexTensor) -> Vec<f32> {
 /// ∂L/∂x[i, j] = g_i · ([j = t_i] − exp(x[i, j] − lse_i)).
 fn grad_logits(logits: &FlexTensor, targets: &[usize], lse: &[f32], grad: &[f32]) -> FlexTensor {
     let x = logits.storage::<f32>();
-    let vocab = x.len() / targets.len().max(1);
+    let vocab = logits.shape()[1];
     float_tensor(logits.shape(), |out| {
         out.par_chunks_mut(vocab * ROWS_PER_TASK)
             .zip(x.par_chunks(vocab * ROWS_PER_TASK))
