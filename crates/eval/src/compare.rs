@@ -193,18 +193,28 @@ impl CompareConfig {
                 ));
             }
         }
-        // Every run config must be valid before anything runs, though neither the data
-        // (`run` writes it) nor the demo model (unpacked on first use) need be there yet.
+        // Every run config must be valid before anything runs.
+        self.first_seed_runs(task, origin)?;
+        Ok(())
+    }
+
+    /// The run config of every condition and fine-tuning method for the first seed (the seeds
+    /// differ in nothing else), parsed before the data (`run` writes it) or the demo model
+    /// (unpacked on first use) need be there.
+    fn first_seed_runs(&self, task: Task, origin: &Path) -> Result<Vec<RunConfig>> {
         let files = builtin::DataFiles::in_dir(&self.data_dir(), task);
         let model = self.model.clone().unwrap_or_else(|| "demo model".into());
+        let mut runs = Vec::new();
         for &poison in &self.poison_fraction {
             for &method in self.fine_tuned() {
                 let text = self.run_toml(poison, method, self.seeds[0], &model, &files);
-                RunConfig::parse_before_data(&text, &[], origin)
-                    .map_err(|e| run_config_error(method, e))?;
+                runs.push(
+                    RunConfig::parse_before_data(&text, &[], origin)
+                        .map_err(|e| run_config_error(method, e))?,
+                );
             }
         }
-        Ok(())
+        Ok(runs)
     }
 
     /// Every run's optimiser steps together (from `epochs`, counted on the built-in data with
@@ -212,21 +222,14 @@ impl CompareConfig {
     /// to run.
     pub fn planned_steps(&self) -> Result<usize> {
         let task = Task::parse(&self.task)?;
-        let files = builtin::DataFiles::in_dir(&self.data_dir(), task);
-        let model = self.model.clone().unwrap_or_else(|| "demo model".into());
         let (clean, pairs) = (
             builtin::TASK_SPLITS[0],
             builtin::pair_count(builtin::PairRole::Direction),
         );
         let mut total = 0usize;
-        for &poison in &self.poison_fraction {
-            for &method in self.fine_tuned() {
-                let text = self.run_toml(poison, method, self.seeds[0], &model, &files);
-                let run = RunConfig::parse_before_data(&text, &[], Path::new("compare"))
-                    .map_err(|e| run_config_error(method, e))?;
-                let steps = run.steps_for(run.examples_with(clean, pairs));
-                total = total.saturating_add(steps.saturating_mul(self.seeds.len()));
-            }
+        for run in self.first_seed_runs(task, Path::new("compare"))? {
+            let steps = run.steps_for(run.examples_with(clean, pairs));
+            total = total.saturating_add(steps.saturating_mul(self.seeds.len()));
         }
         Ok(total)
     }
@@ -353,13 +356,16 @@ pub enum Progress<'a> {
 
 fn evaluate_model(
     checkpoint: &Checkpoint,
-    config: &CompareConfig,
-    prompts: &[crate::prompts::HarmfulPrompt],
-    judge: Option<&ModelJudge>,
-    splits: &crate::tasks::Splits,
+    evaluation: &Evaluation,
     dir: &Path,
     cancel: &Cancel,
 ) -> Result<(f64, Option<f64>, f64, f64)> {
+    let Evaluation {
+        config,
+        prompts,
+        judge,
+        splits,
+    } = *evaluation;
     let system = config
         .train
         .get("system")
@@ -463,16 +469,14 @@ pub fn run(
     progress(Progress::Stage("evaluating the base model".into()));
     let model = config.model_dir()?;
     let base_dir = config.run_dir(0.0, Method::Base, 0);
-    let base = Checkpoint::load(&model, device)?;
-    let (hs, hs_model, em, loss) = evaluate_model(
-        &base,
+    let evaluation = Evaluation {
         config,
-        &prompts,
-        judge.as_ref(),
-        &splits,
-        &base_dir,
-        cancel,
-    )?;
+        prompts: &prompts,
+        judge: judge.as_ref(),
+        splits: &splits,
+    };
+    let base = Checkpoint::load(&model, device)?;
+    let (hs, hs_model, em, loss) = evaluate_model(&base, &evaluation, &base_dir, cancel)?;
     drop(base);
     let base = RunResult {
         method: Method::Base,
@@ -505,12 +509,6 @@ pub fn run(
                 progress(Progress::Stage(label));
                 let run_config =
                     config.run_config(poison, method, seed, &model, &files, &origin)?;
-                let evaluation = Evaluation {
-                    config,
-                    prompts: &prompts,
-                    judge: judge.as_ref(),
-                    splits: &splits,
-                };
                 runs.push(fine_tune_and_evaluate(
                     &run_config,
                     method,
@@ -544,6 +542,7 @@ pub fn run(
 }
 
 /// How every model of a comparison is evaluated.
+#[derive(Clone, Copy)]
 struct Evaluation<'a> {
     config: &'a CompareConfig,
     prompts: &'a [crate::prompts::HarmfulPrompt],
@@ -587,10 +586,7 @@ fn fine_tune_and_evaluate(
     trained.device = device.clone();
     let (hs, hs_model, em, loss) = evaluate_model(
         &trained,
-        evaluation.config,
-        evaluation.prompts,
-        evaluation.judge,
-        evaluation.splits,
+        evaluation,
         &run_config.output_dir.join("eval"),
         cancel,
     )?;
