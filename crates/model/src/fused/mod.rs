@@ -38,7 +38,7 @@ impl Fused for Flex {
     }
 
     fn swiglu(gate: FlexTensor, up: FlexTensor) -> FlexTensor {
-        swiglu::forward(&contiguous(gate), &contiguous(up))
+        swiglu::forward(gate, up)
     }
 }
 

@@ -20,13 +20,14 @@ use rayon::prelude::*;
 
 use super::{CHUNK, contiguous, float_tensor};
 
-/// silu(gate) · up; both contiguous and of one shape.
-pub(super) fn forward(gate: &FlexTensor, up: &FlexTensor) -> FlexTensor {
+/// silu(gate) · up; both of one shape.
+pub(super) fn forward(gate: FlexTensor, up: FlexTensor) -> FlexTensor {
     assert_eq!(
         gate.shape(),
         up.shape(),
         "swiglu: gate and up differ in shape"
     );
+    let (gate, up) = (contiguous(gate), contiguous(up));
     let (g, u) = (gate.storage::<f32>(), up.storage::<f32>());
     float_tensor(gate.shape(), |out| {
         out.par_chunks_mut(CHUNK)
@@ -51,16 +52,11 @@ pub(super) fn tracked<C: CheckpointStrategy>(
     {
         OpsKind::Tracked(mut prep) => {
             let state = (prep.checkpoint(&gate), prep.checkpoint(&up));
-            let out = forward(
-                &contiguous(gate.into_primitive()),
-                &contiguous(up.into_primitive()),
-            );
-            prep.finish(state, out)
+            prep.finish(state, forward(gate.into_primitive(), up.into_primitive()))
         }
-        OpsKind::UnTracked(prep) => prep.finish(forward(
-            &contiguous(gate.into_primitive()),
-            &contiguous(up.into_primitive()),
-        )),
+        OpsKind::UnTracked(prep) => {
+            prep.finish(forward(gate.into_primitive(), up.into_primitive()))
+        }
     }
 }
 
