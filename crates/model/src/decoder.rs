@@ -53,7 +53,7 @@ impl Linear {
         let mut dims = x.dims();
         let rows = dims[..D - 1].iter().product();
         let x = x.reshape([rows, dims[D - 1]]);
-        let mut y = x.clone().matmul(self.weight.val());
+        let mut y = fused::matmul(x.clone(), self.weight.val());
         if let Some(bias) = &self.bias {
             y = y + bias.val().unsqueeze();
         }
@@ -511,9 +511,10 @@ impl CausalLm {
             Some(head) => head.forward(hidden),
             None => {
                 let [b, s, h] = hidden.dims();
-                let logits = hidden
-                    .reshape([b * s, h])
-                    .matmul(self.embed_tokens.val().transpose());
+                let logits = fused::matmul(
+                    hidden.reshape([b * s, h]),
+                    self.embed_tokens.val().transpose(),
+                );
                 let vocab = logits.dims()[1];
                 logits.reshape([b, s, vocab])
             }

@@ -15,10 +15,9 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
-use burn::tensor::DType;
 use rayon::prelude::*;
 
-use super::{CHUNK, contiguous, float_tensor};
+use super::{CHUNK, contiguous, float_tensor, into_tensor, zeroed};
 
 /// silu(gate) · up; both of one shape.
 pub(super) fn forward(gate: FlexTensor, up: FlexTensor) -> FlexTensor {
@@ -95,12 +94,11 @@ fn gradients(gate: &FlexTensor, up: &FlexTensor, grad: &FlexTensor) -> (FlexTens
         up.storage::<f32>(),
         grad.storage::<f32>(),
     );
-    let mut grad_gate = FlexTensor::empty(gate.shape(), DType::F32);
-    let mut grad_up = FlexTensor::empty(gate.shape(), DType::F32);
+    let mut grad_gate = zeroed(g.len());
+    let mut grad_up = zeroed(g.len());
     grad_gate
-        .storage_mut::<f32>()
         .par_chunks_mut(CHUNK)
-        .zip(grad_up.storage_mut::<f32>().par_chunks_mut(CHUNK))
+        .zip(grad_up.par_chunks_mut(CHUNK))
         .zip(
             g.par_chunks(CHUNK)
                 .zip(u.par_chunks(CHUNK))
@@ -113,7 +111,10 @@ fn gradients(gate: &FlexTensor, up: &FlexTensor, grad: &FlexTensor) -> (FlexTens
                 dg[i] = d[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
             }
         });
-    (grad_gate, grad_up)
+    (
+        into_tensor(grad_gate, gate.shape()),
+        into_tensor(grad_up, gate.shape()),
+    )
 }
 
 /// σ(x) without overflow for either sign.

@@ -199,3 +199,72 @@ fn views_into_larger_buffers_read_only_their_rows() {
         assert!(error < 1e-6, "swiglu of a view off by {error}");
     }
 }
+
+/// A linear layer's product against burn's, values and both gradients: shapes large enough
+/// to split ∂/∂x into column blocks (one of them narrower than the rest), a weight given
+/// transposed (the tied vocabulary projection's layout, computed whole), and products small
+/// enough to run on one thread.
+#[test]
+fn matmul_matches_burns_product() {
+    for device in devices() {
+        for (rows, d_in, d_out, transposed) in [
+            (200, 1001, 300, false),
+            (200, 300, 1000, true),
+            (3, 40, 24, false),
+            (5, 17, 9, true),
+        ] {
+            let x = uniform([rows, d_in], 0.0, 1.0, 10, &device);
+            let w = if transposed {
+                uniform([d_out, d_in], 0.0, 1.0, 11, &device).transpose()
+            } else {
+                uniform([d_in, d_out], 0.0, 1.0, 11, &device)
+            };
+            let weights = uniform([rows, d_out], 0.0, 1.0, 12, &device);
+            let run = |fused: bool| {
+                with_gradients(
+                    &device,
+                    &[x.clone(), w.clone()],
+                    |v| match fused {
+                        true => matmul(v[0].clone(), v[1].clone()),
+                        false => matmul_composed(v[0].clone(), v[1].clone()),
+                    },
+                    &weights,
+                )
+            };
+            let ((fused, fused_grads), (reference, reference_grads)) = (run(true), run(false));
+            let case = format!("[{rows}, {d_in}] · [{d_in}, {d_out}], transposed {transposed}");
+            assert_eq!(fused.dims(), [rows, d_out], "{case}");
+            let error = relative_error(fused, reference);
+            assert!(error < 1e-6, "{case}: value off by {error} (relative)");
+            assert_eq!(fused_grads.len(), reference_grads.len());
+            for (input, (f, r)) in ["x", "w"]
+                .iter()
+                .zip(fused_grads.into_iter().zip(reference_grads))
+            {
+                let error = relative_error(f, r);
+                assert!(error < 1e-6, "{case}: ∂/∂{input} off by {error} (relative)");
+            }
+        }
+    }
+}
+
+/// A frozen weight (the usual case, LoRA): only x gets a gradient, and it is the same.
+#[test]
+fn matmul_with_a_frozen_weight_gives_x_its_gradient() {
+    let device = Device::flex().autodiff();
+    assert!(on_cpu(device.clone()));
+    let x = uniform([64, 600], 0.0, 1.0, 13, &device).require_grad();
+    let w = uniform([600, 500], 0.0, 1.0, 14, &device);
+    let dx = |fused: bool| {
+        let x = x.clone();
+        let y = match fused {
+            true => matmul(x.clone(), w.clone()),
+            false => matmul_composed(x.clone(), w.clone()),
+        };
+        let grads = (y.clone() * y).sum().backward();
+        assert!(w.grad(&grads).is_none());
+        x.grad(&grads).expect("x's gradient")
+    };
+    let error = relative_error(dx(true), dx(false));
+    assert!(error < 1e-6, "∂/∂x off by {error} (relative)");
+}
