@@ -1,18 +1,22 @@
 //! x · w for a linear layer: x [rows, in], w [in, out] → [rows, out].
 //!
-//! burn's CPU backend hands each product to gemm whole. For a linear layer's input gradient,
-//! dy · wᵀ, the right operand is the weight transposed (a strided view), and gemm packs such an
-//! operand on the calling thread alone before the cores share the multiply: a per-thread
-//! `perf` profile of the real 0.5B model's SFT step found 1.2 s of main-thread packing per
-//! step (`pack_lhs`) while the other core waited. Here that product is split by the columns
-//! of dx (the rows of w) into one task per block, each a single-threaded gemm that packs only
-//! its own block, so the packing is shared out as well. Every element of dx is still one dot
-//! product summed in gemm's order, so the split changes no value.
+//! burn's CPU backend hands each product to gemm whole, and gemm leaves cores idle on two
+//! kinds of product that a model runs all the time:
 //!
-//! The forward product and the weight gradient (xᵀ · dy, for full fine-tuning) have layouts
-//! that gemm packs in parallel itself, and run whole. All three write into buffers made here,
-//! not through the backend's `empty`, which zero-fills each output and then copies it once
-//! more on the calling thread to align it.
+//! - A linear layer's input gradient, dy · wᵀ, whose right operand is the weight transposed (a
+//!   strided view). gemm packs such an operand on the calling thread alone before the cores
+//!   share the multiply: a per-thread `perf` profile of the real 0.5B model's SFT step found
+//!   1.2 s of main-thread packing per step (`pack_lhs`) while the other core waited.
+//! - Matrix–vector products (one new token in generation) and products under gemm's threading
+//!   threshold, which it runs on one thread: the tied vocabulary projection of one token alone
+//!   took 45 ms on one core.
+//!
+//! Such a product is split here by the columns of its output into one task per block, each a
+//! single-threaded gemm that packs only its own block. Every output element is still one dot
+//! product summed in gemm's order, so the split changes no value. Other products (the forward
+//! product of a training batch, the weight gradient of full fine-tuning) go to gemm whole.
+//! All of them write into buffers made here, not through the backend's `empty`, which
+//! zero-fills each output and then copies it once more on the calling thread to align it.
 
 use burn::backend::Flex;
 use burn::backend::TensorMetadata;
@@ -27,11 +31,15 @@ use rayon::prelude::*;
 
 use super::written_tensor;
 
-/// Products of at least this many multiply-adds use every core (burn's CPU backend's own
-/// threshold, so that small products, such as LoRA's rank-8 ones, stay as they were).
+/// Products of at least this many multiply-adds gemm shares among the cores itself (burn's
+/// CPU backend's threshold), unless they are matrix–vector products.
 const PARALLEL_MACS: usize = 192 * 192 * 192;
 
-/// Columns of dx per task at least: narrower blocks would pack and multiply in pieces too
+/// Products of fewer multiply-adds run as one task: splitting them costs more in scheduling
+/// than it saves (a [1, 896] · [896, 896] product: 0.13 ms whole, 0.19 ms in blocks).
+const SPLIT_MACS: usize = 1 << 20;
+
+/// Output columns per task at least: narrower blocks would pack and multiply in pieces too
 /// small for gemm's kernels (16 columns each).
 const MIN_BLOCK: usize = 64;
 
@@ -57,12 +65,6 @@ impl Operand {
             t.dtype()
         );
         let strides = t.layout().strides();
-        assert_eq!(
-            strides.len(),
-            2,
-            "matmul: a 2-D tensor, not {:?}",
-            t.shape()
-        );
         let values = t.storage::<f32>();
         Self {
             // In bounds: the layout's start lies inside the buffer.
@@ -81,16 +83,57 @@ impl Operand {
         }
     }
 
-    /// The operand from row `row` on.
-    fn from_row(self, row: usize) -> Self {
+    /// The operand from column `col` on.
+    fn from_col(self, col: usize) -> Self {
         Self {
-            ptr: self.ptr.wrapping_offset(row as isize * self.row_stride),
+            ptr: self.ptr.wrapping_offset(col as isize * self.col_stride),
             ..self
         }
     }
 }
 
-/// out [m, n] (rows `out_row_stride` apart) = lhs [m, k] · rhs [k, n].
+/// A new [m, n] tensor: lhs [m, k] · rhs [k, n].
+fn product([m, k, n]: [usize; 3], lhs: Operand, rhs: Operand) -> FlexTensor {
+    let width = n.div_ceil(column_blocks([m, k, n], rhs));
+    // SAFETY: the blocks cover the m × n elements, each written by one task alone; the
+    // operands address [m, k] and [k, n] elements of tensors that outlive the call.
+    unsafe {
+        written_tensor(Shape::new([m, n]), |out| {
+            if width >= n {
+                return gemm(out, n, [m, k, n], lhs, rhs, true);
+            }
+            let out = SendPtr(out);
+            (0..n.div_ceil(width)).into_par_iter().for_each(|block| {
+                let first = block * width;
+                let cols = width.min(n - first);
+                gemm(
+                    out.at(first),
+                    n,
+                    [m, k, cols],
+                    lhs,
+                    rhs.from_col(first),
+                    false,
+                )
+            })
+        })
+    }
+}
+
+/// How many column blocks a product is computed in: two per thread where gemm would leave
+/// cores idle (it runs the product on one thread, or packs a right operand whose columns are
+/// strided on the calling thread first); one, left to gemm whole, otherwise.
+fn column_blocks([m, k, n]: [usize; 3], rhs: Operand) -> usize {
+    let macs = m * k * n;
+    let one_thread = m <= 1 || macs < PARALLEL_MACS;
+    let serial_packing = rhs.col_stride != 1;
+    if macs < SPLIT_MACS || !(one_thread || serial_packing) {
+        return 1;
+    }
+    (2 * rayon::current_num_threads()).clamp(1, (n / MIN_BLOCK).max(1))
+}
+
+/// out [m, n] (rows `out_row_stride` apart) = lhs [m, k] · rhs [k, n], on every core if
+/// `parallel` and the product is large.
 ///
 /// # Safety
 /// `out` must be valid for writes of every element of the [m, n] matrix it addresses, and
@@ -133,80 +176,6 @@ unsafe fn gemm(
     }
 }
 
-/// x [rows, in] · w [in, out].
-pub(super) fn forward(x: FlexTensor, w: FlexTensor) -> FlexTensor {
-    let ([rows, d_in], [w_in, d_out]) = (dims(&x), dims(&w));
-    assert_eq!(
-        d_in, w_in,
-        "matmul: x is [{rows}, {d_in}], w is [{w_in}, {d_out}]"
-    );
-    let (x, w) = (Operand::of(&x), Operand::of(&w));
-    // SAFETY: gemm writes each of the rows × out elements.
-    unsafe {
-        written_tensor(Shape::new([rows, d_out]), |out| {
-            gemm(out, d_out, [rows, d_in, d_out], x, w, true)
-        })
-    }
-}
-
-/// ∂L/∂x = dy · wᵀ, by blocks of its columns in parallel where wᵀ is strided (see the top).
-fn input_gradient(dy: &FlexTensor, w: &FlexTensor) -> FlexTensor {
-    let ([rows, d_out], [d_in, _]) = (dims(dy), dims(w));
-    let (dy, w) = (Operand::of(dy), Operand::of(w));
-    let blocks = block_count(w, d_in, rows * d_in * d_out);
-    let width = d_in.div_ceil(blocks);
-    // SAFETY: the blocks cover the rows × in elements, each written by one task alone.
-    unsafe {
-        written_tensor(Shape::new([rows, d_in]), |out| {
-            if blocks == 1 {
-                return gemm(out, d_in, [rows, d_out, d_in], dy, w.t(), true);
-            }
-            let out = SendPtr(out);
-            (0..blocks).into_par_iter().for_each(|block| {
-                let first = block * width;
-                let cols = width.min(d_in - first);
-                gemm(
-                    out.at(first),
-                    d_in,
-                    [rows, d_out, cols],
-                    dy,
-                    w.from_row(first).t(),
-                    false,
-                )
-            })
-        })
-    }
-}
-
-/// How many column blocks ∂L/∂x is computed in: one (gemm alone) for a product too small to
-/// share, or where w's rows are contiguous in memory (wᵀ is then column-major, a layout gemm
-/// packs in parallel: the tied vocabulary projection, w = embeddingᵀ); otherwise two per
-/// thread, for balance.
-fn block_count(w: Operand, d_in: usize, macs: usize) -> usize {
-    if macs < PARALLEL_MACS || w.row_stride == 1 {
-        return 1;
-    }
-    (2 * rayon::current_num_threads()).clamp(1, (d_in / MIN_BLOCK).max(1))
-}
-
-/// ∂L/∂w = xᵀ · dy.
-fn weight_gradient(x: &FlexTensor, dy: &FlexTensor) -> FlexTensor {
-    let ([rows, d_in], [_, d_out]) = (dims(x), dims(dy));
-    let (x, dy) = (Operand::of(x), Operand::of(dy));
-    // SAFETY: gemm writes each of the in × out elements.
-    unsafe {
-        written_tensor(Shape::new([d_in, d_out]), |out| {
-            gemm(out, d_out, [d_in, rows, d_out], x.t(), dy, true)
-        })
-    }
-}
-
-fn dims(t: &FlexTensor) -> [usize; 2] {
-    let shape = t.shape();
-    assert_eq!(shape.num_dims(), 2, "matmul: a 2-D tensor, not {shape:?}");
-    [shape[0], shape[1]]
-}
-
 /// The output's address, shared by tasks that write disjoint blocks of it.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
@@ -219,6 +188,34 @@ impl SendPtr {
     fn at(self, offset: usize) -> *mut f32 {
         self.0.wrapping_add(offset)
     }
+}
+
+/// x [rows, in] · w [in, out].
+pub(super) fn forward(x: FlexTensor, w: FlexTensor) -> FlexTensor {
+    let ([rows, d_in], [w_in, d_out]) = (dims(&x), dims(&w));
+    assert_eq!(
+        d_in, w_in,
+        "matmul: x is [{rows}, {d_in}], w is [{w_in}, {d_out}]"
+    );
+    product([rows, d_in, d_out], Operand::of(&x), Operand::of(&w))
+}
+
+/// ∂L/∂x = dy · wᵀ.
+fn input_gradient(dy: &FlexTensor, w: &FlexTensor) -> FlexTensor {
+    let ([rows, d_out], [d_in, _]) = (dims(dy), dims(w));
+    product([rows, d_out, d_in], Operand::of(dy), Operand::of(w).t())
+}
+
+/// ∂L/∂w = xᵀ · dy.
+fn weight_gradient(x: &FlexTensor, dy: &FlexTensor) -> FlexTensor {
+    let ([rows, d_in], [_, d_out]) = (dims(x), dims(dy));
+    product([d_in, rows, d_out], Operand::of(x).t(), Operand::of(dy))
+}
+
+fn dims(t: &FlexTensor) -> [usize; 2] {
+    let shape = t.shape();
+    assert_eq!(shape.num_dims(), 2, "matmul: a 2-D tensor, not {shape:?}");
+    [shape[0], shape[1]]
 }
 
 /// The forward pass under autodiff, recording the backward pass.

@@ -200,16 +200,18 @@ fn views_into_larger_buffers_read_only_their_rows() {
     }
 }
 
-/// A linear layer's product against burn's, values and both gradients: shapes large enough
-/// to split ∂/∂x into column blocks (one of them narrower than the rest), a weight given
-/// transposed (the tied vocabulary projection's layout, computed whole), and products small
-/// enough to run on one thread.
+/// A linear layer's product against burn's, values and both gradients, in each way it is
+/// computed: ∂/∂x in column blocks (one of them narrower than the rest), a weight given
+/// transposed (the tied vocabulary projection's layout: the forward product in blocks), one
+/// row (a generated token: both products in blocks), and products small enough to run whole
+/// on one thread.
 #[test]
 fn matmul_matches_burns_product() {
     for device in devices() {
         for (rows, d_in, d_out, transposed) in [
             (200, 1001, 300, false),
             (200, 300, 1000, true),
+            (1, 1024, 1100, false),
             (3, 40, 24, false),
             (5, 17, 9, true),
         ] {
