@@ -13,9 +13,10 @@
 //!
 //! Such a product is split here by the columns of its output into one task per block, each a
 //! single-threaded gemm that packs only its own block. Every output element is still one dot
-//! product summed in gemm's order, so the split changes no value. Other products (the forward
-//! product of a training batch, the weight gradient of full fine-tuning) go to gemm whole.
-//! All of them write into buffers made here, not through the backend's `empty`, which
+//! product, summed by the same kernels; only gemm's choice of how to cut the sum into blocks
+//! may differ, so values agree to rounding (the tests: 1e-6 relative). Other products (the
+//! forward product of a training batch, the weight gradient of full fine-tuning) go to gemm
+//! whole. All of them write into buffers made here, not through the backend's `empty`, which
 //! zero-fills each output and then copies it once more on the calling thread to align it.
 
 use burn::backend::Flex;

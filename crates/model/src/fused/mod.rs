@@ -1,16 +1,16 @@
-//! Operations that the CPU backend runs as one parallel pass each, with a backward pass of
-//! their own.
+//! Operations that the CPU backend runs on every core, each with a backward pass of its own.
 //!
-//! Composed from tensor ops, each of these is several element-wise passes forward and more in
-//! backward, and burn's CPU backend (flex) runs every element-wise pass on one thread while the
-//! other cores wait: a `perf` profile of the real 0.5B model's SFT step found 2.9 s of its
-//! 7.1 s in such single-threaded work. Here each is one row- or chunk-parallel sweep forward
-//! and one backward, on the backend's own buffers:
+//! burn's CPU backend (flex) leaves cores idle in two ways, both found by per-thread `perf`
+//! profiles of the real 0.5B model's SFT step: it runs every element-wise pass on the calling
+//! thread alone (2.9 s of a 7.1 s step), and its matrix products let gemm pack a strided
+//! operand on one thread while the others wait (1.2 s a step). Here:
 //!
-//! - `token_logprobs`: log p(target) of each row of a logits matrix (the loss);
-//! - `swiglu`: silu(gate) · up (every MLP);
-//! - `matmul`: x · w of a linear layer, whose input gradient the backend's own product
-//!   computed with the cores waiting on one thread's packing of the weight.
+//! - `token_logprobs`: log p(target) of each row of a logits matrix (the loss), one
+//!   row-parallel sweep forward and one backward instead of about a dozen single-threaded
+//!   passes;
+//! - `swiglu`: silu(gate) · up (every MLP), one chunk-parallel sweep each way;
+//! - `matmul`: x · w of a linear layer, split into column blocks where gemm would leave cores
+//!   idle (see `matmul.rs`).
 //!
 //! On other backends (wgpu) each composes tensor ops, exactly its `_composed` twin, which is
 //! also what the tests compare the fused forms against (values and gradients).
