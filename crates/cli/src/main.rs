@@ -293,19 +293,25 @@ fn run(cli: Cli) -> Result<()> {
             let config = safeprobe_model::ModelConfig::from_file(&model.join("config.json"))?;
             let (params, bytes) = safeprobe_model::size_report(&config);
             let tokenizer = chat::ChatTokenizer::load(&model, &config.eos_token_ids)?;
-            let sft = safeprobe_model::lora_pass_memory(&config, batch, seq_len);
-            let sap = safeprobe_model::lora_pass_memory(
-                &config,
-                2 * safety_batch.unwrap_or(batch),
-                seq_len,
-            );
+            let pairs_rows = 2 * safety_batch.unwrap_or(batch);
+            // The CPU backend runs fused operations that keep less than wgpu's composed ones.
+            let [(sft, sap), (sft_wgpu, sap_wgpu)] = [true, false].map(|fused| {
+                (
+                    safeprobe_model::lora_pass_memory(&config, batch, seq_len, fused),
+                    safeprobe_model::lora_pass_memory(&config, pairs_rows, seq_len, fused),
+                )
+            });
             if json {
+                let estimate = |sft: safeprobe_model::PassMemory,
+                                sap: safeprobe_model::PassMemory| {
+                    json!({"sft": sft, "sft_total": sft.total(), "sap": sap, "sap_total": sap.total()})
+                };
                 println!(
                     "{}",
                     json!({"config": config, "parameters": params, "f32_bytes": bytes,
                            "lora_training_bytes": {"batch": batch, "seq_len": seq_len,
-                                                   "sft": sft, "sft_total": sft.total(),
-                                                   "sap": sap, "sap_total": sap.total()},
+                                                   "cpu": estimate(sft, sap),
+                                                   "wgpu": estimate(sft_wgpu, sap_wgpu)},
                            "chat_template": tokenizer.template_source, "stop_token_ids": tokenizer.stop_ids})
                 );
             } else {
@@ -336,12 +342,13 @@ fn run(cli: Cli) -> Result<()> {
                 let mib = |b: u64| b as f64 / 1048576.0;
                 println!("memory:       {:.1} MiB for f32 weights", mib(bytes));
                 println!(
-                    "training:     LoRA, {batch} × {seq_len} tokens (every token scored: an upper bound): SFT ≈ {:.0} MiB (activations {:.0}, logits {:.0}), SAP ≈ {:.0} MiB (its safety pass: chosen and rejected, {} rows); full fine-tuning adds 3 × the weights (gradients, Adam moments)",
+                    "training:     LoRA, {batch} × {seq_len} tokens (every token scored: an upper bound): SFT ≈ {:.0} MiB on the CPU (activations {:.0}, logits {:.0}), {:.0} MiB on wgpu; SAP ≈ {:.0} MiB on the CPU, {:.0} MiB on wgpu (its safety pass: chosen and rejected, {pairs_rows} rows); full fine-tuning adds 3 × the weights (gradients, Adam moments)",
                     mib(sft.total()),
                     mib(sft.activations),
                     mib(sft.logits),
+                    mib(sft_wgpu.total()),
                     mib(sap.total()),
-                    2 * safety_batch.unwrap_or(batch)
+                    mib(sap_wgpu.total()),
                 );
                 println!("template:     {}", tokenizer.template_source);
                 println!("stop tokens:  {:?}", tokenizer.stop_ids);

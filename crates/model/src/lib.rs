@@ -164,17 +164,47 @@ impl PassMemory {
 /// and values repeated for grouped attention, the attention output), 4 of the MLP width (gate,
 /// SiLU, up, their product), and one row of `heads × seq_len` attention probabilities.
 /// Products with constants (rotary tables, masks, scales) keep nothing. The vocabulary
-/// projection adds three [tokens, vocab] tensors. SFT makes one such pass; a SAP step's
-/// largest is the safety pass, whose rows are the chosen and the rejected answers.
-pub fn lora_pass_memory(config: &ModelConfig, rows: usize, seq_len: usize) -> PassMemory {
+/// projection adds three [tokens, vocab] tensors (logits, log-softmax, their gradient). SFT
+/// makes one such pass; a SAP step's largest is the safety pass, whose rows are the chosen and
+/// the rejected answers.
+///
+/// `fused`: the CPU backend's fused operations (`fused/`), which keep 2 of the MLP width (gate
+/// and up) and 2 [tokens, vocab] tensors (logits and their gradient) instead.
+pub fn lora_pass_memory(
+    config: &ModelConfig,
+    rows: usize,
+    seq_len: usize,
+    fused: bool,
+) -> PassMemory {
+    let (mlp_kept, vocab_kept) = if fused { (2, 2) } else { (4, 3) };
     let tokens = (rows * seq_len) as u64;
     let per_token_layer = 5 * config.hidden_size
         + 4 * config.q_width()
-        + 4 * config.intermediate_size
+        + mlp_kept * config.intermediate_size
         + config.num_attention_heads * seq_len;
     PassMemory {
         weights: size_report(config).1,
         activations: 4 * tokens * (per_token_layer * config.num_hidden_layers) as u64,
-        logits: 4 * tokens * 3 * config.vocab_size as u64,
+        logits: 4 * tokens * vocab_kept * config.vocab_size as u64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The documented count on a small Qwen2 shape (hidden 256 = 4 heads × 64, MLP 704,
+    /// 4 layers, vocab 4096), 2 rows of 8 tokens, by hand: per token and layer 5·256 + 4·256
+    /// + {4, 2}·704 + 4·8 values; {3, 2} [16, 4096] logits tensors.
+    #[test]
+    fn the_pass_estimate_counts_what_each_backends_operations_keep() {
+        let config = ModelConfig::qwen2(4096, 256, 704, 4, 4, 2, 4096, 1e6, vec![]);
+        let composed = lora_pass_memory(&config, 2, 8, false);
+        assert_eq!(composed.activations, 4 * 16 * 5152 * 4);
+        assert_eq!(composed.logits, 4 * 16 * 3 * 4096);
+        let fused = lora_pass_memory(&config, 2, 8, true);
+        assert_eq!(fused.activations, 4 * 16 * 3744 * 4);
+        assert_eq!(fused.logits, 4 * 16 * 2 * 4096);
+        assert_eq!(fused.weights, composed.weights);
     }
 }

@@ -13,27 +13,22 @@
 //!
 //! Such a product is split here by the columns of its output into one task per block, each a
 //! single-threaded gemm that packs only its own block. Every output element is still one dot
-//! product, summed by the same kernels; only gemm's choice of how to cut the sum into blocks
-//! may differ, so values agree to rounding (the tests: 1e-6 relative). Other products (the
+//! product; gemm may cut the sum differently for a narrower block (or take its small-matrix
+//! path), so values agree to rounding (the tests: 1e-6 relative). Other products (the
 //! forward product of a training batch, the weight gradient of full fine-tuning) go to gemm
 //! whole. All of them write into buffers made here, not through the backend's `empty`, which
 //! zero-fills each output and then copies it once more on the calling thread to align it.
 
-use burn::backend::Flex;
 use burn::backend::TensorMetadata;
-use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
-use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::backend::flex::FlexTensor;
-use burn::backend::tensor::FloatTensor;
 use burn::tensor::{DType, Shape};
 use rayon::prelude::*;
 
-use super::written_tensor;
+use super::binary::Binary;
+use super::{float_tensor, written_tensor};
 
-/// Products of at least this many multiply-adds gemm shares among the cores itself (burn's
-/// CPU backend's threshold), unless they are matrix–vector products.
+/// Products of at least this many multiply-adds are handed to gemm with its rayon threading
+/// (burn's CPU backend's threshold); gemm still runs matrix–vector products on one thread.
 const PARALLEL_MACS: usize = 192 * 192 * 192;
 
 /// Products of fewer multiply-adds run as one task: splitting them costs more in scheduling
@@ -41,7 +36,7 @@ const PARALLEL_MACS: usize = 192 * 192 * 192;
 const SPLIT_MACS: usize = 1 << 20;
 
 /// Output columns per task at least: narrower blocks would pack and multiply in pieces too
-/// small for gemm's kernels (16 columns each).
+/// small for gemm's kernels (16 to 32 columns wide, by instruction set).
 const MIN_BLOCK: usize = 64;
 
 /// A matrix operand in place: its first element and its row and column strides (elements).
@@ -66,10 +61,13 @@ impl Operand {
             t.dtype()
         );
         let strides = t.layout().strides();
-        let values = t.storage::<f32>();
         Self {
-            // In bounds: the layout's start lies inside the buffer.
-            ptr: values[t.layout().start_offset()..].as_ptr(),
+            // From the buffer's own start, so that negative strides (a flip) may reach
+            // before the layout's start offset.
+            ptr: t
+                .storage::<f32>()
+                .as_ptr()
+                .wrapping_add(t.layout().start_offset()),
             row_stride: strides[0],
             col_stride: strides[1],
         }
@@ -98,26 +96,31 @@ fn product([m, k, n]: [usize; 3], lhs: Operand, rhs: Operand) -> FlexTensor {
     let width = n.div_ceil(column_blocks([m, k, n], rhs));
     // SAFETY: the blocks cover the m × n elements, each written by one task alone; the
     // operands address [m, k] and [k, n] elements of tensors that outlive the call.
-    unsafe {
-        written_tensor(Shape::new([m, n]), |out| {
-            if width >= n {
-                return gemm(out, n, [m, k, n], lhs, rhs, true);
-            }
-            let out = SendPtr(out);
-            (0..n.div_ceil(width)).into_par_iter().for_each(|block| {
-                let first = block * width;
-                let cols = width.min(n - first);
-                gemm(
-                    out.at(first),
-                    n,
-                    [m, k, cols],
-                    lhs,
-                    rhs.from_col(first),
-                    false,
-                )
-            })
+    let write = |out: *mut f32| unsafe {
+        if width >= n {
+            return gemm(out, n, [m, k, n], lhs, rhs, true);
+        }
+        let out = SendPtr(out);
+        (0..n.div_ceil(width)).into_par_iter().for_each(|block| {
+            let first = block * width;
+            let cols = width.min(n - first);
+            gemm(
+                out.at(first),
+                n,
+                [m, k, cols],
+                lhs,
+                rhs.from_col(first),
+                false,
+            )
         })
+    };
+    if m <= 1 || n <= 1 {
+        // gemm's matrix–vector path makes a slice of its output before writing it, so this
+        // output (one row or column: small) starts zeroed rather than uninitialised.
+        return float_tensor(Shape::new([m, n]), |out| write(out.as_mut_ptr()));
     }
+    // SAFETY: `write` writes every element (above).
+    unsafe { written_tensor(Shape::new([m, n]), write) }
 }
 
 /// How many column blocks a product is computed in: two per thread where gemm would leave
@@ -192,7 +195,7 @@ impl SendPtr {
 }
 
 /// x [rows, in] · w [in, out].
-pub(super) fn forward(x: FlexTensor, w: FlexTensor) -> FlexTensor {
+fn forward(x: FlexTensor, w: FlexTensor) -> FlexTensor {
     let ([rows, d_in], [w_in, d_out]) = (dims(&x), dims(&w));
     assert_eq!(
         d_in, w_in,
@@ -203,13 +206,21 @@ pub(super) fn forward(x: FlexTensor, w: FlexTensor) -> FlexTensor {
 
 /// ∂L/∂x = dy · wᵀ.
 fn input_gradient(dy: &FlexTensor, w: &FlexTensor) -> FlexTensor {
-    let ([rows, d_out], [d_in, _]) = (dims(dy), dims(w));
+    let ([rows, d_out], [d_in, w_out]) = (dims(dy), dims(w));
+    assert_eq!(
+        d_out, w_out,
+        "matmul: dy is [{rows}, {d_out}], w is [{d_in}, {w_out}]"
+    );
     product([rows, d_out, d_in], Operand::of(dy), Operand::of(w).t())
 }
 
 /// ∂L/∂w = xᵀ · dy.
 fn weight_gradient(x: &FlexTensor, dy: &FlexTensor) -> FlexTensor {
-    let ([rows, d_in], [_, d_out]) = (dims(x), dims(dy));
+    let ([rows, d_in], [dy_rows, d_out]) = (dims(x), dims(dy));
+    assert_eq!(
+        rows, dy_rows,
+        "matmul: x is [{rows}, {d_in}], dy is [{dy_rows}, {d_out}]"
+    );
     product([d_in, rows, d_out], Operand::of(x).t(), Operand::of(dy))
 }
 
@@ -219,47 +230,29 @@ fn dims(t: &FlexTensor) -> [usize; 2] {
     [shape[0], shape[1]]
 }
 
-/// The forward pass under autodiff, recording the backward pass.
-pub(super) fn tracked<C: CheckpointStrategy>(
-    x: FloatTensor<Autodiff<Flex, C>>,
-    w: FloatTensor<Autodiff<Flex, C>>,
-) -> FloatTensor<Autodiff<Flex, C>> {
-    match MatmulBackward
-        .prepare::<C>([x.node(), w.node()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(mut prep) => {
-            let state = (prep.checkpoint(&x), prep.checkpoint(&w));
-            prep.finish(state, forward(x.into_primitive(), w.into_primitive()))
-        }
-        OpsKind::UnTracked(prep) => prep.finish(forward(x.into_primitive(), w.into_primitive())),
-    }
-}
-
+/// The operation for `binary::tracked`.
 #[derive(Debug)]
-struct MatmulBackward;
+pub(super) struct Matmul;
 
-impl Backward<Flex, 2> for MatmulBackward {
-    /// The nodes of x and w.
-    type State = (NodeId, NodeId);
+impl Binary for Matmul {
+    /// x for ∂L/∂w, w for ∂L/∂x: with a frozen weight (LoRA) the input is not kept.
+    fn kept([x_tracked, w_tracked]: [bool; 2]) -> [bool; 2] {
+        [w_tracked, x_tracked]
+    }
 
-    fn backward(
-        self,
-        ops: Ops<Self::State, 2>,
-        grads: &mut Gradients,
-        checkpointer: &mut Checkpointer,
-    ) {
-        let [x_parent, w_parent] = ops.parents;
-        let dy = grads.consume::<Flex>(&ops.node);
-        let (x, w) = ops.state;
-        let x: FlexTensor = checkpointer.retrieve_node_output(x);
-        let w: FlexTensor = checkpointer.retrieve_node_output(w);
-        if let Some(parent) = x_parent {
-            grads.register::<Flex>(parent.id, input_gradient(&dy, &w));
-        }
-        if let Some(parent) = w_parent {
-            grads.register::<Flex>(parent.id, weight_gradient(&x, &dy));
-        }
+    fn forward(x: FlexTensor, w: FlexTensor) -> FlexTensor {
+        forward(x, w)
+    }
+
+    fn gradients(
+        [x, w]: [Option<FlexTensor>; 2],
+        dy: FlexTensor,
+        [x_tracked, w_tracked]: [bool; 2],
+    ) -> [Option<FlexTensor>; 2] {
+        let kept = "matmul keeps w for ∂L/∂x and x for ∂L/∂w";
+        [
+            x_tracked.then(|| input_gradient(&dy, w.as_ref().expect(kept))),
+            w_tracked.then(|| weight_gradient(x.as_ref().expect(kept), &dy)),
+        ]
     }
 }

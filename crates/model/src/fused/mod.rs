@@ -15,6 +15,7 @@
 //! On other backends (wgpu) each composes tensor ops, exactly its `_composed` twin, which is
 //! also what the tests compare the fused forms against (values and gradients).
 
+mod binary;
 mod matmul;
 mod swiglu;
 mod token_logprobs;
@@ -29,6 +30,8 @@ use burn::backend::{Backend, Dispatch, DispatchDevice, Flex, backend_extension};
 use burn::tensor::activation::{log_softmax, silu};
 use burn::tensor::{Device, Int, Shape, Tensor, TensorData};
 use rayon::prelude::*;
+
+use binary::Binary;
 
 #[backend_extension(Flex: cfg(all()), Autodiff: cfg(all()))]
 pub trait Fused: Backend {
@@ -46,11 +49,11 @@ impl Fused for Flex {
     }
 
     fn swiglu(gate: FlexTensor, up: FlexTensor) -> FlexTensor {
-        swiglu::forward(gate, up)
+        swiglu::Swiglu::forward(gate, up)
     }
 
     fn matmul(x: FlexTensor, w: FlexTensor) -> FlexTensor {
-        matmul::forward(x, w)
+        matmul::Matmul::forward(x, w)
     }
 }
 
@@ -60,11 +63,11 @@ impl<C: CheckpointStrategy> Fused for Autodiff<Flex, C> {
     }
 
     fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
-        swiglu::tracked::<C>(gate, up)
+        binary::tracked::<swiglu::Swiglu, C>(gate, up)
     }
 
     fn matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
-        matmul::tracked::<C>(x, w)
+        binary::tracked::<matmul::Matmul, C>(x, w)
     }
 }
 

@@ -7,20 +7,15 @@
 //!
 //!   out = g·s·u,   ∂out/∂u = g·s,   ∂out/∂g = u·s·(1 + g·(1 − s)).
 
-use burn::backend::Flex;
 use burn::backend::TensorMetadata;
-use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
-use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::backend::flex::FlexTensor;
-use burn::backend::tensor::FloatTensor;
 use rayon::prelude::*;
 
+use super::binary::Binary;
 use super::{CHUNK, contiguous, float_tensor, into_tensor, zeroed};
 
 /// silu(gate) · up; both of one shape.
-pub(super) fn forward(gate: FlexTensor, up: FlexTensor) -> FlexTensor {
+fn forward(gate: FlexTensor, up: FlexTensor) -> FlexTensor {
     assert_eq!(
         gate.shape(),
         up.shape(),
@@ -39,51 +34,31 @@ pub(super) fn forward(gate: FlexTensor, up: FlexTensor) -> FlexTensor {
     })
 }
 
-/// The forward pass under autodiff, recording the backward pass.
-pub(super) fn tracked<C: CheckpointStrategy>(
-    gate: FloatTensor<Autodiff<Flex, C>>,
-    up: FloatTensor<Autodiff<Flex, C>>,
-) -> FloatTensor<Autodiff<Flex, C>> {
-    match SwigluBackward
-        .prepare::<C>([gate.node(), up.node()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(mut prep) => {
-            let state = (prep.checkpoint(&gate), prep.checkpoint(&up));
-            prep.finish(state, forward(gate.into_primitive(), up.into_primitive()))
-        }
-        OpsKind::UnTracked(prep) => {
-            prep.finish(forward(gate.into_primitive(), up.into_primitive()))
-        }
-    }
-}
-
+/// The operation for `binary::tracked`.
 #[derive(Debug)]
-struct SwigluBackward;
+pub(super) struct Swiglu;
 
-impl Backward<Flex, 2> for SwigluBackward {
-    /// The nodes of gate and up.
-    type State = (NodeId, NodeId);
+impl Binary for Swiglu {
+    /// Both inputs: both gradients come from one sweep over gate, up and ∂L/∂out, computed even
+    /// if one is not wanted (only LoRA on `up_proj` without `gate_proj` would waste that).
+    fn kept(_tracked: [bool; 2]) -> [bool; 2] {
+        [true, true]
+    }
 
-    fn backward(
-        self,
-        ops: Ops<Self::State, 2>,
-        grads: &mut Gradients,
-        checkpointer: &mut Checkpointer,
-    ) {
-        let [gate_parent, up_parent] = ops.parents;
-        let grad = contiguous(grads.consume::<Flex>(&ops.node));
-        let (gate, up) = ops.state;
-        let gate: FlexTensor = contiguous(checkpointer.retrieve_node_output(gate));
-        let up: FlexTensor = contiguous(checkpointer.retrieve_node_output(up));
-        let (grad_gate, grad_up) = gradients(&gate, &up, &grad);
-        if let Some(parent) = gate_parent {
-            grads.register::<Flex>(parent.id, grad_gate);
-        }
-        if let Some(parent) = up_parent {
-            grads.register::<Flex>(parent.id, grad_up);
-        }
+    fn forward(gate: FlexTensor, up: FlexTensor) -> FlexTensor {
+        forward(gate, up)
+    }
+
+    fn gradients(
+        kept: [Option<FlexTensor>; 2],
+        grad: FlexTensor,
+        _tracked: [bool; 2],
+    ) -> [Option<FlexTensor>; 2] {
+        let [Some(gate), Some(up)] = kept else {
+            unreachable!("swiglu keeps both inputs")
+        };
+        let (grad_gate, grad_up) = gradients(&contiguous(gate), &contiguous(up), &contiguous(grad));
+        [Some(grad_gate), Some(grad_up)]
     }
 }
 
