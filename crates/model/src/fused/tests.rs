@@ -134,35 +134,10 @@ fn swiglu_matches_silu_times_up() {
             let gate = if transposed { raw.swap_dims(1, 2) } else { raw };
             let up = uniform(shape, 0.0, 4.0, 4, &device);
             let weights = uniform(shape, 0.5, 0.5, 5, &device);
-            let run = |fused: bool| {
-                with_gradients(
-                    &device,
-                    &[gate.clone(), up.clone()],
-                    |x| {
-                        if fused {
-                            swiglu(x[0].clone(), x[1].clone())
-                        } else {
-                            swiglu_composed(x[0].clone(), x[1].clone())
-                        }
-                    },
-                    &weights,
-                )
-            };
-            let ((fused, fused_grads), (reference, reference_grads)) = (run(true), run(false));
-            assert_eq!(fused.dims(), shape);
-            let error = relative_error(fused, reference);
-            assert!(error < 1e-6, "{shape:?}: value off by {error} (relative)");
-            assert_eq!(fused_grads.len(), reference_grads.len());
-            for (input, (f, r)) in ["gate", "up"]
-                .iter()
-                .zip(fused_grads.into_iter().zip(reference_grads))
-            {
-                let error = relative_error(f, r);
-                assert!(
-                    error < 1e-6,
-                    "{shape:?}: ∂/∂{input} off by {error} (relative)"
-                );
-            }
+            let inputs = [gate, up];
+            let case = format!("{shape:?}");
+            let op: (BinaryFn<3>, BinaryFn<3>) = (swiglu, swiglu_composed);
+            assert_matches_composed(&device, inputs, ["gate", "up"], op, shape, &weights, &case);
         }
     }
 }
@@ -222,31 +197,42 @@ fn matmul_matches_burns_product() {
                 uniform([d_in, d_out], 0.0, 1.0, 11, &device)
             };
             let weights = uniform([rows, d_out], 0.0, 1.0, 12, &device);
-            let run = |fused: bool| {
-                with_gradients(
-                    &device,
-                    &[x.clone(), w.clone()],
-                    |v| match fused {
-                        true => matmul(v[0].clone(), v[1].clone()),
-                        false => matmul_composed(v[0].clone(), v[1].clone()),
-                    },
-                    &weights,
-                )
-            };
-            let ((fused, fused_grads), (reference, reference_grads)) = (run(true), run(false));
             let case = format!("[{rows}, {d_in}] · [{d_in}, {d_out}], transposed {transposed}");
-            assert_eq!(fused.dims(), [rows, d_out], "{case}");
-            let error = relative_error(fused, reference);
-            assert!(error < 1e-6, "{case}: value off by {error} (relative)");
-            assert_eq!(fused_grads.len(), reference_grads.len());
-            for (input, (f, r)) in ["x", "w"]
-                .iter()
-                .zip(fused_grads.into_iter().zip(reference_grads))
-            {
-                let error = relative_error(f, r);
-                assert!(error < 1e-6, "{case}: ∂/∂{input} off by {error} (relative)");
-            }
+            let (inputs, dims) = ([x, w], [rows, d_out]);
+            let op: (BinaryFn<2>, BinaryFn<2>) = (matmul, matmul_composed);
+            assert_matches_composed(&device, inputs, ["x", "w"], op, dims, &weights, &case);
         }
+    }
+}
+
+/// An operation of two tensors of one rank.
+type BinaryFn<const D: usize> = fn(Tensor<D>, Tensor<D>) -> Tensor<D>;
+
+/// A fused operation of two inputs against its composed twin on one case: the output's
+/// shape, its values, and under autodiff each input's gradient, all to 1e-6 relative.
+fn assert_matches_composed<const D: usize>(
+    device: &Device,
+    inputs: [Tensor<D>; 2],
+    names: [&str; 2],
+    (fused, composed): (BinaryFn<D>, BinaryFn<D>),
+    dims: [usize; D],
+    weights: &Tensor<D>,
+    case: &str,
+) {
+    let run = |op: BinaryFn<D>| {
+        with_gradients(device, &inputs, |v| op(v[0].clone(), v[1].clone()), weights)
+    };
+    let ((fused, fused_grads), (reference, reference_grads)) = (run(fused), run(composed));
+    assert_eq!(fused.dims(), dims, "{case}");
+    let error = relative_error(fused, reference);
+    assert!(error < 1e-6, "{case}: value off by {error} (relative)");
+    assert_eq!(fused_grads.len(), reference_grads.len());
+    for (input, (f, r)) in names
+        .iter()
+        .zip(fused_grads.into_iter().zip(reference_grads))
+    {
+        let error = relative_error(f, r);
+        assert!(error < 1e-6, "{case}: ∂/∂{input} off by {error} (relative)");
     }
 }
 
