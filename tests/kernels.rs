@@ -161,3 +161,29 @@ fn probe_adam_with_aliased_inputs() {
         );
     }
 }
+
+/// burn's own whole-tensor sum on wgpu, fused with the product before it, over a million
+/// elements. With burn's `autotune` feature this picked a chained reduction that on lavapipe
+/// summed only the first 262 132 elements; the twins above rely on this sum being right.
+#[test]
+fn large_sums_on_wgpu_count_every_element() {
+    let device = wgpu();
+    for n in [1_000_000, 3_000_000] {
+        let ones = host(Tensor::<1>::ones([n], &device).sum())[0];
+        assert_eq!(ones, n as f32, "sum of {n} ones");
+        let (a, values_a) = random(n, 80, &device);
+        let (b, values_b) = random(n, 90, &device);
+        let exact: f64 = values_a
+            .iter()
+            .zip(&values_b)
+            .map(|(x, y)| *x as f64 * *y as f64)
+            .sum();
+        let fused = host((a * b).sum())[0] as f64;
+        // A rounding bound far above what the tree reduction loses (1e-4 at 3e6), far under any
+        // dropped block of terms.
+        assert!(
+            (fused - exact).abs() <= 1e-7 * n as f64,
+            "n = {n}: {fused} vs {exact}"
+        );
+    }
+}

@@ -44,20 +44,25 @@ impl ProbeAdam {
     }
 }
 
-#[backend_extension(Cube: cfg(all()))]
+// wgpu tensors sit behind burn's fusion layer, which records operations lazily; `Fusion` has the
+// macro register each kernel as an opaque operation of that stream, with its outputs' shapes
+// known up front.
+#[backend_extension(Cube: cfg(all()), Fusion)]
 pub trait SapKernels: Backend {
-    #[allow(clippy::too_many_arguments)]
+    #[fusion(meta = |grad, _m, _v, _params| (grad.clone(), grad.clone(), grad.clone()))]
     fn probe_adam_kernel(
         grad: FloatTensor<Self>,
         m: FloatTensor<Self>,
         v: FloatTensor<Self>,
         params: Vec<u32>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+    #[fusion(dtype = w, shape = w)]
     fn axpy_kernel(
         w: FloatTensor<Self>,
         g: FloatTensor<Self>,
         params: Vec<u32>,
     ) -> FloatTensor<Self>;
+    #[fusion(dtype = a, shape = Shape::new([dot_partials(params[0]) as usize]))]
     fn dot_pass_kernel(
         a: FloatTensor<Self>,
         b: FloatTensor<Self>,
@@ -88,6 +93,11 @@ wgsl_kernel!(AxpyWgsl, "axpy.wgsl");
 wgsl_kernel!(DotWgsl, "dot.wgsl");
 
 const WORKGROUP: u32 = 256;
+
+/// How many partial sums one pass of `dot.wgsl` leaves for `n` products (4 per thread).
+fn dot_partials(n: u32) -> u32 {
+    n.div_ceil(4 * WORKGROUP).max(1)
+}
 
 /// Workgroups for `groups` units of work, spread over a 2-D grid above the 65535 limit.
 fn grid(groups: u32) -> CubeCount {
@@ -168,7 +178,7 @@ impl SapKernels for CubeBackend {
 
     fn dot_pass_kernel(a: CubeTensor, b: CubeTensor, params: Vec<u32>) -> CubeTensor {
         let (a, b) = (into_contiguous(a), into_contiguous(b));
-        let groups = params[0].div_ceil(4 * WORKGROUP).max(1);
+        let groups = dot_partials(params[0]);
         let partial = empty_like(&a, groups as usize);
         let args = KernelArguments::new()
             .with_buffer_io(read(&a), BufferIOAttr::ReadOnly)
