@@ -308,21 +308,11 @@ impl Attention {
             k = Tensor::cat(vec![past_k.clone(), k], 2);
             v = Tensor::cat(vec![past_v.clone(), v], 2);
         }
-        let total = k.dims()[2];
-        let repeat = |t: Tensor<4>| {
-            if h == kvh {
-                t
-            } else {
-                t.unsqueeze_dim::<5>(2)
-                    .expand([b, kvh, h / kvh, total, hd])
-                    .reshape([b, h, total, hd])
-            }
-        };
-        let scores = q
-            .matmul(repeat(k.clone()).swap_dims(2, 3))
+        // Each of the kvh key/value heads serves h / kvh query heads (grouped-query attention).
+        let scores = fused::head_matmul(q, k.clone().swap_dims(2, 3))
             .mul_scalar(1.0 / (hd as f64).sqrt())
             + bias.clone();
-        let attn = softmax(scores, 3).matmul(repeat(v.clone()));
+        let attn = fused::head_matmul(softmax(scores, 3), v.clone());
         let out = attn.swap_dims(1, 2).reshape([b, s, h * hd]);
         (self.o_proj.forward(out), k, v)
     }

@@ -1,15 +1,17 @@
 //! Recording a fused operation of two inputs under autodiff, and its backward pass: what
-//! `swiglu` and `matmul` share.
+//! `swiglu`, `matmul` and `head_matmul` share.
 
 use std::marker::PhantomData;
 
 use burn::backend::Flex;
+use burn::backend::TensorMetadata;
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
+use burn::tensor::Shape;
 
 /// A fused operation of two inputs, with a backward pass of its own.
 pub(super) trait Binary: std::fmt::Debug + Send + 'static {
@@ -19,9 +21,11 @@ pub(super) trait Binary: std::fmt::Debug + Send + 'static {
     /// The output from the inputs.
     fn forward(a: FlexTensor, b: FlexTensor) -> FlexTensor;
 
-    /// ∂L/∂a and ∂L/∂b from the kept inputs and ∂L/∂output, each only where `tracked`.
+    /// ∂L/∂a and ∂L/∂b from the kept inputs, the inputs' shapes and ∂L/∂output, each only
+    /// where `tracked`.
     fn gradients(
         kept: [Option<FlexTensor>; 2],
+        shapes: [Shape; 2],
         grad: FlexTensor,
         tracked: [bool; 2],
     ) -> [Option<FlexTensor>; 2];
@@ -44,6 +48,7 @@ pub(super) fn tracked<O: Binary, C: CheckpointStrategy>(
             let state = (
                 keep_a.then(|| prep.checkpoint(&a)),
                 keep_b.then(|| prep.checkpoint(&b)),
+                [a.shape(), b.shape()],
             );
             prep.finish(state, O::forward(a.into_primitive(), b.into_primitive()))
         }
@@ -55,8 +60,8 @@ pub(super) fn tracked<O: Binary, C: CheckpointStrategy>(
 struct BinaryBackward<O>(PhantomData<O>);
 
 impl<O: Binary> Backward<Flex, 2> for BinaryBackward<O> {
-    /// The nodes of the kept inputs.
-    type State = (Option<NodeId>, Option<NodeId>);
+    /// The nodes of the kept inputs, and the inputs' shapes.
+    type State = (Option<NodeId>, Option<NodeId>, [Shape; 2]);
 
     fn backward(
         self,
@@ -66,10 +71,10 @@ impl<O: Binary> Backward<Flex, 2> for BinaryBackward<O> {
     ) {
         let [a_parent, b_parent] = ops.parents;
         let grad = grads.consume::<Flex>(&ops.node);
-        let (a, b) = ops.state;
+        let (a, b, shapes) = ops.state;
         let kept = [a, b].map(|node| node.map(|id| checkpointer.retrieve_node_output(id)));
         let tracked = [a_parent.is_some(), b_parent.is_some()];
-        let [grad_a, grad_b] = O::gradients(kept, grad, tracked);
+        let [grad_a, grad_b] = O::gradients(kept, shapes, grad, tracked);
         for (parent, grad) in [(a_parent, grad_a), (b_parent, grad_b)] {
             if let (Some(parent), Some(grad)) = (parent, grad) {
                 grads.register::<Flex>(parent.id, grad);

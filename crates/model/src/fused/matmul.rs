@@ -41,7 +41,7 @@ const MIN_BLOCK: usize = 64;
 
 /// A matrix operand in place: its first element and its row and column strides (elements).
 #[derive(Clone, Copy)]
-struct Operand {
+pub(super) struct Operand {
     ptr: *const f32,
     row_stride: isize,
     col_stride: isize,
@@ -54,6 +54,12 @@ unsafe impl Sync for Operand {}
 impl Operand {
     /// A 2-D f32 tensor as it lies in its buffer, strided or not.
     fn of(t: &FlexTensor) -> Self {
+        Self::matrix(t, &[])
+    }
+
+    /// The matrix at `index` (all dimensions but the last two) of an f32 tensor, as it lies
+    /// in its buffer, strided or not.
+    pub(super) fn matrix(t: &FlexTensor, index: &[usize]) -> Self {
         assert_eq!(
             t.dtype(),
             DType::F32,
@@ -61,20 +67,32 @@ impl Operand {
             t.dtype()
         );
         let strides = t.layout().strides();
+        let rank = strides.len();
+        assert_eq!(
+            index.len() + 2,
+            rank,
+            "matmul: a matrix of a {rank}-D tensor"
+        );
+        let offset: isize = index
+            .iter()
+            .zip(strides)
+            .map(|(&i, &s)| i as isize * s)
+            .sum();
         Self {
             // From the buffer's own start, so that negative strides (a flip) may reach
             // before the layout's start offset.
             ptr: t
                 .storage::<f32>()
                 .as_ptr()
-                .wrapping_add(t.layout().start_offset()),
-            row_stride: strides[0],
-            col_stride: strides[1],
+                .wrapping_add(t.layout().start_offset())
+                .wrapping_offset(offset),
+            row_stride: strides[rank - 2],
+            col_stride: strides[rank - 1],
         }
     }
 
     /// The transpose: the same elements, rows and columns swapped.
-    fn t(self) -> Self {
+    pub(super) fn t(self) -> Self {
         Self {
             row_stride: self.col_stride,
             col_stride: self.row_stride,
@@ -114,13 +132,26 @@ fn product([m, k, n]: [usize; 3], lhs: Operand, rhs: Operand) -> FlexTensor {
             )
         })
     };
-    if m <= 1 || n <= 1 {
-        // gemm's matrix–vector path makes a slice of its output before writing it, so this
-        // output (one row or column: small) starts zeroed rather than uninitialised.
-        return float_tensor(Shape::new([m, n]), |out| write(out.as_mut_ptr()));
-    }
     // SAFETY: `write` writes every element (above).
-    unsafe { written_tensor(Shape::new([m, n]), write) }
+    unsafe { output(Shape::new([m, n]), m <= 1 || n <= 1, write) }
+}
+
+/// A new tensor of products, each element stored by `write` through the pointer.
+/// `vector`: a product of one row or column, whose output starts zeroed rather than
+/// uninitialised, since gemm's matrix–vector path makes a slice of it before writing it.
+///
+/// # Safety
+/// `write` must initialise every element.
+pub(super) unsafe fn output(
+    shape: Shape,
+    vector: bool,
+    write: impl FnOnce(*mut f32),
+) -> FlexTensor {
+    if vector {
+        return float_tensor(shape, |out| write(out.as_mut_ptr()));
+    }
+    // SAFETY: the caller's promise.
+    unsafe { written_tensor(shape, write) }
 }
 
 /// How many column blocks a product is computed in: two per thread where gemm would leave
@@ -145,16 +176,35 @@ fn column_blocks([m, k, n]: [usize; 3], rhs: Operand) -> usize {
 unsafe fn gemm(
     out: *mut f32,
     out_row_stride: usize,
+    shape: [usize; 3],
+    lhs: Operand,
+    rhs: Operand,
+    parallel: bool,
+) {
+    // SAFETY: the caller's promise.
+    unsafe { gemm_into(out, out_row_stride, shape, lhs, rhs, parallel, false) }
+}
+
+/// As `gemm`, adding the product to out's values if `accumulate`.
+///
+/// # Safety
+/// As `gemm`; with `accumulate`, out's elements must also be initialised.
+pub(super) unsafe fn gemm_into(
+    out: *mut f32,
+    out_row_stride: usize,
     [m, k, n]: [usize; 3],
     lhs: Operand,
     rhs: Operand,
     parallel: bool,
+    accumulate: bool,
 ) {
     let parallelism = match parallel && m * k * n >= PARALLEL_MACS {
         true => gemm::Parallelism::Rayon(0),
         false => gemm::Parallelism::None,
     };
-    // SAFETY: the caller's promise; with read_dst false and alpha 0, gemm only writes out.
+    let alpha = if accumulate { 1.0 } else { 0.0 };
+    // SAFETY: the caller's promise; without `accumulate` (read_dst false, alpha 0) gemm only
+    // writes out.
     unsafe {
         gemm::gemm(
             m,
@@ -163,14 +213,14 @@ unsafe fn gemm(
             out,
             1,
             out_row_stride as isize,
-            false,
+            accumulate,
             lhs.ptr,
             lhs.col_stride,
             lhs.row_stride,
             rhs.ptr,
             rhs.col_stride,
             rhs.row_stride,
-            0.0,
+            alpha,
             1.0,
             false,
             false,
@@ -182,14 +232,14 @@ unsafe fn gemm(
 
 /// The output's address, shared by tasks that write disjoint blocks of it.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(super) struct SendPtr(pub(super) *mut f32);
 
 // SAFETY: the tasks given it write disjoint elements.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 impl SendPtr {
-    fn at(self, offset: usize) -> *mut f32 {
+    pub(super) fn at(self, offset: usize) -> *mut f32 {
         self.0.wrapping_add(offset)
     }
 }
@@ -246,6 +296,7 @@ impl Binary for Matmul {
 
     fn gradients(
         [x, w]: [Option<FlexTensor>; 2],
+        _shapes: [Shape; 2],
         dy: FlexTensor,
         [x_tracked, w_tracked]: [bool; 2],
     ) -> [Option<FlexTensor>; 2] {

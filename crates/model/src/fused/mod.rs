@@ -10,12 +10,15 @@
 //!   passes;
 //! - `swiglu`: silu(gate) · up (every MLP), one chunk-parallel sweep each way;
 //! - `matmul`: x · w of a linear layer, split into column blocks where gemm would leave cores
-//!   idle (see `matmul.rs`).
+//!   idle (see `matmul.rs`);
+//! - `head_matmul`: attention's per-head products, one task per head, with grouped-query
+//!   attention's shared key/value heads read in place (see `head_matmul.rs`).
 //!
 //! On other backends (wgpu) each composes tensor ops, exactly its `_composed` twin, which is
 //! also what the tests compare the fused forms against (values and gradients).
 
 mod binary;
+mod head_matmul;
 mod matmul;
 mod swiglu;
 mod token_logprobs;
@@ -41,6 +44,8 @@ pub trait Fused: Backend {
     fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self>;
     /// x [rows, in] · w [in, out] → [rows, out].
     fn matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// a [B, H, M, K] · b [B, G, K, N] → [B, H, M, N], head h against b's head h / (H / G).
+    fn head_matmul(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 impl Fused for Flex {
@@ -55,6 +60,10 @@ impl Fused for Flex {
     fn matmul(x: FlexTensor, w: FlexTensor) -> FlexTensor {
         matmul::Matmul::forward(x, w)
     }
+
+    fn head_matmul(a: FlexTensor, b: FlexTensor) -> FlexTensor {
+        head_matmul::HeadMatmul::forward(a, b)
+    }
 }
 
 impl<C: CheckpointStrategy> Fused for Autodiff<Flex, C> {
@@ -68,6 +77,10 @@ impl<C: CheckpointStrategy> Fused for Autodiff<Flex, C> {
 
     fn matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         binary::tracked::<matmul::Matmul, C>(x, w)
+    }
+
+    fn head_matmul(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+        binary::tracked::<head_matmul::HeadMatmul, C>(a, b)
     }
 }
 
@@ -125,6 +138,32 @@ pub fn matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
 /// `matmul` from tensor ops.
 pub fn matmul_composed(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
     x.matmul(w)
+}
+
+/// a [B, H, M, K] · b [B, G, K, N] → [B, H, M, N]: query head h against key/value head
+/// h / (H / G) (grouped-query attention).
+pub fn head_matmul(a: Tensor<4>, b: Tensor<4>) -> Tensor<4> {
+    if !on_cpu(a.device()) {
+        return head_matmul_composed(a, b);
+    }
+    Tensor::from_dispatch(<Dispatch as Fused>::head_matmul(
+        a.into_dispatch(),
+        b.into_dispatch(),
+    ))
+}
+
+/// `head_matmul` from tensor ops: b's heads repeated H / G times each, then a batched product.
+pub fn head_matmul_composed(a: Tensor<4>, b: Tensor<4>) -> Tensor<4> {
+    let [batch, heads, _, _] = a.dims();
+    let [_, groups, k, n] = b.dims();
+    let b = match heads == groups {
+        true => b,
+        false => b
+            .unsqueeze_dim::<5>(2)
+            .expand([batch, groups, heads / groups, k, n])
+            .reshape([batch, heads, k, n]),
+    };
+    a.matmul(b)
 }
 
 /// Elements per parallel task of an element-wise sweep: large enough that scheduling costs

@@ -9,6 +9,7 @@
 
 use burn::backend::TensorMetadata;
 use burn::backend::flex::FlexTensor;
+use burn::tensor::Shape;
 use rayon::prelude::*;
 
 use super::binary::Binary;
@@ -51,6 +52,7 @@ impl Binary for Swiglu {
 
     fn gradients(
         kept: [Option<FlexTensor>; 2],
+        _shapes: [Shape; 2],
         grad: FlexTensor,
         _tracked: [bool; 2],
     ) -> [Option<FlexTensor>; 2] {

@@ -205,6 +205,38 @@ fn matmul_matches_burns_product() {
     }
 }
 
+/// Attention's per-head products against burn's batched product of repeated heads, values and
+/// both gradients: grouped heads (3 query heads to each key/value head) with keys given
+/// transposed (the scores' layout) and queries strided as the attention makes them, one
+/// query row (a generated token), and one key/value head per query head.
+#[test]
+fn head_matmul_matches_repeated_heads() {
+    for device in devices() {
+        for ([batch, heads, groups, m, k, n], strided) in [
+            ([2, 6, 2, 5, 7, 9], true),
+            ([2, 4, 2, 1, 16, 33], true),
+            ([1, 4, 4, 64, 32, 64], false),
+        ] {
+            let (a, b) = if strided {
+                (
+                    uniform([batch, m, heads, k], 0.0, 1.0, 15, &device).swap_dims(1, 2),
+                    uniform([batch, groups, n, k], 0.0, 1.0, 16, &device).swap_dims(2, 3),
+                )
+            } else {
+                (
+                    uniform([batch, heads, m, k], 0.0, 1.0, 15, &device),
+                    uniform([batch, groups, k, n], 0.0, 1.0, 16, &device),
+                )
+            };
+            let dims = [batch, heads, m, n];
+            let weights = uniform(dims, 0.0, 1.0, 17, &device);
+            let case = format!("{heads} heads on {groups}, [{m}, {k}] · [{k}, {n}]");
+            let op: (BinaryFn<4>, BinaryFn<4>) = (head_matmul, head_matmul_composed);
+            assert_matches_composed(&device, [a, b], ["a", "b"], op, dims, &weights, &case);
+        }
+    }
+}
+
 /// An operation of two tensors of one rank.
 type BinaryFn<const D: usize> = fn(Tensor<D>, Tensor<D>) -> Tensor<D>;
 
