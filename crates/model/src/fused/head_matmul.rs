@@ -19,7 +19,11 @@ use super::matmul::{Operand, SendPtr, gemm_into, output};
 
 /// The four dimensions of a tensor.
 fn dims(t: &FlexTensor) -> [usize; 4] {
-    let shape = t.shape();
+    four(t.shape())
+}
+
+/// A shape's four dimensions.
+fn four(shape: Shape) -> [usize; 4] {
     assert_eq!(
         shape.num_dims(),
         4,
@@ -129,7 +133,6 @@ impl Binary for HeadMatmul {
         [a_tracked, b_tracked]: [bool; 2],
     ) -> [Option<FlexTensor>; 2] {
         let kept = "head_matmul keeps b for ∂L/∂a and a for ∂L/∂b";
-        let four = |s: Shape| -> [usize; 4] { [s[0], s[1], s[2], s[3]] };
         [
             a_tracked.then(|| a_gradient(&dy, b.as_ref().expect(kept), four(a_shape))),
             b_tracked.then(|| b_gradient(a.as_ref().expect(kept), &dy, four(b_shape))),
