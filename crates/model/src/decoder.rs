@@ -557,6 +557,11 @@ impl LayerShapes {
     }
 }
 
+/// [in, out] of a decoder layer's projection (`q_proj`, ..., `down_proj`; see `PROJECTIONS`).
+pub fn projection_shape(config: &ModelConfig, projection: &str) -> [usize; 2] {
+    LayerShapes::of(config).linear(projection)
+}
+
 /// Parameter count, from the config alone.
 pub fn parameter_count(config: &ModelConfig) -> usize {
     let shapes = LayerShapes::of(config);

@@ -116,9 +116,13 @@ pub fn generate_streaming(
         let layout = AttentionLayout {
             key_mask: key_mask.clone(),
         };
-        let logits = model.forward(input, &layout, Some(&mut cache));
-        let [b, s, v] = logits.dims();
-        let last = logits.narrow(1, s - 1, 1).reshape([b, v]);
+        let hidden = model.forward_hidden(input, &layout, Some(&mut cache), &[]);
+        let [b, s, _] = hidden.dims();
+        // Only the last position is projected onto the vocabulary: a prompt's pass would
+        // otherwise make a [prompt, vocabulary] tensor per row only to drop all but one.
+        let logits = model.logits(hidden.narrow(1, s - 1, 1));
+        let v = logits.dims()[2];
+        let last = logits.reshape([b, v]);
         let next: Vec<u32> = if sampling.temperature == 0.0 {
             let ids = last
                 .argmax(1)

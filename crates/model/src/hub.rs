@@ -59,6 +59,24 @@ pub fn is_repo_id(name: &str) -> bool {
     matches!(name.split_once('/'), Some((org, repo)) if ok(org) && ok(repo))
 }
 
+/// Whether `name` can be a branch, tag or commit: git's rules for a ref name
+/// (`git check-ref-format`), with the characters a Hub revision uses. The revision becomes a
+/// file name in the cache (`refs/<revision>`), so `..`, a leading `/` and the like must never
+/// reach it.
+pub fn is_revision(name: &str) -> bool {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "-_./".contains(c);
+    !name.is_empty()
+        && name.len() <= 255
+        && name.chars().all(allowed)
+        && !name.contains("..")
+        && !name.contains("//")
+        && !name.starts_with('/')
+        && !name.ends_with('/')
+        && !name.ends_with(".lock")
+        && !name.ends_with('.')
+        && name.split('/').all(|part| !part.starts_with('.'))
+}
+
 /// The files of a repository that make a checkpoint safeprobe loads.
 fn wanted(file: &str) -> bool {
     const EXACT: [&str; 7] = [
@@ -115,6 +133,12 @@ pub fn pull(
     if !is_repo_id(repo_id) {
         return Err(Error::Invalid(format!(
             "\"{repo_id}\" is not a Hub model id (expected ORG/NAME)"
+        )));
+    }
+    if !is_revision(&options.revision) {
+        return Err(Error::Invalid(format!(
+            "revision {:?} is not a branch, tag or commit name",
+            options.revision
         )));
     }
     let mut builder = ApiBuilder::from_cache(Cache::new(options.cache_dir.clone()))
@@ -192,7 +216,7 @@ pub fn pull(
 /// The cached snapshot of `repo_id` at `revision`, if `pull` (or `transformers`) finished
 /// one there. Never touches the network.
 pub fn cached(repo_id: &str, revision: &str, cache_dir: &Path) -> Option<PathBuf> {
-    if !is_repo_id(repo_id) {
+    if !is_repo_id(repo_id) || !is_revision(revision) {
         return None;
     }
     let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
@@ -239,5 +263,43 @@ fn status_of(error: &ureq::Error) -> String {
     match error {
         ureq::Error::Status(code, _) => code.to_string(),
         ureq::Error::Transport(_) => "transport error".into(),
+    }
+}
+
+#[cfg(test)]
+mod revision_tests {
+    use super::is_revision;
+
+    /// Branches, tags and commits pass; anything that could leave `refs/` in the cache, or
+    /// that git itself refuses as a ref name, does not.
+    #[test]
+    fn a_revision_is_a_git_ref_name() {
+        for good in [
+            "main",
+            "v1.0",
+            "refs/pr/3",
+            "release-2024_01",
+            "a1b2c3d4e5f6",
+        ] {
+            assert!(is_revision(good), "{good}");
+        }
+        for bad in [
+            "",
+            "../../../../x",
+            "/etc",
+            "main/../../x",
+            ".hidden",
+            "a/.b",
+            "a b",
+            "a//b",
+            "main/",
+            "x.lock",
+            "v1.",
+            "a\\b",
+            "a:b",
+            "tag@{1}",
+        ] {
+            assert!(!is_revision(bad), "{bad:?}");
+        }
     }
 }

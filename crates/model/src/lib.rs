@@ -13,6 +13,7 @@ pub mod gguf;
 pub mod hub;
 pub mod import;
 pub mod lora;
+pub mod memory;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
@@ -25,6 +26,7 @@ pub use decoder::CausalLm;
 pub use error::{Error, Result};
 pub use generate::{Sampling, Score};
 pub use lora::LoraConfig;
+pub use memory::{PassMemory, lora_pass_memory};
 
 /// A checkpoint directory loaded onto a device: config, weights, tokenizer.
 pub struct Checkpoint {
@@ -95,6 +97,16 @@ impl Checkpoint {
             .iter()
             .map(|m| self.tokenizer.encode_prompt(m))
             .collect::<Result<Vec<_>>>()?;
+        let context = self.config.max_position_embeddings;
+        if let Some(longest) = ids.iter().map(Vec::len).max()
+            && longest.saturating_add(sampling.max_new_tokens) > context
+        {
+            return Err(Error::Invalid(format!(
+                "a prompt of {longest} tokens and max_new_tokens {} are over this model's \
+                 context of {context} tokens; shorten the prompt",
+                sampling.max_new_tokens
+            )));
+        }
         let outputs = generate::generate(
             &self.model,
             &ids,
@@ -139,72 +151,4 @@ pub fn resolve_model_dir(model: &Path) -> Result<PathBuf> {
 pub fn size_report(config: &ModelConfig) -> (usize, u64) {
     let params = decoder::parameter_count(config);
     (params, params as u64 * 4)
-}
-
-/// The peak memory of one LoRA training pass, estimated from the shapes alone (f32 bytes).
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
-pub struct PassMemory {
-    pub weights: u64,
-    /// Tensors the forward pass keeps for the backward pass.
-    pub activations: u64,
-    /// The output projection at the scored positions: logits, log-softmax and their gradient.
-    pub logits: u64,
-}
-
-impl PassMemory {
-    pub fn total(&self) -> u64 {
-        self.weights + self.activations + self.logits
-    }
-}
-
-/// Estimated peak of a LoRA pass over `rows` sequences of `seq_len` tokens, all of them
-/// scored (an upper bound: prompts are not), counting what the autodiff graph keeps for the
-/// backward pass per token and layer: 5 hidden-sized tensors (each RMSNorm's input and
-/// normalised output, the residual stream), 4 of the query width (the rotated queries, keys
-/// and values repeated for grouped attention, the attention output), 4 of the MLP width (gate,
-/// SiLU, up, their product), and one row of `heads × seq_len` attention probabilities.
-/// Products with constants (rotary tables, masks, scales) keep nothing. The vocabulary
-/// projection adds three [tokens, vocab] tensors (logits, log-softmax, their gradient). SFT
-/// makes one such pass; a SAP step's largest is the safety pass, whose rows are the chosen and
-/// the rejected answers.
-///
-/// `fused`: the CPU backend's fused operations (`fused/`), which keep 2 of the MLP width (gate
-/// and up) and 2 [tokens, vocab] tensors (logits and their gradient) instead.
-pub fn lora_pass_memory(
-    config: &ModelConfig,
-    rows: usize,
-    seq_len: usize,
-    fused: bool,
-) -> PassMemory {
-    let (mlp_kept, vocab_kept) = if fused { (2, 2) } else { (4, 3) };
-    let tokens = (rows * seq_len) as u64;
-    let per_token_layer = 5 * config.hidden_size
-        + 4 * config.q_width()
-        + mlp_kept * config.intermediate_size
-        + config.num_attention_heads * seq_len;
-    PassMemory {
-        weights: size_report(config).1,
-        activations: 4 * tokens * (per_token_layer * config.num_hidden_layers) as u64,
-        logits: 4 * tokens * vocab_kept * config.vocab_size as u64,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The documented count on a small Qwen2 shape (hidden 256 = 4 heads × 64, MLP 704,
-    /// 4 layers, vocab 4096), 2 rows of 8 tokens, by hand: per token and layer 5·256 + 4·256
-    /// + {4, 2}·704 + 4·8 values; {3, 2} [16, 4096] logits tensors.
-    #[test]
-    fn the_pass_estimate_counts_what_each_backends_operations_keep() {
-        let config = ModelConfig::qwen2(4096, 256, 704, 4, 4, 2, 4096, 1e6, vec![]);
-        let composed = lora_pass_memory(&config, 2, 8, false);
-        assert_eq!(composed.activations, 4 * 16 * 5152 * 4);
-        assert_eq!(composed.logits, 4 * 16 * 3 * 4096);
-        let fused = lora_pass_memory(&config, 2, 8, true);
-        assert_eq!(fused.activations, 4 * 16 * 3744 * 4);
-        assert_eq!(fused.logits, 4 * 16 * 2 * 4096);
-        assert_eq!(fused.weights, composed.weights);
-    }
 }
