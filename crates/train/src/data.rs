@@ -78,14 +78,17 @@ fn oversized(path: &Path, line: usize, bytes: usize) -> TrainError {
     }
 }
 
-/// The records of a data file as JSON objects with their line (JSONL), row (Parquet) or
-/// element (a JSON array, as Alpaca ships) number, 1-based.
-pub fn records(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, Value>)>> {
-    let rows = match path.extension().and_then(|e| e.to_str()) {
-        Some("parquet") => parquet_rows(path)?,
-        Some("json") => json_array(path)?,
-        _ => jsonl(path)?,
-    };
+/// A record of a data file: a JSON object and its line (JSONL), row (Parquet) or element (a
+/// JSON array) number, 1-based.
+pub type Record = (usize, serde_json::Map<String, Value>);
+
+/// The records of a data file, in order (see `for_each_record`); an error for a file with none.
+pub fn records(path: &Path) -> Result<Vec<Record>> {
+    let mut rows = Vec::new();
+    for_each_record(path, |line, map| {
+        rows.push((line, map));
+        Ok(())
+    })?;
     if rows.is_empty() {
         return Err(TrainError::File {
             path: path.into(),
@@ -95,16 +98,38 @@ pub fn records(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, Value>
     Ok(rows)
 }
 
-fn parquet_rows(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, Value>)>> {
-    use parquet::file::reader::SerializedFileReader;
-    let bad = |message: String| TrainError::File {
+/// Calls `each` with every record of a data file in order, holding one record at a time, so
+/// that checking a file takes memory for its largest record, not for the file: a JSONL line
+/// is read up to `MAX_RECORD_BYTES` and refused beyond, a JSON array is read element by
+/// element, Parquet row by row. Returns how many records there were; `each` can stop the
+/// reading with an error.
+pub fn for_each_record(
+    path: &Path,
+    mut each: impl FnMut(usize, serde_json::Map<String, Value>) -> Result<()>,
+) -> Result<usize> {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("parquet") => parquet_rows(path, &mut each),
+        Some("json") => json_array(path, &mut each),
+        _ => jsonl(path, &mut each),
+    }
+}
+
+type Each<'a> = &'a mut dyn FnMut(usize, serde_json::Map<String, Value>) -> Result<()>;
+
+fn open(path: &Path) -> Result<std::fs::File> {
+    std::fs::File::open(path).map_err(|e| TrainError::File {
         path: path.into(),
-        message,
-    };
-    let file = std::fs::File::open(path).map_err(|e| bad(format!("cannot read: {e}")))?;
-    let reader = SerializedFileReader::new(file)
-        .map_err(|e| bad(format!("not a readable Parquet file: {e}")))?;
-    let mut rows = Vec::new();
+        message: format!("cannot read: {e}"),
+    })
+}
+
+fn parquet_rows(path: &Path, each: Each) -> Result<usize> {
+    use parquet::file::reader::SerializedFileReader;
+    let reader = SerializedFileReader::new(open(path)?).map_err(|e| TrainError::File {
+        path: path.into(),
+        message: format!("not a readable Parquet file: {e}"),
+    })?;
+    let mut count = 0;
     for (i, row) in reader.into_iter().enumerate() {
         let row = row.map_err(|e| TrainError::Data {
             path: path.into(),
@@ -115,76 +140,125 @@ fn parquet_rows(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, Value
             Value::Object(map) if text_bytes(&map) > MAX_RECORD_BYTES => {
                 return Err(oversized(path, i + 1, text_bytes(&map)));
             }
-            Value::Object(map) => rows.push((i + 1, map)),
+            Value::Object(map) => each(i + 1, map)?,
             _ => unreachable!("a Parquet row converts to a JSON object"),
         }
+        count += 1;
     }
-    Ok(rows)
+    Ok(count)
 }
 
-fn json_array(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, Value>)>> {
-    let bad = |message: String| TrainError::File {
-        path: path.into(),
-        message,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| bad(format!("cannot read: {e}")))?;
-    let items = match serde_json::from_str::<Value>(&text) {
-        Ok(Value::Array(items)) => items,
-        Ok(_) => {
-            return Err(bad(
-                "expected a JSON array of objects (Alpaca format)".into()
-            ));
+/// A JSON array read element by element: serde hands each element to `visit_seq` as it is
+/// parsed, and the element is dropped before the next is read.
+fn json_array(path: &Path, each: Each) -> Result<usize> {
+    use serde::de::{Deserializer, SeqAccess, Visitor};
+
+    struct Elements<'a, 'b> {
+        path: &'a Path,
+        each: Each<'b>,
+        /// The callback's own error, carried past serde's error type.
+        failed: &'a mut Option<TrainError>,
+    }
+
+    impl<'de> Visitor<'de> for Elements<'_, '_> {
+        type Value = usize;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON array of objects (Alpaca format)")
         }
-        Err(e) => return Err(bad(format!("malformed JSON: {e}"))),
-    };
-    items
-        .into_iter()
-        .enumerate()
-        .map(|(i, item)| match item {
-            Value::Object(map) if text_bytes(&map) > MAX_RECORD_BYTES => {
-                Err(oversized(path, i + 1, text_bytes(&map)))
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<usize, A::Error> {
+            let mut count = 0;
+            while let Some(item) = seq.next_element::<Value>()? {
+                count += 1;
+                let outcome = match item {
+                    Value::Object(map) if text_bytes(&map) > MAX_RECORD_BYTES => {
+                        Err(oversized(self.path, count, text_bytes(&map)))
+                    }
+                    Value::Object(map) => (self.each)(count, map),
+                    _ => Err(TrainError::Data {
+                        path: self.path.into(),
+                        line: count,
+                        message: "array element is not a JSON object".into(),
+                    }),
+                };
+                if let Err(e) = outcome {
+                    *self.failed = Some(e);
+                    return Err(serde::de::Error::custom("stopped"));
+                }
             }
-            Value::Object(map) => Ok((i + 1, map)),
-            _ => Err(TrainError::Data {
-                path: path.into(),
-                line: i + 1,
-                message: "array element is not a JSON object".into(),
-            }),
-        })
-        .collect()
+            Ok(count)
+        }
+    }
+
+    let reader = std::io::BufReader::new(open(path)?);
+    let mut failed = None;
+    let mut parser = serde_json::Deserializer::from_reader(reader);
+    let parsed = parser.deserialize_seq(Elements {
+        path,
+        each,
+        failed: &mut failed,
+    });
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    let count = parsed.and_then(|n| parser.end().map(|()| n));
+    count.map_err(|e| TrainError::File {
+        path: path.into(),
+        message: if e.is_data() {
+            "expected a JSON array of objects (Alpaca format)".into()
+        } else {
+            format!("malformed JSON: {e}")
+        },
+    })
 }
 
-fn jsonl(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, Value>)>> {
-    let text = std::fs::read_to_string(path).map_err(|e| TrainError::File {
-        path: path.into(),
-        message: format!("cannot read: {e}"),
-    })?;
-    let mut rows = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        if line.len() > MAX_RECORD_BYTES {
-            return Err(oversized(path, i + 1, line.len()));
+fn jsonl(path: &Path, each: Each) -> Result<usize> {
+    use std::io::{BufRead, Read};
+    let mut reader = std::io::BufReader::new(open(path)?);
+    let mut line = Vec::new();
+    let (mut number, mut count) = (0, 0);
+    loop {
+        line.clear();
+        number += 1;
+        // One byte over the limit is enough to know the line is too long.
+        let read = (&mut reader)
+            .take(MAX_RECORD_BYTES as u64 + 2)
+            .read_until(b'\n', &mut line)
+            .map_err(|e| TrainError::File {
+                path: path.into(),
+                message: format!("cannot read: {e}"),
+            })?;
+        if read == 0 {
+            break;
         }
         let data = |message: String| TrainError::Data {
             path: path.into(),
-            line: i + 1,
+            line: number,
             message,
         };
-        match serde_json::from_str::<Value>(line) {
-            Ok(Value::Object(map)) => rows.push((i + 1, map)),
+        let text = std::str::from_utf8(&line)
+            .map_err(|e| data(format!("not UTF-8 text: {e}")))?
+            .trim_end_matches(['\n', '\r']);
+        if text.len() > MAX_RECORD_BYTES {
+            // Read only up to the limit: its true length is not known, and need not be.
+            return Err(data(format!(
+                "record of {} bytes or more is over the {MAX_RECORD_BYTES}-byte limit for one \
+                 example; split or shorten it",
+                text.len()
+            )));
+        }
+        if text.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<Value>(text) {
+            Ok(Value::Object(map)) => each(number, map)?,
             Ok(_) => return Err(data("expected a JSON object".into())),
             Err(e) => return Err(data(format!("malformed JSON: {e}"))),
         }
+        count += 1;
     }
-    if rows.is_empty() {
-        return Err(TrainError::File {
-            path: path.into(),
-            message: "no examples".into(),
-        });
-    }
-    Ok(rows)
+    Ok(count)
 }
 
 /// The bytes of text a record holds (its strings, at any depth).
@@ -209,58 +283,62 @@ fn text(map: &serde_json::Map<String, Value>, key: &str) -> Option<String> {
 pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
     records(path)?
         .into_iter()
-        .map(|(line, map)| {
-            let bad = |message: &str| TrainError::Data {
-                path: path.into(),
-                line,
-                message: message.into(),
-            };
-            if let Some(messages) = map.get("messages").filter(|m| !m.is_null()) {
-                let mut messages: Vec<Message> =
-                    serde_json::from_value(messages.clone()).map_err(|e| {
-                        bad(&format!(
-                            "\"messages\" must be a list of {{role, content}}: {e}"
-                        ))
-                    })?;
-                match messages.pop() {
-                    Some(last) if last.role == "assistant" && !messages.is_empty() => Ok(Example {
-                        prompt: messages,
-                        response: last.content,
-                        line,
-                    }),
-                    _ => Err(bad(
-                        "\"messages\" must end with an assistant message after at least one other",
-                    )),
-                }
-            } else if let (Some(instruction), Some(output)) =
-                (text(&map, "instruction"), text(&map, "output"))
-            {
-                let input = text(&map, "input").unwrap_or_default();
-                let prompt = if input.is_empty() {
-                    instruction
-                } else {
-                    format!("{instruction}\n\n{input}")
-                };
-                Ok(Example {
-                    prompt: vec![Message::new("user", prompt)],
-                    response: output,
-                    line,
-                })
-            } else if let (Some(prompt), Some(response)) =
-                (text(&map, "prompt"), text(&map, "response"))
-            {
-                Ok(Example {
-                    prompt: vec![Message::new("user", prompt)],
-                    response,
-                    line,
-                })
-            } else {
-                Err(bad(
-                    "expected \"messages\", \"instruction\"+\"output\" or \"prompt\"+\"response\"",
-                ))
-            }
-        })
+        .map(|(line, map)| example_from(path, line, &map))
         .collect()
+}
+
+/// One record (line `line` of `path`) as a training example (see `read_examples`).
+pub fn example_from(
+    path: &Path,
+    line: usize,
+    map: &serde_json::Map<String, Value>,
+) -> Result<Example> {
+    let bad = |message: &str| TrainError::Data {
+        path: path.into(),
+        line,
+        message: message.into(),
+    };
+    if let Some(messages) = map.get("messages").filter(|m| !m.is_null()) {
+        let mut messages: Vec<Message> = serde_json::from_value(messages.clone()).map_err(|e| {
+            bad(&format!(
+                "\"messages\" must be a list of {{role, content}}: {e}"
+            ))
+        })?;
+        match messages.pop() {
+            Some(last) if last.role == "assistant" && !messages.is_empty() => Ok(Example {
+                prompt: messages,
+                response: last.content,
+                line,
+            }),
+            _ => Err(bad(
+                "\"messages\" must end with an assistant message after at least one other",
+            )),
+        }
+    } else if let (Some(instruction), Some(output)) =
+        (text(map, "instruction"), text(map, "output"))
+    {
+        let input = text(map, "input").unwrap_or_default();
+        let prompt = if input.is_empty() {
+            instruction
+        } else {
+            format!("{instruction}\n\n{input}")
+        };
+        Ok(Example {
+            prompt: vec![Message::new("user", prompt)],
+            response: output,
+            line,
+        })
+    } else if let (Some(prompt), Some(response)) = (text(map, "prompt"), text(map, "response")) {
+        Ok(Example {
+            prompt: vec![Message::new("user", prompt)],
+            response,
+            line,
+        })
+    } else {
+        Err(bad(
+            "expected \"messages\", \"instruction\"+\"output\" or \"prompt\"+\"response\"",
+        ))
+    }
 }
 
 /// Reads a prompt per record (`prompt`, or `goal` / `instruction` as AdvBench and Alpaca
@@ -286,25 +364,34 @@ pub fn read_prompts(path: &Path) -> Result<Vec<(usize, String)>> {
 pub fn read_pairs(path: &Path) -> Result<Vec<SafetyPair>> {
     records(path)?
         .into_iter()
-        .map(|(line, map)| {
-            let prompt = text(&map, "prompt");
-            let chosen = text(&map, "chosen").or_else(|| text(&map, "safe"));
-            let rejected = text(&map, "rejected").or_else(|| text(&map, "harmful"));
-            match (prompt, chosen, rejected) {
-                (Some(prompt), Some(chosen), Some(rejected)) => Ok(SafetyPair {
-                    prompt,
-                    chosen,
-                    rejected,
-                    line,
-                }),
-                _ => Err(TrainError::Data {
-                    path: path.into(),
-                    line,
-                    message: "expected \"prompt\", \"chosen\" (or \"safe\") and \"rejected\" (or \"harmful\")".into(),
-                }),
-            }
-        })
+        .map(|(line, map)| pair_from(path, line, &map))
         .collect()
+}
+
+/// One record (line `line` of `path`) as a safety pair (see `read_pairs`).
+pub fn pair_from(
+    path: &Path,
+    line: usize,
+    map: &serde_json::Map<String, Value>,
+) -> Result<SafetyPair> {
+    let prompt = text(map, "prompt");
+    let chosen = text(map, "chosen").or_else(|| text(map, "safe"));
+    let rejected = text(map, "rejected").or_else(|| text(map, "harmful"));
+    match (prompt, chosen, rejected) {
+        (Some(prompt), Some(chosen), Some(rejected)) => Ok(SafetyPair {
+            prompt,
+            chosen,
+            rejected,
+            line,
+        }),
+        _ => Err(TrainError::Data {
+            path: path.into(),
+            line,
+            message:
+                "expected \"prompt\", \"chosen\" (or \"safe\") and \"rejected\" (or \"harmful\")"
+                    .into(),
+        }),
+    }
 }
 
 /// How many poison examples make up `fraction` of `clean` benign examples plus themselves.
@@ -453,6 +540,70 @@ impl Batch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn file_with(name: &str, text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    /// The three formats give the same records, numbered from 1, one at a time; a callback's
+    /// error stops the reading and comes back as it was.
+    #[test]
+    fn records_are_read_one_at_a_time_in_every_format() {
+        let rows = r#"{"prompt": "a", "response": "1"}
+{"prompt": "b", "response": "2"}"#;
+        let (_d1, jsonl) = file_with("x.jsonl", &format!("{rows}\n\n"));
+        let array = format!("[{}]", rows.replace('\n', ","));
+        let (_d2, json) = file_with("x.json", &array);
+        for path in [&jsonl, &json] {
+            let mut seen = Vec::new();
+            let count = for_each_record(path, |line, map| {
+                seen.push((line, map["prompt"].as_str().unwrap().to_string()));
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(count, 2, "{}", path.display());
+            assert_eq!(seen, [(1, "a".to_string()), (2, "b".to_string())]);
+            let stopped = for_each_record(path, |line, _| match line {
+                2 => Err(TrainError::Config("stop here".into())),
+                _ => Ok(()),
+            });
+            assert!(matches!(stopped, Err(TrainError::Config(m)) if m == "stop here"));
+        }
+        let (_d3, not_objects) = file_with("y.json", "[1, 2]");
+        let error = records(&not_objects).unwrap_err().to_string();
+        assert!(
+            error.contains(":1: array element is not a JSON object"),
+            "{error}"
+        );
+        let (_d4, not_array) = file_with("z.json", "{\"prompt\": \"a\"}");
+        let error = records(&not_array).unwrap_err().to_string();
+        assert!(error.contains("expected a JSON array"), "{error}");
+        let (_d5, broken) = file_with("w.json", "[{\"prompt\": ");
+        let error = records(&broken).unwrap_err().to_string();
+        assert!(error.contains("malformed JSON"), "{error}");
+    }
+
+    /// A JSONL line over the limit is refused by its line number after reading only up to the
+    /// limit; one at the limit is read.
+    #[test]
+    fn a_jsonl_line_over_the_limit_is_refused_by_its_line() {
+        let at_limit = format!("{{\"prompt\": \"{}\"}}", "x".repeat(MAX_RECORD_BYTES - 14));
+        assert_eq!(at_limit.len(), MAX_RECORD_BYTES);
+        let over = format!("{{\"prompt\": \"{}\"}}", "x".repeat(MAX_RECORD_BYTES));
+        let (_d, path) = file_with("big.jsonl", &format!("{at_limit}\n{over}\n{at_limit}\n"));
+        let mut lines = Vec::new();
+        let error = for_each_record(&path, |line, _| {
+            lines.push(line);
+            Ok(())
+        })
+        .unwrap_err()
+        .to_string();
+        assert_eq!(lines, [1]);
+        assert!(error.contains("big.jsonl:2: record of"), "{error}");
+    }
 
     fn pairs(n: usize) -> Vec<SafetyPair> {
         (0..n)

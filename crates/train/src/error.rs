@@ -12,6 +12,9 @@ pub enum TrainError {
     File { path: PathBuf, message: String },
     #[error("config: {0}")]
     Config(String),
+    /// The run cannot fit in the memory there is (its estimate and what to lower).
+    #[error("{0}")]
+    TooLarge(String),
     #[error("cancelled after step {step}")]
     Cancelled { step: usize },
     #[error(transparent)]

@@ -1,6 +1,7 @@
 //! safeprobe's trainer: supervised fine-tuning and Safety-Aware Probing on burn.
 
 pub mod adamw;
+pub mod admission;
 pub mod checkpoint;
 pub mod data;
 pub mod error;

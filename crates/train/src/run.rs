@@ -262,6 +262,12 @@ impl RunConfig {
         if self.finetune == Finetune::Full && self.init_adapter.is_some() {
             return bad("init_adapter is a LoRA adapter: it needs finetune = \"lora\"".into());
         }
+        if self.max_len == 0 {
+            return bad("max_len must be at least 1 token".into());
+        }
+        if let Err(e) = self.device.parse::<safeprobe_model::device::DeviceChoice>() {
+            return bad(format!("device: {e}"));
+        }
         if self.batch_size == 0 || self.safety_batch_size == 0 || self.grad_accumulation == 0 {
             return bad(
                 "batch_size, safety_batch_size and grad_accumulation must be at least 1".into(),
