@@ -154,6 +154,19 @@ impl CompareConfig {
                 twice[0]
             ));
         }
+        if self.max_new_tokens == 0 || self.max_new_tokens > 4096 {
+            return bad(format!(
+                "max_new_tokens: {} must be in 1..=4096 (an answer of no tokens cannot be judged)",
+                self.max_new_tokens
+            ));
+        }
+        if let Some(Err(e)) = self
+            .device
+            .as_deref()
+            .map(str::parse::<safeprobe_model::device::DeviceChoice>)
+        {
+            return bad(format!("device: {e}"));
+        }
         if self.max_prompts == Some(0) {
             return bad("max_prompts must be at least 1".into());
         }
@@ -232,6 +245,33 @@ impl CompareConfig {
             total = total.saturating_add(steps.saturating_mul(self.seeds.len()));
         }
         Ok(total)
+    }
+
+    /// The largest memory any part of the comparison takes: its runs (every method and
+    /// condition) and answering the harmful prompts. `fused`: the CPU backend. Checks the
+    /// run settings that depend on the model (probed layers, sequence length) on the way.
+    pub fn memory_estimate(
+        &self,
+        model: &safeprobe_model::ModelConfig,
+        fused: bool,
+    ) -> Result<safeprobe_model::memory::Estimate> {
+        let task = Task::parse(&self.task)?;
+        let mut largest = crate::harmful::answer_memory(model, self.max_new_tokens);
+        for run in self.first_seed_runs(task, Path::new("compare"))? {
+            run.check_against(model)
+                .map_err(|e| EvalError::Invalid(format!("train: {e}")))?;
+            let mut estimate = run.memory_estimate(model, fused);
+            if estimate.total() > largest.total() {
+                // A comparison takes its trainer settings from [train].
+                for driver in &mut estimate.drivers {
+                    if driver != "model" {
+                        *driver = format!("train.{driver}");
+                    }
+                }
+                largest = estimate;
+            }
+        }
+        Ok(largest)
     }
 
     /// The methods that fine-tune (all but the base model, which is evaluated once).

@@ -40,6 +40,26 @@ impl Default for AnswerSettings {
     }
 }
 
+/// The prompt length `answer_memory` sizes for: harmful prompts are a sentence or two (the
+/// built-in set's longest, rendered with the chat template, is under 100 tokens).
+pub const SIZED_PROMPT_TOKENS: usize = 256;
+
+/// The memory answering a prompt set takes with the default batch of 16 prompts of up to
+/// `SIZED_PROMPT_TOKENS`, `max_new_tokens` each.
+pub fn answer_memory(
+    model: &safeprobe_model::ModelConfig,
+    max_new_tokens: usize,
+) -> safeprobe_model::memory::Estimate {
+    let mut estimate = safeprobe_model::memory::generation_memory(
+        model,
+        AnswerSettings::default().batch_size,
+        SIZED_PROMPT_TOKENS,
+        max_new_tokens,
+    );
+    estimate.drivers = vec!["model".into(), "max_new_tokens".into()];
+    estimate
+}
+
 /// The judges to run; at least one. The model judge is borrowed: one loaded judge serves
 /// every evaluation of a comparison.
 pub struct Judges<'a> {

@@ -63,6 +63,15 @@ pub fn load(path: &Path) -> Result<Vec<HarmfulPrompt>> {
     Ok(prompts)
 }
 
+/// Whether a JSONL, JSON or Parquet record holds a non-empty prompt (`prompt`, `goal` or
+/// `instruction`), as `load` reads one.
+pub fn is_prompt_record(row: &serde_json::Map<String, Value>) -> bool {
+    ["prompt", "goal", "instruction"]
+        .iter()
+        .find_map(|k| row.get(*k).and_then(Value::as_str))
+        .is_some_and(|p| !p.trim().is_empty())
+}
+
 fn category(value: Option<&Value>) -> String {
     match value {
         Some(Value::String(s)) if !s.is_empty() => s.clone(),
