@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use safeprobe_model::device::{self, DeviceChoice};
 use safeprobe_model::weights::SaveDtype;
-use safeprobe_model::{Checkpoint, Message, Sampling, chat, export, lora};
+use safeprobe_model::{Checkpoint, Message, ModelConfig, Sampling, chat, export, lora};
 use serde_json::json;
 
 mod allocator;
@@ -204,6 +204,19 @@ enum Command {
         /// The largest dataset a browser may upload, in MiB
         #[arg(long, default_value_t = 512)]
         max_upload_mib: usize,
+        /// The most memory one job may take, in MiB (default: 90% of this machine's memory
+        /// on the CPU; on a GPU, whose free memory wgpu does not report, no limit)
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        job_memory_mib: Option<u64>,
+        /// The longest prompt a chat may send, in tokens (the model's context caps it too)
+        #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+        max_prompt_tokens: u64,
+        #[command(flatten)]
+        device: DeviceArg,
+    },
+    /// Runs one job of the web server in this process (the server starts it; not for direct use)
+    #[command(hide = true)]
+    Job {
         #[command(flatten)]
         device: DeviceArg,
     },
@@ -232,6 +245,15 @@ fn select_device(arg: &DeviceArg) -> Result<device::Selected> {
     let selected = device::select(choice)?;
     eprintln!("device: {} — {}", selected.describe(), selected.reason);
     Ok(selected)
+}
+
+/// Whether `selected` keeps its tensors in this machine's memory (the CPU, or a software
+/// adapter such as lavapipe), so that what the machine has free bounds a run.
+pub fn uses_host_memory(selected: &device::Selected) -> bool {
+    selected
+        .adapter
+        .as_ref()
+        .is_none_or(|a| a.device_type == "Cpu")
 }
 
 /// The model a user named, or else the demo model (unpacked only then).
@@ -449,10 +471,15 @@ fn run(cli: Cli) -> Result<()> {
             max_steps,
             keep_checkpoints,
             max_upload_mib,
+            job_memory_mib,
+            max_prompt_tokens,
             device,
         } => {
             let selected = select_device(&device)?;
             let config = safeprobe_server::ServerConfig {
+                device: device.device.clone(),
+                worker_program: std::env::current_exe()
+                    .context("finding this program, which runs the server's jobs")?,
                 bind,
                 token: token.or_else(|| std::env::var("SAFEPROBE_TOKEN").ok()),
                 data_dir,
@@ -462,10 +489,16 @@ fn run(cli: Cli) -> Result<()> {
                 limits: safeprobe_server::jobs::Limits {
                     max_steps,
                     keep_checkpoints: keep_checkpoints as usize,
+                    job_memory: job_memory_mib.map(|m| m.saturating_mul(1 << 20)),
+                    max_prompt_tokens: max_prompt_tokens as usize,
                 },
                 max_upload_bytes: max_upload_mib << 20,
             };
-            safeprobe_server::serve_blocking(config, selected.device.clone(), selected.describe())?;
+            safeprobe_server::serve_blocking(config, selected)?;
+        }
+        Command::Job { device } => {
+            let selected = select_device(&device)?;
+            safeprobe_server::worker::run_from_stdin(&selected.device)?;
         }
         Command::Compare(args) => evaluate::compare(args, select_device)?,
         Command::Train {
@@ -496,6 +529,14 @@ fn run(cli: Cli) -> Result<()> {
             let selected = select_device(&DeviceArg {
                 device: device.unwrap_or_else(|| run.device.clone()),
             })?;
+            let model = ModelConfig::from_file(
+                &model_or_demo(Some(run.model.clone()))?.join("config.json"),
+            )?;
+            run.check_against(&model)?;
+            if uses_host_memory(&selected) {
+                let estimate = run.memory_estimate(&model, selected.backend == "cpu");
+                safeprobe_train::admission::check_free_memory(&estimate, "this run")?;
+            }
             let report = progress::reporter();
             match &resume {
                 Some(dir) => safeprobe_train::run::resume(dir, &selected.device, report)?,

@@ -107,6 +107,8 @@ pub async fn datasets(State(state): State<Arc<AppState>>) -> ApiResult<Vec<Datas
                 files.extend(list(&path).into_iter().filter(|p| is_data_file(p)));
             }
         }
+        // A link may point anywhere: list only what resolves inside a data directory.
+        files.retain(|f| state.places.data.contains(f));
         files.sort();
         for f in files {
             out.push(DatasetEntry {
@@ -214,32 +216,31 @@ pub async fn cancel_job(State(state): State<Arc<AppState>>, Path(id): Path<i64>)
 }
 
 /// Requeues an interrupted, cancelled or failed job; a training run continues from its newest
-/// checkpoint.
+/// checkpoint. The check and the requeue are one transaction, so of several resumes at once
+/// exactly one queues the job and the others get 409.
 pub async fn resume_job(State(state): State<Arc<AppState>>, Path(id): Path<i64>) -> ApiResult<Job> {
     let job = find_job(&state, id)?;
-    if !job.status.is_resumable() {
-        return Err(ApiError::Conflict(format!(
+    let not_resumable = |status: Status| {
+        ApiError::Conflict(format!(
             "job {id} is {}; only interrupted, cancelled or failed jobs can be resumed",
-            job.status.name()
-        )));
+            status.name()
+        ))
+    };
+    if !job.status.is_resumable() {
+        return Err(not_resumable(job.status));
     }
-    let store = &state.runner.store;
     let mut spec = job.spec.clone();
+    let mut keep_steps_to = 0;
     if job.kind == JobKind::Train {
         let dir = PathBuf::from(job.run_dir.clone().unwrap_or_default());
-        match safeprobe_train::checkpoint::latest(&dir) {
-            Some((step, _)) => {
-                spec["resume"] = json!(true);
-                store.truncate_steps_after(id, step as i64)?;
-            }
-            None => {
-                spec["resume"] = json!(false);
-                store.truncate_steps_after(id, 0)?;
-            }
-        }
-        store.set_spec(id, &spec, job.run_dir.as_deref())?;
+        let newest = safeprobe_train::checkpoint::latest(&dir);
+        spec["resume"] = json!(newest.is_some());
+        keep_steps_to = newest.map_or(0, |(step, _)| step as i64);
     }
-    store.set_status(id, Status::Queued, None)?;
+    if !state.runner.store.requeue(id, &spec, keep_steps_to)? {
+        let now = find_job(&state, id)?.status;
+        return Err(not_resumable(now));
+    }
     state.runner.enqueue(id);
     Ok(Json(find_job(&state, id)?))
 }
@@ -315,7 +316,8 @@ fn sse(name: &str, data: &impl serde::Serialize) -> SseEvent {
 }
 
 /// Streamed generation: `token` events carry text as it is produced, then one `done` (or an
-/// `error`).
+/// `error`). The prompt is tokenised and sized before the stream starts, so a prompt over the
+/// limit or a reply that cannot fit is an HTTP error (413, 400), not a stream that dies.
 pub async fn chat(
     State(state): State<Arc<AppState>>,
     body: Result<Json<ChatRequest>, axum::extract::rejection::JsonRejection>,
@@ -352,17 +354,22 @@ pub async fn chat(
         .map(|m| safeprobe_model::Message::new(&m.role, m.content.clone()))
         .collect();
     let messages = safeprobe_train::data::with_system(&messages, request.system.as_deref());
+    let chat = Arc::new(ChatModel {
+        cache: state.chat_model.clone(),
+        device: state.chat_device.clone(),
+        model,
+        adapter,
+        max_prompt_tokens: state.places.limits.max_prompt_tokens,
+        sizing: state.places.sizing,
+    });
+    let sizing = chat.clone();
+    let prompt = tokio::task::spawn_blocking(move || sizing.prompt(&messages, &sampling))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
     let (tx, rx) = tokio::sync::mpsc::channel::<SseEvent>(64);
-    let (device, cache) = (state.chat_device.clone(), state.chat_model.clone());
     tokio::task::spawn_blocking(move || {
         let send = |event: SseEvent| tx.blocking_send(event).is_ok();
-        let reply = ChatModel {
-            cache,
-            device,
-            model,
-            adapter,
-        };
-        if let Err(e) = reply.stream(&messages, &sampling, &send) {
+        if let Err(e) = chat.stream(prompt, &sampling, &send) {
             send(sse(
                 "error",
                 &ErrorBody {
@@ -380,18 +387,71 @@ struct ChatModel {
     device: burn::tensor::Device,
     model: PathBuf,
     adapter: Option<PathBuf>,
+    /// The server's cap on a prompt's tokens.
+    max_prompt_tokens: usize,
+    sizing: crate::admission::Sizing,
 }
 
 impl ChatModel {
-    /// Generates a reply, sending each new piece of text, then the whole.
-    fn stream(
+    fn key(&self) -> (PathBuf, Option<PathBuf>) {
+        (self.model.clone(), self.adapter.clone())
+    }
+
+    /// The prompt's token ids, once it is known to be within the limits and its reply to fit
+    /// in memory (nothing of the model's weights is loaded before that).
+    fn prompt(
         &self,
         messages: &[safeprobe_model::Message],
+        sampling: &safeprobe_model::Sampling,
+    ) -> Result<Vec<u32>, ApiError> {
+        let config = crate::admission::model_config(&self.model)?;
+        let (loaded, encoded) = {
+            let slot = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            match slot.as_ref() {
+                Some((key, checkpoint)) if *key == self.key() => {
+                    (true, Some(checkpoint.tokenizer.encode_prompt(messages)?))
+                }
+                _ => (false, None),
+            }
+        };
+        let prompt = match encoded {
+            Some(prompt) => prompt,
+            None => safeprobe_model::ChatTokenizer::load(&self.model, &config.eos_token_ids)?
+                .encode_prompt(messages)?,
+        };
+        let context = config
+            .max_position_embeddings
+            .saturating_sub(sampling.max_new_tokens);
+        let limit = self.max_prompt_tokens.min(context);
+        if prompt.len() > limit {
+            return Err(ApiError::TooLarge(format!(
+                "messages: the prompt is {} tokens, over the limit of {limit} ({} on this \
+                 server, and the model's context of {} less max_new_tokens {}); shorten it",
+                prompt.len(),
+                self.max_prompt_tokens,
+                config.max_position_embeddings,
+                sampling.max_new_tokens
+            )));
+        }
+        crate::admission::check_chat(
+            &config,
+            prompt.len(),
+            sampling.max_new_tokens,
+            loaded,
+            self.sizing,
+        )?;
+        Ok(prompt)
+    }
+
+    /// Generates a reply to `prompt`, sending each new piece of text, then the whole.
+    fn stream(
+        &self,
+        prompt: Vec<u32>,
         sampling: &safeprobe_model::Sampling,
         send: &impl Fn(SseEvent) -> bool,
     ) -> Result<(), ApiError> {
         let mut slot = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (self.model.clone(), self.adapter.clone());
+        let key = self.key();
         if slot.as_ref().is_none_or(|(k, _)| *k != key) {
             *slot = None;
             let mut checkpoint = safeprobe_model::Checkpoint::load(&self.model, &self.device)?;
@@ -401,7 +461,6 @@ impl ChatModel {
             *slot = Some((key, checkpoint));
         }
         let checkpoint = &slot.as_ref().expect("loaded").1;
-        let prompt = checkpoint.tokenizer.encode_prompt(messages)?;
         let mut tokens = Vec::new();
         let mut shown = String::new();
         safeprobe_model::generate::generate_streaming(

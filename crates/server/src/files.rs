@@ -128,24 +128,62 @@ fn upload_name(sent: &str) -> Result<String, ApiError> {
     Ok(base.to_string())
 }
 
+/// The largest CSV prompt set an upload may be (a CSV is parsed whole; AdvBench is 100 KB).
+const MAX_CSV_BYTES: u64 = 64 << 20;
+
 /// Reads a file as training examples, else safety pairs, else a harmful prompt set; returns
-/// how many records it holds and which. When it is none of them, the examples reader's
-/// error says why (it names the line).
+/// how many records it holds and which. Records are read one at a time, so the memory this
+/// takes is that of the largest record, whatever the number of records. When it is none of
+/// them, the examples reader's error says why (it names the line).
 fn what_it_holds(path: &Path) -> Result<(usize, &'static str), ApiError> {
-    let as_examples = safeprobe_train::data::read_examples(path);
-    if let Ok(examples) = &as_examples {
-        return Ok((examples.len(), "examples"));
-    }
-    if let Ok(pairs) = safeprobe_train::data::read_pairs(path) {
-        return Ok((pairs.len(), "pairs"));
-    }
-    if let Ok(prompts) = safeprobe_eval::prompts::load(path) {
+    if path.extension().and_then(|e| e.to_str()) == Some("csv") {
+        let bytes = path.metadata().map(|m| m.len()).unwrap_or(0);
+        if bytes > MAX_CSV_BYTES {
+            return Err(ApiError::TooLarge(format!(
+                "file: a CSV prompt set of {bytes} bytes is over the {MAX_CSV_BYTES}-byte limit \
+                 for CSV; send it as JSONL"
+            )));
+        }
+        let prompts = safeprobe_eval::prompts::load(path)?;
         return Ok((prompts.len(), "prompts"));
     }
-    Err(ApiError::Invalid(format!(
-        "not training examples, safety pairs or harmful prompts: {}",
-        as_examples.err().map(|e| e.to_string()).unwrap_or_default()
-    )))
+    let none = |why: String| {
+        ApiError::Invalid(format!(
+            "not training examples, safety pairs or harmful prompts: {why}"
+        ))
+    };
+    let (mut examples, mut pairs, mut prompts) = (true, true, true);
+    let mut why_not_examples = None;
+    let counted = safeprobe_train::data::for_each_record(path, |line, record| {
+        if examples && let Err(e) = safeprobe_train::data::example_from(path, line, &record) {
+            examples = false;
+            why_not_examples = Some(e.to_string());
+        }
+        pairs = pairs && safeprobe_train::data::pair_from(path, line, &record).is_ok();
+        prompts = prompts && safeprobe_eval::prompts::is_prompt_record(&record);
+        if examples || pairs || prompts {
+            Ok(())
+        } else {
+            // Stops the reading; the reason is the examples reader's.
+            Err(safeprobe_train::TrainError::Config(String::new()))
+        }
+    });
+    let records = match counted {
+        Ok(0) => return Err(none(format!("{}: no records", path.display()))),
+        Ok(n) => n,
+        Err(safeprobe_train::TrainError::Config(_)) => {
+            return Err(none(why_not_examples.unwrap_or_default()));
+        }
+        Err(e) => return Err(none(e.to_string())),
+    };
+    let holds = if examples {
+        "examples"
+    } else if pairs {
+        "pairs"
+    } else {
+        "prompts"
+    };
+    Ok((records, holds))
 }
 
 /// A finished training job's run directory and whether it trained a LoRA adapter.
@@ -256,6 +294,7 @@ pub async fn export(
     }
     let device = state.chat_device.clone();
     let written = out.clone();
+    let _one_at_a_time = state.exports.lock().await;
     tokio::task::spawn_blocking(move || {
         safeprobe_model::export::merge_and_export(
             &model,

@@ -28,8 +28,14 @@ pub async fn start(
             request.repo
         )));
     }
+    let revision = request.revision.unwrap_or_else(|| "main".into());
+    if !hub::is_revision(&revision) {
+        return Err(ApiError::Invalid(format!(
+            "revision: {revision:?} is not a branch, tag or commit name"
+        )));
+    }
     let options = HubOptions {
-        revision: request.revision.unwrap_or_else(|| "main".into()),
+        revision,
         progress: false,
         ..state.places.hub.clone()
     };

@@ -1,26 +1,17 @@
-//! Jobs: training runs, evaluations and comparisons, queued and executed one at a time on the
-//! server's device by the same library code the CLI calls. Every event goes to the store and
-//! to the live stream.
+//! Job requests: where the paths they name may lie, their checks and defaults, and their
+//! sizing, so that what is stored is a spec the job's process can run as it is (`runner`
+//! queues and supervises them, `worker` runs them).
 
-use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
 
-use burn::tensor::Device;
-use safeprobe_eval::EvalError;
-use safeprobe_eval::compare::{self, CompareConfig, Progress};
-use safeprobe_eval::harmful::{self, AnswerSettings, Judges};
-use safeprobe_eval::judge::{ModelJudge, RefusalJudge};
-use safeprobe_model::Checkpoint;
-use safeprobe_train::TrainError;
-use safeprobe_train::run::{self, Cancel, Event, RunConfig};
+use safeprobe_eval::compare::{self, CompareConfig};
+use safeprobe_train::run::RunConfig;
 use serde_json::{Value, json};
-use tokio::sync::broadcast;
 
+use crate::admission::Sizing;
 use crate::error::ApiError;
 use crate::paths::Roots;
-use crate::store::{Status, Store};
-use safeprobe_wire::{EvalSpec, JobKind, JobResult, LiveMessage};
+use safeprobe_wire::{EvalSpec, JobKind};
 
 /// What one job may ask of the server.
 #[derive(Debug, Clone)]
@@ -29,6 +20,11 @@ pub struct Limits {
     pub max_steps: usize,
     /// Checkpoints a training run keeps (its newest ones), unless the request asks for fewer.
     pub keep_checkpoints: usize,
+    /// The most memory one job may take, in bytes (`--job-memory-mib`); else what the machine
+    /// has, where tensors live in its memory.
+    pub job_memory: Option<u64>,
+    /// The longest prompt a chat may send, in tokens (also capped by the model's context).
+    pub max_prompt_tokens: usize,
 }
 
 impl Default for Limits {
@@ -36,6 +32,8 @@ impl Default for Limits {
         Self {
             max_steps: 100_000,
             keep_checkpoints: 2,
+            job_memory: None,
+            max_prompt_tokens: 4096,
         }
     }
 }
@@ -52,6 +50,8 @@ pub struct Places {
     pub limits: Limits,
     /// The Hugging Face cache (and endpoint and token) pulls use and model ids resolve in.
     pub hub: safeprobe_model::hub::HubOptions,
+    /// How jobs and chats on the server's device are sized.
+    pub sizing: Sizing,
 }
 
 impl Places {
@@ -230,6 +230,30 @@ fn refuse_output_dir(map: &serde_json::Map<String, Value>) -> Result<(), ApiErro
     Ok(())
 }
 
+/// A request's `device` (train and compare jobs run on it instead of the server's): one that
+/// parses and, for wgpu, exists on this machine.
+fn check_device(map: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
+    use safeprobe_model::device::{DeviceChoice, list_adapters};
+    let Some(device) = map.get("device").filter(|d| !d.is_null()) else {
+        return Ok(());
+    };
+    let choice: DeviceChoice = device
+        .as_str()
+        .ok_or_else(|| {
+            ApiError::Invalid(format!("config.device: expected a string, found {device}"))
+        })?
+        .parse()
+        .map_err(|e| ApiError::Invalid(format!("config.device: {e}")))?;
+    if choice == DeviceChoice::Wgpu && list_adapters().is_empty() {
+        return Err(ApiError::Invalid(
+            "config.device: \"wgpu\" was asked for, but this machine has no wgpu adapter; \
+             use \"cpu\" or \"auto\""
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a job request and resolves its paths; returns the spec to store.
 pub fn validate(
     kind: JobKind,
@@ -238,6 +262,9 @@ pub fn validate(
     places: &Places,
 ) -> Result<(Value, Option<PathBuf>), ApiError> {
     let map = as_object(&mut config, "config")?;
+    if kind != JobKind::Eval {
+        check_device(map)?;
+    }
     match kind {
         JobKind::Train => {
             refuse_output_dir(map)?;
@@ -259,6 +286,7 @@ pub fn validate(
             let run = RunConfig::parse(&toml_text(map, "config")?, &[], Path::new("request"))?;
             check_retention(run.keep_checkpoints, places, "config.keep_checkpoints")?;
             check_steps(planned_steps(&run)?, places, "config.max_steps")?;
+            crate::admission::check_at_creation(kind, &config, places.sizing)?;
             Ok((config, Some(dir)))
         }
         JobKind::Eval => {
@@ -267,6 +295,7 @@ pub fn validate(
             let settings: EvalSpec = serde_json::from_value(Value::Object(map.clone()))
                 .map_err(|e| ApiError::Invalid(format!("config: {e}")))?;
             check_eval(&settings)?;
+            crate::admission::check_at_creation(kind, &config, places.sizing)?;
             Ok((config, None))
         }
         JobKind::Compare => {
@@ -303,9 +332,36 @@ pub fn validate(
                 places,
                 "config.train.max_steps or epochs (× seeds × methods × poison_fraction conditions)",
             )?;
+            crate::admission::check_at_creation(kind, &config, places.sizing)?;
             Ok((config, Some(dir)))
         }
     }
+}
+
+/// A stored train spec as the trainer's config (`resume` is the server's own flag, not a
+/// run-config key).
+pub fn run_config(spec: &Value) -> Result<RunConfig, ApiError> {
+    let mut map = spec
+        .as_object()
+        .cloned()
+        .ok_or_else(|| ApiError::Invalid("config: expected a JSON object".into()))?;
+    map.remove("resume");
+    Ok(RunConfig::parse(
+        &toml_text(&map, "config")?,
+        &[],
+        Path::new("request"),
+    )?)
+}
+
+/// A stored compare spec as the comparison's config.
+pub fn compare_config(spec: &Value) -> Result<CompareConfig, ApiError> {
+    let map = spec
+        .as_object()
+        .ok_or_else(|| ApiError::Invalid("config: expected a JSON object".into()))?;
+    Ok(CompareConfig::parse(
+        &toml_text(map, "config")?,
+        Path::new("request"),
+    )?)
 }
 
 /// The optimiser steps a run will take at most (from `epochs`: counted on its data with the
@@ -381,314 +437,6 @@ fn check_eval(spec: &EvalSpec) -> Result<(), ApiError> {
     }
     Ok(())
 }
-
-/// The queue and the single worker that drains it.
-pub struct Runner {
-    pub store: Arc<Store>,
-    pub live: broadcast::Sender<String>,
-    queue: Mutex<VecDeque<i64>>,
-    wake: Condvar,
-    cancels: Mutex<HashMap<i64, Cancel>>,
-    device: Device,
-    /// Set when the server shuts down: the worker takes no more jobs, and a job stopped by
-    /// the shutdown is marked interrupted (resumable), not cancelled.
-    stopping: std::sync::atomic::AtomicBool,
-    /// Signalled whenever the worker finishes a job.
-    idle: Condvar,
-}
-
-impl Runner {
-    pub fn start(store: Arc<Store>, device: Device) -> Result<Arc<Self>, ApiError> {
-        let (live, _) = broadcast::channel(4096);
-        let queued = store.recover()?;
-        let runner = Arc::new(Self {
-            store,
-            live,
-            queue: Mutex::new(queued.into_iter().collect()),
-            wake: Condvar::new(),
-            cancels: Mutex::new(HashMap::new()),
-            device,
-            stopping: Default::default(),
-            idle: Condvar::new(),
-        });
-        let worker = runner.clone();
-        std::thread::Builder::new()
-            .name("safeprobe-jobs".into())
-            .spawn(move || worker.work())
-            .map_err(|e| ApiError::Internal(format!("cannot start the job worker: {e}")))?;
-        Ok(runner)
-    }
-
-    /// Puts a job (marked queued in the store) at the end of the queue and says so.
-    pub fn enqueue(&self, id: i64) {
-        self.queue.lock().unwrap().push_back(id);
-        self.wake.notify_one();
-        self.announce(
-            id,
-            Event::Status {
-                status: Status::Queued,
-                error: None,
-            },
-        );
-    }
-
-    /// Asks a job to stop: a queued job is cancelled at once, a running one at its next step
-    /// (or, while it evaluates, before its next batch of prompts).
-    pub fn cancel(&self, id: i64) -> Result<(), ApiError> {
-        if self.store.cancel_queued(id)? {
-            // If the worker has already taken it off the queue, its start fails and it skips it.
-            self.queue.lock().unwrap().retain(|j| *j != id);
-            self.announce(
-                id,
-                Event::Status {
-                    status: Status::Cancelled,
-                    error: None,
-                },
-            );
-            return Ok(());
-        }
-        // Not queued any more: a running job's flag was registered before it was marked
-        // running and is removed only after it ends, so it is there to raise.
-        if let Some(c) = self.cancels.lock().unwrap().get(&id) {
-            c.cancel();
-        }
-        let job = self
-            .store
-            .get(id)?
-            .ok_or_else(|| ApiError::NotFound(format!("job {id} not found")))?;
-        match job.status {
-            Status::Running => Ok(()),
-            other => Err(ApiError::Conflict(format!(
-                "job {id} is {}; only queued or running jobs can be cancelled",
-                other.name()
-            ))),
-        }
-    }
-
-    /// Stores an event and pushes it to live listeners.
-    pub fn announce(&self, id: i64, body: Event) {
-        let seq = self.store.add_event(id, &body).unwrap_or(0);
-        let _ = self.live.send(
-            serde_json::to_string(&LiveMessage { job: id, seq, body })
-                .expect("wire types serialise"),
-        );
-    }
-
-    /// Stops the running job at its next step (it writes a checkpoint there) and marks it
-    /// interrupted, so that Resume continues it; waits for that up to `patience`. Queued jobs
-    /// stay queued for the next start.
-    pub fn shutdown(&self, patience: std::time::Duration) {
-        self.stopping
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        let mut queue = self.queue.lock().unwrap();
-        for cancel in self.cancels.lock().unwrap().values() {
-            cancel.cancel();
-        }
-        let deadline = std::time::Instant::now() + patience;
-        while !self.cancels.lock().unwrap().is_empty() {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            queue = self.idle.wait_timeout(queue, left).unwrap().0;
-        }
-    }
-
-    fn stopping(&self) -> bool {
-        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    fn work(&self) {
-        loop {
-            let id = {
-                let mut queue = self.queue.lock().unwrap();
-                loop {
-                    if !self.stopping()
-                        && let Some(id) = queue.pop_front()
-                    {
-                        break id;
-                    }
-                    queue = self.wake.wait(queue).unwrap();
-                }
-            };
-            let Ok(Some(job)) = self.store.get(id) else {
-                continue;
-            };
-            // The flag exists before the job is marked running, so no cancel falls between.
-            let cancel = Cancel::default();
-            self.cancels.lock().unwrap().insert(id, cancel.clone());
-            if self.stopping() {
-                cancel.cancel();
-            }
-            if !self.store.start(id).unwrap_or(false) {
-                // Cancelled (or deleted) while it waited.
-                self.cancels.lock().unwrap().remove(&id);
-                continue;
-            }
-            self.announce(
-                id,
-                Event::Status {
-                    status: Status::Running,
-                    error: None,
-                },
-            );
-            // A panic in a job must not take the worker (and the queue) down with it.
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                self.execute(id, job.kind, &job.spec, &cancel)
-            }))
-            .unwrap_or_else(|_| Err(ApiError::Internal("the job panicked".into())));
-            let stopped = if self.stopping() {
-                Status::Interrupted
-            } else {
-                Status::Cancelled
-            };
-            let (status, error) = match outcome {
-                Ok(result) => {
-                    let _ = self.store.set_result(id, &result);
-                    (Status::Done, None)
-                }
-                Err(ApiError::Conflict(m)) if m == CANCELLED => (stopped, None),
-                Err(_) if cancel.is_cancelled() => (stopped, None),
-                Err(e) => (Status::Failed, Some(e.to_string())),
-            };
-            let _ = self.store.set_status(id, status, error.as_deref());
-            self.announce(id, Event::Status { status, error });
-            // Only now may a shutdown waiting for this job go on.
-            let _queue = self.queue.lock().unwrap();
-            self.cancels.lock().unwrap().remove(&id);
-            self.idle.notify_all();
-        }
-    }
-
-    fn execute(
-        &self,
-        id: i64,
-        kind: JobKind,
-        spec: &Value,
-        cancel: &Cancel,
-    ) -> Result<JobResult, ApiError> {
-        match kind {
-            JobKind::Train => self.train(id, spec, cancel),
-            JobKind::Eval => self.evaluate(id, spec, cancel),
-            JobKind::Compare => self.compare(id, spec, cancel),
-        }
-    }
-
-    /// A training run, then its harmful score with the refusal judge on the built-in prompts.
-    fn train(&self, id: i64, spec: &Value, cancel: &Cancel) -> Result<JobResult, ApiError> {
-        // `resume` is the server's own flag, not a run-config key.
-        let mut map = spec.as_object().expect("validated").clone();
-        map.remove("resume");
-        let config = RunConfig::parse(&toml_text(&map, "config")?, &[], Path::new("request"))?;
-        let on_event = |event: &Event| self.announce(id, event.clone());
-        let resuming = spec.get("resume").and_then(Value::as_bool).unwrap_or(false);
-        let mut model = if resuming {
-            run::resume_cancellable(&config.output_dir, &self.device, cancel, on_event)
-        } else {
-            run::train_cancellable(&config, &self.device, cancel, on_event)
-        }
-        .map_err(train_cancelled)?;
-        model.model = burn::module::Module::valid(&model.model);
-        model.device = self.device.clone();
-        self.announce(
-            id,
-            Event::Stage {
-                stage: "evaluating".into(),
-            },
-        );
-        let (harmful, answers) = harmful::evaluate(
-            &model,
-            &safeprobe_eval::builtin::harmful_prompts(),
-            &Judges {
-                refusal: Some(RefusalJudge::default()),
-                model: None,
-            },
-            &AnswerSettings {
-                system: config.system.clone(),
-                cancel: Some(cancel.clone()),
-                ..AnswerSettings::default()
-            },
-            Some(&config.output_dir.join("answers.jsonl")),
-        )
-        .map_err(eval_cancelled)?;
-        self.store.set_answers(id, &answers)?;
-        Ok(JobResult::Train {
-            run_dir: config.output_dir,
-            harmful,
-        })
-    }
-
-    /// A harmful-score evaluation with the judges asked for.
-    fn evaluate(&self, id: i64, spec: &Value, cancel: &Cancel) -> Result<JobResult, ApiError> {
-        let spec: EvalSpec =
-            serde_json::from_value(spec.clone()).map_err(|e| ApiError::Invalid(e.to_string()))?;
-        let mut checkpoint = Checkpoint::load(&spec.model, &self.device)?;
-        if let Some(adapter) = &spec.adapter {
-            checkpoint.load_adapter(adapter)?;
-        }
-        let prompts = match &spec.prompts {
-            Some(p) => safeprobe_eval::prompts::load(p)?,
-            None => safeprobe_eval::builtin::harmful_prompts(),
-        };
-        let model_judge = match (&spec.judge_model, spec.judge.as_str()) {
-            (Some(dir), "model" | "both") => Some(ModelJudge::new(
-                Checkpoint::load(dir, &self.device)?,
-                "yes",
-                "no",
-            )?),
-            (Some(dir), "guard") => Some(ModelJudge::guard(Checkpoint::load(dir, &self.device)?)?),
-            _ => None,
-        };
-        let judges = Judges {
-            refusal: (spec.judge != "model").then(RefusalJudge::default),
-            model: model_judge.as_ref(),
-        };
-        let settings = AnswerSettings {
-            sampling: safeprobe_model::Sampling {
-                max_new_tokens: spec.max_new_tokens,
-                ..Default::default()
-            },
-            system: spec.system.clone(),
-            cancel: Some(cancel.clone()),
-            ..AnswerSettings::default()
-        };
-        let (harmful, answers) = harmful::evaluate(&checkpoint, &prompts, &judges, &settings, None)
-            .map_err(eval_cancelled)?;
-        self.store.set_answers(id, &answers)?;
-        Ok(JobResult::Eval { harmful })
-    }
-
-    /// The comparison: base model, then each method and seed, trained and evaluated.
-    fn compare(&self, id: i64, spec: &Value, cancel: &Cancel) -> Result<JobResult, ApiError> {
-        let text = toml_text(spec.as_object().expect("validated"), "config")?;
-        let config = CompareConfig::parse(&text, Path::new("request"))?;
-        let comparison = compare::run(&config, &self.device, cancel, |p| match p {
-            Progress::Stage(stage) => self.announce(id, Event::Stage { stage }),
-            Progress::Train(event) => self.announce(id, event.clone()),
-        })
-        .map_err(eval_cancelled)?;
-        Ok(JobResult::Compare(comparison))
-    }
-}
-
-/// A training error, with cancellation told apart.
-fn train_cancelled(e: TrainError) -> ApiError {
-    match e {
-        TrainError::Cancelled { .. } => ApiError::Conflict(CANCELLED.into()),
-        other => ApiError::Invalid(other.to_string()),
-    }
-}
-
-/// An evaluation (or comparison) error, with cancellation told apart.
-fn eval_cancelled(e: EvalError) -> ApiError {
-    match e {
-        EvalError::Cancelled => ApiError::Conflict(CANCELLED.into()),
-        EvalError::Train(t) => train_cancelled(t),
-        other => ApiError::Invalid(other.to_string()),
-    }
-}
-
-const CANCELLED: &str = "cancelled";
 
 #[cfg(test)]
 mod tests {
@@ -779,6 +527,7 @@ mod tests {
             data_dir: data.to_path_buf(),
             runs_dir: runs.to_path_buf(),
             limits: Limits::default(),
+            sizing: Sizing::default(),
             hub: safeprobe_model::hub::HubOptions {
                 cache_dir: runs.join("hf-cache"),
                 ..Default::default()

@@ -1,8 +1,10 @@
 //! `safeprobe serve`: the web control panel's server. axum on tokio; jobs run one at a time
-//! on the server's device through the same library code as the CLI; a SQLite file in the
+//! on the server's device, each in a process of its own (`safeprobe job`) running the same
+//! library code as the CLI, so that nothing a job does can take the server down; a SQLite file in the
 //! data directory keeps jobs, configs, metric events and answers across restarts; the
 //! leptos UI is embedded in the binary.
 
+pub mod admission;
 pub mod api;
 mod assets;
 pub mod error;
@@ -11,7 +13,9 @@ pub mod guard;
 pub mod hub;
 pub mod jobs;
 pub mod paths;
+pub mod runner;
 pub mod store;
+pub mod worker;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -22,11 +26,14 @@ use axum::extract::DefaultBodyLimit;
 use axum::middleware;
 use axum::routing::{get, post};
 use burn::tensor::Device;
+use safeprobe_model::device::Selected;
 
+use admission::Sizing;
 pub use error::ApiError;
 use guard::HostPolicy;
-use jobs::{Limits, Places, Runner};
+use jobs::{Limits, Places};
 use paths::Roots;
+use runner::{Runner, WorkerCommand};
 use store::Store;
 
 /// Request bodies larger than this are refused (413).
@@ -51,11 +58,24 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// The largest dataset upload, in bytes.
     pub max_upload_bytes: usize,
+    /// The `--device` the server was started with: each job's process selects it again.
+    pub device: String,
+    /// The program jobs run in (`<program> job --device ...`): the server's own binary.
+    pub worker_program: PathBuf,
 }
 
 impl ServerConfig {
     /// Refuses settings that would expose the server without a token.
     pub fn check(&self) -> Result<(), ApiError> {
+        if let Some(token) = self.token.as_deref().filter(|t| !t.is_empty())
+            && (token.trim().is_empty() || token.trim() != token || token.len() < 8)
+        {
+            return Err(ApiError::Invalid(
+                "--token: an access token must be at least 8 characters, with no leading or \
+                 trailing whitespace (a blank token protects nothing)"
+                    .into(),
+            ));
+        }
         if !self.bind.ip().is_loopback() && self.token.as_deref().is_none_or(str::is_empty) {
             return Err(ApiError::Invalid(format!(
                 "refusing to listen on {} without an access token: anyone who can reach this \
@@ -81,6 +101,9 @@ pub struct AppState {
     pub chat_device: Device,
     pub chat_model: ChatCache,
     pub pulls: hub::Pulls,
+    /// Held while a merged export is written: two exports of one run would write the same
+    /// files at once (one read the other's half-written weights).
+    pub exports: tokio::sync::Mutex<()>,
 }
 
 /// Opens the store, recovers interrupted jobs and starts the worker.
@@ -88,6 +111,7 @@ pub fn state(
     config: &ServerConfig,
     device: Device,
     device_description: String,
+    sizing: Sizing,
 ) -> Result<Arc<AppState>, ApiError> {
     let io = |e: std::io::Error| ApiError::Internal(format!("{}: {e}", config.data_dir.display()));
     std::fs::create_dir_all(config.data_dir.join("runs")).map_err(io)?;
@@ -110,9 +134,16 @@ pub fn state(
         runs_dir: data_dir.join("runs"),
         limits: config.limits.clone(),
         hub: safeprobe_model::hub::HubOptions::default(),
+        sizing,
+    };
+    let worker = WorkerCommand {
+        program: config.worker_program.clone(),
+        device: config.device.clone(),
+        logs_dir: data_dir.join("logs"),
+        sizing,
     };
     Ok(Arc::new(AppState {
-        runner: Runner::start(store, device.clone())?,
+        runner: Runner::start(store, worker)?,
         places,
         token: config.token.clone().filter(|t| !t.is_empty()),
         hosts: HostPolicy::new(config.bind, &config.allowed_hosts),
@@ -121,6 +152,7 @@ pub fn state(
         chat_device: device,
         chat_model: Arc::new(Mutex::new(None)),
         pulls: Default::default(),
+        exports: Default::default(),
     }))
 }
 
@@ -202,14 +234,24 @@ fn start_request_log() {
 
 /// Serves until the process is stopped. On Ctrl-C (or SIGTERM) the running job stops at its
 /// next step with a checkpoint and is marked interrupted, ready for Resume.
-pub async fn serve(
-    config: ServerConfig,
-    device: Device,
-    device_description: String,
-) -> Result<(), ApiError> {
+pub async fn serve(config: ServerConfig, selected: Selected) -> Result<(), ApiError> {
     config.check()?;
     start_request_log();
-    let state = state(&config, device, device_description)?;
+    let sizing = Sizing {
+        fused: selected.backend == "cpu",
+        // The CPU, or a software adapter such as Mesa's lavapipe.
+        host_memory: selected
+            .adapter
+            .as_ref()
+            .is_none_or(|a| a.device_type == "Cpu"),
+        limit: config.limits.job_memory,
+    };
+    let state = state(
+        &config,
+        selected.device.clone(),
+        selected.describe(),
+        sizing,
+    )?;
     let listener = tokio::net::TcpListener::bind(config.bind)
         .await
         .map_err(|e| ApiError::Internal(format!("cannot listen on {}: {e}", config.bind)))?;
@@ -254,14 +296,10 @@ async fn stop_signal() {
 }
 
 /// `serve` on a new multi-threaded tokio runtime, for callers without one (the CLI).
-pub fn serve_blocking(
-    config: ServerConfig,
-    device: Device,
-    device_description: String,
-) -> Result<(), ApiError> {
+pub fn serve_blocking(config: ServerConfig, selected: Selected) -> Result<(), ApiError> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| ApiError::Internal(format!("cannot start the async runtime: {e}")))?
-        .block_on(serve(config, device, device_description))
+        .block_on(serve(config, selected))
 }

@@ -22,6 +22,12 @@ impl Roots {
         }
     }
 
+    /// Whether `path` exists and, links followed, lies inside a root.
+    pub fn contains(&self, path: &Path) -> bool {
+        path.canonicalize()
+            .is_ok_and(|real| self.dirs.iter().any(|d| real.starts_with(d)))
+    }
+
     /// Resolves `requested` (relative to a root, or absolute inside one) to an existing path
     /// inside a root; `field` names the request field in errors.
     pub fn resolve(&self, field: &str, requested: &str) -> Result<PathBuf, ApiError> {

@@ -72,6 +72,11 @@ fn parse_kind(s: &str) -> rusqlite::Result<JobKind> {
         })
 }
 
+/// Drops job ?1's step and validation events after step ?2, keeping status events.
+const DROP_STEPS_AFTER: &str = "DELETE FROM events WHERE job_id = ?1
+    AND json_extract(body, '$.step') IS NOT NULL
+    AND json_extract(body, '$.step') > ?2";
+
 pub struct Store {
     conn: Mutex<Connection>,
 }
@@ -215,6 +220,28 @@ impl Store {
         Ok(n == 1)
     }
 
+    /// Puts an interrupted, cancelled or failed job back in the queue with `spec`, dropping
+    /// its step events after `keep_steps_to` (a resumed run replays from its checkpoint), all
+    /// in one transaction; false when the job is in no such state (another resume won).
+    pub fn requeue(&self, id: i64, spec: &Value, keep_steps_to: i64) -> Result<bool, ApiError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(db)?;
+        let n = tx
+            .execute(
+                "UPDATE jobs SET status = 'queued', spec = ?2, error = NULL, finished_at = NULL
+                 WHERE id = ?1 AND status IN ('interrupted', 'cancelled', 'failed')",
+                params![id, spec.to_string()],
+            )
+            .map_err(db)?;
+        if n == 0 {
+            return Ok(false);
+        }
+        tx.execute(DROP_STEPS_AFTER, params![id, keep_steps_to])
+            .map_err(db)?;
+        tx.commit().map_err(db)?;
+        Ok(true)
+    }
+
     /// Cancels a job if it is still queued; false when it is not (running, finished, gone).
     pub fn cancel_queued(&self, id: i64) -> Result<bool, ApiError> {
         let n = self
@@ -252,12 +279,7 @@ impl Store {
     /// checkpoint), keeping status events.
     pub fn truncate_steps_after(&self, id: i64, step: i64) -> Result<(), ApiError> {
         self.conn()
-            .execute(
-                "DELETE FROM events WHERE job_id = ?1
-                 AND json_extract(body, '$.step') IS NOT NULL
-                 AND json_extract(body, '$.step') > ?2",
-                params![id, step],
-            )
+            .execute(DROP_STEPS_AFTER, params![id, step])
             .map_err(db)?;
         Ok(())
     }

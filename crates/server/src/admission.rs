@@ -1,0 +1,150 @@
+//! Admission: every job and every chat is sized from the model's shape and its settings before
+//! anything is allocated. A job that could never fit is refused when it is created (a 400
+//! naming the settings that drive the estimate); one that does not fit in what is free when
+//! its turn comes fails at its start with the same message, before loading anything.
+
+use safeprobe_model::ModelConfig;
+use safeprobe_model::memory::{self, Estimate};
+use safeprobe_train::admission::{check_fits, usable};
+use safeprobe_wire::{EvalSpec, JobKind};
+use serde_json::Value;
+
+use crate::error::ApiError;
+use crate::worker::Assignment;
+
+/// How jobs on this server's device are sized.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Sizing {
+    /// The CPU backend, whose fused operations keep less for the backward pass.
+    pub fused: bool,
+    /// Tensors live in this machine's memory (the CPU, or a software GPU adapter), so what
+    /// the machine has is what a job can use. A GPU's own memory is not reported through wgpu:
+    /// there only `limit` applies.
+    pub host_memory: bool,
+    /// The server's `--job-memory-mib`, in bytes.
+    pub limit: Option<u64>,
+}
+
+/// The model config a job (or chat) names, read from its folder.
+pub fn model_config(dir: &std::path::Path) -> Result<ModelConfig, ApiError> {
+    Ok(ModelConfig::from_file(&dir.join("config.json"))?)
+}
+
+/// The largest memory a validated job spec will take on this backend (`cpu_backend`: the
+/// fused CPU operations), after checking the settings that depend on the model.
+pub fn estimate(kind: JobKind, spec: &Value, cpu_backend: bool) -> Result<Estimate, ApiError> {
+    match kind {
+        JobKind::Train => {
+            let run = crate::jobs::run_config(spec)?;
+            let model = model_config(&run.model)?;
+            run.check_against(&model)?;
+            Ok(run.memory_estimate(&model, cpu_backend))
+        }
+        JobKind::Eval => {
+            let eval: EvalSpec = serde_json::from_value(spec.clone())
+                .map_err(|e| ApiError::Invalid(format!("config: {e}")))?;
+            let model = model_config(&eval.model)?;
+            let estimate = safeprobe_eval::harmful::answer_memory(&model, eval.max_new_tokens);
+            with_judge(estimate, eval.judge_model.as_deref())
+        }
+        JobKind::Compare => {
+            let config = crate::jobs::compare_config(spec)?;
+            let model = model_config(&config.model_dir()?)?;
+            let estimate = config.memory_estimate(&model, cpu_backend)?;
+            with_judge(estimate, config.judge_model.as_deref())
+        }
+    }
+}
+
+/// `estimate` with a judge model's weights, which stay loaded beside the judged model.
+fn with_judge(
+    mut estimate: Estimate,
+    judge: Option<&std::path::Path>,
+) -> Result<Estimate, ApiError> {
+    if let Some(judge) = judge {
+        estimate.parts.push(memory::Part {
+            name: "judge model weights",
+            bytes: safeprobe_model::size_report(&model_config(judge)?).1,
+        });
+        estimate.drivers.push("judge_model".into());
+    }
+    Ok(estimate)
+}
+
+/// The most a job may ever take: the server's `--job-memory-mib`, else (where tensors live in
+/// this machine's memory) the machine's memory less headroom; and in which words to name it.
+fn ceiling(sizing: Sizing) -> Option<(u64, &'static str)> {
+    match sizing.limit {
+        Some(bytes) => Some((bytes, "this server allows a job (--job-memory-mib)")),
+        None if sizing.host_memory => memory::host_memory().map(|(total, _)| {
+            (
+                usable(total),
+                "this machine has for a job (90% of its memory)",
+            )
+        }),
+        None => None,
+    }
+}
+
+/// Refuses, at creation, a job that could not fit even on an idle machine.
+pub fn check_at_creation(kind: JobKind, spec: &Value, sizing: Sizing) -> Result<(), ApiError> {
+    let estimate = estimate(kind, spec, sizing.fused)?;
+    if let Some((budget, whose)) = ceiling(sizing) {
+        check_fits(
+            &estimate,
+            budget,
+            &format!("this {} job", kind.name()),
+            whose,
+        )?;
+    }
+    Ok(())
+}
+
+/// In the job's own process, before it loads anything: the job must fit in what is free now
+/// (and under the server's limit).
+pub fn check_now(job: &Assignment) -> Result<(), ApiError> {
+    let estimate = estimate(job.kind, &job.spec, job.sizing.fused)?;
+    let what = format!("this {} job", job.kind.name());
+    if let Some((budget, whose)) = ceiling(job.sizing) {
+        check_fits(&estimate, budget, &what, whose)?;
+    }
+    let free = memory::host_memory().filter(|_| job.sizing.host_memory);
+    if let Some((_, available)) = free {
+        check_fits(
+            &estimate,
+            usable(available),
+            &what,
+            "free on this machine now (90% of what is available); it can be resumed once \
+             memory is free",
+        )?;
+    }
+    Ok(())
+}
+
+/// Refuses a chat whose reply cannot fit in what is free now: the model's weights (unless it
+/// is the one already loaded), its key/value cache and the prompt pass.
+pub fn check_chat(
+    model: &ModelConfig,
+    prompt_tokens: usize,
+    max_new_tokens: usize,
+    loaded: bool,
+    sizing: Sizing,
+) -> Result<(), ApiError> {
+    let mut estimate = memory::generation_memory(model, 1, prompt_tokens, max_new_tokens);
+    if loaded {
+        estimate.parts.retain(|p| p.name != "weights");
+    }
+    estimate.drivers = vec!["messages".into(), "max_new_tokens".into(), "model".into()];
+    if let Some((budget, whose)) = ceiling(sizing) {
+        check_fits(&estimate, budget, "this chat", whose)?;
+    }
+    if let Some((_, available)) = memory::host_memory().filter(|_| sizing.host_memory) {
+        check_fits(
+            &estimate,
+            usable(available),
+            "this chat",
+            "free on this machine now",
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,264 @@
+//! A job's own process (`safeprobe job`, started by the server's runner, one per job): it reads
+//! the job from its standard input, runs it with the same library code the CLI calls, and
+//! reports on its standard output, one JSON line per message. Whatever the job does to its
+//! process (an abort on a failed allocation, the kernel's out-of-memory killer, a lost device)
+//! ends this process only; the server sees the pipe close and records why.
+//!
+//! Control: after the job's line, a line `cancel` on standard input asks the job to stop at
+//! its next step (with a checkpoint); so does SIGTERM, for whatever stops it from outside. The end of standard input (the server went away) ends
+//! the job at once: no job runs on without a server watching it.
+
+use std::io::{BufRead, Write};
+
+use burn::tensor::Device;
+use safeprobe_eval::EvalError;
+use safeprobe_eval::compare::{self, Progress};
+use safeprobe_eval::harmful::{self, AnswerSettings, Judges};
+use safeprobe_eval::judge::{ModelJudge, RefusalJudge};
+use safeprobe_model::Checkpoint;
+use safeprobe_train::TrainError;
+use safeprobe_train::run::{self, Cancel, Event};
+use safeprobe_wire::{EvalSpec, JobKind, JobResult, JudgedAnswer};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::ApiError;
+
+/// The job a worker runs: its first line of input.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Assignment {
+    pub id: i64,
+    pub kind: JobKind,
+    /// The validated spec, as stored.
+    pub spec: Value,
+    /// How the job is sized against the memory there is when it starts.
+    pub sizing: crate::admission::Sizing,
+}
+
+/// One line of a worker's output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "message", rename_all = "snake_case")]
+pub enum Report {
+    /// A training step, validation, stage or other event, as the live stream carries it.
+    Event { event: Event },
+    /// The judged answers of an evaluation.
+    Answers { answers: Vec<JudgedAnswer> },
+    /// The job finished.
+    Done { result: JobResult },
+    /// The job stopped because it was asked to (a checkpoint was written where one was due).
+    Cancelled,
+    /// The job failed with this error (bad data, a model that does not load, ...).
+    Failed { error: String },
+}
+
+/// The line that asks a running job to stop.
+pub const CANCEL: &str = "cancel";
+
+/// Runs the job on standard input on `device` and reports on standard output. The exit
+/// status is 0 whenever a final report was written.
+pub fn run_from_stdin(device: &Device) -> Result<(), ApiError> {
+    let mut stdin = std::io::stdin().lock();
+    let mut line = String::new();
+    stdin
+        .read_line(&mut line)
+        .map_err(|e| ApiError::Internal(format!("reading the job: {e}")))?;
+    let assignment: Assignment = serde_json::from_str(&line)
+        .map_err(|e| ApiError::Internal(format!("the job's line is not a job: {e}")))?;
+    drop(stdin);
+    let cancel = Cancel::default();
+    watch_for_cancel(cancel.clone());
+    #[cfg(unix)]
+    watch_for_terminate(cancel.clone());
+    let report = match execute(&assignment, device, &cancel) {
+        Ok(result) => Report::Done { result },
+        Err(Stop::Cancelled) => Report::Cancelled,
+        Err(Stop::Failed(error)) => Report::Failed { error },
+    };
+    send(&report);
+    Ok(())
+}
+
+/// Raises `cancel` on a `cancel` line. The end of standard input means the server is gone
+/// (killed, crashed): the job then ends at once, as it would have ended with the server when
+/// it ran inside it, so that it cannot race a resumed run for the same folder; its newest
+/// checkpoint is the one a resume continues from.
+fn watch_for_cancel(cancel: Cancel) {
+    std::thread::spawn(move || {
+        let stdin = std::io::stdin();
+        for line in stdin.lock().lines() {
+            match line {
+                Ok(l) if l.trim() == CANCEL => cancel.cancel(),
+                Ok(_) => continue,
+                Err(_) => break,
+            }
+        }
+        eprintln!("the server that started this job has gone: stopping now");
+        std::process::exit(3);
+    });
+}
+
+/// Raises `cancel` on SIGTERM, so that whatever stops the job from outside (a scheduler
+/// preempting it, `kill`) gets a checkpoint at its next step, as a cancel from the server does.
+#[cfg(unix)]
+fn watch_for_terminate(cancel: Cancel) {
+    std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        runtime.block_on(async {
+            use tokio::signal::unix::{SignalKind, signal};
+            if let Ok(mut terminate) = signal(SignalKind::terminate()) {
+                terminate.recv().await;
+                eprintln!("SIGTERM: stopping at the next step, with a checkpoint");
+                cancel.cancel();
+            }
+        });
+    });
+}
+
+/// Writes one report line. A server that went away cannot read it; the job then stops
+/// through its closed input, so a failed write is not an error here.
+fn send(report: &Report) {
+    let mut out = std::io::stdout().lock();
+    let line = serde_json::to_string(report).expect("reports serialise");
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+}
+
+fn emit(event: &Event) {
+    send(&Report::Event {
+        event: event.clone(),
+    });
+}
+
+/// How a job ended other than with a result.
+enum Stop {
+    Cancelled,
+    Failed(String),
+}
+
+impl From<ApiError> for Stop {
+    fn from(e: ApiError) -> Self {
+        Stop::Failed(e.to_string())
+    }
+}
+
+impl From<TrainError> for Stop {
+    fn from(e: TrainError) -> Self {
+        match e {
+            TrainError::Cancelled { .. } => Stop::Cancelled,
+            other => Stop::Failed(other.to_string()),
+        }
+    }
+}
+
+impl From<EvalError> for Stop {
+    fn from(e: EvalError) -> Self {
+        match e {
+            EvalError::Cancelled => Stop::Cancelled,
+            EvalError::Train(t) => t.into(),
+            other => Stop::Failed(other.to_string()),
+        }
+    }
+}
+
+impl From<safeprobe_model::Error> for Stop {
+    fn from(e: safeprobe_model::Error) -> Self {
+        Stop::Failed(e.to_string())
+    }
+}
+
+fn execute(job: &Assignment, device: &Device, cancel: &Cancel) -> Result<JobResult, Stop> {
+    crate::admission::check_now(job)?;
+    match job.kind {
+        JobKind::Train => train(&job.spec, device, cancel),
+        JobKind::Eval => evaluate(&job.spec, device, cancel),
+        JobKind::Compare => comparison(&job.spec, device, cancel),
+    }
+}
+
+/// A training run, then its harmful score with the refusal judge on the built-in prompts.
+fn train(spec: &Value, device: &Device, cancel: &Cancel) -> Result<JobResult, Stop> {
+    let config = crate::jobs::run_config(spec)?;
+    let resuming = spec.get("resume").and_then(Value::as_bool).unwrap_or(false);
+    let mut model = if resuming {
+        run::resume_cancellable(&config.output_dir, device, cancel, emit)
+    } else {
+        run::train_cancellable(&config, device, cancel, emit)
+    }?;
+    model.model = burn::module::Module::valid(&model.model);
+    model.device = device.clone();
+    emit(&Event::Stage {
+        stage: "evaluating".into(),
+    });
+    let (harmful, answers) = harmful::evaluate(
+        &model,
+        &safeprobe_eval::builtin::harmful_prompts(),
+        &Judges {
+            refusal: Some(RefusalJudge::default()),
+            model: None,
+        },
+        &AnswerSettings {
+            system: config.system.clone(),
+            cancel: Some(cancel.clone()),
+            ..AnswerSettings::default()
+        },
+        Some(&config.output_dir.join("answers.jsonl")),
+    )?;
+    send(&Report::Answers { answers });
+    Ok(JobResult::Train {
+        run_dir: config.output_dir,
+        harmful,
+    })
+}
+
+/// A harmful-score evaluation with the judges asked for.
+fn evaluate(spec: &Value, device: &Device, cancel: &Cancel) -> Result<JobResult, Stop> {
+    let spec: EvalSpec =
+        serde_json::from_value(spec.clone()).map_err(|e| Stop::Failed(e.to_string()))?;
+    let mut checkpoint = Checkpoint::load(&spec.model, device)?;
+    if let Some(adapter) = &spec.adapter {
+        checkpoint.load_adapter(adapter)?;
+    }
+    let prompts = match &spec.prompts {
+        Some(p) => safeprobe_eval::prompts::load(p)?,
+        None => safeprobe_eval::builtin::harmful_prompts(),
+    };
+    let model_judge = match (&spec.judge_model, spec.judge.as_str()) {
+        (Some(dir), "model" | "both") => Some(ModelJudge::new(
+            Checkpoint::load(dir, device)?,
+            "yes",
+            "no",
+        )?),
+        (Some(dir), "guard") => Some(ModelJudge::guard(Checkpoint::load(dir, device)?)?),
+        _ => None,
+    };
+    let judges = Judges {
+        refusal: (spec.judge != "model").then(RefusalJudge::default),
+        model: model_judge.as_ref(),
+    };
+    let settings = AnswerSettings {
+        sampling: safeprobe_model::Sampling {
+            max_new_tokens: spec.max_new_tokens,
+            ..Default::default()
+        },
+        system: spec.system.clone(),
+        cancel: Some(cancel.clone()),
+        ..AnswerSettings::default()
+    };
+    let (harmful, answers) = harmful::evaluate(&checkpoint, &prompts, &judges, &settings, None)?;
+    send(&Report::Answers { answers });
+    Ok(JobResult::Eval { harmful })
+}
+
+/// The comparison: base model, then each method and seed, trained and evaluated.
+fn comparison(spec: &Value, device: &Device, cancel: &Cancel) -> Result<JobResult, Stop> {
+    let config = crate::jobs::compare_config(spec)?;
+    let comparison = compare::run(&config, device, cancel, |p| match p {
+        Progress::Stage(stage) => emit(&Event::Stage { stage }),
+        Progress::Train(event) => emit(event),
+    })?;
+    Ok(JobResult::Compare(comparison))
+}
