@@ -4,8 +4,8 @@
 //! streamed chat, models, datasets and previews.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -13,154 +13,12 @@ use serde_json::{Value, json};
 #[path = "support/serve.rs"]
 mod support;
 
+#[path = "support/api.rs"]
+mod api;
+use api::{Server, TOKEN, answer, fixtures, merge, train_config};
+
 #[path = "support/mock_hub.rs"]
 mod mock_hub;
-
-const TOKEN: &str = "test-token-123";
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Server {
-    fn start(data_dir: &Path) -> Self {
-        Self::start_with(data_dir, &[])
-    }
-
-    fn start_with(data_dir: &Path, args: &[&str]) -> Self {
-        let (child, base) = support::spawn_with(data_dir, TOKEN, &[&fixtures().join("data")], args);
-        Self { child, base }
-    }
-
-    /// A hand-made HTTP/1.1 request, so that Host, Origin and the body's type are exactly as
-    /// given (an HTTP client would set some of them itself). Returns the status and body.
-    fn raw(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
-        use std::io::{Read, Write};
-        let address = self.base.trim_start_matches("http://");
-        let mut stream = std::net::TcpStream::connect(address).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        let mut request = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
-        // A given Content-Length announces a body larger than the one sent (the limit tests).
-        if !headers
-            .iter()
-            .any(|(name, _)| name.eq_ignore_ascii_case("content-length"))
-        {
-            request.push_str(&format!("Content-Length: {}\r\n", body.len()));
-        }
-        if !headers
-            .iter()
-            .any(|(name, _)| name.eq_ignore_ascii_case("host"))
-        {
-            request.push_str(&format!("Host: {address}\r\n"));
-        }
-        for (name, value) in headers {
-            request.push_str(&format!("{name}: {value}\r\n"));
-        }
-        request.push_str("\r\n");
-        request.push_str(body);
-        // The server may answer and close before reading all of a refused body.
-        let _ = stream.write_all(request.as_bytes());
-        let mut response = String::new();
-        let _ = stream.read_to_string(&mut response);
-        let status = response
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (status, body)
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    fn get(&self, path: &str) -> (u16, Value) {
-        answer(
-            ureq::get(&self.url(path))
-                .set("Authorization", &format!("Bearer {TOKEN}"))
-                .call(),
-        )
-    }
-
-    fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        answer(
-            ureq::post(&self.url(path))
-                .set("Authorization", &format!("Bearer {TOKEN}"))
-                .send_json(body),
-        )
-    }
-
-    fn delete(&self, path: &str) -> (u16, Value) {
-        answer(
-            ureq::delete(&self.url(path))
-                .set("Authorization", &format!("Bearer {TOKEN}"))
-                .call(),
-        )
-    }
-
-    fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    /// Polls a job until `done(job)` holds.
-    fn wait_for(&self, id: i64, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-        let started = Instant::now();
-        loop {
-            let (_, job) = self.get(&format!("/api/jobs/{id}"));
-            if done(&job) {
-                return job;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(300),
-                "timed out waiting for {what}: {job}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn answer(r: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
-    match r {
-        Ok(r) => (r.status(), r.into_json().unwrap_or(Value::Null)),
-        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(Value::Null)),
-        Err(e) => panic!("transport error: {e}"),
-    }
-}
-
-fn train_config(steps: usize) -> Value {
-    json!({
-        "train_data": "train.jsonl",
-        "safety_data": "safety.jsonl",
-        "method": "sap",
-        "max_steps": steps,
-        "batch_size": 2,
-        "safety_batch_size": 2,
-        "lr": 1e-3,
-        "checkpoint_every": 3,
-        "max_len": 64,
-        "lora": {"r": 4, "alpha": 8.0, "dropout": 0.0},
-        "sap": {"rho": 0.01, "temperature": 100.0}
-    })
-}
 
 fn steps_of(server: &Server, id: i64) -> Vec<i64> {
     let (_, page) = server.get(&format!("/api/jobs/{id}/metrics?after=0&limit=10000"));
@@ -958,17 +816,6 @@ fn assert_refused(server: &Server, cases: &[(Value, u16, &str)]) {
 }
 
 /// Deep-merges `patch` into `base`.
-fn merge(base: &mut Value, patch: Value) {
-    match (base, patch) {
-        (Value::Object(b), Value::Object(p)) => {
-            for (k, v) in p {
-                merge(b.entry(k).or_insert(Value::Null), v);
-            }
-        }
-        (b, p) => *b = p,
-    }
-}
-
 /// A multipart/form-data body with one file field.
 fn multipart(file_name: &str, content: &str) -> (String, String) {
     let boundary = "safeprobe-test-boundary";
