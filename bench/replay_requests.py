@@ -40,9 +40,18 @@ def vm_hwm(pid):
     raise RuntimeError("no VmHWM")
 
 
+def size_in_bytes(text):
+    """ "4G" -> 4294967296 (prlimit itself reads plain bytes only: "4G" made it 4 bytes)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
 class Server:
     def __init__(self, binary, as_limit, data_dir, datasets):
-        command = ["prlimit", f"--as={as_limit}", binary, "serve", "--bind", "127.0.0.1:0",
+        command = ["prlimit", f"--as={size_in_bytes(as_limit)}", binary, "serve", "--bind", "127.0.0.1:0",
                    "--device", "cpu", "--token", TOKEN, "--data-dir", str(data_dir),
                    "--datasets", str(datasets)]
         self.log = open(Path(data_dir).parent / "server.log", "wb")

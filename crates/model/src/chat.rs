@@ -61,6 +61,10 @@ pub struct ChatTokenizer {
     /// False when the checkpoint brings no chat template of its own (a base model, not a chat
     /// model) and the ChatML fallback is in use.
     pub has_chat_template: bool,
+    /// The most bytes of text one token stands for (its vocabulary entry's UTF-8 length, which
+    /// for byte-level BPE is twice the bytes at most): a text of n bytes is at least
+    /// n / longest_token_bytes tokens, known without tokenising it.
+    pub longest_token_bytes: usize,
 }
 
 impl ChatTokenizer {
@@ -166,7 +170,15 @@ impl ChatTokenizer {
             .or_else(|| stop_ids.first().copied())
             .unwrap_or(0);
 
+        let longest_token_bytes = tokenizer
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(1)
+            .max(1);
         Ok(Self {
+            longest_token_bytes,
             tokenizer,
             env,
             template_source,

@@ -405,34 +405,47 @@ impl ChatModel {
         sampling: &safeprobe_model::Sampling,
     ) -> Result<Vec<u32>, ApiError> {
         let config = crate::admission::model_config(&self.model)?;
+        let context = config
+            .max_position_embeddings
+            .saturating_sub(sampling.max_new_tokens);
+        let limit = self.max_prompt_tokens.min(context);
+        let over = |tokens: String| {
+            ApiError::TooLarge(format!(
+                "messages: the prompt is {tokens} tokens, over the limit of {limit} ({} on this \
+                 server, and the model's context of {} less max_new_tokens {}); shorten it",
+                self.max_prompt_tokens, config.max_position_embeddings, sampling.max_new_tokens
+            ))
+        };
+        // A text far longer than the limit is refused by its length alone: tokenising 900 KB
+        // took 155 MB. Twice the bound leaves room for normalisation shortening the text.
+        let encode = |tokenizer: &safeprobe_model::ChatTokenizer| {
+            let bytes: usize = messages.iter().map(|m| m.content.len()).sum();
+            let per_token = tokenizer.longest_token_bytes.saturating_mul(2);
+            if bytes > limit.saturating_mul(per_token) {
+                return Err(over(format!("at least {}", bytes / per_token)));
+            }
+            let prompt = tokenizer.encode_prompt(messages)?;
+            if prompt.len() > limit {
+                return Err(over(prompt.len().to_string()));
+            }
+            Ok(prompt)
+        };
         let (loaded, encoded) = {
             let slot = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             match slot.as_ref() {
                 Some((key, checkpoint)) if *key == self.key() => {
-                    (true, Some(checkpoint.tokenizer.encode_prompt(messages)?))
+                    (true, Some(encode(&checkpoint.tokenizer)?))
                 }
                 _ => (false, None),
             }
         };
         let prompt = match encoded {
             Some(prompt) => prompt,
-            None => safeprobe_model::ChatTokenizer::load(&self.model, &config.eos_token_ids)?
-                .encode_prompt(messages)?,
+            None => encode(&safeprobe_model::ChatTokenizer::load(
+                &self.model,
+                &config.eos_token_ids,
+            )?)?,
         };
-        let context = config
-            .max_position_embeddings
-            .saturating_sub(sampling.max_new_tokens);
-        let limit = self.max_prompt_tokens.min(context);
-        if prompt.len() > limit {
-            return Err(ApiError::TooLarge(format!(
-                "messages: the prompt is {} tokens, over the limit of {limit} ({} on this \
-                 server, and the model's context of {} less max_new_tokens {}); shorten it",
-                prompt.len(),
-                self.max_prompt_tokens,
-                config.max_position_embeddings,
-                sampling.max_new_tokens
-            )));
-        }
         crate::admission::check_chat(
             &config,
             prompt.len(),
