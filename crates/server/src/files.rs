@@ -260,15 +260,16 @@ fn zip_folder(dir: &Path) -> Result<Vec<u8>, ApiError> {
 }
 
 /// `POST /api/jobs/{id}/export`: the run merged into a full Hugging Face checkpoint in
-/// `<run>/merged-<dtype>`, as `safeprobe export` would write it.
+/// `<run>/merged-<dtype>` by `safeprobe export` itself, in a process of its own (a merge holds
+/// the whole model in memory: a large one must not take the server with it). Exports run one
+/// at a time (two of the same run would write the same files).
 pub async fn export(
     State(state): State<Arc<AppState>>,
     UrlPath(id): UrlPath<i64>,
     body: Result<Json<ExportRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Exported>, ApiError> {
     let Json(request) = body.map_err(crate::error::rejected)?;
-    let dtype =
-        SaveDtype::parse(&request.dtype).map_err(|e| ApiError::Invalid(format!("dtype: {e}")))?;
+    SaveDtype::parse(&request.dtype).map_err(|e| ApiError::Invalid(format!("dtype: {e}")))?;
     let (job, run_dir) = finished_run(&state, id)?;
     // A LoRA run merges its adapter into the base model; a full fine-tune re-exports its model.
     let adapter = run_dir.join("adapter");
@@ -283,29 +284,36 @@ pub async fn export(
         (run_dir.join("model"), None)
     };
     let out = run_dir.join(format!("merged-{}", request.dtype));
-    let mut command = format!(
-        "safeprobe export --model {} --out {} --dtype {}",
-        model.display(),
-        out.display(),
-        request.dtype
-    );
+    let mut args: Vec<String> = vec!["export".into(), "--model".into()];
+    args.push(model.display().to_string());
     if let Some(a) = &adapter {
-        command = command.replace(" --out ", &format!(" --adapter {} --out ", a.display()));
+        args.extend(["--adapter".into(), a.display().to_string()]);
     }
-    let device = state.chat_device.clone();
-    let written = out.clone();
+    args.extend(["--out".into(), out.display().to_string()]);
+    args.extend(["--dtype".into(), request.dtype.clone()]);
+    let command = format!("safeprobe {}", args.join(" "));
+    let worker = state.runner.worker().clone();
+    args.extend(["--device".into(), worker.device.clone()]);
     let _one_at_a_time = state.exports.lock().await;
-    tokio::task::spawn_blocking(move || {
-        safeprobe_model::export::merge_and_export(
-            &model,
-            adapter.as_deref(),
-            &written,
-            dtype,
-            &device,
-        )
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(&worker.program)
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .output()
     })
     .await
-    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .map_err(|e| ApiError::Internal(format!("cannot start `{command}`: {e}")))?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(6).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        return Err(ApiError::Internal(format!(
+            "`{command}` failed ({}): {}",
+            output.status,
+            tail.join("\n")
+        )));
+    }
     Ok(Json(Exported {
         path: out.display().to_string(),
         command,

@@ -96,6 +96,11 @@ impl Runner {
         Ok(runner)
     }
 
+    /// How jobs' processes are started (the program and device other processes use too).
+    pub fn worker(&self) -> &WorkerCommand {
+        &self.worker
+    }
+
     /// Puts a job (marked queued in the store) at the end of the queue and says so.
     pub fn enqueue(&self, id: i64) {
         self.queue.lock().unwrap().push_back(id);
