@@ -111,6 +111,7 @@ fn a_job_whose_process_aborts_fails_with_its_reason_while_the_next_one_finishes(
     signal(job_process(&server), "TERM");
     let job = ended(&server, doomed, "the terminated job");
     assert_eq!(job["status"], "cancelled", "{job}");
+    let checkpointed = job["last_step"]["step"].as_i64().unwrap();
     let checkpoints = data.path().join(format!("runs/job-{doomed}/checkpoints"));
     assert_eq!(std::fs::read_dir(&checkpoints).unwrap().count(), 1);
 
@@ -121,8 +122,12 @@ fn a_job_whose_process_aborts_fails_with_its_reason_while_the_next_one_finishes(
     // The queue is first in, first out: the short job runs before the resumed one.
     let job = ended(&server, next, "the next job");
     assert_eq!(job["status"], "done", "{job}");
+    // A step after the checkpoint: the resumed process is training.
     server.wait_for(doomed, "the resumed run's steps", |j| {
-        j["status"] == "running" && first_step(j)
+        j["status"] == "running"
+            && j["last_step"]["step"]
+                .as_i64()
+                .is_some_and(|s| s > checkpointed)
     });
     signal(job_process(&server), "ABRT");
     let job = ended(&server, doomed, "the aborted job");

@@ -256,9 +256,10 @@ pub fn compare(
     let selected = select_device(&DeviceArg {
         device: config.device.clone().unwrap_or_else(|| "auto".into()),
     })?;
-    let model = safeprobe_model::ModelConfig::from_file(&config.model_dir()?.join("config.json"))?;
+    let model_dir = safeprobe_model::resolve_model_dir(&config.model_dir()?)?;
+    let model = safeprobe_model::ModelConfig::from_file(&model_dir.join("config.json"))?;
     let estimate = config.memory_estimate(&model, selected.backend == "cpu")?;
-    if crate::uses_host_memory(&selected) {
+    if selected.uses_host_memory() {
         safeprobe_train::admission::check_free_memory(&estimate, "this comparison")?;
     }
     let mut report = progress::reporter();

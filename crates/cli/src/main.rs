@@ -247,13 +247,15 @@ fn select_device(arg: &DeviceArg) -> Result<device::Selected> {
     Ok(selected)
 }
 
-/// Whether `selected` keeps its tensors in this machine's memory (the CPU, or a software
-/// adapter such as lavapipe), so that what the machine has free bounds a run.
-pub fn uses_host_memory(selected: &device::Selected) -> bool {
-    selected
-        .adapter
-        .as_ref()
-        .is_none_or(|a| a.device_type == "Cpu")
+/// This program, for the server to start its jobs with. On Linux its /proc link, which still
+/// runs this binary after an upgrade replaced the file (`current_exe` then names a deleted
+/// path).
+fn this_program() -> Result<PathBuf> {
+    let link = PathBuf::from("/proc/self/exe");
+    if cfg!(target_os = "linux") && link.exists() {
+        return Ok(link);
+    }
+    std::env::current_exe().context("finding this program, which runs the server's jobs")
 }
 
 /// The model a user named, or else the demo model (unpacked only then).
@@ -478,8 +480,7 @@ fn run(cli: Cli) -> Result<()> {
             let selected = select_device(&device)?;
             let config = safeprobe_server::ServerConfig {
                 device: device.device.clone(),
-                worker_program: std::env::current_exe()
-                    .context("finding this program, which runs the server's jobs")?,
+                worker_program: this_program()?,
                 bind,
                 token: token.or_else(|| std::env::var("SAFEPROBE_TOKEN").ok()),
                 data_dir,
@@ -498,7 +499,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Job { device } => {
             let selected = select_device(&device)?;
-            safeprobe_server::worker::run_from_stdin(&selected.device)?;
+            safeprobe_server::worker::run_from_stdin(&selected)?;
         }
         Command::Compare(args) => evaluate::compare(args, select_device)?,
         Command::Train {
@@ -533,7 +534,7 @@ fn run(cli: Cli) -> Result<()> {
                 &model_or_demo(Some(run.model.clone()))?.join("config.json"),
             )?;
             run.check_against(&model)?;
-            if uses_host_memory(&selected) {
+            if selected.uses_host_memory() {
                 let estimate = run.memory_estimate(&model, selected.backend == "cpu");
                 safeprobe_train::admission::check_free_memory(&estimate, "this run")?;
             }

@@ -32,16 +32,15 @@ pub fn load(path: &Path) -> Result<Vec<HarmfulPrompt>> {
             } else {
                 rows.into_iter()
                     .map(|(line, row)| {
-                        let prompt = ["prompt", "goal", "instruction"]
-                            .iter()
-                            .find_map(|k| row.get(*k).and_then(Value::as_str))
-                            .ok_or_else(|| EvalError::Data {
+                        let prompt = safeprobe_train::data::prompt_of(&row).ok_or_else(|| {
+                            EvalError::Data {
                                 path: path.into(),
                                 line,
                                 message:
                                     "expected a \"prompt\" (or \"goal\", \"instruction\") string"
                                         .into(),
-                            })?;
+                            }
+                        })?;
                         Ok(HarmfulPrompt {
                             prompt: prompt.to_string(),
                             category: category(row.get("category")),
@@ -66,10 +65,7 @@ pub fn load(path: &Path) -> Result<Vec<HarmfulPrompt>> {
 /// Whether a JSONL, JSON or Parquet record holds a non-empty prompt (`prompt`, `goal` or
 /// `instruction`), as `load` reads one.
 pub fn is_prompt_record(row: &serde_json::Map<String, Value>) -> bool {
-    ["prompt", "goal", "instruction"]
-        .iter()
-        .find_map(|k| row.get(*k).and_then(Value::as_str))
-        .is_some_and(|p| !p.trim().is_empty())
+    safeprobe_train::data::prompt_of(row).is_some_and(|p| !p.trim().is_empty())
 }
 
 fn category(value: Option<&Value>) -> String {

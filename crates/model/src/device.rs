@@ -68,6 +68,12 @@ impl std::fmt::Debug for Selected {
 }
 
 impl Selected {
+    /// Whether tensors live in this machine's memory: the CPU, or a software adapter such as
+    /// Mesa's lavapipe (wgpu reports no free memory for a GPU's own).
+    pub fn uses_host_memory(&self) -> bool {
+        self.adapter.as_ref().is_none_or(|a| a.device_type == "Cpu")
+    }
+
     pub fn describe(&self) -> String {
         match &self.adapter {
             Some(a) => format!("wgpu on \"{}\" ({}, {})", a.name, a.device_type, a.backend),

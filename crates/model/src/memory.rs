@@ -130,12 +130,13 @@ pub fn human(bytes: u64) -> String {
     }
 }
 
-/// A training run's peak: the base weights, the trainable parameters with their gradient and
-/// AdamW's two moments (4 copies), and the largest pass (`rows` sequences of `seq_len`).
-/// `trainable` is `lora_parameters` for LoRA, the whole model for full fine-tuning.
+/// A training run's peak: the base weights, the trainable state beyond them (`trainable_state`
+/// f32 values: for LoRA its parameters, their gradient and AdamW's two moments, 4 × the LoRA
+/// parameters; for full fine-tuning the weights' gradient and two moments, 3 × the model), and
+/// the largest pass (`rows` sequences of `seq_len`).
 pub fn training_memory(
     config: &ModelConfig,
-    trainable: u64,
+    trainable_state: u64,
     rows: usize,
     seq_len: usize,
     fused: bool,
@@ -149,7 +150,7 @@ pub fn training_memory(
             },
             Part {
                 name: "trainable parameters, gradients and optimiser state",
-                bytes: product(&[4, F32, trainable]),
+                bytes: product(&[F32, trainable_state]),
             },
             Part {
                 name: "activations",
@@ -279,8 +280,8 @@ mod tests {
             r: 1_000_000_000,
             ..LoraConfig::default()
         };
-        let trainable = lora_parameters(&config, &lora);
-        assert!(training_memory(&config, trainable, 4, 128, true).total() > 1 << 40);
+        let state = 4 * lora_parameters(&config, &lora);
+        assert!(training_memory(&config, state, 4, 128, true).total() > 1 << 40);
         let huge = training_memory(&config, 0, 1_000_000, 128, true).total();
         assert!(huge > 1 << 40, "{huge}");
         let max = training_memory(&config, u64::MAX, usize::MAX, usize::MAX, false).total();

@@ -10,10 +10,9 @@ use safeprobe_wire::{EvalSpec, JobKind};
 use serde_json::Value;
 
 use crate::error::ApiError;
-use crate::worker::Assignment;
 
 /// How jobs on this server's device are sized.
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Sizing {
     /// The CPU backend, whose fused operations keep less for the backward pass.
     pub fused: bool,
@@ -23,6 +22,17 @@ pub struct Sizing {
     pub host_memory: bool,
     /// The server's `--job-memory-mib`, in bytes.
     pub limit: Option<u64>,
+}
+
+impl Sizing {
+    /// Sizing for jobs on the `selected` device under `limit`.
+    pub fn of(selected: &safeprobe_model::device::Selected, limit: Option<u64>) -> Self {
+        Self {
+            fused: selected.backend == "cpu",
+            host_memory: selected.uses_host_memory(),
+            limit,
+        }
+    }
 }
 
 /// The model config a job (or chat) names, read from its folder.
@@ -44,16 +54,37 @@ pub fn estimate(kind: JobKind, spec: &Value, cpu_backend: bool) -> Result<Estima
             let eval: EvalSpec = serde_json::from_value(spec.clone())
                 .map_err(|e| ApiError::Invalid(format!("config: {e}")))?;
             let model = model_config(&eval.model)?;
+            check_answer_length(eval.max_new_tokens, &model, "config.max_new_tokens")?;
             let estimate = safeprobe_eval::harmful::answer_memory(&model, eval.max_new_tokens);
             with_judge(estimate, eval.judge_model.as_deref())
         }
         JobKind::Compare => {
             let config = crate::jobs::compare_config(spec)?;
             let model = model_config(&config.model_dir()?)?;
+            check_answer_length(config.max_new_tokens, &model, "config.max_new_tokens")?;
             let estimate = config.memory_estimate(&model, cpu_backend)?;
             with_judge(estimate, config.judge_model.as_deref())
         }
     }
+}
+
+/// Answers of `max_new_tokens` must leave room for a prompt in the model's context (every
+/// prompt would fail to be answered otherwise).
+fn check_answer_length(
+    max_new_tokens: usize,
+    model: &ModelConfig,
+    field: &str,
+) -> Result<(), ApiError> {
+    /// The least a prompt needs: the chat template's markers alone are 10 to 30 tokens.
+    const PROMPT_ROOM: usize = 64;
+    let context = model.max_position_embeddings;
+    if max_new_tokens > context.saturating_sub(PROMPT_ROOM) {
+        return Err(ApiError::Invalid(format!(
+            "{field}: {max_new_tokens} leaves too little of this model's context of {context} \
+             tokens for the prompt"
+        )));
+    }
+    Ok(())
 }
 
 /// `estimate` with a judge model's weights, which stay loaded beside the judged model.
@@ -102,13 +133,13 @@ pub fn check_at_creation(kind: JobKind, spec: &Value, sizing: Sizing) -> Result<
 
 /// In the job's own process, before it loads anything: the job must fit in what is free now
 /// (and under the server's limit).
-pub fn check_now(job: &Assignment) -> Result<(), ApiError> {
-    let estimate = estimate(job.kind, &job.spec, job.sizing.fused)?;
-    let what = format!("this {} job", job.kind.name());
-    if let Some((budget, whose)) = ceiling(job.sizing) {
+pub fn check_now(kind: JobKind, spec: &Value, sizing: Sizing) -> Result<(), ApiError> {
+    let estimate = estimate(kind, spec, sizing.fused)?;
+    let what = format!("this {} job", kind.name());
+    if let Some((budget, whose)) = ceiling(sizing) {
         check_fits(&estimate, budget, &what, whose)?;
     }
-    let free = memory::host_memory().filter(|_| job.sizing.host_memory);
+    let free = memory::host_memory().filter(|_| sizing.host_memory);
     if let Some((_, available)) = free {
         check_fits(
             &estimate,

@@ -405,6 +405,13 @@ impl ChatModel {
         sampling: &safeprobe_model::Sampling,
     ) -> Result<Vec<u32>, ApiError> {
         let config = crate::admission::model_config(&self.model)?;
+        if sampling.max_new_tokens >= config.max_position_embeddings {
+            return Err(ApiError::Invalid(format!(
+                "max_new_tokens: {} leaves no room for a prompt in this model's context of {} \
+                 tokens",
+                sampling.max_new_tokens, config.max_position_embeddings
+            )));
+        }
         let context = config
             .max_position_embeddings
             .saturating_sub(sampling.max_new_tokens);

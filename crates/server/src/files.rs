@@ -74,10 +74,13 @@ pub async fn upload(
         .map_err(|e| ApiError::Internal(e.to_string()))?
         // Name the file the user sent, not the temporary one.
         .map_err(|e| {
-            ApiError::Invalid(
-                e.to_string()
-                    .replace(&partial.path().display().to_string(), &name),
-            )
+            let message = e
+                .to_string()
+                .replace(&partial.path().display().to_string(), &name);
+            match e {
+                ApiError::TooLarge(_) => ApiError::TooLarge(message),
+                _ => ApiError::Invalid(message),
+            }
         })?;
     let placed = if query.replace {
         partial.persist(&target).map_err(|e| e.error)
@@ -294,8 +297,11 @@ pub async fn export(
     let command = format!("safeprobe {}", args.join(" "));
     let worker = state.runner.worker().clone();
     args.extend(["--device".into(), worker.device.clone()]);
-    let _one_at_a_time = state.exports.lock().await;
+    // Held by the export itself, so that a client that goes away does not release it while
+    // the process still writes.
+    let one_at_a_time = state.exports.clone().lock_owned().await;
     let output = tokio::task::spawn_blocking(move || {
+        let _one_at_a_time = one_at_a_time;
         std::process::Command::new(&worker.program)
             .args(&args)
             .stdin(std::process::Stdio::null())

@@ -103,7 +103,7 @@ pub struct AppState {
     pub pulls: hub::Pulls,
     /// Held while a merged export is written: two exports of one run would write the same
     /// files at once (one read the other's half-written weights).
-    pub exports: tokio::sync::Mutex<()>,
+    pub exports: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Opens the store, recovers interrupted jobs and starts the worker.
@@ -140,7 +140,7 @@ pub fn state(
         program: config.worker_program.clone(),
         device: config.device.clone(),
         logs_dir: data_dir.join("logs"),
-        sizing,
+        job_memory: config.limits.job_memory,
     };
     Ok(Arc::new(AppState {
         runner: Runner::start(store, worker)?,
@@ -237,15 +237,7 @@ fn start_request_log() {
 pub async fn serve(config: ServerConfig, selected: Selected) -> Result<(), ApiError> {
     config.check()?;
     start_request_log();
-    let sizing = Sizing {
-        fused: selected.backend == "cpu",
-        // The CPU, or a software adapter such as Mesa's lavapipe.
-        host_memory: selected
-            .adapter
-            .as_ref()
-            .is_none_or(|a| a.device_type == "Cpu"),
-        limit: config.limits.job_memory,
-    };
+    let sizing = Sizing::of(&selected, config.limits.job_memory);
     let state = state(
         &config,
         selected.device.clone(),

@@ -13,7 +13,6 @@ use std::sync::{Arc, Condvar, Mutex};
 use safeprobe_wire::{Job, LiveMessage};
 use tokio::sync::broadcast;
 
-use crate::admission::Sizing;
 use crate::error::ApiError;
 use crate::store::{Status, Store};
 use crate::worker::{Assignment, CANCEL, Report};
@@ -28,24 +27,41 @@ pub struct WorkerCommand {
     pub device: String,
     /// Each job's standard error goes to `<logs_dir>/job-<id>.log`.
     pub logs_dir: PathBuf,
-    pub sizing: Sizing,
+    /// The most memory a job may take (`--job-memory-mib`), in bytes.
+    pub job_memory: Option<u64>,
 }
+
+/// How long a job asked to stop has to reach its next step (a step of a large model on a CPU,
+/// or a batch of answers, takes minutes) before its process is ended without a checkpoint.
+const CANCEL_PATIENCE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// A job that has been taken off the queue: its process once started, and whether it was
 /// asked to stop.
 #[derive(Default)]
 struct Running {
     cancelled: AtomicBool,
+    /// Its output has closed: the process has ended (or is about to).
+    finished: AtomicBool,
     stdin: Mutex<Option<ChildStdin>>,
     child: Mutex<Option<Child>>,
 }
 
 impl Running {
-    /// Asks the job to stop at its next step (it writes a checkpoint there).
-    fn cancel(&self) {
-        self.cancelled.store(true, Ordering::SeqCst);
+    /// Asks the job to stop at its next step (it writes a checkpoint there); a job that is
+    /// hung (in a driver, say) and still running after `CANCEL_PATIENCE` is ended.
+    fn cancel(self: &Arc<Self>) {
+        let first = !self.cancelled.swap(true, Ordering::SeqCst);
         if let Some(stdin) = self.stdin.lock().unwrap().as_mut() {
             let _ = writeln!(stdin, "{CANCEL}").and_then(|()| stdin.flush());
+        }
+        if first {
+            let running = self.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(CANCEL_PATIENCE);
+                if !running.finished.load(Ordering::SeqCst) {
+                    running.kill();
+                }
+            });
         }
     }
 
@@ -240,7 +256,7 @@ impl Runner {
     }
 
     /// Runs a job's process to its end, relaying what it reports; returns how it ended.
-    fn supervise(&self, job: &Job, running: &Running) -> (Status, Option<String>) {
+    fn supervise(&self, job: &Job, running: &Arc<Running>) -> (Status, Option<String>) {
         let mut child = match self.spawn(job) {
             Ok(child) => child,
             Err(e) => return (Status::Failed, Some(e.to_string())),
@@ -260,10 +276,18 @@ impl Runner {
                     let _ = self.store.set_answers(job.id, &answers);
                 }
                 Ok(end) => last = Some(end),
+                // A report this server cannot read (its result, say) fails the job with why,
+                // rather than as a job that said nothing.
+                Err(e) if line.starts_with("{\"message\":") => {
+                    last = Some(Report::Failed {
+                        error: format!("the job's report could not be read: {e}"),
+                    });
+                }
                 // Something in the job printed to standard output; it is not ours to relay.
                 Err(_) => tracing::warn!(job = job.id, "not a job report: {line:.200}"),
             }
         }
+        running.finished.store(true, Ordering::SeqCst);
         // Its output is closed: the process has ended or is about to.
         running.stdin.lock().unwrap().take();
         let exit = running.child.lock().unwrap().take().map(|mut c| c.wait());
@@ -339,7 +363,7 @@ impl Runner {
             id: job.id,
             kind: job.kind,
             spec: job.spec.clone(),
-            sizing: self.worker.sizing,
+            job_memory: self.worker.job_memory,
         };
         let line = serde_json::to_string(&assignment).expect("jobs serialise");
         let stdin = child.stdin.as_mut().expect("piped");

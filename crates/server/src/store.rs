@@ -275,15 +275,6 @@ impl Store {
         Ok(seq)
     }
 
-    /// Drops a job's step/validation events after `step` (a resumed run replays from its
-    /// checkpoint), keeping status events.
-    pub fn truncate_steps_after(&self, id: i64, step: i64) -> Result<(), ApiError> {
-        self.conn()
-            .execute(DROP_STEPS_AFTER, params![id, step])
-            .map_err(db)?;
-        Ok(())
-    }
-
     pub fn set_answers(&self, id: i64, answers: &[JudgedAnswer]) -> Result<(), ApiError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(db)?;
@@ -461,7 +452,12 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![3, 4]
         );
-        store.truncate_steps_after(a, 3).unwrap();
+        // A resume requeues the interrupted job and drops the steps after its checkpoint;
+        // only the first of two resumes does.
+        assert!(store.requeue(a, &serde_json::json!({"x": 2}), 3).unwrap());
+        assert!(!store.requeue(a, &serde_json::json!({"x": 3}), 3).unwrap());
+        assert_eq!(store.get(a).unwrap().unwrap().status, Status::Queued);
+        assert_eq!(store.get(a).unwrap().unwrap().spec["x"], 2);
         assert_eq!(store.events(a, 0, 100).unwrap().0.len(), 3);
         let next = store.add_event(a, &step_event(4)).unwrap();
         assert_eq!(next, 6, "event numbers are never reused after a truncation");

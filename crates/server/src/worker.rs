@@ -22,7 +22,9 @@ use safeprobe_wire::{EvalSpec, JobKind, JobResult, JudgedAnswer};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::admission::Sizing;
 use crate::error::ApiError;
+use safeprobe_model::device::Selected;
 
 /// The job a worker runs: its first line of input.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -31,8 +33,9 @@ pub struct Assignment {
     pub kind: JobKind,
     /// The validated spec, as stored.
     pub spec: Value,
-    /// How the job is sized against the memory there is when it starts.
-    pub sizing: crate::admission::Sizing,
+    /// The most memory the job may take (the server's `--job-memory-mib`), in bytes.
+    #[serde(default)]
+    pub job_memory: Option<u64>,
 }
 
 /// One line of a worker's output.
@@ -54,9 +57,9 @@ pub enum Report {
 /// The line that asks a running job to stop.
 pub const CANCEL: &str = "cancel";
 
-/// Runs the job on standard input on `device` and reports on standard output. The exit
-/// status is 0 whenever a final report was written.
-pub fn run_from_stdin(device: &Device) -> Result<(), ApiError> {
+/// Runs the job on standard input on the `selected` device and reports on standard output.
+/// The exit status is 0 whenever a final report was written.
+pub fn run_from_stdin(selected: &Selected) -> Result<(), ApiError> {
     let mut stdin = std::io::stdin().lock();
     let mut line = String::new();
     stdin
@@ -69,7 +72,9 @@ pub fn run_from_stdin(device: &Device) -> Result<(), ApiError> {
     watch_for_cancel(cancel.clone());
     #[cfg(unix)]
     watch_for_terminate(cancel.clone());
-    let report = match execute(&assignment, device, &cancel) {
+    // Sized for the device this process selected (a request may name its own).
+    let sizing = Sizing::of(selected, assignment.job_memory);
+    let report = match execute(&assignment, sizing, &selected.device, &cancel) {
         Ok(result) => Report::Done { result },
         Err(Stop::Cancelled) => Report::Cancelled,
         Err(Stop::Failed(error)) => Report::Failed { error },
@@ -170,8 +175,13 @@ impl From<safeprobe_model::Error> for Stop {
     }
 }
 
-fn execute(job: &Assignment, device: &Device, cancel: &Cancel) -> Result<JobResult, Stop> {
-    crate::admission::check_now(job)?;
+fn execute(
+    job: &Assignment,
+    sizing: Sizing,
+    device: &Device,
+    cancel: &Cancel,
+) -> Result<JobResult, Stop> {
+    crate::admission::check_now(job.kind, &job.spec, sizing)?;
     match job.kind {
         JobKind::Train => train(&job.spec, device, cancel),
         JobKind::Eval => evaluate(&job.spec, device, cancel),

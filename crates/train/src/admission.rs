@@ -5,6 +5,7 @@
 use safeprobe_model::ModelConfig;
 use safeprobe_model::memory::{self, Estimate};
 
+use crate::data;
 use crate::error::{Result, TrainError};
 use crate::run::{Finetune, Method, RunConfig};
 
@@ -28,13 +29,53 @@ impl RunConfig {
         Ok(())
     }
 
+    /// The longest sequence the run will batch (each batch is padded to its longest row, not
+    /// to `max_len`): `max_len`, or less when every record of its data is shorter. A token
+    /// stands for at least one byte of text (byte-level BPE, and byte fallback), so a record of
+    /// n bytes is at most n tokens, plus what the chat template and the system prompt add.
+    /// Data that is not there yet (a comparison writes its own) is sized at `max_len`.
+    pub fn longest_sequence(&self) -> usize {
+        /// Role markers and a default system prompt (Qwen's is about 20 tokens), generously.
+        const TEMPLATE_TOKENS: usize = 128;
+        let held_out = self.safety_eval.as_ref();
+        let files = [
+            Some(&self.train_data),
+            self.safety_data.as_ref(),
+            self.poison_data.as_ref(),
+            self.validation_data.as_ref(),
+            held_out.and_then(|h| h.pairs.as_ref()),
+            held_out.and_then(|h| h.prompts.as_ref()),
+        ];
+        let mut longest = 0;
+        for path in files.into_iter().flatten() {
+            let read = data::for_each_record(path, |_, record| {
+                longest = longest.max(data::text_bytes(&record));
+                Ok(())
+            });
+            if read.is_err() {
+                return self.max_len;
+            }
+        }
+        let system = self.system.as_ref().map_or(0, String::len);
+        self.max_len.min(
+            longest
+                .saturating_add(system)
+                .saturating_add(TEMPLATE_TOKENS),
+        )
+    }
+
     /// The run's peak memory: the base weights, what trains with its gradient and optimiser
     /// state, and its largest pass: a task batch, or a SAP step's safety pass over the chosen
-    /// and rejected answers of `safety_batch_size` pairs. `fused`: the CPU backend.
+    /// and rejected answers of `safety_batch_size` pairs, each of `longest_sequence` tokens.
+    /// `fused`: the CPU backend.
     pub fn memory_estimate(&self, model: &ModelConfig, fused: bool) -> Estimate {
-        let trainable = match self.finetune {
-            Finetune::Lora => memory::lora_parameters(model, &self.lora),
-            Finetune::Full => safeprobe_model::decoder::parameter_count(model) as u64,
+        let trainable_state = match self.finetune {
+            // The adapter, its gradient and AdamW's two moments.
+            Finetune::Lora => memory::lora_parameters(model, &self.lora).saturating_mul(4),
+            // The weights are counted already: their gradient and two moments.
+            Finetune::Full => {
+                (safeprobe_model::decoder::parameter_count(model) as u64).saturating_mul(3)
+            }
         };
         let safety_rows = self.safety_batch_size.saturating_mul(2);
         let uses_pairs = self.method == Method::Sap || self.safety_eval.is_some();
@@ -47,7 +88,8 @@ impl RunConfig {
             Finetune::Lora => &["lora.r", "lora.target_modules"],
             Finetune::Full => &["finetune"],
         };
-        let mut estimate = memory::training_memory(model, trainable, rows, self.max_len, fused);
+        let seq_len = self.longest_sequence();
+        let mut estimate = memory::training_memory(model, trainable_state, rows, seq_len, fused);
         estimate.drivers = ["model", "batch_size", "max_len"]
             .into_iter()
             .chain(uses_pairs.then_some("safety_batch_size"))
@@ -119,6 +161,32 @@ mod tests {
         assert!(error.to_string().contains("sap.layers: layer 4"), "{error}");
         let error = run("max_len = 513").check_against(&model()).unwrap_err();
         assert!(error.to_string().contains("max_len: 513"), "{error}");
+    }
+
+    /// A generous max_len over short data is sized by the data: a record of n bytes is at most
+    /// n tokens plus the template's.
+    #[test]
+    fn short_data_is_sized_by_its_longest_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("t.jsonl");
+        std::fs::write(&data, "{\"prompt\": \"2+2?\", \"response\": \"4\"}\n").unwrap();
+        let text = format!(
+            "model = 'm'\ntrain_data = '{}'\noutput_dir = 'o'\nmax_steps = 1\nmethod = 'sft'\n",
+            data.display()
+        );
+        let parse = |extra: &str| {
+            RunConfig::parse(&format!("{text}{extra}"), &[], std::path::Path::new("test")).unwrap()
+        };
+        let (capped, generous) = (parse("max_len = 64"), parse("max_len = 4096"));
+        assert_eq!(capped.longest_sequence(), 64);
+        // 19 bytes of keys and text ("prompt", "2+2?", "response", "4"), plus 128 for the
+        // template.
+        assert_eq!(generous.longest_sequence(), 19 + 128);
+        let model = model();
+        assert!(
+            generous.memory_estimate(&model, true).total()
+                < run("max_len = 4096").memory_estimate(&model, true).total()
+        );
     }
 
     /// The estimate grows with what drives it, names those settings, and a refusal gives both.

@@ -237,17 +237,19 @@ fn jsonl(path: &Path, each: Each) -> Result<usize> {
             line: number,
             message,
         };
-        let text = std::str::from_utf8(&line)
-            .map_err(|e| data(format!("not UTF-8 text: {e}")))?
-            .trim_end_matches(['\n', '\r']);
-        if text.len() > MAX_RECORD_BYTES {
-            // Read only up to the limit: its true length is not known, and need not be.
+        let content = line.strip_suffix(b"\n").unwrap_or(&line);
+        let content = content.strip_suffix(b"\r").unwrap_or(content);
+        if content.len() > MAX_RECORD_BYTES {
+            // Read only up to the limit: its true length is not known, and need not be (the
+            // cut may even split a character, so this comes before the UTF-8 check).
             return Err(data(format!(
                 "record of {} bytes or more is over the {MAX_RECORD_BYTES}-byte limit for one \
                  example; split or shorten it",
-                text.len()
+                content.len()
             )));
         }
+        let text =
+            std::str::from_utf8(content).map_err(|e| data(format!("not UTF-8 text: {e}")))?;
         if text.trim().is_empty() {
             continue;
         }
@@ -261,8 +263,8 @@ fn jsonl(path: &Path, each: Each) -> Result<usize> {
     Ok(count)
 }
 
-/// The bytes of text a record holds (its strings, at any depth).
-fn text_bytes(map: &serde_json::Map<String, Value>) -> usize {
+/// The bytes of text a record holds (its keys and strings, at any depth).
+pub fn text_bytes(map: &serde_json::Map<String, Value>) -> usize {
     fn of(v: &Value) -> usize {
         match v {
             Value::String(s) => s.len(),
@@ -341,16 +343,20 @@ pub fn example_from(
     }
 }
 
-/// Reads a prompt per record (`prompt`, or `goal` / `instruction` as AdvBench and Alpaca
-/// name it), with its line.
+/// A record's prompt: `prompt`, or `goal` / `instruction` as AdvBench and Alpaca name it.
+pub fn prompt_of(map: &serde_json::Map<String, Value>) -> Option<&str> {
+    ["prompt", "goal", "instruction"]
+        .iter()
+        .find_map(|key| map.get(*key).and_then(Value::as_str))
+}
+
+/// Reads a prompt per record (see `prompt_of`), with its line.
 pub fn read_prompts(path: &Path) -> Result<Vec<(usize, String)>> {
     records(path)?
         .into_iter()
         .map(|(line, map)| {
-            ["prompt", "goal", "instruction"]
-                .iter()
-                .find_map(|key| text(&map, key))
-                .map(|prompt| (line, prompt))
+            prompt_of(&map)
+                .map(|prompt| (line, prompt.to_string()))
                 .ok_or_else(|| TrainError::Data {
                     path: path.into(),
                     line,

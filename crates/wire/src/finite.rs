@@ -19,3 +19,8 @@ pub fn option_vec_or_nan<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<f
     Ok(Option::<Vec<Option<f64>>>::deserialize(d)?
         .map(|values| values.into_iter().map(|v| v.unwrap_or(f64::NAN)).collect()))
 }
+
+pub fn option_pair_or_nan<'de, D: Deserializer<'de>>(d: D) -> Result<Option<(f64, f64)>, D::Error> {
+    Ok(Option::<(Option<f64>, Option<f64>)>::deserialize(d)?
+        .map(|(low, high)| (low.unwrap_or(f64::NAN), high.unwrap_or(f64::NAN))))
+}

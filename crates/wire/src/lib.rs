@@ -87,6 +87,25 @@ mod tests {
         };
         let back: Spread = serde_json::from_str(&serde_json::to_string(&spread).unwrap()).unwrap();
         assert!(back.mean.is_nan());
+        // A diverged seed makes a paired difference's intervals NaN: the comparison still reads.
+        let difference = PairedDifference {
+            metric: "harmful_score".into(),
+            a: Method::Sap,
+            b: Method::Sft,
+            pairs: 3,
+            mean: f64::NAN,
+            ci: Some((f64::NAN, 1.0)),
+            t_ci: Some((f64::NAN, f64::NAN)),
+        };
+        let text = serde_json::to_string(&difference).unwrap();
+        let back: PairedDifference = serde_json::from_str(&text).unwrap();
+        assert!(back.ci.unwrap().0.is_nan() && back.ci.unwrap().1 == 1.0);
+        assert!(back.t_ci.unwrap().1.is_nan() && !back.is_real());
+        let older: PairedDifference = serde_json::from_str(
+            r#"{"metric": "harmful_score", "a": "sap", "b": "sft", "pairs": 1, "mean": 2.0}"#,
+        )
+        .unwrap();
+        assert_eq!((older.ci, older.t_ci), (None, None));
     }
 
     #[test]

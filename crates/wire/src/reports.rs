@@ -275,9 +275,10 @@ pub struct PairedDifference {
     #[serde(deserialize_with = "crate::finite::f64_or_nan")]
     pub mean: f64,
     /// 95% percentile-bootstrap interval of that mean; None with fewer than 2 pairs.
+    #[serde(default, deserialize_with = "crate::finite::option_pair_or_nan")]
     pub ci: Option<(f64, f64)>,
     /// 95% Student-t interval of the same mean (n − 1 degrees of freedom).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::finite::option_pair_or_nan")]
     pub t_ci: Option<(f64, f64)>,
 }
 
