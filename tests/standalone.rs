@@ -70,6 +70,12 @@ fn a_copy_run_elsewhere_unpacks_and_uses_the_demo_model() {
     let info = run(&binary, cwd.path(), &home, &["info", "--json"]);
     let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
     assert_eq!(info["config"]["num_hidden_layers"], 4, "{info}");
+    // What train and serve size a run at: SAP's safety pass has twice the rows of SFT's batch.
+    let admitted = &info["admission_bytes"]["cpu"];
+    assert!(
+        admitted["sap"].as_u64().unwrap() > admitted["sft"].as_u64().unwrap(),
+        "{info}"
+    );
     let unpacked = unpacked_models(&home);
     assert_eq!(
         unpacked.len(),

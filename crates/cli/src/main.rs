@@ -325,6 +325,26 @@ fn run(cli: Cli) -> Result<()> {
                     safeprobe_model::lora_pass_memory(&config, pairs_rows, seq_len, fused),
                 )
             });
+            // What `train` and `serve` size a run by (the pass, plus the LoRA adapter of the
+            // trainer's defaults with its gradient and AdamW's moments, plus the process).
+            let admitted = |method: &str, fused: bool| -> Result<u64> {
+                let text = format!(
+                    "model = 'm'\ntrain_data = 't'\nsafety_data = 's'\noutput_dir = 'o'\n\
+                     max_steps = 1\nmethod = '{method}'\nbatch_size = {batch}\n\
+                     safety_batch_size = {}\nmax_len = {seq_len}\n",
+                    safety_batch.unwrap_or(batch)
+                );
+                let run = safeprobe_train::run::RunConfig::parse_before_data(
+                    &text,
+                    &[],
+                    std::path::Path::new("info"),
+                )?;
+                Ok(run.memory_estimate(&config, fused).total())
+            };
+            let admission = json!({
+                "cpu": {"sft": admitted("sft", true)?, "sap": admitted("sap", true)?},
+                "wgpu": {"sft": admitted("sft", false)?, "sap": admitted("sap", false)?},
+            });
             if json {
                 let estimate = |sft: safeprobe_model::PassMemory,
                                 sap: safeprobe_model::PassMemory| {
@@ -336,6 +356,7 @@ fn run(cli: Cli) -> Result<()> {
                            "lora_training_bytes": {"batch": batch, "seq_len": seq_len,
                                                    "cpu": estimate(sft, sap),
                                                    "wgpu": estimate(sft_wgpu, sap_wgpu)},
+                           "admission_bytes": admission,
                            "chat_template": tokenizer.template_source, "stop_token_ids": tokenizer.stop_ids})
                 );
             } else {
@@ -373,6 +394,16 @@ fn run(cli: Cli) -> Result<()> {
                     mib(sft_wgpu.total()),
                     mib(sap.total()),
                     mib(sap_wgpu.total()),
+                );
+                let at = |device: &str, method: &str| {
+                    mib(admission[device][method].as_u64().unwrap_or_default())
+                };
+                println!(
+                    "admission:    what `train` and `serve` size such a run at (LoRA r = 8 on every projection, with its gradient, AdamW's moments and the process): SFT {:.0} / SAP {:.0} MiB on the CPU, {:.0} / {:.0} MiB on wgpu",
+                    at("cpu", "sft"),
+                    at("cpu", "sap"),
+                    at("wgpu", "sft"),
+                    at("wgpu", "sap"),
                 );
                 println!("template:     {}", tokenizer.template_source);
                 println!("stop tokens:  {:?}", tokenizer.stop_ids);
