@@ -309,7 +309,7 @@ impl Runner {
                 (
                     Status::Failed,
                     Some(format!(
-                        "the job's process {how}; the end of its log ({}):\n{}",
+                        "the job's process {how}\nthe end of its log ({}):\n{}",
                         log.display(),
                         log_tail(&log)
                     )),

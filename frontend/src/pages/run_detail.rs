@@ -120,7 +120,7 @@ fn StatusCard(job: Job, events: Memo<Vec<Event>>) -> impl IntoView {
                 {progress}
                 " " <JobActions id=job.id status/></div>
             <div class="progress"><div style=width></div></div>
-            {job.error.map(|e| view! { <p class="error">{e}</p> })}
+            {job.error.map(|e| view! { <pre class="error job-error">{e}</pre> })}
         </div>
     }
 }

@@ -53,7 +53,12 @@ fn JobRow(job: Job) -> impl IntoView {
             <td>{method}</td>
             <td>{model}</td>
             <td><span class=format!("status {status}")>{status}</span>
-                {job.error.map(|e| view! { <div class="error">{e}</div> })}</td>
+                // The list shows the reason's first line; the run's page shows all of it (a
+                // failed process adds the end of its log).
+                {job.error.map(|e| {
+                    let first = e.lines().next().unwrap_or_default().to_string();
+                    view! { <div class="error" title=e>{first}</div> }
+                })}</td>
             <td>{or_dash(progress)}</td>
             <td>{or_dash(hs)}</td>
             <td>{or_dash(validation)}</td>
