@@ -37,17 +37,8 @@ impl RunConfig {
     pub fn longest_sequence(&self) -> usize {
         /// Role markers and a default system prompt (Qwen's is about 20 tokens), generously.
         const TEMPLATE_TOKENS: usize = 128;
-        let held_out = self.safety_eval.as_ref();
-        let files = [
-            Some(&self.train_data),
-            self.safety_data.as_ref(),
-            self.poison_data.as_ref(),
-            self.validation_data.as_ref(),
-            held_out.and_then(|h| h.pairs.as_ref()),
-            held_out.and_then(|h| h.prompts.as_ref()),
-        ];
         let mut longest = 0;
-        for path in files.into_iter().flatten() {
+        for path in self.data_files() {
             let read = data::for_each_record(path, |_, record| {
                 longest = longest.max(data::text_bytes(&record));
                 Ok(())

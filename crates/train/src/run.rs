@@ -298,9 +298,11 @@ impl RunConfig {
             .map_err(|m| TrainError::Config(format!("lora: {m}")))
     }
 
-    fn check_data_files(&self) -> Result<()> {
+    /// Every data file the run reads: its task data, safety pairs, poison, validation and
+    /// held-out safety data, where set.
+    pub fn data_files(&self) -> impl Iterator<Item = &PathBuf> {
         let held_out = self.safety_eval.as_ref();
-        for path in [
+        [
             Some(&self.train_data),
             self.safety_data.as_ref(),
             self.poison_data.as_ref(),
@@ -310,7 +312,10 @@ impl RunConfig {
         ]
         .into_iter()
         .flatten()
-        {
+    }
+
+    fn check_data_files(&self) -> Result<()> {
+        for path in self.data_files() {
             if !path.is_file() {
                 let message = format!("{}: data file not found", path.display());
                 return Err(TrainError::Config(message));
