@@ -170,26 +170,37 @@ pub async fn create_job(
     } else {
         request.config
     };
+    // Validation reads data files and sizes the job: off the async threads.
+    let creating = state.clone();
+    let id = tokio::task::spawn_blocking(move || create(&creating, request.kind, config))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    state.runner.enqueue(id);
+    Ok(Json(find_job(&state, id)?))
+}
+
+/// Checks, sizes and stores a job; returns its id.
+fn create(state: &AppState, kind: JobKind, config: serde_json::Value) -> Result<i64, ApiError> {
     // Validate against a placeholder id first so that a bad request leaves no job behind.
-    jobs::validate(request.kind, config.clone(), 0, &state.places)?;
-    let store = state.runner.store.clone();
-    let id = store.create(request.kind, &config)?;
+    let (spec, _) = jobs::validate(kind, config.clone(), 0, &state.places)?;
+    crate::admission::check_at_creation(kind, &spec, state.places.sizing)?;
+    let store = &state.runner.store;
+    let id = store.create(kind, &config)?;
     let checked = state
         .places
         .set_aside_stale_run_dir(id)
-        .and_then(|()| jobs::validate(request.kind, config, id, &state.places));
+        .and_then(|()| jobs::validate(kind, config, id, &state.places));
     match checked {
         Ok((spec, dir)) => {
             let dir = dir.map(|d| d.display().to_string());
             store.set_spec(id, &spec, dir.as_deref())?;
+            Ok(id)
         }
         Err(e) => {
             store.delete(id)?;
-            return Err(e);
+            Err(e)
         }
     }
-    state.runner.enqueue(id);
-    Ok(Json(find_job(&state, id)?))
 }
 
 pub async fn list_jobs(State(state): State<Arc<AppState>>) -> ApiResult<Vec<Job>> {

@@ -1,5 +1,5 @@
-//! Job requests: where the paths they name may lie, their checks and defaults, and their
-//! sizing, so that what is stored is a spec the job's process can run as it is (`runner`
+//! Job requests: where the paths they name may lie, their checks and defaults, so that what is
+//! stored is a spec the job's process can run as it is (`admission` sizes them, `runner`
 //! queues and supervises them, `worker` runs them).
 
 use std::path::{Path, PathBuf};
@@ -286,7 +286,6 @@ pub fn validate(
             let run = RunConfig::parse(&toml_text(map, "config")?, &[], Path::new("request"))?;
             check_retention(run.keep_checkpoints, places, "config.keep_checkpoints")?;
             check_steps(planned_steps(&run)?, places, "config.max_steps")?;
-            crate::admission::check_at_creation(kind, &config, places.sizing)?;
             Ok((config, Some(dir)))
         }
         JobKind::Eval => {
@@ -295,7 +294,6 @@ pub fn validate(
             let settings: EvalSpec = serde_json::from_value(Value::Object(map.clone()))
                 .map_err(|e| ApiError::Invalid(format!("config: {e}")))?;
             check_eval(&settings)?;
-            crate::admission::check_at_creation(kind, &config, places.sizing)?;
             Ok((config, None))
         }
         JobKind::Compare => {
@@ -332,7 +330,6 @@ pub fn validate(
                 places,
                 "config.train.max_steps or epochs (× seeds × methods × poison_fraction conditions)",
             )?;
-            crate::admission::check_at_creation(kind, &config, places.sizing)?;
             Ok((config, Some(dir)))
         }
     }
