@@ -30,6 +30,41 @@ pub struct StepMetrics {
     /// Whether the probe turns the update toward safety, on measurement steps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alignment: Option<Alignment>,
+    /// What a defence did on this step (SafeGrad, Lisa, SPPFT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub defence: Option<Defence>,
+}
+
+/// One step of a defence, measured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Defence {
+    /// SafeGrad: the alignment loss, cos(∇L_task, ∇L_align) before the surgery, and the share
+    /// of the task gradient's norm it removed (0 when they did not conflict).
+    Projection {
+        #[serde(deserialize_with = "crate::finite::f64_or_nan")]
+        alignment_loss: f64,
+        #[serde(deserialize_with = "crate::finite::f64_or_nan")]
+        cosine: f64,
+        projected: bool,
+        #[serde(deserialize_with = "crate::finite::f64_or_nan")]
+        removed: f64,
+    },
+    /// Lisa: the state the step was in, its loss, and ‖W − anchor‖, the drift from the other
+    /// state's last weights that the proximal term pulls back.
+    Lisa {
+        alignment_state: bool,
+        #[serde(deserialize_with = "crate::finite::f64_or_nan")]
+        state_loss: f64,
+        #[serde(deserialize_with = "crate::finite::f64_or_nan")]
+        drift: f64,
+    },
+    /// SPPFT: the frozen layers and the share of the task gradient's norm that fell on them.
+    Frozen {
+        layers: Vec<usize>,
+        #[serde(deserialize_with = "crate::finite::f64_or_nan")]
+        removed: f64,
+    },
 }
 
 /// How the task gradient lines up with the harmful direction: cos(∇_W L_task(W, V), ĝ) with

@@ -14,11 +14,11 @@ pub use catalog::{
     ExportRequest, Exported, MetricsQuery, ModelSummary, Preview, PreviewQuery, PreviewRow,
     PullRequest, PullState, PullStatus, Uploaded,
 };
-pub use events::{Alignment, Event, EventPage, LiveMessage, StepMetrics, StoredEvent};
+pub use events::{Alignment, Defence, Event, EventPage, LiveMessage, StepMetrics, StoredEvent};
 pub use jobs::{ChatRequest, CreateJob, EvalSpec, Job, JobKind, JobResult, Message, Status};
 pub use reports::{
     Agreement, CategoryScore, Comparison, Condition, HarmfulReport, JudgeScore, JudgedAnswer,
-    Method, PairedDifference, Row, RunResult, Spread, poison_percent,
+    Mechanism, Method, PairedDifference, Row, RunResult, Spread, poison_percent,
 };
 
 #[cfg(test)]

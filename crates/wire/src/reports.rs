@@ -69,29 +69,80 @@ pub struct Agreement {
     pub cohen_kappa: f64,
 }
 
-/// A fine-tuning method in a comparison.
+/// A fine-tuning method: what a run's `method` names and a comparison's `methods` list. The
+/// one method type of the trainer, the comparison, the server and the UI.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
-    /// The model before fine-tuning.
+    /// The model before fine-tuning (a comparison's reference; it does not train).
     Base,
     /// Plain supervised fine-tuning.
     Sft,
-    /// Safety-Aware Probing.
+    /// Safety-Aware Probing (arXiv 2505.16737).
     Sap,
     /// SFT with the safety pairs' refusals mixed into the data (the SafeInstr baseline).
     Mix,
+    /// Gradient surgery against the alignment gradient (SafeGrad, arXiv 2508.07172).
+    #[serde(rename = "safegrad")]
+    SafeGrad,
+    /// Alternating alignment and task states with a proximal term (Lisa, arXiv 2405.18641).
+    Lisa,
+    /// The safety layers frozen (SPPFT, arXiv 2408.17003).
+    Sppft,
 }
 
 impl Method {
+    /// Every method, in the order tables list them.
+    pub const ALL: [Method; 7] = [
+        Method::Base,
+        Method::Sft,
+        Method::Sap,
+        Method::Mix,
+        Method::SafeGrad,
+        Method::Lisa,
+        Method::Sppft,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Method::Base => "base",
             Method::Sft => "sft",
             Method::Sap => "sap",
             Method::Mix => "mix",
+            Method::SafeGrad => "safegrad",
+            Method::Lisa => "lisa",
+            Method::Sppft => "sppft",
         }
     }
+
+    /// What the method is, in a few words (the form's help, the CLI's listing).
+    pub fn describe(self) -> &'static str {
+        match self {
+            Method::Base => "the model before fine-tuning",
+            Method::Sft => "plain supervised fine-tuning",
+            Method::Sap => "Safety-Aware Probing: a probe steers the update away from harm",
+            Method::Mix => "SFT with the safety pairs' refusals mixed into the data",
+            Method::SafeGrad => {
+                "SafeGrad: the task gradient projected off the alignment gradient when they conflict"
+            }
+            Method::Lisa => "Lisa: alternating alignment and task steps, each held near the other",
+            Method::Sppft => "SPPFT: the layers that carry safety are frozen",
+        }
+    }
+
+    /// Whether a run of this method needs safety pairs (`safety_data`).
+    pub fn needs_safety_pairs(self) -> bool {
+        !matches!(self, Method::Base | Method::Sft)
+    }
+}
+
+/// What a defence did over a run, in one number (its table column).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Mechanism {
+    /// What the number is ("steps projected, %").
+    pub what: String,
+    #[serde(deserialize_with = "crate::finite::f64_or_nan")]
+    pub value: f64,
 }
 
 /// One evaluated model of a comparison.
@@ -116,6 +167,9 @@ pub struct RunResult {
     /// The last held-out safety check's mean per-token log p(refusal) (fine-tuned runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refusal_logprob: Option<f64>,
+    /// The defence's own number over the run, where it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mechanism: Option<Mechanism>,
 }
 
 /// Mean and sample standard deviation over seeds.
@@ -154,6 +208,9 @@ pub struct Row {
     pub step_time_s: Option<Spread>,
     /// Step time ÷ SFT's step time.
     pub overhead_vs_sft: Option<f64>,
+    /// The defence's own number (`Mechanism::what`) over the runs that report it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mechanism: Option<(String, Spread)>,
 }
 
 /// A whole comparison: one table per condition, and how long it all took.
@@ -179,7 +236,7 @@ pub struct Condition {
     pub rows: Vec<Row>,
     /// The base model's evaluation (shared by every condition) and each fine-tuned run.
     pub runs: Vec<RunResult>,
-    /// SAP − SFT (and mixing − SFT) per metric, paired by seed.
+    /// Each fine-tuning method − SFT per metric, paired by seed.
     #[serde(default)]
     pub paired: Vec<PairedDifference>,
     /// Plain statements about what the numbers show (or do not show).
