@@ -672,6 +672,100 @@ fn resume_equals_an_uninterrupted_run() {
     assert!(error.to_string().contains("config.toml"), "{error}");
 }
 
+/// SafeGrad (both alignment losses), Lisa and SPPFT: each trains, reports what it did on
+/// every step, and a run resumed from a checkpoint mid-way (mid-state for Lisa, whose anchor
+/// the checkpoint must carry; after SPPFT located its layers) ends with the uninterrupted
+/// run's adapter bit for bit, LoRA dropout on.
+#[test]
+fn every_defence_resumes_bit_equal_and_reports_its_mechanism() {
+    for method in [
+        &["method=\"safegrad\""][..],
+        &["method=\"safegrad\"", "safegrad.alignment_loss=\"kl\""],
+        &[
+            "method=\"lisa\"",
+            "lisa.alignment_steps=1",
+            "lisa.task_steps=2",
+        ],
+        &["method=\"sppft\"", "sppft.temperature=20.0"],
+    ] {
+        let sets: Vec<&str> = [
+            "max_steps=5",
+            "checkpoint_every=2",
+            "lora.dropout=0.3",
+            "lora.target_modules=[\"q_proj\", \"v_proj\"]",
+        ]
+        .into_iter()
+        .chain(method.iter().copied())
+        .collect();
+        let whole = tempfile::tempdir().unwrap();
+        let mut defences = Vec::new();
+        train(&config(whole.path(), &sets), &Device::flex(), |e| {
+            if let Event::Step { metrics, .. } = e {
+                defences.push(metrics.defence.clone());
+            }
+        })
+        .unwrap();
+        assert!(
+            defences.iter().all(Option::is_some),
+            "{method:?}: {defences:?}"
+        );
+
+        let broken = tempfile::tempdir().unwrap();
+        train(&config(broken.path(), &sets), &Device::flex(), |_| {}).unwrap();
+        std::fs::remove_dir_all(broken.path().join("checkpoints/step-4")).unwrap();
+        std::fs::remove_dir_all(broken.path().join("adapter")).unwrap();
+        safeprobe_train::run::resume(broken.path(), &Device::flex(), |_| {}).unwrap();
+        assert_eq!(
+            adapter_tensors(whole.path()),
+            adapter_tensors(broken.path()),
+            "{method:?}"
+        );
+
+        use safeprobe_wire::Defence;
+        match defences[0].clone().unwrap() {
+            Defence::Projection {
+                alignment_loss,
+                cosine,
+                removed,
+                ..
+            } => {
+                assert!(
+                    alignment_loss.is_finite()
+                        && cosine.abs() <= 1.0
+                        && (0.0..=1.0).contains(&removed)
+                );
+            }
+            Defence::Lisa { .. } => {
+                let states: Vec<bool> = defences
+                    .iter()
+                    .map(|d| {
+                        matches!(
+                            d,
+                            Some(Defence::Lisa {
+                                alignment_state: true,
+                                ..
+                            })
+                        )
+                    })
+                    .collect();
+                assert_eq!(states, [true, false, false, true, false]);
+            }
+            Defence::Frozen { layers, removed } => {
+                assert_eq!(layers.len(), 1, "a quarter of 2 layers, rounded up");
+                assert!(removed > 0.0 && removed < 1.0, "{removed}");
+                // The frozen layer's adapter never moved: its B is still all zeros.
+                let frozen = format!("layers.{}.", layers[0]);
+                for (name, values) in adapter_tensors(whole.path()) {
+                    let zero = values.iter().all(|v| *v == 0.0);
+                    if name.contains("lora_B") {
+                        assert_eq!(zero, name.contains(&frozen), "{name}");
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn parquet_and_jsonl_read_the_same() {
     let examples = |ext: &str| data::read_examples(&fixture(&format!("data/train.{ext}"))).unwrap();

@@ -5,21 +5,16 @@
 use safeprobe_model::ModelConfig;
 use safeprobe_model::memory::{self, Estimate};
 
+use crate::config::{Finetune, Method, RunConfig};
 use crate::data;
 use crate::error::{Result, TrainError};
-use crate::run::{Finetune, Method, RunConfig};
+use crate::methods::safegrad::AlignmentLoss;
 
 impl RunConfig {
     /// Checks the settings that depend on the model: every probed layer exists, and a
     /// sequence fits the model's context.
     pub fn check_against(&self, model: &ModelConfig) -> Result<()> {
-        let layers = model.num_hidden_layers;
-        if let Some(layer) = self.sap.layers.iter().find(|&&l| l >= layers) {
-            return Err(TrainError::Config(format!(
-                "sap.layers: layer {layer} does not exist; this model has layers 0..={}",
-                layers - 1
-            )));
-        }
+        self.check_layers(model.num_hidden_layers)?;
         if self.max_len > model.max_position_embeddings {
             return Err(TrainError::Config(format!(
                 "max_len: {} is over this model's context of {} tokens",
@@ -60,16 +55,37 @@ impl RunConfig {
     /// and rejected answers of `safety_batch_size` pairs, each of `longest_sequence` tokens.
     /// `fused`: the CPU backend.
     pub fn memory_estimate(&self, model: &ModelConfig, fused: bool) -> Estimate {
-        let trainable_state = match self.finetune {
-            // The adapter, its gradient and AdamW's two moments.
-            Finetune::Lora => memory::lora_parameters(model, &self.lora).saturating_mul(4),
-            // The weights are counted already: their gradient and two moments.
-            Finetune::Full => {
-                (safeprobe_model::decoder::parameter_count(model) as u64).saturating_mul(3)
-            }
+        let trainable = match self.finetune {
+            Finetune::Lora => memory::lora_parameters(model, &self.lora),
+            // The weights themselves are counted already.
+            Finetune::Full => safeprobe_model::decoder::parameter_count(model) as u64,
         };
-        let safety_rows = self.safety_batch_size.saturating_mul(2);
-        let uses_pairs = self.method == Method::Sap || self.safety_eval.is_some();
+        // A gradient and AdamW's two moments (and the adapter itself for LoRA), plus the
+        // copies the method keeps: SAP the harmful direction and the perturbed weights,
+        // SafeGrad the alignment gradient (and the starting weights for its KL loss), Lisa
+        // its anchor and the weights it measures the drift from, SPPFT the frozen weights
+        // it puts back.
+        let own = match self.finetune {
+            Finetune::Lora => 4,
+            Finetune::Full => 3,
+        };
+        let kept = match self.method {
+            Method::Sap | Method::Lisa => 2,
+            Method::SafeGrad if self.safegrad.alignment_loss == AlignmentLoss::Kl => 2,
+            Method::SafeGrad | Method::Sppft => 1,
+            Method::Base | Method::Sft | Method::Mix => 0,
+        };
+        let trainable_state = trainable.saturating_mul(own + kept);
+        // SAP's and SPPFT's safety passes hold the chosen and the rejected answers; SafeGrad
+        // and Lisa train on the chosen ones.
+        let safety_rows = match self.method {
+            Method::Sap | Method::Sppft | Method::Sft | Method::Mix | Method::Base => {
+                self.safety_batch_size.saturating_mul(2)
+            }
+            Method::SafeGrad | Method::Lisa => self.safety_batch_size,
+        };
+        let uses_pairs = (self.method.needs_safety_pairs() && self.method != Method::Mix)
+            || self.safety_eval.is_some();
         let rows = if uses_pairs {
             self.batch_size.max(safety_rows)
         } else {

@@ -1,7 +1,8 @@
 //! Training checkpoints: everything a run needs to continue exactly where it stopped.
 //!
-//! `checkpoints/step-N/` holds `state.safetensors` (trainable parameters, AdamW moments, the
-//! probe and its moments, the cached harmful direction) and `state.json` (counters). The data
+//! `checkpoints/step-N/` holds `state.safetensors` (trainable parameters, AdamW moments, and
+//! what the method carries: SAP's probe, its moments and the cached harmful direction, Lisa's
+//! anchor, …) and `state.json` (counters, the method's under its name). The data
 //! position needs no storage: the samplers are deterministic in the seed and are replayed to
 //! the saved step. A checkpoint is written to a temporary folder and renamed into place, so
 //! an interrupted save never replaces a good checkpoint with a broken one.
@@ -17,24 +18,23 @@ use safeprobe_model::weights::{
 use serde::{Deserialize, Serialize};
 
 use crate::adamw::AdamW;
+use crate::config::Method;
 use crate::error::{Result, TrainError};
+use crate::methods::{Restore, StepMethod};
 use crate::params;
-use crate::sap::{HarmfulDirection, SapState};
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Counters {
     step: usize,
     adam_step: u64,
     params: usize,
-    sap: Option<SapCounters>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct SapCounters {
-    step: usize,
-    probe_updates: u64,
-    probe_vectors: usize,
-    delta_scale: Option<f32>,
+    /// The method that wrote it (absent before methods were parts: `sap` then held SAP's
+    /// counters, or null for SFT).
+    #[serde(default)]
+    method: Option<Method>,
+    /// The method's own counters, under its name.
+    #[serde(flatten)]
+    method_counters: serde_json::Map<String, serde_json::Value>,
 }
 
 fn host(tensors: &[Tensor<1>], prefix: &str, out: &mut BTreeMap<String, HostTensor>) {
@@ -49,7 +49,8 @@ pub fn save(
     step: usize,
     model: &CausalLm,
     optimizer: &AdamW,
-    sap: Option<&SapState>,
+    method: Method,
+    state: &dyn StepMethod,
 ) -> Result<PathBuf> {
     let io = |path: &Path, e: std::io::Error| TrainError::File {
         path: path.into(),
@@ -66,20 +67,10 @@ pub fn save(
     host(&values, "param", &mut tensors);
     host(&optimizer.first, "adam.m", &mut tensors);
     host(&optimizer.second, "adam.v", &mut tensors);
-    let sap_counters = sap.map(|state| {
-        host(&state.probe.vectors, "probe", &mut tensors);
-        host(&state.moments.0, "probe.m", &mut tensors);
-        host(&state.moments.1, "probe.v", &mut tensors);
-        if let Some(delta) = &state.delta {
-            host(&delta.gradient, "direction", &mut tensors);
-        }
-        SapCounters {
-            step: state.step,
-            probe_updates: state.probe_updates,
-            probe_vectors: state.probe.vectors.len(),
-            delta_scale: state.delta.as_ref().map(|d| d.scale),
-        }
-    });
+    let saved = state.save();
+    for (group, group_tensors) in &saved.tensors {
+        host(group_tensors, group, &mut tensors);
+    }
     write_safetensors(
         &tmp.join("state.safetensors"),
         &tensors,
@@ -90,7 +81,10 @@ pub fn save(
         step,
         adam_step: optimizer.step,
         params: values.len(),
-        sap: sap_counters,
+        method: Some(method),
+        method_counters: [(method.name().to_string(), saved.counters)]
+            .into_iter()
+            .collect(),
     };
     write_atomic(
         &tmp.join("state.json"),
@@ -148,12 +142,14 @@ pub fn prune(run_dir: &Path, keep: usize) -> Result<()> {
     Ok(())
 }
 
-/// Restores model parameters, optimiser and SAP state; returns the completed step count.
+/// Restores model parameters, optimiser and the method's state; returns the completed step
+/// count.
 pub fn load(
     dir: &Path,
     model: &mut CausalLm,
     optimizer: &mut AdamW,
-    sap: Option<&mut SapState>,
+    method: Method,
+    state: &mut dyn StepMethod,
     device: &Device,
 ) -> Result<usize> {
     let json_path = dir.join("state.json");
@@ -211,30 +207,30 @@ pub fn load(
         optimizer.first = read("adam.m", counters.params)?;
         optimizer.second = read("adam.v", counters.params)?;
     }
-    match (sap, counters.sap) {
-        (Some(state), Some(c)) => {
-            state.step = c.step;
-            state.probe_updates = c.probe_updates;
-            state.probe.vectors = read("probe", c.probe_vectors)?;
-            state.moments = (
-                read("probe.m", c.probe_vectors)?,
-                read("probe.v", c.probe_vectors)?,
-            );
-            state.delta = match c.delta_scale {
-                Some(scale) => Some(HarmfulDirection::new(
-                    read("direction", counters.params)?,
-                    scale,
-                )),
-                None => None,
-            };
-        }
-        (None, None) => {}
-        _ => {
-            return Err(TrainError::File {
-                path: json_path,
-                message: "checkpoint and run disagree on the method (sft vs sap)".into(),
-            });
-        }
+    let written_by = counters
+        .method
+        .unwrap_or(match counters.method_counters.get("sap") {
+            Some(sap) if !sap.is_null() => Method::Sap,
+            _ => Method::Sft,
+        });
+    // SFT and mixing differ in their data only.
+    let same = |m: Method| if m == Method::Mix { Method::Sft } else { m };
+    if same(written_by) != same(method) {
+        return Err(TrainError::File {
+            path: json_path,
+            message: format!(
+                "checkpoint and run disagree on the method ({} vs {})",
+                written_by.name(),
+                method.name()
+            ),
+        });
     }
+    let null = serde_json::Value::Null;
+    state.restore(&Restore {
+        counters: counters.method_counters.get(method.name()).unwrap_or(&null),
+        read: &read,
+        params: counters.params,
+        origin: &json_path,
+    })?;
     Ok(counters.step)
 }

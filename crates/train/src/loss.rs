@@ -1,7 +1,7 @@
 //! The losses SFT and SAP optimise, with an optional probe in place.
 
 use burn::tensor::Tensor;
-use burn::tensor::activation::log_sigmoid;
+use burn::tensor::activation::{log_sigmoid, log_softmax};
 use safeprobe_model::decoder::CausalLm;
 use safeprobe_model::fused;
 
@@ -34,28 +34,44 @@ impl Probe {
     }
 }
 
-/// Summed log-probability of the response tokens of each row, shape [batch].
-pub fn response_logprobs(
-    model: &CausalLm,
-    batch: &Batch,
-    probe: Option<&Probe>,
-) -> (Tensor<1>, Tensor<1>) {
+/// The logits at the positions that predict a response token, shape [tokens, vocab]: only
+/// the scored positions reach the vocabulary projection.
+fn scored_logits(model: &CausalLm, batch: &Batch, probe: Option<&Probe>) -> Tensor<2> {
     let offsets = probe
         .map(|p| p.offsets(model.layers.len()))
         .unwrap_or_default();
     let hidden = model.forward_hidden(batch.input_ids.clone(), &batch.layout, None, &offsets);
     let [b, s, h] = hidden.dims();
-    // Only the scored positions reach the vocabulary projection.
     let scored = hidden
         .reshape([b * s, h])
         .select(0, batch.scored_positions.clone());
     let [n, _] = scored.dims();
     let logits = model.logits(scored.reshape([1, n, h]));
     let vocab = logits.dims()[2];
-    let token_logp =
-        fused::token_logprobs(logits.reshape([n, vocab]), batch.scored_targets.clone());
+    logits.reshape([n, vocab])
+}
+
+/// Summed log-probability of the response tokens of each row, shape [batch].
+pub fn response_logprobs(
+    model: &CausalLm,
+    batch: &Batch,
+    probe: Option<&Probe>,
+) -> (Tensor<1>, Tensor<1>) {
+    let [b, _] = batch.input_ids.dims();
+    let logits = scored_logits(model, batch, probe);
+    let token_logp = fused::token_logprobs(logits, batch.scored_targets.clone());
     let per_row = batch.row_of_scored.clone().matmul(token_logp).reshape([b]);
     (per_row.clone(), per_row.sum())
+}
+
+/// KL(p_reference ‖ p_model) of the next-token distributions at every response position of
+/// the batch, averaged over those positions: how far the model's answers have moved from the
+/// reference's (a constant of the graph).
+pub fn kl_from_reference(model: &CausalLm, reference: &CausalLm, batch: &Batch) -> Tensor<1> {
+    let reference_logp = log_softmax(scored_logits(reference, batch, None), 1).detach();
+    let model_logp = log_softmax(scored_logits(model, batch, None), 1);
+    let per_position = (reference_logp.clone().exp() * (reference_logp - model_logp)).sum_dim(1);
+    per_position.mean().reshape([1])
 }
 
 /// Mean token cross-entropy over every response token of the batch (as transformers computes

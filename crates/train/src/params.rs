@@ -68,8 +68,15 @@ pub fn layer_of_each(model: &CausalLm) -> Vec<Option<usize>> {
     layers.out
 }
 
-/// Cosine similarity of two gradients per decoder layer (the paper's gradient-entanglement
-/// observation), from the dot/norm reduction kernels.
+/// a·b over every tensor together, from the dot reduction kernel.
+pub fn dot(a: &[Tensor<1>], b: &[Tensor<1>]) -> f64 {
+    use crate::kernels::{Implementation, dot};
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| scalar(&dot(x.clone(), y.clone(), Implementation::Auto)))
+        .sum()
+}
+
 /// cos(a, b) over every tensor together (0 when either is zero).
 pub fn cosine(a: &[Tensor<1>], b: &[Tensor<1>]) -> f64 {
     use crate::kernels::{Implementation, dot};
@@ -85,6 +92,8 @@ pub fn cosine(a: &[Tensor<1>], b: &[Tensor<1>]) -> f64 {
     xy / (xx.sqrt() * yy.sqrt()).max(1e-30)
 }
 
+/// Cosine similarity of two gradients per decoder layer (the paper's gradient-entanglement
+/// observation), from the dot/norm reduction kernels.
 pub fn cosine_per_layer(model: &CausalLm, a: &[Tensor<1>], b: &[Tensor<1>]) -> Vec<f64> {
     use crate::kernels::{Implementation, dot};
     let owners = layer_of_each(model);

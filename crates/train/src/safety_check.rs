@@ -11,7 +11,8 @@ use safeprobe_model::decoder::CausalLm;
 use crate::data::{self, Batch, Sequence, with_system};
 use crate::error::{Result, TrainError};
 use crate::loss::response_logprobs;
-use crate::run::{Event, RunConfig, encode_pairs};
+use crate::prepare::encode_pairs;
+use crate::run::{Event, RunConfig};
 
 /// The held-out data, tokenised once.
 pub struct SafetyCheck {

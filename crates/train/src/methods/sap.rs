@@ -17,12 +17,20 @@
 //! inputs and without the causal shift; here they are teacher-forced response log-probs,
 //! shifted like every other loss.
 
+use std::collections::BTreeMap;
+use std::path::Path;
+
 use burn::tensor::{Device, Tensor};
 use safeprobe_model::decoder::CausalLm;
+use safeprobe_model::weights::{HostTensor, SaveDtype, write_safetensors};
 use serde::{Deserialize, Serialize};
 
+use super::{Restore, Saved, StepInput, StepMethod};
 use crate::adamw::{AdamW, AdamWConfig};
+use crate::config::RunConfig;
 use crate::data::Batch;
+use crate::error::Result;
+use crate::gradients::{Pass, accumulate, apply_update, clip, task_gradient};
 use crate::kernels::{self, Implementation, ProbeAdam};
 use crate::loss::{Probe, safety_loss, task_loss};
 use crate::params::{self, global_norm, scalar};
@@ -193,78 +201,6 @@ pub fn loss_gap_gradient(
     (grad_su, grad_w, scalar(&clean), scalar(&perturbed))
 }
 
-/// Rescales gradients so their global norm is at most `max_norm` (as torch's
-/// `clip_grad_norm_`). Returns the norm before clipping.
-fn clip(grads: Vec<Tensor<1>>, max_norm: Option<f64>) -> (Vec<Tensor<1>>, f64) {
-    let norm = global_norm(&grads);
-    match max_norm {
-        Some(max) if norm > max => {
-            let factor = max / (norm + 1e-6);
-            (
-                grads.into_iter().map(|g| g.mul_scalar(factor)).collect(),
-                norm,
-            )
-        }
-        _ => (grads, norm),
-    }
-}
-
-fn apply_update(model: &mut CausalLm, optimizer: &mut AdamW, grads: Vec<Tensor<1>>, lr: f64) {
-    let updated = optimizer.step(params::values(model), grads, lr);
-    *model = params::with_values(model.clone(), updated);
-}
-
-/// One supervised step (the baseline). With `measure` (a safety batch and T), it also
-/// records how the step lines up with the harmful direction, as SAP runs do at V = 0.
-pub fn sft_step(
-    model: &mut CausalLm,
-    optimizer: &mut AdamW,
-    tasks: &[Batch],
-    lr: f64,
-    max_grad_norm: Option<f64>,
-    measure: Option<(&Batch, f64)>,
-) -> StepMetrics {
-    let (task_loss, grads) = task_gradient(model, tasks, None);
-    // Clipping reads the gradient norm, which also waits for the backward pass to finish, so
-    // none of it is timed as measurement; clipping scales uniformly, so cosines are unchanged.
-    let (grads, grad_norm) = clip(grads, max_grad_norm);
-    let mut metrics = StepMetrics {
-        task_loss,
-        grad_norm,
-        ..Default::default()
-    };
-    if let Some((safety, temperature)) = measure {
-        let started = std::time::Instant::now();
-        let loss = safety_loss(model, safety, None, temperature);
-        let safety_gradient = params::gradients(model, &loss.backward());
-        metrics.safety_loss = Some(scalar(&loss));
-        metrics.alignment = Some(Alignment {
-            at_zero: params::cosine(&grads, &safety_gradient),
-            per_layer_at_zero: params::cosine_per_layer(model, &grads, &safety_gradient),
-            seconds: started.elapsed().as_secs_f64(),
-            ..Default::default()
-        });
-    }
-    apply_update(model, optimizer, grads, lr);
-    metrics
-}
-
-/// L_task and ∇_W L_task over the micro-batches (token-weighted), with `probe` in place.
-pub fn task_gradient(
-    model: &CausalLm,
-    tasks: &[Batch],
-    probe: Option<&Probe>,
-) -> (f64, Vec<Tensor<1>>) {
-    let mut pass = accumulate(tasks, |task| {
-        let loss = task_loss(model, task, probe);
-        Pass {
-            grads: vec![params::gradients(model, &loss.backward())],
-            losses: vec![scalar(&loss)],
-        }
-    });
-    (pass.losses[0], pass.grads.remove(0))
-}
-
 /// Random ±1 vectors, each scaled to the norm of its counterpart in `like`: the control
 /// probe, as large as the real one but pointing nowhere in particular.
 pub fn random_signs_like(like: &[Tensor<1>], seed: u64) -> Vec<Tensor<1>> {
@@ -286,54 +222,6 @@ pub fn random_signs_like(like: &[Tensor<1>], seed: u64) -> Vec<Tensor<1>> {
             Tensor::from_data(burn::tensor::TensorData::new(signs, [n]), &v.device())
         })
         .collect()
-}
-
-/// Gradients and loss values of one pass.
-struct Pass {
-    grads: Vec<Vec<Tensor<1>>>,
-    losses: Vec<f64>,
-}
-
-/// Gradient accumulation: runs `pass` on each micro-batch and weights each by its share of
-/// the response tokens, so the result equals one pass over all of them (every loss here is a
-/// mean over response tokens).
-fn accumulate(tasks: &[Batch], mut pass: impl FnMut(&Batch) -> Pass) -> Pass {
-    let total = tasks
-        .iter()
-        .map(|t| t.response_tokens)
-        .sum::<usize>()
-        .max(1) as f64;
-    let mut sum: Option<Pass> = None;
-    for task in tasks {
-        let weight = task.response_tokens as f64 / total;
-        let mut p = pass(task);
-        if tasks.len() > 1 {
-            p.grads = p
-                .grads
-                .into_iter()
-                .map(|g| g.into_iter().map(|t| t.mul_scalar(weight)).collect())
-                .collect();
-            p.losses = p.losses.into_iter().map(|l| l * weight).collect();
-        }
-        sum = Some(match sum {
-            None => p,
-            Some(acc) => Pass {
-                grads: acc
-                    .grads
-                    .into_iter()
-                    .zip(p.grads)
-                    .map(|(a, b)| a.into_iter().zip(b).map(|(x, y)| x + y).collect())
-                    .collect(),
-                losses: acc
-                    .losses
-                    .iter()
-                    .zip(&p.losses)
-                    .map(|(a, b)| a + b)
-                    .collect(),
-            },
-        });
-    }
-    sum.expect("at least one micro-batch")
 }
 
 /// The probe and what SAP carries from step to step.
@@ -466,7 +354,7 @@ impl SapState {
     }
 
     /// One SAP step.
-    pub fn step(
+    pub fn sap_step(
         &mut self,
         model: &mut CausalLm,
         optimizer: &mut AdamW,
@@ -544,4 +432,122 @@ impl SapState {
         self.step += 1;
         metrics
     }
+}
+
+impl SapState {
+    /// The state a run of `config` starts from.
+    pub fn for_run(config: &RunConfig, model: &CausalLm, device: &Device) -> Self {
+        let mut state = Self::new(config.sap.clone(), model, device);
+        state.control_seed = config.seed;
+        state
+    }
+}
+
+/// SAP's counters in a checkpoint (its tensors: `probe`, `probe.m`, `probe.v`, `direction`).
+#[derive(Debug, Serialize, Deserialize)]
+struct SapCounters {
+    step: usize,
+    probe_updates: u64,
+    probe_vectors: usize,
+    delta_scale: Option<f32>,
+}
+
+impl StepMethod for SapState {
+    fn draws_pairs(&self, _step: usize) -> bool {
+        true
+    }
+
+    fn step(
+        &mut self,
+        model: &mut CausalLm,
+        optimizer: &mut AdamW,
+        input: &StepInput,
+    ) -> StepMetrics {
+        self.dropout_seed = input.dropout_seed;
+        let safety = input
+            .pairs
+            .expect("SAP draws pairs every step")
+            .contrastive();
+        self.sap_step(
+            model,
+            optimizer,
+            input.tasks,
+            &safety,
+            input.lr,
+            input.max_grad_norm,
+        )
+    }
+
+    fn save(&self) -> Saved {
+        let mut tensors = vec![
+            ("probe".to_string(), self.probe.vectors.clone()),
+            ("probe.m".to_string(), self.moments.0.clone()),
+            ("probe.v".to_string(), self.moments.1.clone()),
+        ];
+        if let Some(delta) = &self.delta {
+            tensors.push(("direction".to_string(), delta.gradient.clone()));
+        }
+        let counters = SapCounters {
+            step: self.step,
+            probe_updates: self.probe_updates,
+            probe_vectors: self.probe.vectors.len(),
+            delta_scale: self.delta.as_ref().map(|d| d.scale),
+        };
+        Saved {
+            counters: serde_json::to_value(counters).expect("json"),
+            tensors,
+        }
+    }
+
+    fn restore(&mut self, saved: &Restore) -> Result<()> {
+        let c: SapCounters = saved.counters()?;
+        self.step = c.step;
+        self.probe_updates = c.probe_updates;
+        self.probe.vectors = saved.tensors("probe", c.probe_vectors)?;
+        self.moments = (
+            saved.tensors("probe.m", c.probe_vectors)?,
+            saved.tensors("probe.v", c.probe_vectors)?,
+        );
+        self.delta = match c.delta_scale {
+            Some(scale) => Some(HarmfulDirection::new(
+                saved.per_parameter("direction")?,
+                scale,
+            )),
+            None => None,
+        };
+        Ok(())
+    }
+
+    fn write_artifacts(&self, run_dir: &Path) -> Result<()> {
+        let mut tensors = BTreeMap::new();
+        for (layer, v) in self.probe.layers.iter().zip(&self.probe.vectors) {
+            tensors.insert(
+                format!("probe.layers.{layer}"),
+                HostTensor::from_tensor1(v.clone()),
+            );
+        }
+        write_safetensors(
+            &run_dir.join("probe.safetensors"),
+            &tensors,
+            SaveDtype::F32,
+            None,
+        )?;
+        Ok(())
+    }
+
+    fn warning(&self) -> Option<String> {
+        self.vanishing_direction()
+            .map(|norm| vanishing_direction_warning(norm, self.config.temperature))
+    }
+}
+
+/// Why SAP is doing nothing, and what to change.
+fn vanishing_direction_warning(gradient_norm: f64, temperature: f64) -> String {
+    format!(
+        "SAP's harmful direction vanishes: ‖∇L_safety‖ = {gradient_norm:.1e}, far below the \
+         {DIRECTION_FLOOR:.0e} its normalisation adds, so ΔW is about 0 and these steps are plain \
+         SFT. The model already separates the safety pairs by so much that their contrastive \
+         loss at T = {temperature} is saturated: raise sap.temperature, or use pairs it does not \
+         separate as clearly."
+    )
 }

@@ -1,0 +1,184 @@
+//! Lisa: lazy safety alignment (Huang et al., "Lisa: Lazy Safety Alignment for Large Language
+//! Models against Harmful Fine-tuning Attack", arXiv 2405.18641, NeurIPS 2024).
+//!
+//! Bi-state optimisation: the steps alternate between an alignment state, which trains on
+//! alignment data (here the safety pairs' safe answers), and a task state, which trains on
+//! the user's data, in blocks of `alignment_steps` then `task_steps` (few alignment steps:
+//! the paper's asymmetric allocation). Alternating alone drifts: each state runs off towards
+//! its own optimum and undoes the other. Lisa adds a proximal term to each state's loss,
+//! (ρ/2)·‖W − W̃‖², where W̃ (the anchor) is where the other state left the weights when this
+//! state began; its gradient ρ·(W − W̃) is added to the state's loss gradient.
+
+use burn::tensor::Tensor;
+use safeprobe_model::decoder::CausalLm;
+use serde::{Deserialize, Serialize};
+
+use super::{Restore, Saved, StepInput, StepMethod, StepMetrics};
+use crate::adamw::AdamW;
+use crate::error::Result;
+use crate::gradients::{apply_update, clip, task_gradient};
+use crate::loss::task_loss;
+use crate::params::{self, global_norm, scalar};
+use safeprobe_wire::Defence;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LisaConfig {
+    /// Steps of each block spent on the alignment data.
+    pub alignment_steps: usize,
+    /// Steps of each block spent on the task data.
+    pub task_steps: usize,
+    /// ρ, the proximal term's weight.
+    pub proximal: f64,
+}
+
+impl Default for LisaConfig {
+    fn default() -> Self {
+        Self {
+            alignment_steps: 1,
+            task_steps: 9,
+            proximal: 1.0,
+        }
+    }
+}
+
+impl LisaConfig {
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.alignment_steps == 0 || self.task_steps == 0 {
+            return Err("alignment_steps and task_steps must each be at least 1".into());
+        }
+        if !(self.proximal >= 0.0 && self.proximal.is_finite()) {
+            return Err(format!("proximal: {} must be a number ≥ 0", self.proximal));
+        }
+        Ok(())
+    }
+
+    /// Whether step `step` (from 0) is in the alignment state.
+    pub fn in_alignment(&self, step: usize) -> bool {
+        step % (self.alignment_steps + self.task_steps) < self.alignment_steps
+    }
+
+    /// Whether step `step` begins a state (the anchor moves then).
+    fn begins_state(&self, step: usize) -> bool {
+        step == 0 || self.in_alignment(step) != self.in_alignment(step - 1)
+    }
+}
+
+pub struct Lisa {
+    config: LisaConfig,
+    /// W̃: the weights when the current state began.
+    anchor: Option<Vec<Tensor<1>>>,
+}
+
+impl Lisa {
+    pub fn new(config: LisaConfig) -> Self {
+        Self {
+            config,
+            anchor: None,
+        }
+    }
+}
+
+/// ∇f + ρ·(W − W̃): a state's loss gradient with the proximal term's.
+pub fn with_proximal(
+    gradient: Vec<Tensor<1>>,
+    values: Vec<Tensor<1>>,
+    anchor: &[Tensor<1>],
+    proximal: f64,
+) -> Vec<Tensor<1>> {
+    gradient
+        .into_iter()
+        .zip(values)
+        .zip(anchor)
+        .map(|((g, w), a)| g + (w - a.clone()).mul_scalar(proximal))
+        .collect()
+}
+
+impl StepMethod for Lisa {
+    fn draws_pairs(&self, step: usize) -> bool {
+        self.config.in_alignment(step)
+    }
+
+    fn step(
+        &mut self,
+        model: &mut CausalLm,
+        optimizer: &mut AdamW,
+        input: &StepInput,
+    ) -> StepMetrics {
+        let values = params::values(model);
+        if self.config.begins_state(input.step) || self.anchor.is_none() {
+            self.anchor = Some(values.clone());
+        }
+        let anchor = self.anchor.as_ref().expect("set above");
+        let drift = global_norm(
+            &values
+                .iter()
+                .zip(anchor)
+                .map(|(w, a)| w.clone() - a.clone())
+                .collect::<Vec<_>>(),
+        );
+        let alignment_state = self.config.in_alignment(input.step);
+        let (state_loss, gradient, task_loss) = if alignment_state {
+            let answers = input
+                .pairs
+                .expect("Lisa draws pairs in its alignment state")
+                .safe_answers();
+            let loss = task_loss(model, &answers, None);
+            let gradient = params::gradients(model, &loss.backward());
+            // The task batch is not trained on in this state; its loss is still reported, so
+            // that the task-loss line has every step.
+            let measured = input
+                .tasks
+                .iter()
+                .map(|t| scalar(&task_loss(model, t, None)) * t.response_tokens as f64)
+                .sum::<f64>()
+                / input
+                    .tasks
+                    .iter()
+                    .map(|t| t.response_tokens)
+                    .sum::<usize>()
+                    .max(1) as f64;
+            (scalar(&loss), gradient, measured)
+        } else {
+            let (loss, gradient) = task_gradient(model, input.tasks, None);
+            (loss, gradient, loss)
+        };
+        let gradient = with_proximal(gradient, values, anchor, self.config.proximal);
+        let (gradient, grad_norm) = clip(gradient, input.max_grad_norm);
+        apply_update(model, optimizer, gradient, input.lr);
+        StepMetrics {
+            task_loss,
+            grad_norm,
+            defence: Some(Defence::Lisa {
+                alignment_state,
+                state_loss,
+                drift,
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn save(&self) -> Saved {
+        Saved {
+            counters: serde_json::json!({"anchored": self.anchor.is_some()}),
+            tensors: self
+                .anchor
+                .iter()
+                .map(|anchor| ("lisa.anchor".to_string(), anchor.clone()))
+                .collect(),
+        }
+    }
+
+    fn restore(&mut self, saved: &Restore) -> Result<()> {
+        #[derive(Deserialize)]
+        struct Counters {
+            anchored: bool,
+        }
+        let counters: Counters = saved.counters()?;
+        self.anchor = match counters.anchored {
+            true => Some(saved.per_parameter("lisa.anchor")?),
+            false => None,
+        };
+        Ok(())
+    }
+}
