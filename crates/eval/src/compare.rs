@@ -26,6 +26,7 @@ pub const DEMO_CONFIG: &str = include_str!("../demo-compare.toml");
 
 // What a comparison reports is made of wire types: the server stores it and the UI shows it.
 pub use safeprobe_wire::{Comparison, Condition, Method, Row, RunResult, Spread, poison_percent};
+use safeprobe_wire::{Defence, Mechanism};
 
 fn default_methods() -> Vec<Method> {
     vec![Method::Sft, Method::Sap, Method::Mix]
@@ -132,7 +133,10 @@ impl CompareConfig {
         let task = Task::parse(&self.task)
             .map_err(|e| EvalError::Invalid(format!("{}: task: {e}", origin.display())))?;
         if self.methods.is_empty() {
-            return bad("methods: name at least one of sft, sap, mix".into());
+            return bad(format!(
+                "methods: name at least one of {}",
+                Method::ALL.map(Method::name).join(", ")
+            ));
         }
         if self.seeds.is_empty() {
             return bad("seeds: give at least one seed".into());
@@ -350,13 +354,7 @@ impl CompareConfig {
         );
         table.insert("seed".into(), toml::Value::Integer(seed as i64));
         table.insert("poison_fraction".into(), toml::Value::Float(poison));
-        let (trainer_method, mix) = match method {
-            Method::Sap => ("sap", false),
-            Method::Mix => ("sft", true),
-            _ => ("sft", false),
-        };
-        table.insert("method".into(), toml::Value::String(trainer_method.into()));
-        table.insert("mix_safety_data".into(), toml::Value::Boolean(mix));
+        table.insert("method".into(), toml::Value::String(method.name().into()));
         if let Some(device) = &self.device {
             table.insert("device".into(), toml::Value::String(device.clone()));
         }
@@ -529,6 +527,7 @@ pub fn run(
         step_time_s: None,
         final_task_loss: None,
         refusal_logprob: None,
+        mechanism: None,
     };
 
     let several = config.poison_fraction.len() > 1;
@@ -602,6 +601,7 @@ fn fine_tune_and_evaluate(
     let mut step_times = Vec::new();
     let mut last_loss = None;
     let mut refusal_logprob = None;
+    let mut defences = Vec::new();
     let mut trained =
         safeprobe_train::run::train_cancellable(run_config, device, cancel, |event| {
             match event {
@@ -612,6 +612,7 @@ fn fine_tune_and_evaluate(
                 } => {
                     step_times.push(*step_time_s);
                     last_loss = Some(metrics.task_loss);
+                    defences.extend(metrics.defence.clone());
                 }
                 Event::SafetyCheck {
                     refusal_logprob: Some(r),
@@ -647,14 +648,71 @@ fn fine_tune_and_evaluate(
         step_time_s: Some(timed.iter().sum::<f64>() / timed.len().max(1) as f64),
         final_task_loss: last_loss,
         refusal_logprob,
+        mechanism: mechanism(&defences),
+    })
+}
+
+/// A defence's own number over its run's steps: how often SafeGrad projected, the share of
+/// the task gradient SPPFT froze, how far Lisa's states drifted from their anchors.
+fn mechanism(steps: &[Defence]) -> Option<Mechanism> {
+    let mean = |values: Vec<f64>| values.iter().sum::<f64>() / values.len().max(1) as f64;
+    let (what, value) = match steps.first()? {
+        Defence::Projection { .. } => {
+            let projected = steps
+                .iter()
+                .filter(|d| {
+                    matches!(
+                        d,
+                        Defence::Projection {
+                            projected: true,
+                            ..
+                        }
+                    )
+                })
+                .count();
+            (
+                "steps projected (%)",
+                100.0 * projected as f64 / steps.len() as f64,
+            )
+        }
+        Defence::Frozen { .. } => (
+            "task gradient frozen (% of norm)",
+            100.0
+                * mean(
+                    steps
+                        .iter()
+                        .filter_map(|d| match d {
+                            Defence::Frozen { removed, .. } => Some(*removed),
+                            _ => None,
+                        })
+                        .collect(),
+                ),
+        ),
+        Defence::Lisa { .. } => (
+            "mean drift ‖W − anchor‖",
+            mean(
+                steps
+                    .iter()
+                    .filter_map(|d| match d {
+                        Defence::Lisa { drift, .. } => Some(*drift),
+                        _ => None,
+                    })
+                    .collect(),
+            ),
+        ),
+    };
+    Some(Mechanism {
+        what: what.into(),
+        value,
     })
 }
 
 /// One condition's table, paired differences and findings, from its runs.
 fn condition(poison_fraction: f64, runs: Vec<RunResult>) -> Condition {
     let rows = table_rows(&runs);
-    let paired: Vec<_> = [Method::Sap, Method::Mix]
+    let paired: Vec<_> = Method::ALL
         .into_iter()
+        .filter(|m| !matches!(m, Method::Base | Method::Sft))
         .flat_map(|m| paired::differences(&runs, m, Method::Sft))
         .collect();
     let mut findings = findings(&rows);
@@ -705,6 +763,14 @@ fn table_rows(runs: &[RunResult]) -> Vec<Row> {
                 },
                 overhead_vs_sft: step_time_s.zip(sft_time).map(|(s, sft)| s.mean / sft),
                 step_time_s,
+                mechanism: {
+                    let measured: Vec<&Mechanism> =
+                        rs.iter().filter_map(|r| r.mechanism.as_ref()).collect();
+                    measured.first().map(|m| {
+                        let values: Vec<f64> = measured.iter().map(|m| m.value).collect();
+                        (m.what.clone(), Spread::of(&values))
+                    })
+                },
             }
         })
         .collect()
@@ -806,11 +872,11 @@ pub fn render(c: &Comparison) -> String {
 }
 
 fn render_condition(c: &Condition, out: &mut String) {
-    out.push_str("| method | HS (%) ↓ | task exact match (%) | validation loss | held-out log p(refusal)/token ↑ | time/step (s) | overhead vs SFT |\n");
-    out.push_str("|---|---|---|---|---|---|---|\n");
+    out.push_str("| method | HS (%) ↓ | task exact match (%) | validation loss | held-out log p(refusal)/token ↑ | time/step (s) | overhead vs SFT | mechanism |\n");
+    out.push_str("|---|---|---|---|---|---|---|---|\n");
     for r in &c.rows {
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.method.name(),
             cell(&r.harmful_score, r.runs, 1),
             cell(&r.exact_match, r.runs, 1),
@@ -819,6 +885,10 @@ fn render_condition(c: &Condition, out: &mut String) {
                 .map_or("—".into(), |s| cell(&s, r.runs, 3)),
             r.step_time_s.map_or("—".into(), |s| cell(&s, r.runs, 3)),
             r.overhead_vs_sft.map_or("—".into(), |o| format!("{o:.2}×")),
+            r.mechanism.as_ref().map_or("—".into(), |(what, s)| format!(
+                "{what}: {}",
+                cell(s, r.runs, 2)
+            )),
         ));
     }
     out.push('\n');
@@ -860,6 +930,7 @@ mod tests {
             step_time_s: time,
             final_task_loss: None,
             refusal_logprob: None,
+            mechanism: None,
         }
     }
 
@@ -897,6 +968,36 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    /// The all-methods config keeps the demo comparison's runs and adds one per defence, each
+    /// with its settings in [train].
+    #[test]
+    fn the_all_methods_config_runs_every_method_on_the_demo_settings() {
+        let name = "compare-all-methods.toml";
+        let text = include_str!("../../../configs/compare-all-methods.toml");
+        let all = CompareConfig::parse(text, Path::new(name)).unwrap();
+        let demo = demo_config_with(&[]).unwrap();
+        let fine_tuned: Vec<Method> = Method::ALL
+            .into_iter()
+            .filter(|m| *m != Method::Base)
+            .collect();
+        assert_eq!(all.methods, fine_tuned);
+        assert_eq!(
+            (&all.seeds, &all.poison_fraction),
+            (&demo.seeds, &demo.poison_fraction)
+        );
+        for key in ["finetune", "max_steps", "batch_size", "lr", "sap"] {
+            assert_eq!(all.train[key], demo.train[key], "train.{key}");
+        }
+        let task = Task::parse(&all.task).unwrap();
+        let runs = all.first_seed_runs(task, Path::new(name)).unwrap();
+        let methods: Vec<Method> = runs.iter().map(|r| r.method).collect();
+        assert_eq!(methods, [fine_tuned.clone(), fine_tuned].concat());
+        assert!(
+            runs.iter()
+                .all(|r| r.sppft.temperature == 100.0 && r.lisa.task_steps == 9)
+        );
     }
 
     #[test]

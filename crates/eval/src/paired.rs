@@ -187,6 +187,7 @@ mod tests {
             step_time_s: None,
             final_task_loss: None,
             refusal_logprob: None,
+            mechanism: None,
         }
     }
 
