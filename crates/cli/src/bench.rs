@@ -178,7 +178,8 @@ pub fn run_train(
     select: impl Fn(&crate::DeviceArg) -> Result<Selected>,
 ) -> Result<()> {
     use safeprobe_train::adamw::{AdamW, AdamWConfig};
-    use safeprobe_train::sap::{SapConfig, SapState, Schedule, sft_step};
+    use safeprobe_train::methods::sft::sft_step;
+    use safeprobe_train::sap::{SapConfig, SapState, Schedule};
 
     for variant in &args.variants {
         anyhow::ensure!(
@@ -256,7 +257,7 @@ pub fn run_train(
                     None,
                     None,
                 ),
-                Some(state) => state.step(
+                Some(state) => state.sap_step(
                     model,
                     &mut optimizer,
                     std::slice::from_ref(&task),

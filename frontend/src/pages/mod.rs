@@ -163,7 +163,7 @@ fn ComparisonTable(comparison: Comparison) -> impl IntoView {
 fn ConditionTable(condition: Condition) -> impl IntoView {
     view! {
         <table class="comparison">
-            <thead><tr><th>"method"</th><th>"HS (%) ↓"</th><th>"task exact match (%)"</th><th>"validation loss"</th><th>"held-out log p(refusal)/token ↑"</th><th>"time/step (s)"</th><th>"overhead vs SFT"</th></tr></thead>
+            <thead><tr><th>"method"</th><th>"HS (%) ↓"</th><th>"task exact match (%)"</th><th>"validation loss"</th><th>"held-out log p(refusal)/token ↑"</th><th>"time/step (s)"</th><th>"overhead vs SFT"</th><th>"mechanism"</th></tr></thead>
             <tbody>
                 {condition.rows.into_iter().map(|row| view! {
                     <tr>
@@ -174,6 +174,7 @@ fn ConditionTable(condition: Condition) -> impl IntoView {
                         <td>{or_dash(row.refusal_logprob.map(|s| spread(&s, 3)))}</td>
                         <td>{or_dash(row.step_time_s.map(|s| spread(&s, 3)))}</td>
                         <td>{or_dash(row.overhead_vs_sft.map(|o| format!("{o:.2}×")))}</td>
+                        <td>{or_dash(row.mechanism.as_ref().map(|(what, s)| format!("{what}: {}", spread(s, 2))))}</td>
                     </tr>
                 }).collect_view()}
             </tbody>

@@ -37,14 +37,14 @@ const FIELDS: &[(&str, &[Field])] = &[
     ("Model and data", &[
         Field { key: "model", label: "model", help: "\"demo\", a checkpoint under the server's model directories, or a pulled Hub id (ORG/NAME)", kind: Kind::Text },
         Field { key: "train_data", label: "training data", help: "JSONL/Parquet/Alpaca JSON in a data directory", kind: Kind::Text },
-        Field { key: "safety_data", label: "safety pairs", help: "{prompt, chosen, rejected}; needed by SAP and mixing", kind: Kind::Text },
+        Field { key: "safety_data", label: "safety pairs", help: "{prompt, chosen, rejected}; needed by every method but sft", kind: Kind::Text },
         Field { key: "validation_data", label: "validation data", help: "optional; or set a validation fraction", kind: Kind::Text },
         Field { key: "validation_fraction", label: "validation fraction", help: "hold out this share of the training data", kind: Kind::Float },
         Field { key: "system", label: "system prompt", help: "prepended to conversations that have none", kind: Kind::Text },
         Field { key: "max_len", label: "max tokens per example", help: "longer examples are truncated", kind: Kind::Int },
     ]),
     ("Method", &[
-        Field { key: "method", label: "method", help: "sft: plain fine-tuning; sap: Safety-Aware Probing", kind: Kind::Choice(&["sap", "sft"]) },
+        Field { key: "method", label: "method", help: "sft: plain fine-tuning; sap: Safety-Aware Probing; mix: SFT plus the pairs' refusals; safegrad: gradient surgery; lisa: alternating alignment steps; sppft: safety layers frozen", kind: Kind::Choice(&["sap", "sft", "mix", "safegrad", "lisa", "sppft"]) },
         Field { key: "finetune", label: "fine-tune", help: "LoRA adapter or every weight", kind: Kind::Choice(&["lora", "full"]) },
         Field { key: "mix_safety_data", label: "mix safety data", help: "also train on the pairs' safe answers (SafeInstr baseline)", kind: Kind::Bool },
         Field { key: "poison_fraction", label: "poison fraction", help: "share of harmful-compliance examples mixed in (poisoning experiment)", kind: Kind::Float },
@@ -75,6 +75,15 @@ const FIELDS: &[(&str, &[Field])] = &[
         Field { key: "sap.refresh_every", label: "refresh every k steps", help: "reuse the harmful direction k steps (k=4 ≈ 2.5× SFT's cost)", kind: Kind::Int },
         Field { key: "sap.schedule", label: "schedule", help: "lagged (official code, 3 passes) or exact (Algorithm 1, 4 passes)", kind: Kind::Choice(&["lagged", "exact"]) },
         Field { key: "sap.cosine_every", label: "gradient cosines every", help: "per-layer cos(∇L_task, ∇L_safety) for the heatmap", kind: Kind::Int },
+    ]),
+    ("SafeGrad, Lisa and SPPFT", &[
+        Field { key: "safegrad.alignment_loss", label: "SafeGrad alignment loss", help: "answers: the safe answers' cross-entropy; kl: KL from the starting model on them", kind: Kind::Choice(&["answers", "kl"]) },
+        Field { key: "safegrad.alignment_weight", label: "SafeGrad λ", help: "the alignment gradient's weight in the update", kind: Kind::Float },
+        Field { key: "lisa.alignment_steps", label: "Lisa alignment steps", help: "steps of each block on the safe answers", kind: Kind::Int },
+        Field { key: "lisa.task_steps", label: "Lisa task steps", help: "steps of each block on the task data", kind: Kind::Int },
+        Field { key: "lisa.proximal", label: "Lisa ρ (proximal)", help: "pull towards where the other state left the weights", kind: Kind::Float },
+        Field { key: "sppft.count", label: "SPPFT layers frozen", help: "located by the safety gradient; 0: a quarter of the layers", kind: Kind::Int },
+        Field { key: "sppft.temperature", label: "SPPFT T", help: "safety loss temperature for locating them", kind: Kind::Float },
     ]),
 ];
 
