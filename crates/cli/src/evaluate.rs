@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use safeprobe_eval::demo_model::{self, DemoSpec};
 use safeprobe_model::device;
+use safeprobe_wire::Judge;
 
 use crate::{DeviceArg, progress};
 
@@ -54,7 +55,7 @@ pub struct EvalArgs {
     /// refusal, model, both, or guard (the refusal judge and a guard model: Llama Guard 3,
     /// Qwen3Guard-Gen, judging in its own format)
     #[arg(long, default_value = "refusal")]
-    judge: String,
+    judge: Judge,
     /// Chat checkpoint for the model judge, or the guard checkpoint for --judge guard
     #[arg(long)]
     judge_model: Option<PathBuf>,
@@ -90,21 +91,10 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     use safeprobe_eval::judge::{ModelJudge, RefusalJudge};
     use safeprobe_eval::task_metrics::{self, TaskSettings};
 
-    let (use_refusal, use_model) = match args.judge.as_str() {
-        "refusal" => (true, false),
-        "model" => (false, true),
-        "both" | "guard" => (true, true),
-        other => anyhow::bail!("--judge {other}: expected refusal, model, both or guard"),
-    };
-    if use_model && args.judge_model.is_none() {
+    if let (Some(kind), None) = (args.judge.needs_model(), &args.judge_model) {
         anyhow::bail!(
-            "--judge {}: needs --judge-model <{} checkpoint>",
-            args.judge,
-            if args.judge == "guard" {
-                "guard"
-            } else {
-                "chat"
-            }
+            "--judge {}: needs --judge-model <{kind} checkpoint>",
+            args.judge
         );
     }
     let prompts = match &args.prompts {
@@ -116,17 +106,19 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         .as_deref()
         .map(safeprobe_train::data::read_examples)
         .transpose()?;
-    let refusal = use_refusal
+    let refusal = args
+        .judge
+        .uses_refusal()
         .then(|| match &args.refusal_phrases {
             Some(path) => RefusalJudge::from_file(path),
             None => Ok(RefusalJudge::default()),
         })
         .transpose()?;
     let checkpoint = crate::load(&args.model)?;
-    let model = match (use_model, &args.judge_model) {
-        (true, Some(dir)) => {
+    let model = match (args.judge.needs_model(), &args.judge_model) {
+        (Some(_), Some(dir)) => {
             let judge = safeprobe_model::Checkpoint::load(dir, &checkpoint.device)?;
-            Some(if args.judge == "guard" {
+            Some(if args.judge == Judge::Guard {
                 ModelJudge::guard(judge)?
             } else {
                 ModelJudge::new(judge, &args.harmful_verdict, &args.safe_verdict)?

@@ -411,21 +411,17 @@ fn merge(base: &mut Value, patch: Value) {
 
 /// Checks an evaluation job's settings beyond their types.
 fn check_eval(spec: &EvalSpec) -> Result<(), ApiError> {
-    match spec.judge.as_str() {
-        "refusal" => Ok(()),
-        "model" | "both" | "guard" if spec.judge_model.is_some() => Ok(()),
-        "model" | "both" => Err(ApiError::Invalid(
-            "config.judge_model: the model judge needs a chat checkpoint".into(),
-        )),
-        "guard" => Err(ApiError::Invalid(
-            "config.judge_model: the guard judge needs a guard checkpoint (Llama Guard 3, \
-             Qwen3Guard-Gen)"
-                .into(),
-        )),
-        other => Err(ApiError::Invalid(format!(
-            "config.judge: {other:?} is not one of refusal, model, both, guard"
-        ))),
-    }?;
+    if let (Some(kind), None) = (spec.judge.needs_model(), &spec.judge_model) {
+        return Err(ApiError::Invalid(format!(
+            "config.judge_model: the {} judge needs a {kind} checkpoint{}",
+            spec.judge,
+            if kind == "guard" {
+                " (Llama Guard 3, Qwen3Guard-Gen)"
+            } else {
+                ""
+            }
+        )));
+    }
     if spec.max_new_tokens == 0 || spec.max_new_tokens > 4096 {
         return Err(ApiError::Invalid(format!(
             "config.max_new_tokens: {} must be in 1..=4096",

@@ -18,7 +18,7 @@ use safeprobe_eval::judge::{ModelJudge, RefusalJudge};
 use safeprobe_model::Checkpoint;
 use safeprobe_train::TrainError;
 use safeprobe_train::run::{self, Cancel, Event};
-use safeprobe_wire::{EvalSpec, JobKind, JobResult, JudgedAnswer};
+use safeprobe_wire::{EvalSpec, JobKind, JobResult, Judge, JudgedAnswer};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -236,17 +236,17 @@ fn evaluate(spec: &Value, device: &Device, cancel: &Cancel) -> Result<JobResult,
         Some(p) => safeprobe_eval::prompts::load(p)?,
         None => safeprobe_eval::builtin::harmful_prompts(),
     };
-    let model_judge = match (&spec.judge_model, spec.judge.as_str()) {
-        (Some(dir), "model" | "both") => Some(ModelJudge::new(
+    let model_judge = match (&spec.judge_model, spec.judge) {
+        (_, Judge::Refusal) | (None, _) => None,
+        (Some(dir), Judge::Guard) => Some(ModelJudge::guard(Checkpoint::load(dir, device)?)?),
+        (Some(dir), Judge::Model | Judge::Both) => Some(ModelJudge::new(
             Checkpoint::load(dir, device)?,
             "yes",
             "no",
         )?),
-        (Some(dir), "guard") => Some(ModelJudge::guard(Checkpoint::load(dir, device)?)?),
-        _ => None,
     };
     let judges = Judges {
-        refusal: (spec.judge != "model").then(RefusalJudge::default),
+        refusal: spec.judge.uses_refusal().then(RefusalJudge::default),
         model: model_judge.as_ref(),
     };
     let settings = AnswerSettings {

@@ -131,9 +131,83 @@ pub struct CreateJob {
     pub config: Value,
 }
 
-fn default_judge() -> String {
-    "refusal".into()
+/// Who decides whether an answer is harmful: the one judge choice of the CLI's `eval`, the
+/// API's evaluation jobs and the panel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Judge {
+    /// An answer that does not refuse counts as harmful.
+    #[default]
+    Refusal,
+    /// A chat model asked yes or no (`judge_model`).
+    Model,
+    /// The refusal judge and the chat model judge.
+    Both,
+    /// The refusal judge and a guard model (Llama Guard 3, Qwen3Guard-Gen) in its own format.
+    Guard,
 }
+
+impl Judge {
+    pub const ALL: [Judge; 4] = [Judge::Refusal, Judge::Model, Judge::Both, Judge::Guard];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Judge::Refusal => "refusal",
+            Judge::Model => "model",
+            Judge::Both => "both",
+            Judge::Guard => "guard",
+        }
+    }
+
+    /// What the judge does, in a few words (the form's help, the CLI's).
+    pub fn describe(self) -> &'static str {
+        match self {
+            Judge::Refusal => "not refusing counts as harmful",
+            Judge::Model => "a chat model's yes/no log-probabilities",
+            Judge::Both => "the refusal judge and the model judge",
+            Judge::Guard => {
+                "the refusal judge and a guard model (Llama Guard 3, Qwen3Guard-Gen) in its own \
+                 format"
+            }
+        }
+    }
+
+    /// Whether the refusal judge runs.
+    pub fn uses_refusal(self) -> bool {
+        self != Judge::Model
+    }
+
+    /// The kind of checkpoint `judge_model` must name, where this judge needs one.
+    pub fn needs_model(self) -> Option<&'static str> {
+        match self {
+            Judge::Refusal => None,
+            Judge::Model | Judge::Both => Some("chat"),
+            Judge::Guard => Some("guard"),
+        }
+    }
+}
+
+impl std::fmt::Display for Judge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Judge {
+    type Err = String;
+
+    /// A judge by name; an unknown one is refused listing the valid ones.
+    fn from_str(s: &str) -> Result<Self, String> {
+        Judge::ALL
+            .into_iter()
+            .find(|j| j.name() == s)
+            .ok_or_else(|| {
+                let valid: Vec<&str> = Judge::ALL.iter().map(|j| j.name()).collect();
+                format!("unknown judge `{s}`: expected one of {}", valid.join(", "))
+            })
+    }
+}
+
 fn default_eval_tokens() -> usize {
     48
 }
@@ -147,9 +221,8 @@ pub struct EvalSpec {
     pub adapter: Option<PathBuf>,
     #[serde(default)]
     pub prompts: Option<PathBuf>,
-    /// refusal, model, both, or guard (the refusal judge and a guard model).
-    #[serde(default = "default_judge")]
-    pub judge: String,
+    #[serde(default)]
+    pub judge: Judge,
     #[serde(default)]
     pub judge_model: Option<PathBuf>,
     #[serde(default = "default_eval_tokens")]

@@ -15,7 +15,7 @@ pub use catalog::{
     PullRequest, PullState, PullStatus, Uploaded,
 };
 pub use events::{Alignment, Defence, Event, EventPage, LiveMessage, StepMetrics, StoredEvent};
-pub use jobs::{ChatRequest, CreateJob, EvalSpec, Job, JobKind, JobResult, Message, Status};
+pub use jobs::{ChatRequest, CreateJob, EvalSpec, Job, JobKind, JobResult, Judge, Message, Status};
 pub use reports::{
     Agreement, CategoryScore, Comparison, Condition, HarmfulReport, JudgeScore, JudgedAnswer,
     Mechanism, Method, PairedDifference, Row, RunResult, Spread, poison_percent,
@@ -158,5 +158,29 @@ mod tests {
             ..condition.clone()
         };
         assert_eq!(odd.name(), "benign data, 7% poisoned");
+    }
+
+    /// A judge is named the same by the CLI, the API and the panel, and an unknown one is
+    /// refused listing the valid ones, by name parsing and by the API's JSON alike.
+    #[test]
+    fn a_judge_reads_by_its_name_and_an_unknown_one_lists_the_valid_ones() {
+        for judge in Judge::ALL {
+            assert_eq!(judge.name().parse::<Judge>(), Ok(judge));
+            assert_eq!(serde_json::to_value(judge).unwrap(), json!(judge.name()));
+        }
+        let error = "llm".parse::<Judge>().unwrap_err();
+        assert!(
+            error.contains("`llm`") && error.contains("refusal, model, both, guard"),
+            "{error}"
+        );
+        let error = serde_json::from_value::<EvalSpec>(json!({"model": "demo", "judge": "llm"}))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("`llm`") && error.contains("`guard`"),
+            "{error}"
+        );
+        let spec: EvalSpec = serde_json::from_value(json!({"model": "demo"})).unwrap();
+        assert_eq!(spec.judge, Judge::Refusal);
     }
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use leptos::prelude::*;
 use leptos::task::spawn_local;
-use safeprobe_wire::{CreateJob, EvalSpec, Job, JobKind};
+use safeprobe_wire::{CreateJob, EvalSpec, Job, JobKind, Judge};
 
 use super::{harmful_score, live, model_name, or_dash, with_jobs};
 use crate::{Page, api, go};
@@ -30,7 +30,7 @@ pub fn Evaluate() -> impl IntoView {
     let model = RwSignal::new("demo".to_string());
     let adapter = RwSignal::new(String::new());
     let prompts = RwSignal::new(String::new());
-    let judge = RwSignal::new("refusal".to_string());
+    let judge = RwSignal::new(Judge::default());
     let judge_model = RwSignal::new(String::new());
     let tokens = RwSignal::new("48".to_string());
     let error = RwSignal::new(None::<String>);
@@ -72,10 +72,14 @@ pub fn Evaluate() -> impl IntoView {
             <TextField label="adapter" help="optional PEFT adapter (e.g. runs/job-3/adapter)" value=adapter/>
             <TextField label="prompt set" help="empty: the built-in 180 held-out prompts; or BeaverTails/AdvBench/JSONL in a data directory" value=prompts/>
             <label>"judge"</label>
-            <select prop:value=move || judge.get() on:change=move |ev| judge.set(event_target_value(&ev))>
-                <option value="refusal">"refusal"</option><option value="model">"model"</option><option value="both">"both"</option><option value="guard">"guard"</option>
+            <select prop:value=move || judge.get().name() on:change=move |ev| {
+                if let Ok(chosen) = event_target_value(&ev).parse() {
+                    judge.set(chosen);
+                }
+            }>
+                {Judge::ALL.into_iter().map(|j| view! { <option value=j.name()>{j.name()}</option> }).collect_view()}
             </select>
-            <div class="help">"refusal: not refusing counts as harmful; model: a chat model's yes/no log-probabilities; guard: the refusal judge and a guard model (Llama Guard 3, Qwen3Guard-Gen) in its own format"</div>
+            <div class="help">{move || judge.get().describe()}</div>
             <TextField label="judge model" help="a chat checkpoint for the model judge, or a guard checkpoint" value=judge_model/>
             <TextField label="max new tokens" help="answer length" value=tokens/>
         </div>
