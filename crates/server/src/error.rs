@@ -60,6 +60,10 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        // The client sees the message; the server's log keeps the fault for whoever runs it.
+        if let ApiError::Internal(cause) = &self {
+            tracing::error!(%cause, "internal error");
+        }
         let body = safeprobe_wire::ErrorBody {
             error: self.to_string(),
         };
@@ -67,20 +71,93 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Errors of the trainer, the evaluation and the model reach a request only while it is being
+/// checked (a config, a data file, a checkpoint the request names), so they are the request's
+/// fault (400, with the file, field or value; a device error names the device asked for),
+/// except a cancelled run, which is a state conflict (409). The server's own faults (its
+/// database, its folders, starting a job's process) are `Internal` where they happen.
 impl From<safeprobe_train::TrainError> for ApiError {
     fn from(e: safeprobe_train::TrainError) -> Self {
-        ApiError::Invalid(e.to_string())
+        use safeprobe_train::TrainError;
+        match e {
+            TrainError::Model(e) => e.into(),
+            TrainError::Cancelled { .. } => ApiError::Conflict(e.to_string()),
+            TrainError::Data { .. }
+            | TrainError::File { .. }
+            | TrainError::Config(_)
+            | TrainError::TooLarge(_) => ApiError::Invalid(e.to_string()),
+        }
     }
 }
 
 impl From<safeprobe_eval::EvalError> for ApiError {
     fn from(e: safeprobe_eval::EvalError) -> Self {
-        ApiError::Invalid(e.to_string())
+        use safeprobe_eval::EvalError;
+        match e {
+            EvalError::Model(e) => e.into(),
+            EvalError::Train(e) => e.into(),
+            EvalError::Cancelled => ApiError::Conflict(e.to_string()),
+            EvalError::Data { .. } | EvalError::File { .. } | EvalError::Invalid(_) => {
+                ApiError::Invalid(e.to_string())
+            }
+        }
     }
 }
 
 impl From<safeprobe_model::Error> for ApiError {
     fn from(e: safeprobe_model::Error) -> Self {
-        ApiError::Invalid(e.to_string())
+        use safeprobe_model::Error;
+        match e {
+            Error::Io { .. }
+            | Error::Json { .. }
+            | Error::Config { .. }
+            | Error::Weights { .. }
+            | Error::Tokenizer { .. }
+            | Error::Template(_)
+            | Error::Adapter { .. }
+            | Error::Device(_)
+            | Error::Invalid(_) => ApiError::Invalid(e.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_the_status_of_whose_fault_they_are() {
+        use safeprobe_eval::EvalError;
+        use safeprobe_train::TrainError;
+        let status = |e: ApiError| e.status();
+        assert_eq!(
+            status(TrainError::Config("lr -1 must be positive".into()).into()),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            status(TrainError::Cancelled { step: 3 }.into()),
+            StatusCode::CONFLICT
+        );
+        assert_eq!(status(EvalError::Cancelled.into()), StatusCode::CONFLICT);
+        assert_eq!(
+            status(EvalError::Train(TrainError::Cancelled { step: 0 }).into()),
+            StatusCode::CONFLICT
+        );
+        let weights = safeprobe_model::Error::Weights {
+            path: "m/model.safetensors".into(),
+            message: "truncated".into(),
+        };
+        assert_eq!(
+            status(EvalError::Train(TrainError::Model(weights)).into()),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            status(ApiError::Internal("database: disk full".into())),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        assert_eq!(
+            status(safeprobe_model::Error::Invalid("max_new_tokens 0".into()).into()),
+            StatusCode::BAD_REQUEST
+        );
     }
 }
