@@ -1,0 +1,341 @@
+//! Running a comparison: the base model's evaluation, then every method, seed and condition
+//! trained and evaluated the same way.
+
+use std::path::Path;
+
+use burn::tensor::Device;
+use safeprobe_model::Checkpoint;
+use safeprobe_train::run::{Cancel, Event, RunConfig};
+use safeprobe_wire::{Comparison, Condition, Defence, Mechanism, Method, RunResult};
+
+use super::aggregate::condition;
+use super::report::render;
+use super::{CompareConfig, JudgeModelKind};
+use crate::builtin;
+use crate::demo_model::DATA_SEED;
+use crate::error::{EvalError, Result};
+use crate::harmful::{self, AnswerSettings, Judges};
+use crate::judge::{ModelJudge, RefusalJudge};
+use crate::task_metrics::{self, TaskSettings};
+use crate::tasks::{Labelled, Task};
+
+/// What the comparison reports while it works.
+pub enum Progress<'a> {
+    Stage(String),
+    Train(&'a Event),
+}
+
+fn evaluate_model(
+    checkpoint: &Checkpoint,
+    evaluation: &Evaluation,
+    dir: &Path,
+    cancel: &Cancel,
+) -> Result<(f64, Option<f64>, f64, f64)> {
+    let Evaluation {
+        config,
+        prompts,
+        judge,
+        splits,
+    } = *evaluation;
+    let system = config
+        .train
+        .get("system")
+        .and_then(|v| v.as_str())
+        .map(str::to_string);
+    let settings = AnswerSettings {
+        sampling: safeprobe_model::Sampling {
+            max_new_tokens: config.max_new_tokens,
+            ..Default::default()
+        },
+        system: system.clone(),
+        cancel: Some(cancel.clone()),
+        ..AnswerSettings::default()
+    };
+    std::fs::create_dir_all(dir).map_err(|e| EvalError::file(dir, e.to_string()))?;
+    let (report, _) = harmful::evaluate(
+        checkpoint,
+        prompts,
+        &Judges {
+            refusal: Some(RefusalJudge::default()),
+            model: judge,
+        },
+        &settings,
+        Some(&dir.join("answers.jsonl")),
+    )?;
+    let settings = TaskSettings {
+        system,
+        cancel: Some(cancel.clone()),
+        ..TaskSettings::default()
+    };
+    let as_examples = |l: &[Labelled]| l.iter().map(Labelled::example).collect::<Vec<_>>();
+    let test = task_metrics::evaluate(checkpoint, &as_examples(&splits.test), &settings)?;
+    let validation = task_metrics::evaluate(
+        checkpoint,
+        &as_examples(&splits.validation),
+        &TaskSettings {
+            exact_match: false,
+            ..settings
+        },
+    )?;
+    safeprobe_model::weights::write_atomic(
+        &dir.join("report.json"),
+        serde_json::to_string_pretty(&serde_json::json!({
+            "harmful": report,
+            "task_test": test,
+            "task_validation": validation,
+        }))
+        .expect("json")
+        .as_bytes(),
+    )?;
+    Ok((
+        report.harmful_score,
+        report.judges.get(1).map(|j| j.harmful_score),
+        test.exact_match.unwrap_or(0.0),
+        validation.loss,
+    ))
+}
+
+/// Runs the whole comparison. Setting `cancel` stops the training run in progress at its next
+/// step (`TrainError::Cancelled`).
+pub fn run(
+    config: &CompareConfig,
+    device: &Device,
+    cancel: &Cancel,
+    mut progress: impl FnMut(Progress),
+) -> Result<Comparison> {
+    let started = std::time::Instant::now();
+    let task = Task::parse(&config.task)?;
+    let files = builtin::write(&config.data_dir(), task, DATA_SEED)?;
+    let splits = builtin::task_splits(task, DATA_SEED)?;
+    let mut prompts = match &config.prompts {
+        Some(path) => crate::prompts::load(path)?,
+        None => builtin::harmful_prompts(),
+    };
+    if let Some(n) = config.max_prompts {
+        prompts.truncate(n);
+    }
+    // The runs' held-out refusal metric reads the same prompts, as plain JSONL whatever format
+    // (AdvBench CSV, BeaverTails) they came in.
+    let held_out: String = prompts
+        .iter()
+        .map(|p| format!("{}\n", serde_json::json!({"prompt": p.prompt})))
+        .collect();
+    safeprobe_model::weights::write_atomic(&config.held_out_prompts(), held_out.as_bytes())?;
+    let judge = match &config.judge_model {
+        Some(dir) => {
+            let model = Checkpoint::load(dir, device)?;
+            Some(match config.judge_model_kind {
+                JudgeModelKind::Chat => ModelJudge::new(model, "yes", "no")?,
+                JudgeModelKind::Guard => ModelJudge::guard(model)?,
+            })
+        }
+        None => None,
+    };
+    let origin = config.output_dir.join("compare.toml");
+    safeprobe_model::weights::write_atomic(
+        &origin,
+        toml::to_string_pretty(config).expect("toml").as_bytes(),
+    )?;
+
+    progress(Progress::Stage("evaluating the base model".into()));
+    let model = config.model_dir()?;
+    let base_dir = config.run_dir(0.0, Method::Base, 0);
+    let evaluation = Evaluation {
+        config,
+        prompts: &prompts,
+        judge: judge.as_ref(),
+        splits: &splits,
+    };
+    let base = Checkpoint::load(&model, device)?;
+    let (hs, hs_model, em, loss) = evaluate_model(&base, &evaluation, &base_dir, cancel)?;
+    drop(base);
+    let base = RunResult {
+        method: Method::Base,
+        seed: None,
+        run_dir: base_dir,
+        harmful_score: hs,
+        harmful_score_model_judge: hs_model,
+        exact_match: em,
+        validation_loss: loss,
+        step_time_s: None,
+        final_task_loss: None,
+        refusal_logprob: None,
+        mechanism: None,
+    };
+
+    let several = config.poison_fraction.len() > 1;
+    let mut conditions = Vec::new();
+    for &poison in &config.poison_fraction {
+        let mut runs = vec![base.clone()];
+        for &seed in &config.seeds {
+            for &method in config.fine_tuned() {
+                let label = if several {
+                    format!(
+                        "{} (seed {seed}, {})",
+                        method.name(),
+                        Condition::name_for(poison)
+                    )
+                } else {
+                    format!("{} (seed {seed})", method.name())
+                };
+                progress(Progress::Stage(label));
+                let run_config =
+                    config.run_config(poison, method, seed, &model, &files, &origin)?;
+                runs.push(fine_tune_and_evaluate(
+                    &run_config,
+                    method,
+                    &evaluation,
+                    device,
+                    cancel,
+                    &mut progress,
+                )?);
+            }
+        }
+        conditions.push(condition(poison, runs));
+    }
+
+    let comparison = Comparison {
+        task: config.task.clone(),
+        seeds: config.seeds.clone(),
+        conditions,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    safeprobe_model::weights::write_atomic(
+        &config.output_dir.join("comparison.json"),
+        serde_json::to_string_pretty(&comparison)
+            .expect("json")
+            .as_bytes(),
+    )?;
+    safeprobe_model::weights::write_atomic(
+        &config.output_dir.join("comparison.md"),
+        render(&comparison).as_bytes(),
+    )?;
+    Ok(comparison)
+}
+
+/// How every model of a comparison is evaluated.
+#[derive(Clone, Copy)]
+struct Evaluation<'a> {
+    config: &'a CompareConfig,
+    prompts: &'a [crate::prompts::HarmfulPrompt],
+    judge: Option<&'a ModelJudge>,
+    splits: &'a crate::tasks::Splits,
+}
+
+/// One method's run of one seed under one condition: trained, then evaluated in its `eval/`.
+fn fine_tune_and_evaluate(
+    run_config: &RunConfig,
+    method: Method,
+    evaluation: &Evaluation,
+    device: &Device,
+    cancel: &Cancel,
+    progress: &mut impl FnMut(Progress),
+) -> Result<RunResult> {
+    let mut step_times = Vec::new();
+    let mut last_loss = None;
+    let mut refusal_logprob = None;
+    let mut defences = Vec::new();
+    let mut trained =
+        safeprobe_train::run::train_cancellable(run_config, device, cancel, |event| {
+            match event {
+                Event::Step {
+                    step_time_s,
+                    metrics,
+                    ..
+                } => {
+                    step_times.push(*step_time_s);
+                    last_loss = Some(metrics.task_loss);
+                    defences.extend(metrics.defence.clone());
+                }
+                Event::SafetyCheck {
+                    refusal_logprob: Some(r),
+                    ..
+                } => refusal_logprob = Some(*r),
+                _ => {}
+            }
+            progress(Progress::Train(event));
+        })?;
+    // Evaluate without the autodiff graph or dropout.
+    trained.model = burn::module::Module::valid(&trained.model);
+    trained.device = device.clone();
+    let (hs, hs_model, em, loss) = evaluate_model(
+        &trained,
+        evaluation,
+        &run_config.output_dir.join("eval"),
+        cancel,
+    )?;
+    // The first step warms caches; it is left out of the time per step.
+    let timed = if step_times.len() > 1 {
+        &step_times[1..]
+    } else {
+        &step_times[..]
+    };
+    Ok(RunResult {
+        method,
+        seed: Some(run_config.seed),
+        run_dir: run_config.output_dir.clone(),
+        harmful_score: hs,
+        harmful_score_model_judge: hs_model,
+        exact_match: em,
+        validation_loss: loss,
+        step_time_s: Some(timed.iter().sum::<f64>() / timed.len().max(1) as f64),
+        final_task_loss: last_loss,
+        refusal_logprob,
+        mechanism: mechanism(&defences),
+    })
+}
+
+/// A defence's own number over its run's steps: how often SafeGrad projected, the share of
+/// the task gradient SPPFT froze, how far Lisa's states drifted from their anchors.
+fn mechanism(steps: &[Defence]) -> Option<Mechanism> {
+    let mean = |values: Vec<f64>| values.iter().sum::<f64>() / values.len().max(1) as f64;
+    let (what, value) = match steps.first()? {
+        Defence::Projection { .. } => {
+            let projected = steps
+                .iter()
+                .filter(|d| {
+                    matches!(
+                        d,
+                        Defence::Projection {
+                            projected: true,
+                            ..
+                        }
+                    )
+                })
+                .count();
+            (
+                "steps projected (%)",
+                100.0 * projected as f64 / steps.len() as f64,
+            )
+        }
+        Defence::Frozen { .. } => (
+            "task gradient frozen (% of norm)",
+            100.0
+                * mean(
+                    steps
+                        .iter()
+                        .filter_map(|d| match d {
+                            Defence::Frozen { removed, .. } => Some(*removed),
+                            _ => None,
+                        })
+                        .collect(),
+                ),
+        ),
+        Defence::Lisa { .. } => (
+            "mean drift ‖W − anchor‖",
+            mean(
+                steps
+                    .iter()
+                    .filter_map(|d| match d {
+                        Defence::Lisa { drift, .. } => Some(*drift),
+                        _ => None,
+                    })
+                    .collect(),
+            ),
+        ),
+    };
+    Some(Mechanism {
+        what: what.into(),
+        value,
+    })
+}
