@@ -79,13 +79,17 @@ impl Browser {
                     }
                 }}
             }));
-            match attempt {
-                Ok(r) => {
-                    break r.into_json::<Value>().unwrap()["value"]["sessionId"]
-                        .as_str()
-                        .unwrap()
-                        .to_string();
-                }
+            // A driver still starting may answer with something other than a session (seen
+            // once: a body that is not JSON), so that is retried like a refused connection.
+            let session = attempt.map_err(|e| e.to_string()).and_then(|r| {
+                let body: Value = r.into_json().map_err(|e| e.to_string())?;
+                body["value"]["sessionId"]
+                    .as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| format!("no sessionId in {body}"))
+            });
+            match session {
+                Ok(id) => break id,
                 Err(_) if started.elapsed() < Duration::from_secs(20) => {
                     std::thread::sleep(Duration::from_millis(200))
                 }

@@ -113,6 +113,28 @@ fn api_auth_validation_confinement_and_limits() {
             400,
             "task",
         ),
+        // An unknown method or judge is named with the valid ones; a method's missing
+        // requirement is said before anything runs.
+        (
+            json!({"kind": "train", "config": {"train_data": "train.jsonl", "max_steps": 5, "method": "dpo"}}),
+            400,
+            "`dpo`, expected one of `base`, `sft`, `sap`, `mix`, `safegrad`, `lisa`, `sppft`",
+        ),
+        (
+            json!({"kind": "train", "config": {"train_data": "train.jsonl", "max_steps": 5, "method": "safegrad"}}),
+            400,
+            "method = \"safegrad\" needs safety_data",
+        ),
+        (
+            json!({"kind": "eval", "config": {"judge": "llm"}}),
+            400,
+            "`llm`, expected one of `refusal`, `model`, `both`, `guard`",
+        ),
+        (
+            json!({"kind": "compare", "config": {"methods": ["sft", "dpo"]}}),
+            400,
+            "`dpo`",
+        ),
         // Path confinement: parent directories, absolute paths elsewhere, a symlink escape.
         (
             json!({"kind": "train", "config": {"train_data": "../../../etc/passwd", "max_steps": 5}}),

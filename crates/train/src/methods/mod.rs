@@ -172,7 +172,7 @@ mod tests {
 
     fn host(t: &[Tensor<1>]) -> Vec<f32> {
         t.iter()
-            .flat_map(|t| t.clone().into_data().to_vec::<f32>().unwrap())
+            .flat_map(|t| t.clone().into_data().try_to_vec::<f32>().unwrap())
             .collect()
     }
 
