@@ -236,11 +236,16 @@ impl RunConfig {
             }
         }
         if self.method == Method::Base {
-            return bad(
+            let trainable: Vec<&str> = Method::ALL
+                .into_iter()
+                .filter(|m| *m != Method::Base)
+                .map(Method::name)
+                .collect();
+            return bad(format!(
                 "method: \"base\" is the model before fine-tuning and does not train; choose \
-                 one of sft, sap, mix, safegrad, lisa, sppft"
-                    .into(),
-            );
+                 one of {}",
+                trainable.join(", ")
+            ));
         }
         if self.mix_safety_data && self.safety_data.is_none() {
             return bad("mix_safety_data needs safety_data".into());
