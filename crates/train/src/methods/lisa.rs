@@ -159,26 +159,11 @@ impl StepMethod for Lisa {
     }
 
     fn save(&self) -> Saved {
-        Saved {
-            counters: serde_json::json!({"anchored": self.anchor.is_some()}),
-            tensors: self
-                .anchor
-                .iter()
-                .map(|anchor| ("lisa.anchor".to_string(), anchor.clone()))
-                .collect(),
-        }
+        Saved::optional("anchored", "lisa.anchor", self.anchor.as_ref())
     }
 
     fn restore(&mut self, saved: &Restore) -> Result<()> {
-        #[derive(Deserialize)]
-        struct Counters {
-            anchored: bool,
-        }
-        let counters: Counters = saved.counters()?;
-        self.anchor = match counters.anchored {
-            true => Some(saved.per_parameter("lisa.anchor")?),
-            false => None,
-        };
+        self.anchor = saved.optional("anchored", "lisa.anchor")?;
         Ok(())
     }
 }

@@ -106,6 +106,20 @@ pub struct Saved {
     pub tensors: Vec<(String, Vec<Tensor<1>>)>,
 }
 
+impl Saved {
+    /// One group of per-parameter tensors that a method may or may not hold (Lisa's anchor,
+    /// SafeGrad's KL reference), with a counter `flag` saying whether it was saved.
+    pub fn optional(flag: &str, group: &str, tensors: Option<&Vec<Tensor<1>>>) -> Saved {
+        Saved {
+            counters: serde_json::json!({ flag: tensors.is_some() }),
+            tensors: tensors
+                .map(|t| (group.to_string(), t.clone()))
+                .into_iter()
+                .collect(),
+        }
+    }
+}
+
 /// A checkpoint's saved method state, read back.
 pub struct Restore<'a> {
     pub counters: &'a serde_json::Value,
@@ -123,6 +137,15 @@ impl Restore<'_> {
     /// A group with one tensor per trainable parameter tensor.
     pub fn per_parameter(&self, group: &str) -> Result<Vec<Tensor<1>>> {
         self.tensors(group, self.params)
+    }
+
+    /// What `Saved::optional` wrote.
+    pub fn optional(&self, flag: &str, group: &str) -> Result<Option<Vec<Tensor<1>>>> {
+        let saved: std::collections::BTreeMap<String, bool> = self.counters()?;
+        match saved.get(flag) {
+            Some(true) => self.per_parameter(group).map(Some),
+            _ => Ok(None),
+        }
     }
 
     /// The counters, as the method wrote them.

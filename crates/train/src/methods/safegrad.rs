@@ -153,19 +153,12 @@ impl StepMethod for SafeGrad {
     }
 
     fn save(&self) -> Saved {
-        Saved {
-            counters: serde_json::json!({"kl_reference": self.start.is_some()}),
-            tensors: self
-                .start
-                .iter()
-                .map(|start| ("safegrad.start".to_string(), start.clone()))
-                .collect(),
-        }
+        Saved::optional("kl_reference", "safegrad.start", self.start.as_ref())
     }
 
     fn restore(&mut self, saved: &Restore) -> Result<()> {
-        if self.start.is_some() {
-            self.start = Some(saved.per_parameter("safegrad.start")?);
+        if let Some(start) = saved.optional("kl_reference", "safegrad.start")? {
+            self.start = Some(start);
         }
         Ok(())
     }
