@@ -284,6 +284,21 @@ fn the_ui_runs_a_job_shows_live_charts_a_comparison_and_chats() {
         t.contains("max_steps = 30").then_some(t)
     });
     assert!(toml.contains("method = \"sap\""), "{toml}");
+    // The method choices are the wire type's, every trainable method, each described.
+    let methods = browser.script(
+        "return [...document.querySelectorAll(\"select[name='method'] option\")].map(o => o.value).join(',');",
+    );
+    assert_eq!(
+        methods.as_str(),
+        Some("sft,sap,mix,safegrad,lisa,sppft"),
+        "{methods}"
+    );
+    assert!(
+        browser
+            .text("body")
+            .contains("Safety-Aware Probing: a probe steers"),
+        "the chosen method's description"
+    );
     browser.type_into("input[name='lr']", "abc");
     browser.wait_for("an inline error", || {
         browser

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use leptos::prelude::*;
 use leptos::task::spawn_local;
-use safeprobe_wire::{CreateJob, Job, JobKind};
+use safeprobe_wire::{CreateJob, Job, JobKind, Method};
 use serde_json::{Map, Value};
 
 use super::datasets::DataFiles;
@@ -29,6 +29,9 @@ enum Kind {
     Int,
     Bool,
     Choice(&'static [&'static str]),
+    /// A training method: the choices and their descriptions come from `safeprobe_wire::Method`,
+    /// so a new method appears here without being listed.
+    Method,
 }
 
 // A table: one field a line.
@@ -44,7 +47,7 @@ const FIELDS: &[(&str, &[Field])] = &[
         Field { key: "max_len", label: "max tokens per example", help: "longer examples are truncated", kind: Kind::Int },
     ]),
     ("Method", &[
-        Field { key: "method", label: "method", help: "sft: plain fine-tuning; sap: Safety-Aware Probing; mix: SFT plus the pairs' refusals; safegrad: gradient surgery; lisa: alternating alignment steps; sppft: safety layers frozen", kind: Kind::Choice(&["sap", "sft", "mix", "safegrad", "lisa", "sppft"]) },
+        Field { key: "method", label: "method", help: "every method but sft needs safety pairs; each one's settings are in its section below", kind: Kind::Method },
         Field { key: "finetune", label: "fine-tune", help: "LoRA adapter or every weight", kind: Kind::Choice(&["lora", "full"]) },
         Field { key: "mix_safety_data", label: "mix safety data", help: "also train on the pairs' safe answers (SafeInstr baseline)", kind: Kind::Bool },
         Field { key: "poison_fraction", label: "poison fraction", help: "share of harmful-compliance examples mixed in (poisoning experiment)", kind: Kind::Float },
@@ -131,7 +134,7 @@ fn build_config(values: &BTreeMap<String, String>) -> Result<Map<String, Value>,
             continue;
         }
         let value = match field.kind {
-            Kind::Text | Kind::Choice(_) => Value::String(raw.to_string()),
+            Kind::Text | Kind::Choice(_) | Kind::Method => Value::String(raw.to_string()),
             Kind::Bool => Value::Bool(raw == "true"),
             Kind::Int => raw
                 .parse::<u64>()
@@ -200,6 +203,23 @@ fn FieldInput(
             </select>
         }
         .into_any(),
+        Kind::Method => {
+            let trainable = Method::ALL.into_iter().filter(|m| *m != Method::Base);
+            let described = move || {
+                let chosen = get();
+                Method::ALL
+                    .into_iter()
+                    .find(|m| m.name() == chosen)
+                    .map(Method::describe)
+            };
+            view! {
+                <select name=key prop:value=get on:change=move |ev| set(event_target_value(&ev))>
+                    {trainable.map(|m| view! { <option value=m.name()>{m.name()}</option> }).collect_view()}
+                </select>
+                <div class="help">{described}</div>
+            }
+            .into_any()
+        }
         Kind::Bool => view! {
             <input type="checkbox" name=key prop:checked=move || get() == "true"
                 on:change=move |ev| set(event_target_checked(&ev).to_string())/>
