@@ -734,6 +734,11 @@ fn every_defence_resumes_bit_equal_and_reports_its_mechanism() {
                         && cosine.abs() <= 1.0
                         && (0.0..=1.0).contains(&removed)
                 );
+                // The KL loss's reference is the model the run started from: at the first
+                // step the two are the same model, and the KL is 0.
+                if method.contains(&"safegrad.alignment_loss=\"kl\"") {
+                    assert!(alignment_loss.abs() < 1e-6, "{alignment_loss}");
+                }
             }
             Defence::Lisa { .. } => {
                 let states: Vec<bool> = defences

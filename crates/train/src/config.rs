@@ -324,6 +324,19 @@ impl RunConfig {
                 )));
             }
         }
+        // Freezing every layer would leave LoRA nothing to train (and full fine-tuning only
+        // the embedding and the head): a run that cannot be what SPPFT means.
+        let named: std::collections::BTreeSet<usize> = self.sppft.layers.iter().copied().collect();
+        let frozen = match named.len() {
+            0 => self.sppft.count,
+            n => n,
+        };
+        if self.method == Method::Sppft && frozen >= num_layers {
+            return Err(TrainError::Config(format!(
+                "sppft: freezing {frozen} layers freezes all of the model's {num_layers}; freeze \
+                 fewer (sppft.count, or sppft.layers)"
+            )));
+        }
         Ok(())
     }
 

@@ -66,12 +66,32 @@ pub fn response_logprobs(
 
 /// KL(p_reference ‖ p_model) of the next-token distributions at every response position of
 /// the batch, averaged over those positions: how far the model's answers have moved from the
-/// reference's (a constant of the graph).
-pub fn kl_from_reference(model: &CausalLm, reference: &CausalLm, batch: &Batch) -> Tensor<1> {
+/// reference's (a constant of the graph). With LoRA dropout, `dropout_seed` gives both passes
+/// the same masks, so that the model as it started is at KL 0 (without it each pass would
+/// draw its own and the two would differ by the masks alone). A batch without response tokens
+/// (every answer cut off by `max_len`) has a loss of 0, not that of its placeholder position.
+pub fn kl_from_reference(
+    model: &CausalLm,
+    reference: &CausalLm,
+    batch: &Batch,
+    dropout_seed: Option<u64>,
+) -> Tensor<1> {
+    let device = model.embed_tokens.device();
+    let reseed = || {
+        if let Some(seed) = dropout_seed {
+            device.seed(seed);
+        }
+    };
+    reseed();
     let reference_logp = log_softmax(scored_logits(reference, batch, None), 1).detach();
+    reseed();
     let model_logp = log_softmax(scored_logits(model, batch, None), 1);
     let per_position = (reference_logp.clone().exp() * (reference_logp - model_logp)).sum_dim(1);
-    per_position.mean().reshape([1])
+    let total = per_position.sum().reshape([1]);
+    match batch.response_tokens {
+        0 => total.mul_scalar(0.0),
+        tokens => total.div_scalar(tokens as f64),
+    }
 }
 
 /// Mean token cross-entropy over every response token of the batch (as transformers computes

@@ -333,5 +333,17 @@ mod tests {
             ))
             .is_ok()
         );
+        // Against a model of 4 layers: freezing all of them is refused, by count or by name.
+        for frozen in ["count = 4", "count = 9", "layers = [0, 1, 2, 3]"] {
+            let config =
+                parse(&format!("{with_pairs}method = 'sppft'\n[sppft]\n{frozen}")).unwrap();
+            let error = config.check_layers(4).unwrap_err().to_string();
+            assert!(
+                error.contains("freezes all of the model's 4"),
+                "{frozen}: {error}"
+            );
+        }
+        let config = parse(&format!("{with_pairs}method = 'sppft'\n[sppft]\ncount = 3")).unwrap();
+        assert!(config.check_layers(4).is_ok());
     }
 }

@@ -77,11 +77,16 @@ impl SafeGrad {
         Self { config, start }
     }
 
-    fn alignment_loss(&self, model: &CausalLm, answers: &crate::data::Batch) -> Tensor<1> {
+    fn alignment_loss(
+        &self,
+        model: &CausalLm,
+        answers: &crate::data::Batch,
+        dropout_seed: Option<u64>,
+    ) -> Tensor<1> {
         match &self.start {
             Some(start) => {
                 let reference = params::frozen_with_values(model, start.clone());
-                kl_from_reference(model, &reference, answers)
+                kl_from_reference(model, &reference, answers, dropout_seed)
             }
             None => task_loss(model, answers, None),
         }
@@ -127,8 +132,10 @@ impl StepMethod for SafeGrad {
             .expect("SafeGrad draws pairs every step")
             .safe_answers();
         let (task_loss, task) = task_gradient(model, input.tasks, None);
-        let (alignment_loss, alignment) =
-            loss_gradient(model, self.alignment_loss(model, &answers));
+        let (alignment_loss, alignment) = loss_gradient(
+            model,
+            self.alignment_loss(model, &answers, input.dropout_seed),
+        );
         let cosine = params::cosine(&task, &alignment);
         let (task, projected, removed) = project_conflict(task, &alignment);
         let weight = self.config.alignment_weight;
