@@ -137,39 +137,58 @@ fn hold_out(train: &mut Vec<Sequence>, fraction: f64, config: &RunConfig) -> Res
 /// Cycles through examples in epochs, reshuffling each epoch with the run's seed.
 pub struct Sampler<T> {
     items: Vec<T>,
+    cursor: Cursor,
+}
+
+/// Where a sampler is in its epochs: what `next_batch` advances and `peek_batch` copies.
+#[derive(Clone)]
+struct Cursor {
     order: Vec<usize>,
     position: usize,
     rng: rand::rngs::StdRng,
     shuffle: bool,
 }
 
-impl<T: Clone> Sampler<T> {
-    pub fn new(items: Vec<T>, seed: u64, shuffle: bool) -> Self {
-        let mut sampler = Self {
-            order: (0..items.len()).collect(),
-            items,
-            position: 0,
-            rng: rand::rngs::StdRng::seed_from_u64(seed),
-            shuffle,
-        };
-        sampler.reshuffle();
-        sampler
-    }
+impl Cursor {
     fn reshuffle(&mut self) {
         if self.shuffle {
             self.order.shuffle(&mut self.rng);
         }
     }
+
+    fn next_index(&mut self) -> usize {
+        if self.position == self.order.len() {
+            self.position = 0;
+            self.reshuffle();
+        }
+        self.position += 1;
+        self.order[self.position - 1]
+    }
+}
+
+impl<T: Clone> Sampler<T> {
+    pub fn new(items: Vec<T>, seed: u64, shuffle: bool) -> Self {
+        let mut cursor = Cursor {
+            order: (0..items.len()).collect(),
+            position: 0,
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            shuffle,
+        };
+        cursor.reshuffle();
+        Self { items, cursor }
+    }
+
     pub fn next_batch(&mut self, size: usize) -> Vec<T> {
         (0..size)
-            .map(|_| {
-                if self.position == self.items.len() {
-                    self.position = 0;
-                    self.reshuffle();
-                }
-                self.position += 1;
-                self.items[self.order[self.position - 1]].clone()
-            })
+            .map(|_| self.items[self.cursor.next_index()].clone())
+            .collect()
+    }
+
+    /// The batch `next_batch` would return, leaving the sampler where it is.
+    pub fn peek_batch(&self, size: usize) -> Vec<T> {
+        let mut cursor = self.cursor.clone();
+        (0..size)
+            .map(|_| self.items[cursor.next_index()].clone())
             .collect()
     }
 }
@@ -231,4 +250,23 @@ pub(crate) fn encode_pairs(
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Sampler;
+
+    /// A peek is the next draw, across an epoch's reshuffle too, and leaves the sampler as it
+    /// was (Lisa's alignment steps look at the task data without skipping any).
+    #[test]
+    fn a_peek_is_the_next_draw_and_draws_nothing() {
+        let mut sampler = Sampler::new((0..5).collect::<Vec<u32>>(), 7, true);
+        let mut twin = Sampler::new((0..5).collect::<Vec<u32>>(), 7, true);
+        for size in [3, 4, 2, 6] {
+            let peeked = sampler.peek_batch(size);
+            assert_eq!(peeked, sampler.peek_batch(size));
+            assert_eq!(peeked, sampler.next_batch(size));
+            assert_eq!(peeked, twin.next_batch(size));
+        }
+    }
 }

@@ -238,7 +238,7 @@ fn train_step(
         guard
     });
     let lr = config.learning_rate(step);
-    let tasks = draws.tasks();
+    let tasks = draws.tasks(method.trains_on_tasks(step));
     let pairs = method.draws_pairs(step).then(|| draws.pairs());
     let input = StepInput {
         step,
@@ -302,17 +302,20 @@ impl Draws {
         }
     }
 
-    /// A step's task micro-batches.
-    fn tasks(&mut self) -> Vec<Batch> {
-        (0..self.micro_batches)
-            .map(|_| {
-                Batch::new(
-                    &self.tasks.next_batch(self.batch_size),
-                    self.pad,
-                    &self.device,
-                )
-            })
-            .collect()
+    /// A step's task micro-batches: drawn when the step trains on them, else only looked at.
+    fn tasks(&mut self, drawn: bool) -> Vec<Batch> {
+        if drawn {
+            (0..self.micro_batches)
+                .map(|_| self.tasks.next_batch(self.batch_size))
+                .map(|rows| Batch::new(&rows, self.pad, &self.device))
+                .collect()
+        } else {
+            // The next step's micro-batches, as it will draw them.
+            let rows = self.tasks.peek_batch(self.batch_size * self.micro_batches);
+            rows.chunks(self.batch_size.max(1))
+                .map(|rows| Batch::new(rows, self.pad, &self.device))
+                .collect()
+        }
     }
 
     fn pairs(&mut self) -> PairDraw {
@@ -327,8 +330,10 @@ impl Draws {
     /// order where it stopped.
     fn replay(&mut self, steps: usize, method: &dyn StepMethod) {
         for step in 0..steps {
-            for _ in 0..self.micro_batches {
-                self.tasks.next_batch(self.batch_size);
+            if method.trains_on_tasks(step) {
+                for _ in 0..self.micro_batches {
+                    self.tasks.next_batch(self.batch_size);
+                }
             }
             if method.draws_pairs(step) {
                 self.pairs.next_batch(self.safety_batch_size);

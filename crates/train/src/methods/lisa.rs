@@ -99,6 +99,10 @@ impl StepMethod for Lisa {
         self.config.in_alignment(step)
     }
 
+    fn trains_on_tasks(&self, step: usize) -> bool {
+        !self.config.in_alignment(step)
+    }
+
     fn step(
         &mut self,
         model: &mut CausalLm,
@@ -125,8 +129,9 @@ impl StepMethod for Lisa {
                 .safe_answers();
             let loss = task_loss(model, &answers, None);
             let gradient = params::gradients(model, &loss.backward());
-            // The task batch is not trained on in this state; its loss is still reported, so
-            // that the task-loss line has every step.
+            // This state does not train on the task data: the loop shows it the batches the
+            // next task step will take (not drawn), and their loss is reported so that the
+            // task-loss line has every step.
             let measured = input
                 .tasks
                 .iter()

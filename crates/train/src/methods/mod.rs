@@ -33,6 +33,13 @@ pub trait StepMethod {
     /// pairs only then, so the draws (and a resumed run's replay of them) follow this.
     fn draws_pairs(&self, step: usize) -> bool;
 
+    /// Whether step `step` trains on its task batches. On a step that does not (Lisa's
+    /// alignment state) the loop shows the method the batches the next step will take, without
+    /// drawing them, so no task data is skipped and the task loss is still measured.
+    fn trains_on_tasks(&self, _step: usize) -> bool {
+        true
+    }
+
     /// One optimiser step of `model` from the step's batches.
     fn step(
         &mut self,
