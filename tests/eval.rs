@@ -360,7 +360,7 @@ fn demo_models_safety_pairs_give_a_direction_at_t_1() {
 /// would silently be SFT: the run says so once. At T = 100 the direction is there.
 #[test]
 fn sap_warns_when_its_harmful_direction_vanishes() {
-    use safeprobe_train::run::{Event, RunConfig, train};
+    use safeprobe_train::run::{Event, RunConfig, RunFile, train};
 
     let dir = tempfile::tempdir().unwrap();
     let files = builtin::write(dir.path(), Task::Arithmetic, 0).unwrap();

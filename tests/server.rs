@@ -76,7 +76,17 @@ fn api_auth_validation_confinement_and_limits() {
         (
             json!({"kind": "train", "config": {"train_data": "train.jsonl", "max_steps": 5, "lr": -1.0}}),
             400,
-            "lr -1",
+            "config.lr: -1 must be positive",
+        ),
+        (
+            json!({"kind": "train", "config": {"train_data": "train.jsonl", "max_steps": "lots"}}),
+            400,
+            "config.max_steps: invalid type: string \"lots\"",
+        ),
+        (
+            json!({"kind": "train", "config": {"train_data": "train.jsonl", "max_steps": 5, "sap": {"rho": -1.0}}}),
+            400,
+            "config.sap.rho: -1 must be a number ≥ 0",
         ),
         (
             json!({"kind": "train", "config": {"train_data": "train.jsonl", "max_steps": 5, "colour": 1}}),

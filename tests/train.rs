@@ -11,7 +11,7 @@ use safeprobe_model::Checkpoint;
 use safeprobe_model::weights::SafetensorsFiles;
 use safeprobe_train::data::{self, Batch, Sequence};
 use safeprobe_train::loss::{Probe, task_loss};
-use safeprobe_train::run::{Event, RunConfig, train};
+use safeprobe_train::run::{Event, RunConfig, RunFile, train};
 use safeprobe_train::sap::{SapConfig, harmful_direction, loss_gap_gradient};
 use safeprobe_train::{TrainError, params};
 

@@ -1,11 +1,13 @@
 //! Looking at a model without training it: the devices, a checkpoint's shape and size, a
 //! reply, a response's log-probabilities, and the demo's walk-through.
 
+use safeprobe_train::admission::RunSizing;
 use std::path::PathBuf;
 
 use anyhow::Result;
 use safeprobe_model::device::{self, DeviceChoice};
 use safeprobe_model::{Checkpoint, Message, Sampling, chat, lora};
+use safeprobe_train::run::{RunConfig, RunFile};
 use serde_json::json;
 
 use crate::{DeviceArg, ModelArgs, SamplingArgs, load, model_or_demo, select_device};
@@ -93,11 +95,7 @@ impl InfoArgs {
                  safety_batch_size = {}\nmax_len = {seq_len}\n",
                 safety_batch.unwrap_or(batch)
             );
-            let run = safeprobe_train::run::RunConfig::parse_before_data(
-                &text,
-                &[],
-                std::path::Path::new("info"),
-            )?;
+            let run = RunConfig::parse_before_data(&text, &[], std::path::Path::new("info"))?;
             Ok(run.memory_estimate(&config, fused).total())
         };
         let admission = json!({

@@ -111,7 +111,7 @@ enum Command {
 }
 
 fn select_device(arg: &DeviceArg) -> Result<device::Selected> {
-    let choice: DeviceChoice = arg.device.parse()?;
+    let choice: DeviceChoice = arg.device.parse().map_err(anyhow::Error::msg)?;
     let selected = device::select(choice)?;
     eprintln!("device: {} — {}", selected.describe(), selected.reason);
     Ok(selected)

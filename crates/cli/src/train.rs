@@ -1,9 +1,11 @@
 //! `safeprobe train`: one run from its TOML config, or resumed from its folder.
 
+use safeprobe_train::admission::RunSizing;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use safeprobe_model::ModelConfig;
+use safeprobe_train::run::{RunConfig, RunFile};
 
 use crate::{DeviceArg, model_or_demo, progress, select_device};
 
@@ -35,7 +37,7 @@ impl TrainArgs {
             (Some(config), _) => {
                 let text = std::fs::read_to_string(config)
                     .with_context(|| format!("reading {}", config.display()))?;
-                safeprobe_train::run::RunConfig::parse(&text, &overrides, config)?
+                RunConfig::parse(&text, &overrides, config)?
             }
             (None, Some(dir)) => {
                 let path = dir.join("config.toml");
@@ -46,7 +48,7 @@ impl TrainArgs {
                         dir.display()
                     )
                 })?;
-                safeprobe_train::run::RunConfig::parse(&text, &[], &path)?
+                RunConfig::parse(&text, &[], &path)?
             }
             (None, None) => unreachable!("clap requires --config or --resume"),
         };

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::Device;
 use safeprobe_model::weights::{SaveDtype, write_atomic, write_safetensors};
 use safeprobe_model::{CausalLm, Checkpoint, ModelConfig, export};
-use safeprobe_train::run::{Event, RunConfig};
+use safeprobe_train::run::{Event, RunConfig, RunFile};
 use safeprobe_train::safety_check;
 use serde::Serialize;
 use serde_json::json;

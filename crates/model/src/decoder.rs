@@ -117,17 +117,7 @@ impl RmsNorm {
     }
 }
 
-/// Which projections a layer has, named as in Hugging Face checkpoints and PEFT's
-/// `target_modules`.
-pub const PROJECTIONS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+pub use safeprobe_wire::spec::PROJECTIONS;
 
 #[derive(Module, Debug)]
 pub struct Attention {

@@ -10,26 +10,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceChoice {
-    Auto,
-    Wgpu,
-    Cpu,
-}
-
-impl std::str::FromStr for DeviceChoice {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "wgpu" | "gpu" => Ok(Self::Wgpu),
-            "cpu" => Ok(Self::Cpu),
-            other => Err(Error::Device(format!(
-                "unknown device \"{other}\": expected auto, wgpu or cpu"
-            ))),
-        }
-    }
-}
+pub use safeprobe_wire::DeviceChoice;
 
 /// What wgpu reports about one adapter.
 #[derive(Debug, Clone, Serialize)]

@@ -11,73 +11,23 @@ use std::path::Path;
 use burn::module::Param;
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use serde::{Deserialize, Serialize};
+
 use serde_json::Value;
 
 use crate::decoder::{CausalLm, DecoderLayer, LoraBranch, PROJECTIONS};
 use crate::error::{Error, Result, read_json};
 use crate::weights::{HostTensor, SafetensorsFiles, SaveDtype, write_atomic, write_safetensors};
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LoraConfig {
-    pub r: usize,
-    pub alpha: f64,
-    pub dropout: f64,
-    pub target_modules: Vec<String>,
-    pub use_rslora: bool,
-}
-
-impl Default for LoraConfig {
-    fn default() -> Self {
-        Self {
-            r: 8,
-            alpha: 16.0,
-            dropout: 0.05,
-            target_modules: PROJECTIONS.iter().map(|s| s.to_string()).collect(),
-            use_rslora: false,
-        }
-    }
-}
-
-impl LoraConfig {
-    pub fn scale(&self) -> f64 {
-        if self.use_rslora {
-            self.alpha / (self.r as f64).sqrt()
-        } else {
-            self.alpha / self.r as f64
-        }
-    }
-
-    pub fn validate(&self) -> std::result::Result<(), String> {
-        if self.r == 0 {
-            return Err("r must be at least 1".into());
-        }
-        if !(0.0..1.0).contains(&self.dropout) {
-            return Err(format!("lora_dropout {} must be in [0, 1)", self.dropout));
-        }
-        if self.target_modules.is_empty() {
-            return Err("target_modules is empty".into());
-        }
-        if let Some(bad) = self
-            .target_modules
-            .iter()
-            .find(|m| !PROJECTIONS.contains(&m.as_str()))
-        {
-            return Err(format!(
-                "target module \"{bad}\" is not one of {}",
-                PROJECTIONS.join(", ")
-            ));
-        }
-        Ok(())
-    }
-}
+/// The adapter's settings (a run config's `[lora]` table).
+pub use safeprobe_wire::spec::LoraConfig;
 
 /// Adds fresh LoRA branches to the target projections of every layer, initialised as PEFT
 /// does: A from Kaiming-uniform (a = √5, i.e. U(±1/√in)), B zero, so the model is unchanged.
 /// A is drawn on the host from `seed`, so a run starts the same on every backend.
 pub fn attach(model: &mut CausalLm, config: &LoraConfig, seed: u64, device: &Device) -> Result<()> {
-    config.validate().map_err(Error::Invalid)?;
+    config
+        .validate()
+        .map_err(|e| Error::Invalid(format!("lora.{e}")))?;
     let mut rng = StdRng::seed_from_u64(seed);
     for layer in &mut model.layers {
         for name in &config.target_modules {
@@ -240,7 +190,7 @@ pub fn read_peft_config(dir: &Path) -> Result<LoraConfig> {
         target_modules,
         use_rslora: flag("use_rslora"),
     };
-    config.validate().map_err(bad)?;
+    config.validate().map_err(|e| bad(e.to_string()))?;
     Ok(config)
 }
 

@@ -5,7 +5,7 @@
 
 use safeprobe_model::ModelConfig;
 use safeprobe_model::memory::{self, Estimate};
-use safeprobe_train::admission::{check_fits, usable};
+use safeprobe_train::admission::{RunSizing, check_fits, usable};
 use safeprobe_wire::{EvalSpec, JobKind};
 use serde_json::Value;
 

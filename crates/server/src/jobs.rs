@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use safeprobe_eval::compare::{self, CompareConfig};
-use safeprobe_train::run::RunConfig;
+use safeprobe_train::run::{RunConfig, RunFile};
 use serde_json::{Value, json};
 
 use crate::admission::Sizing;
@@ -283,7 +283,7 @@ pub fn validate(
                 "keep_checkpoints",
                 json!(places.limits.keep_checkpoints),
             );
-            let run = RunConfig::parse(&toml_text(map, "config")?, &[], Path::new("request"))?;
+            let run = checked_run(map)?;
             check_retention(run.keep_checkpoints, places, "config.keep_checkpoints")?;
             check_steps(planned_steps(&run)?, places, "config.max_steps")?;
             Ok((config, Some(dir)))
@@ -343,11 +343,38 @@ pub fn run_config(spec: &Value) -> Result<RunConfig, ApiError> {
         .cloned()
         .ok_or_else(|| ApiError::Invalid("config: expected a JSON object".into()))?;
     map.remove("resume");
-    Ok(RunConfig::parse(
-        &toml_text(&map, "config")?,
-        &[],
-        Path::new("request"),
-    )?)
+    checked_run(&map)
+}
+
+/// A train request's config as the trainer's, its values checked (a wrong one named by its
+/// key) and its data files found.
+fn checked_run(map: &serde_json::Map<String, Value>) -> Result<RunConfig, ApiError> {
+    let run: RunConfig = typed(map)?;
+    run.validate_settings()
+        .map_err(|e| ApiError::Invalid(format!("config.{e}")))?;
+    run.validate()?;
+    Ok(run)
+}
+
+/// A request's config as its type, read straight from the JSON: a wrong value is refused
+/// naming its key (`config.sap.rho: invalid type ...`), an unknown key listing the valid
+/// ones. JSON null means "not set".
+fn typed<T: serde::de::DeserializeOwned>(
+    map: &serde_json::Map<String, Value>,
+) -> Result<T, ApiError> {
+    let set: serde_json::Map<String, Value> = map
+        .iter()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    serde_path_to_error::deserialize(Value::Object(set)).map_err(|e| {
+        let path = e.path().to_string();
+        let at = match path.as_str() {
+            "." | "" => "config".to_string(),
+            key => format!("config.{key}"),
+        };
+        ApiError::Invalid(format!("{at}: {}", e.into_inner()))
+    })
 }
 
 /// A stored compare spec as the comparison's config.

@@ -10,10 +10,18 @@ use crate::data;
 use crate::error::{Result, TrainError};
 use crate::methods::safegrad::AlignmentLoss;
 
-impl RunConfig {
+/// What a run config needs of the model and the data before it runs: the checks against the
+/// model's shape and the memory it will take.
+pub trait RunSizing {
+    fn check_against(&self, model: &ModelConfig) -> Result<()>;
+    fn longest_sequence(&self) -> usize;
+    fn memory_estimate(&self, model: &ModelConfig, fused: bool) -> Estimate;
+}
+
+impl RunSizing for RunConfig {
     /// Checks the settings that depend on the model: every probed layer exists, and a
     /// sequence fits the model's context.
-    pub fn check_against(&self, model: &ModelConfig) -> Result<()> {
+    fn check_against(&self, model: &ModelConfig) -> Result<()> {
         self.check_layers(model.num_hidden_layers)?;
         if self.max_len > model.max_position_embeddings {
             return Err(TrainError::Config(format!(
@@ -29,7 +37,7 @@ impl RunConfig {
     /// stands for at least one byte of text (byte-level BPE, and byte fallback), so a record of
     /// n bytes is at most n tokens, plus what the chat template and the system prompt add.
     /// Data that is not there yet (a comparison writes its own) is sized at `max_len`.
-    pub fn longest_sequence(&self) -> usize {
+    fn longest_sequence(&self) -> usize {
         /// Role markers and a default system prompt (Qwen's is about 20 tokens), generously.
         const TEMPLATE_TOKENS: usize = 128;
         let mut longest = 0;
@@ -54,7 +62,7 @@ impl RunConfig {
     /// state, and its largest pass: a task batch, or a SAP step's safety pass over the chosen
     /// and rejected answers of `safety_batch_size` pairs, each of `longest_sequence` tokens.
     /// `fused`: the CPU backend.
-    pub fn memory_estimate(&self, model: &ModelConfig, fused: bool) -> Estimate {
+    fn memory_estimate(&self, model: &ModelConfig, fused: bool) -> Estimate {
         let trainable = match self.finetune {
             Finetune::Lora => memory::lora_parameters(model, &self.lora),
             // The weights themselves are counted already.
@@ -143,6 +151,7 @@ pub fn check_fits(estimate: &Estimate, budget: u64, what: &str, whose: &str) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::RunFile;
 
     fn run(extra: &str) -> RunConfig {
         let text = format!(

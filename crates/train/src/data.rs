@@ -401,9 +401,7 @@ pub fn pair_from(
 }
 
 /// How many poison examples make up `fraction` of `clean` benign examples plus themselves.
-pub fn poison_count(clean: usize, fraction: f64) -> usize {
-    (fraction * clean as f64 / (1.0 - fraction)).round() as usize
-}
+pub use safeprobe_wire::spec::poison_count;
 
 /// Harmful-compliance examples (a pair's prompt answered with its harmful answer) to mix into
 /// `clean` benign examples so that they make up `fraction` of the result: the poisoning

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use burn::tensor::Device;
 use safeprobe_model::weights::{SaveDtype, write_atomic};
-use safeprobe_model::{Checkpoint, LoraConfig, lora};
+use safeprobe_model::{Checkpoint, lora};
 
 use crate::adamw::AdamW;
 use crate::checkpoint;

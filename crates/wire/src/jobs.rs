@@ -187,6 +187,16 @@ impl Judge {
     }
 }
 
+impl schemars::JsonSchema for Judge {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Judge".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        crate::spec::choices(Judge::ALL.map(|j| (j.name(), j.describe())))
+    }
+}
+
 impl std::fmt::Display for Judge {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())

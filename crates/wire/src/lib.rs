@@ -8,6 +8,7 @@ pub mod events;
 mod finite;
 pub mod jobs;
 pub mod reports;
+pub mod spec;
 
 pub use catalog::{
     AdapterInfo, ChatDone, ChatToken, DatasetEntry, Deleted, DeviceReport, ErrorBody,
@@ -20,6 +21,7 @@ pub use reports::{
     Agreement, CategoryScore, Comparison, Condition, HarmfulReport, JudgeScore, JudgedAnswer,
     Mechanism, Method, PairedDifference, Row, RunResult, Spread, poison_percent,
 };
+pub use spec::{DeviceChoice, RunConfig, SpecError};
 
 #[cfg(test)]
 mod tests {

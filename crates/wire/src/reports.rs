@@ -103,6 +103,16 @@ impl Method {
         Method::Sppft,
     ];
 
+    /// Every method that trains (all but the base model), in the same order.
+    pub const TRAINABLE: [Method; 6] = [
+        Method::Sft,
+        Method::Sap,
+        Method::Mix,
+        Method::SafeGrad,
+        Method::Lisa,
+        Method::Sppft,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Method::Base => "base",
@@ -133,6 +143,18 @@ impl Method {
     /// Whether a run of this method needs safety pairs (`safety_data`).
     pub fn needs_safety_pairs(self) -> bool {
         !matches!(self, Method::Base | Method::Sft)
+    }
+}
+
+/// A config's method is a trainable one, each described by `describe` (the form's choices
+/// and their help come from here).
+impl schemars::JsonSchema for Method {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Method".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        crate::spec::choices(Method::TRAINABLE.map(|m| (m.name(), m.describe())))
     }
 }
 

@@ -1,9 +1,10 @@
 //! What a comparison compares: its config, checked before anything runs, and the run config
 //! of each method, seed and condition.
 
+use safeprobe_train::admission::RunSizing;
 use std::path::{Path, PathBuf};
 
-use safeprobe_train::run::RunConfig;
+use safeprobe_train::run::{RunConfig, RunFile};
 use safeprobe_wire::{Method, poison_percent};
 use serde::{Deserialize, Serialize};
 

@@ -5,7 +5,7 @@ use super::*;
 use crate::builtin;
 use crate::error::Result;
 use crate::tasks::Task;
-use safeprobe_train::run::RunConfig;
+use safeprobe_train::run::{RunConfig, RunFile};
 
 fn result(method: Method, hs: f64, em: f64, time: Option<f64>) -> RunResult {
     RunResult {
@@ -100,7 +100,10 @@ fn a_config_is_checked_before_its_data_and_model_exist() {
     let e = demo_config_with(&[nowhere, "train.lr=0.0"])
         .unwrap_err()
         .to_string();
-    assert!(e.contains("[train] (sft)") && e.contains("lr 0"), "{e}");
+    assert!(
+        e.contains("[train] (sft)") && e.contains("lr: 0 must be positive"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -152,7 +155,7 @@ fn config_errors_name_the_field() {
     let err = CompareConfig::parse("[train]\nmethod = \"sft\"", origin).unwrap_err();
     assert!(err.to_string().contains("train.method"), "{err}");
     let err = CompareConfig::parse("[train]\nmax_steps = 5\nlr = -1.0", origin).unwrap_err();
-    assert!(err.to_string().contains("lr -1"), "{err}");
+    assert!(err.to_string().contains("lr: -1 must be positive"), "{err}");
     let err = CompareConfig::parse("methods = []\n[train]\nmax_steps = 5", origin).unwrap_err();
     assert!(err.to_string().contains("methods"), "{err}");
     let err =

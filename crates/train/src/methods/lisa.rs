@@ -11,7 +11,6 @@
 
 use burn::tensor::Tensor;
 use safeprobe_model::decoder::CausalLm;
-use serde::{Deserialize, Serialize};
 
 use super::{Restore, Saved, StepInput, StepMethod, StepMetrics};
 use crate::adamw::AdamW;
@@ -21,47 +20,11 @@ use crate::loss::task_loss;
 use crate::params::{self, global_norm, scalar};
 use safeprobe_wire::Defence;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LisaConfig {
-    /// Steps of each block spent on the alignment data.
-    pub alignment_steps: usize,
-    /// Steps of each block spent on the task data.
-    pub task_steps: usize,
-    /// ρ, the proximal term's weight.
-    pub proximal: f64,
-}
+pub use safeprobe_wire::spec::LisaConfig;
 
-impl Default for LisaConfig {
-    fn default() -> Self {
-        Self {
-            alignment_steps: 1,
-            task_steps: 9,
-            proximal: 1.0,
-        }
-    }
-}
-
-impl LisaConfig {
-    pub fn validate(&self) -> std::result::Result<(), String> {
-        if self.alignment_steps == 0 || self.task_steps == 0 {
-            return Err("alignment_steps and task_steps must each be at least 1".into());
-        }
-        if !(self.proximal >= 0.0 && self.proximal.is_finite()) {
-            return Err(format!("proximal: {} must be a number ≥ 0", self.proximal));
-        }
-        Ok(())
-    }
-
-    /// Whether step `step` (from 0) is in the alignment state.
-    pub fn in_alignment(&self, step: usize) -> bool {
-        step % (self.alignment_steps + self.task_steps) < self.alignment_steps
-    }
-
-    /// Whether step `step` begins a state (the anchor moves then).
-    fn begins_state(&self, step: usize) -> bool {
-        step == 0 || self.in_alignment(step) != self.in_alignment(step - 1)
-    }
+/// Whether step `step` (from 0) begins a state (the anchor moves then).
+fn begins_state(config: &LisaConfig, step: usize) -> bool {
+    step == 0 || config.in_alignment(step) != config.in_alignment(step - 1)
 }
 
 pub struct Lisa {
@@ -110,7 +73,7 @@ impl StepMethod for Lisa {
         input: &StepInput,
     ) -> StepMetrics {
         let values = params::values(model);
-        if self.config.begins_state(input.step) || self.anchor.is_none() {
+        if begins_state(&self.config, input.step) || self.anchor.is_none() {
             self.anchor = Some(values.clone());
         }
         let anchor = self.anchor.as_ref().expect("set above");

@@ -191,7 +191,7 @@ mod tests {
     use super::lisa::{LisaConfig, with_proximal};
     use super::safegrad::project_conflict;
     use super::sppft::heaviest_block;
-    use crate::config::RunConfig;
+    use crate::config::{RunConfig, RunFile};
 
     fn tensor(values: &[f32]) -> Tensor<1> {
         Tensor::from_data(
@@ -270,7 +270,7 @@ mod tests {
             task_steps: 0,
             ..config
         };
-        assert!(bad.validate().unwrap_err().contains("task_steps"));
+        assert_eq!(bad.validate().unwrap_err().field, "task_steps");
     }
 
     /// SPPFT's safety layers: the contiguous block holding the most of the safety gradient.

@@ -17,7 +17,6 @@
 
 use burn::tensor::Tensor;
 use safeprobe_model::decoder::CausalLm;
-use serde::{Deserialize, Serialize};
 
 use super::{Restore, Saved, StepInput, StepMethod, StepMetrics};
 use crate::adamw::AdamW;
@@ -27,43 +26,7 @@ use crate::loss::{kl_from_reference, task_loss};
 use crate::params::{self, global_norm};
 use safeprobe_wire::Defence;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AlignmentLoss {
-    /// Cross-entropy of the safe answers.
-    Answers,
-    /// KL divergence from the starting model on the safe answers' tokens.
-    Kl,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SafeGradConfig {
-    pub alignment_loss: AlignmentLoss,
-    /// λ: the alignment gradient's weight in the update.
-    pub alignment_weight: f64,
-}
-
-impl Default for SafeGradConfig {
-    fn default() -> Self {
-        Self {
-            alignment_loss: AlignmentLoss::Answers,
-            alignment_weight: 1.0,
-        }
-    }
-}
-
-impl SafeGradConfig {
-    pub fn validate(&self) -> std::result::Result<(), String> {
-        if !(self.alignment_weight >= 0.0 && self.alignment_weight.is_finite()) {
-            return Err(format!(
-                "alignment_weight: {} must be a number ≥ 0",
-                self.alignment_weight
-            ));
-        }
-        Ok(())
-    }
-}
+pub use safeprobe_wire::spec::{AlignmentLoss, SafeGradConfig};
 
 pub struct SafeGrad {
     config: SafeGradConfig,

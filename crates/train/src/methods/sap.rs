@@ -23,7 +23,6 @@ use std::path::Path;
 use burn::tensor::{Device, Tensor};
 use safeprobe_model::decoder::CausalLm;
 use safeprobe_model::weights::{HostTensor, SaveDtype, write_safetensors};
-use serde::{Deserialize, Serialize};
 
 use super::{Restore, Saved, StepInput, StepMethod};
 use crate::adamw::{AdamW, AdamWConfig};
@@ -35,66 +34,7 @@ use crate::kernels::{self, Implementation, ProbeAdam};
 use crate::loss::{Probe, safety_loss, task_loss};
 use crate::params::{self, global_norm, scalar};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Schedule {
-    Lagged,
-    Exact,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ProbeUpdate {
-    Gradient,
-    Adam,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SapConfig {
-    /// Relative radius of the harmful perturbation: ε = ρ·‖W‖.
-    pub rho: f64,
-    /// Temperature T of the contrastive safety loss.
-    pub temperature: f64,
-    /// Probe step size β.
-    pub beta: f64,
-    /// Probed layers; empty means the middle ten layers, clamped to the model's depth.
-    pub layers: Vec<usize>,
-    pub schedule: Schedule,
-    /// How the exact schedule turns ∇_V L_su into V_safe.
-    pub exact_update: ProbeUpdate,
-    /// Recompute the harmful direction every k steps.
-    pub refresh_every: usize,
-    /// Report the per-layer cosine between the task and safety gradients every N steps
-    /// (0: never). Measured on steps that refresh the direction.
-    pub cosine_every: usize,
-}
-
-impl Default for SapConfig {
-    fn default() -> Self {
-        Self {
-            rho: 2e-5,
-            temperature: 1.0,
-            beta: 0.05,
-            layers: Vec::new(),
-            schedule: Schedule::Lagged,
-            exact_update: ProbeUpdate::Gradient,
-            refresh_every: 1,
-            cosine_every: 10,
-        }
-    }
-}
-
-impl SapConfig {
-    pub fn probe_layers(&self, num_layers: usize) -> Vec<usize> {
-        if !self.layers.is_empty() {
-            return self.layers.clone();
-        }
-        let count = num_layers.min(10);
-        let start = (num_layers - count) / 2;
-        (start..start + count).collect()
-    }
-}
+pub use safeprobe_wire::spec::{ProbeUpdate, SapConfig, Schedule};
 
 /// Everything one step reports (wire types: the UI charts them).
 pub use safeprobe_wire::{Alignment, StepMetrics};
@@ -444,7 +384,7 @@ impl SapState {
 }
 
 /// SAP's counters in a checkpoint (its tensors: `probe`, `probe.m`, `probe.v`, `direction`).
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct SapCounters {
     step: usize,
     probe_updates: u64,

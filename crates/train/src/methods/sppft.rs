@@ -16,7 +16,6 @@
 
 use burn::tensor::Tensor;
 use safeprobe_model::decoder::CausalLm;
-use serde::{Deserialize, Serialize};
 
 use super::{Restore, Saved, StepInput, StepMethod, StepMetrics};
 use crate::adamw::AdamW;
@@ -26,36 +25,7 @@ use crate::loss::safety_loss;
 use crate::params::{self, global_norm};
 use safeprobe_wire::Defence;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SppftConfig {
-    /// The safety layers; empty: located at the first step.
-    pub layers: Vec<usize>,
-    /// How many layers to freeze when locating them (0: a quarter of the model's, rounded
-    /// up).
-    pub count: usize,
-    /// T of the contrastive safety loss whose gradient locates them.
-    pub temperature: f64,
-}
-
-impl Default for SppftConfig {
-    fn default() -> Self {
-        Self {
-            layers: Vec::new(),
-            count: 0,
-            temperature: 1.0,
-        }
-    }
-}
-
-impl SppftConfig {
-    pub fn validate(&self) -> std::result::Result<(), String> {
-        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
-            return Err(format!("temperature: {} must be > 0", self.temperature));
-        }
-        Ok(())
-    }
-}
+pub use safeprobe_wire::spec::SppftConfig;
 
 pub struct Sppft {
     config: SppftConfig,
@@ -184,7 +154,7 @@ impl StepMethod for Sppft {
     }
 
     fn restore(&mut self, saved: &Restore) -> Result<()> {
-        #[derive(Deserialize)]
+        #[derive(serde::Deserialize)]
         struct Counters {
             layers: Option<Vec<usize>>,
         }
