@@ -293,6 +293,14 @@ fn the_ui_runs_a_job_shows_live_charts_a_comparison_and_chats() {
         Some("sft,sap,mix,safegrad,lisa,sppft"),
         "{methods}"
     );
+    // The form is built from the run config's type: fields no one listed for the panel are
+    // there (a table's keys, lists, the held-out safety table), and the run folder, which the
+    // server chooses, is not.
+    let built = browser.script(
+        "return ['adamw.weight_decay', 'sap.layers', 'lora.target_modules', 'safety_eval.refusal', 'output_dir']\
+         .map(k => document.querySelectorAll(`[name='${k}']`).length).join(',');",
+    );
+    assert_eq!(built.as_str(), Some("1,1,1,1,0"), "{built}");
     assert!(
         browser
             .text("body")
@@ -303,7 +311,7 @@ fn the_ui_runs_a_job_shows_live_charts_a_comparison_and_chats() {
     browser.wait_for("an inline error", || {
         browser
             .text("body")
-            .contains("lr: expected a number")
+            .contains("learning rate: expected a number")
             .then_some(())
     });
     browser.type_into("input[name='lr']", "0.001");
