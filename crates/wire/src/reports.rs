@@ -103,15 +103,17 @@ impl Method {
         Method::Sppft,
     ];
 
-    /// Every method that trains (all but the base model), in the same order.
-    pub const TRAINABLE: [Method; 6] = [
-        Method::Sft,
-        Method::Sap,
-        Method::Mix,
-        Method::SafeGrad,
-        Method::Lisa,
-        Method::Sppft,
-    ];
+    /// Every method that trains (all but the base model, which `ALL` lists first), in the
+    /// same order.
+    pub const TRAINABLE: [Method; 6] = {
+        let mut trainable = [Method::Sft; 6];
+        let mut i = 0;
+        while i < trainable.len() {
+            trainable[i] = Method::ALL[i + 1];
+            i += 1;
+        }
+        trainable
+    };
 
     pub fn name(self) -> &'static str {
         match self {

@@ -408,6 +408,8 @@ mod tests {
             .iter()
             .map(|m| (m.name().to_string(), m.describe().to_string()))
             .collect();
+        assert!(!Method::TRAINABLE.contains(&Method::Base));
+        assert_eq!(Method::TRAINABLE.len() + 1, Method::ALL.len());
         assert_eq!(method.input, Input::Choice(expected));
         assert_eq!(method.default, "sap");
     }
