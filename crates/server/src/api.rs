@@ -23,6 +23,11 @@ use crate::store::Status;
 
 pub(crate) type ApiResult<T> = Result<Json<T>, ApiError>;
 
+/// The new-run form, built from the run config's type (the panel renders it as it is).
+pub async fn run_form() -> ApiResult<Vec<safeprobe_wire::spec::form::FormField>> {
+    Ok(Json(safeprobe_wire::spec::run_form()))
+}
+
 pub async fn device(State(state): State<Arc<AppState>>) -> ApiResult<DeviceReport> {
     let adapters = safeprobe_model::device::list_adapters()
         .into_iter()

@@ -160,6 +160,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let max_upload = state.max_upload_bytes;
     let api = Router::new()
         .route("/device", get(api::device))
+        .route("/forms/run", get(api::run_form))
         .route("/models", get(api::models))
         .route("/models/pull", post(hub::start))
         .route("/models/pulls", get(hub::list))

@@ -8,7 +8,6 @@ use std::sync::OnceLock;
 use leptos::prelude::*;
 use leptos::task::spawn_local;
 use safeprobe_wire::spec::form::{self, FieldError, FormField, Input};
-use safeprobe_wire::spec::{RunConfig, SafetyEvalConfig};
 use safeprobe_wire::{CreateJob, Job, JobKind};
 use serde_json::{Map, Value};
 
@@ -17,24 +16,19 @@ use super::live;
 use super::models::Models;
 use crate::{Page, api, go};
 
-/// The run config's fields a request may set (the server chooses the run folder), from the
-/// type.
+/// The run config's form as the server sent it (`GET /api/forms/run`, built from the type
+/// there: the schema code stays out of the panel), kept for the page's life once fetched.
+static RUN_FORM: OnceLock<Vec<FormField>> = OnceLock::new();
+
+/// The fields a request may set (the server chooses the run folder); empty until fetched.
 fn run_fields() -> &'static [FormField] {
-    static FIELDS: OnceLock<Vec<FormField>> = OnceLock::new();
-    FIELDS.get_or_init(|| {
-        let mut example = RunConfig::with_paths("".into(), "".into(), "".into());
-        example.safety_eval = Some(SafetyEvalConfig::default());
-        form::fields(&example)
-            .into_iter()
-            .filter(|f| !f.server_sets)
-            .collect()
-    })
+    RUN_FORM.get().map(Vec::as_slice).unwrap_or_default()
 }
 
 /// The fields grouped by section, sections in the order they first appear.
 fn sections() -> Vec<(&'static str, Vec<&'static FormField>)> {
     let mut grouped: Vec<(&'static str, Vec<&'static FormField>)> = Vec::new();
-    for field in run_fields() {
+    for field in run_fields().iter().filter(|f| !f.server_sets) {
         match grouped.iter_mut().find(|(name, _)| *name == field.section) {
             Some((_, fields)) => fields.push(field),
             None => grouped.push((field.section.as_str(), vec![field])),
@@ -172,7 +166,23 @@ pub fn NewRun() -> impl IntoView {
     let live = live();
     let values = RwSignal::new(preset(Preset::Demo));
     let server_error = RwSignal::new(None::<String>);
-    let config = Memo::new(move |_| values.with(|v| form::config_from_text(run_fields(), v)));
+    let loaded = RwSignal::new(RUN_FORM.get().is_some());
+    if !loaded.get_untracked() {
+        spawn_local(async move {
+            match api::get::<Vec<FormField>>("/api/forms/run").await {
+                Ok(fields) => {
+                    let _ = RUN_FORM.set(fields);
+                    loaded.set(true);
+                }
+                Err(e) => server_error.set(Some(format!("the form could not be loaded: {e}"))),
+            }
+        });
+    }
+    let config = Memo::new(move |_| {
+        // The fields arrive once; the config is rebuilt from them when they do.
+        loaded.get();
+        values.with(|v| form::config_from_text(run_fields(), v))
+    });
     let submit = move |_| {
         let Ok(config) = config.get_untracked() else {
             return;
@@ -200,16 +210,16 @@ pub fn NewRun() -> impl IntoView {
         </div>
         <Models values/>
         <DataFiles values/>
-        {sections().into_iter().map(|(section, fields)| view! {
+        {move || loaded.get().then(|| sections().into_iter().map(|(section, fields)| view! {
             <div class="card">
                 <h2>{section}</h2>
                 <div class="form">
                     {fields.into_iter().map(|field| view! { <FieldInput field values config/> }).collect_view()}
                 </div>
             </div>
-        }).collect_view()}
+        }).collect_view())}
         {move || server_error.get().map(|e| view! { <p class="error" id="server-error">{e}</p> })}
-        <button class="primary" id="start-run" on:click=submit disabled=move || config.get().is_err()>"Start run"</button>
+        <button class="primary" id="start-run" on:click=submit disabled=move || !loaded.get() || config.get().is_err()>"Start run"</button>
         <h2>"The same run from the command line"</h2>
         <pre id="config-toml">{move || match config.get() {
             Ok(c) => format!("# safeprobe train --config run.toml   (add output_dir = \"runs/name\")\n{}", as_toml(&c)),

@@ -1,18 +1,19 @@
 //! A config form built from a config type: its fields, labels, help, inputs and defaults come
 //! from the type's JSON schema (serde's names and defaults, the doc comments), in the order
 //! the type declares them. A field added to a config appears in the panel without being
-//! listed anywhere else; the panel only renders what `fields` returns and reads it back with
+//! listed anywhere else; the panel renders what `fields` returns (the server computes it and
+//! sends it, so the schema code stays out of the panel's wasm) and reads it back with
 //! `config_from_text`.
 
 use std::collections::BTreeMap;
 
 use schemars::JsonSchema;
-use serde::Serialize;
 use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-/// One field of a config form.
-#[derive(Debug, Clone, PartialEq)]
+/// One field of a config form (`GET /api/forms/run` sends the run config's).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FormField {
     /// The config key, dotted within a table (`sap.rho`).
     pub key: String,
@@ -30,7 +31,8 @@ pub struct FormField {
 }
 
 /// What a field's text must read as.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Input {
     Text,
     /// A whole number ≥ 0.
@@ -257,17 +259,29 @@ pub fn config_from_text(
             ),
             Input::Words => Value::Array(list(raw).map(|s| Value::from(s.to_string())).collect()),
         };
-        let mut parts: Vec<&str> = field.key.split('.').collect();
-        let name = parts.pop().expect("a key has a name");
-        let table = parts.into_iter().fold(&mut root, |table, part| {
-            let inner = table
-                .entry(part)
-                .or_insert_with(|| Value::Object(Map::new()));
-            inner.as_object_mut().expect("a table is an object")
-        });
-        table.insert(name.to_string(), value);
+        let path: Vec<&str> = field.key.split('.').collect();
+        insert(&mut root, &path, value);
     }
     Ok(root)
+}
+
+/// Sets the dotted `path` in `table`, making the tables on the way. (No panics here: this runs
+/// in the panel, where a panic's location would carry this file's build path.)
+fn insert(table: &mut Map<String, Value>, path: &[&str], value: Value) {
+    match path {
+        [] => {}
+        [name] => {
+            table.insert(name.to_string(), value);
+        }
+        [parent, rest @ ..] => {
+            let inner = table
+                .entry(*parent)
+                .or_insert_with(|| Value::Object(Map::new()));
+            if let Value::Object(inner) = inner {
+                insert(inner, rest, value);
+            }
+        }
+    }
 }
 
 fn list(raw: &str) -> impl Iterator<Item = &str> {

@@ -13,6 +13,14 @@ pub use settings::{
     SapConfig, Schedule, SppftConfig,
 };
 
+/// The new-run form: every field of `RunConfig` (its optional tables present, so that their
+/// fields are listed too).
+pub fn run_form() -> Vec<form::FormField> {
+    let mut example = RunConfig::with_paths("".into(), "".into(), "".into());
+    example.safety_eval = Some(SafetyEvalConfig::default());
+    form::fields(&example)
+}
+
 /// A config value that is wrong, named by its key (dotted within a table: `sap.rho`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpecError {
