@@ -1,12 +1,12 @@
 //! Looking at a model without training it: the devices, a checkpoint's shape and size, a
 //! reply, a response's log-probabilities, and the demo's walk-through.
 
-use safeprobe_train::admission::RunSizing;
 use std::path::PathBuf;
 
 use anyhow::Result;
 use safeprobe_model::device::{self, DeviceChoice};
 use safeprobe_model::{Checkpoint, Message, Sampling, chat, lora};
+use safeprobe_train::admission::RunSizing;
 use safeprobe_train::run::{RunConfig, RunFile};
 use serde_json::json;
 

@@ -1,10 +1,10 @@
 //! `safeprobe train`: one run from its TOML config, or resumed from its folder.
 
-use safeprobe_train::admission::RunSizing;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use safeprobe_model::ModelConfig;
+use safeprobe_train::admission::RunSizing;
 use safeprobe_train::run::{RunConfig, RunFile};
 
 use crate::{DeviceArg, model_or_demo, progress, select_device};

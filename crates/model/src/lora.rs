@@ -11,7 +11,6 @@ use std::path::Path;
 use burn::module::Param;
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::{Rng, SeedableRng, rngs::StdRng};
-
 use serde_json::Value;
 
 use crate::decoder::{CausalLm, DecoderLayer, LoraBranch, PROJECTIONS};

@@ -76,6 +76,13 @@ impl IntoResponse for ApiError {
 /// fault (400, with the file, field or value; a device error names the device asked for),
 /// except a cancelled run, which is a state conflict (409). The server's own faults (its
 /// database, its folders, starting a job's process) are `Internal` where they happen.
+/// A config value that is wrong, named by its key within the request's `config`.
+impl From<safeprobe_wire::SpecError> for ApiError {
+    fn from(error: safeprobe_wire::SpecError) -> Self {
+        ApiError::Invalid(format!("config.{error}"))
+    }
+}
+
 impl From<safeprobe_train::TrainError> for ApiError {
     fn from(e: safeprobe_train::TrainError) -> Self {
         use safeprobe_train::TrainError;

@@ -208,14 +208,17 @@ fn default_model(map: &mut serde_json::Map<String, Value>) {
     or_default(map, "model", json!("demo"));
 }
 
-fn toml_text(map: &serde_json::Map<String, Value>, what: &str) -> Result<String, ApiError> {
-    // JSON null means "not set" in TOML, which has no null.
-    let cleaned: serde_json::Map<String, Value> = map
-        .iter()
+/// The keys a request sets: JSON null means "not set" (TOML has no null, and a config type
+/// takes a missing key as its default).
+fn set_keys(map: &serde_json::Map<String, Value>) -> serde_json::Map<String, Value> {
+    map.iter()
         .filter(|(_, v)| !v.is_null())
         .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let value = toml::Value::try_from(Value::Object(cleaned))
+        .collect()
+}
+
+fn toml_text(map: &serde_json::Map<String, Value>, what: &str) -> Result<String, ApiError> {
+    let value = toml::Value::try_from(Value::Object(set_keys(map)))
         .map_err(|e| ApiError::Invalid(format!("{what}: {e}")))?;
     toml::to_string(&value).map_err(|e| ApiError::Invalid(format!("{what}: {e}")))
 }
@@ -350,9 +353,8 @@ pub fn run_config(spec: &Value) -> Result<RunConfig, ApiError> {
 /// key) and its data files found.
 fn checked_run(map: &serde_json::Map<String, Value>) -> Result<RunConfig, ApiError> {
     let run: RunConfig = typed(map)?;
-    run.validate_settings()
-        .map_err(|e| ApiError::Invalid(format!("config.{e}")))?;
-    run.validate()?;
+    run.validate_settings()?;
+    run.check_data_files()?;
     Ok(run)
 }
 
@@ -362,12 +364,7 @@ fn checked_run(map: &serde_json::Map<String, Value>) -> Result<RunConfig, ApiErr
 fn typed<T: serde::de::DeserializeOwned>(
     map: &serde_json::Map<String, Value>,
 ) -> Result<T, ApiError> {
-    let set: serde_json::Map<String, Value> = map
-        .iter()
-        .filter(|(_, v)| !v.is_null())
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    serde_path_to_error::deserialize(Value::Object(set)).map_err(|e| {
+    serde_path_to_error::deserialize(Value::Object(set_keys(map))).map_err(|e| {
         let path = e.path().to_string();
         let at = match path.as_str() {
             "." | "" => "config".to_string(),

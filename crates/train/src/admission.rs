@@ -5,7 +5,7 @@
 use safeprobe_model::ModelConfig;
 use safeprobe_model::memory::{self, Estimate};
 
-use crate::config::{Finetune, Method, RunConfig};
+use crate::config::{Finetune, Method, RunConfig, SpecError};
 use crate::data;
 use crate::error::{Result, TrainError};
 use crate::methods::safegrad::AlignmentLoss;
@@ -13,7 +13,7 @@ use crate::methods::safegrad::AlignmentLoss;
 /// What a run config needs of the model and the data before it runs: the checks against the
 /// model's shape and the memory it will take.
 pub trait RunSizing {
-    fn check_against(&self, model: &ModelConfig) -> Result<()>;
+    fn check_against(&self, model: &ModelConfig) -> std::result::Result<(), SpecError>;
     fn longest_sequence(&self) -> usize;
     fn memory_estimate(&self, model: &ModelConfig, fused: bool) -> Estimate;
 }
@@ -21,13 +21,16 @@ pub trait RunSizing {
 impl RunSizing for RunConfig {
     /// Checks the settings that depend on the model: every probed layer exists, and a
     /// sequence fits the model's context.
-    fn check_against(&self, model: &ModelConfig) -> Result<()> {
+    fn check_against(&self, model: &ModelConfig) -> std::result::Result<(), SpecError> {
         self.check_layers(model.num_hidden_layers)?;
         if self.max_len > model.max_position_embeddings {
-            return Err(TrainError::Config(format!(
-                "max_len: {} is over this model's context of {} tokens",
-                self.max_len, model.max_position_embeddings
-            )));
+            return Err(SpecError::new(
+                "max_len",
+                format!(
+                    "{} is over this model's context of {} tokens",
+                    self.max_len, model.max_position_embeddings
+                ),
+            ));
         }
         Ok(())
     }

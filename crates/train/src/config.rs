@@ -2,7 +2,7 @@
 //! the files. The config type itself, its defaults and the checks of its values are the
 //! shared `safeprobe_wire::spec`, which the server and the panel read too.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 pub use safeprobe_wire::Method;
 pub use safeprobe_wire::spec::{
@@ -28,14 +28,24 @@ pub trait RunFile: Sized {
     /// written later (a comparison checks every run's config before it writes the data).
     fn parse_before_data(text: &str, overrides: &[String], origin: &Path) -> Result<Self>;
 
-    /// Checks that need no model, so a broken config fails before any loading.
-    fn validate(&self) -> Result<()>;
+    /// Checks that need no model, so a broken config fails before any loading: its values,
+    /// then its data files.
+    fn validate(&self) -> Result<()> {
+        self.validate_values()?;
+        self.check_data_files()
+    }
+
+    /// `RunConfig::validate_settings` as the trainer's error.
+    fn validate_values(&self) -> Result<()>;
+
+    /// Every data file the config names exists.
+    fn check_data_files(&self) -> Result<()>;
 }
 
 impl RunFile for RunConfig {
     fn parse(text: &str, overrides: &[String], origin: &Path) -> Result<Self> {
         let config = Self::parse_before_data(text, overrides, origin)?;
-        check_data_files(config.data_files())?;
+        config.check_data_files()?;
         Ok(config)
     }
 
@@ -51,20 +61,19 @@ impl RunFile for RunConfig {
         Ok(config)
     }
 
-    fn validate(&self) -> Result<()> {
-        self.validate_settings()?;
-        check_data_files(self.data_files())
+    fn validate_values(&self) -> Result<()> {
+        Ok(self.validate_settings()?)
     }
-}
 
-fn check_data_files<'a>(paths: impl Iterator<Item = &'a PathBuf>) -> Result<()> {
-    for path in paths {
-        if !path.is_file() {
-            let message = format!("{}: data file not found", path.display());
-            return Err(TrainError::Config(message));
+    fn check_data_files(&self) -> Result<()> {
+        for path in self.data_files() {
+            if !path.is_file() {
+                let message = format!("{}: data file not found", path.display());
+                return Err(TrainError::Config(message));
+            }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Parses TOML and applies `key=value` overrides (dotted keys, TOML values; a value that is

@@ -1,9 +1,9 @@
 //! What a comparison compares: its config, checked before anything runs, and the run config
 //! of each method, seed and condition.
 
-use safeprobe_train::admission::RunSizing;
 use std::path::{Path, PathBuf};
 
+use safeprobe_train::admission::RunSizing;
 use safeprobe_train::run::{RunConfig, RunFile};
 use safeprobe_wire::{Method, poison_percent};
 use serde::{Deserialize, Serialize};
@@ -248,7 +248,7 @@ impl CompareConfig {
         let mut largest = crate::harmful::answer_memory(model, self.max_new_tokens);
         for run in self.first_seed_runs(task, Path::new("compare"))? {
             run.check_against(model)
-                .map_err(|e| EvalError::Invalid(format!("train: {e}")))?;
+                .map_err(|e| EvalError::Invalid(e.within("train").to_string()))?;
             let mut estimate = run.memory_estimate(model, fused);
             if estimate.total() > largest.total() {
                 // A comparison takes its trainer settings from [train].
