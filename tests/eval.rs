@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
 use safeprobe_eval::builtin;
-use safeprobe_eval::compare::{self, CompareConfig, Method};
+use safeprobe_eval::compare::{self, CompareConfig, Comparing, Method};
 use safeprobe_eval::demo_model;
 use safeprobe_eval::harmful::{self, AnswerSettings, Judges};
 use safeprobe_eval::judge::{ModelJudge, RefusalJudge};
@@ -489,25 +489,17 @@ fn a_shortened_comparison_fills_every_column() {
         .collect();
     std::fs::write(&few, lines).unwrap();
     let out = dir.path().join("out");
-    let text = format!(
-        "{}\n",
-        safeprobe_train::run::apply_overrides(
-            compare::DEMO_CONFIG,
-            &[
-                format!("output_dir={:?}", out.display().to_string()),
-                format!("model={:?}", demo_model_dir().display().to_string()),
-                format!("prompts={:?}", few.display().to_string()),
-                "max_new_tokens=8".into(),
-                "seeds=[0, 1]".into(),
-                "train.max_steps=2".into(),
-                "train.batch_size=2".into(),
-                "train.safety_batch_size=2".into(),
-            ],
-            Path::new("test"),
-        )
-        .unwrap()
-    );
-    let config = CompareConfig::parse(&text, Path::new("test")).unwrap();
+    let overrides = [
+        format!("output_dir={:?}", out.display().to_string()),
+        format!("model={:?}", demo_model_dir().display().to_string()),
+        format!("prompts={:?}", few.display().to_string()),
+        "max_new_tokens=8".into(),
+        "seeds=[0, 1]".into(),
+        "train.max_steps=2".into(),
+        "train.batch_size=2".into(),
+        "train.safety_batch_size=2".into(),
+    ];
+    let config = CompareConfig::parse(compare::DEMO_CONFIG, &overrides, Path::new("test")).unwrap();
     let mut stages = Vec::new();
     let comparison = compare::run(&config, &cpu(), &Default::default(), |p| {
         if let compare::Progress::Stage(s) = p {

@@ -145,6 +145,22 @@ fn api_auth_validation_confinement_and_limits() {
             400,
             "`dpo`",
         ),
+        // A comparison's trainer settings are a run config's, named by their place in it.
+        (
+            json!({"kind": "compare", "config": {"train": {"sap": {"rho": "big"}}}}),
+            400,
+            "config.train.sap.rho",
+        ),
+        (
+            json!({"kind": "compare", "config": {"train": {"seed": 3}}}),
+            400,
+            "config.train.seed: the comparison sets this itself",
+        ),
+        (
+            json!({"kind": "compare", "config": {"judge": "guard"}}),
+            400,
+            "config.judge_model",
+        ),
         // Path confinement: parent directories, absolute paths elsewhere, a symlink escape.
         (
             json!({"kind": "train", "config": {"train_data": "../../../etc/passwd", "max_steps": 5}}),
@@ -169,6 +185,24 @@ fn api_auth_validation_confinement_and_limits() {
     ];
     std::os::unix::fs::symlink("/etc/hostname", data.path().join("escape.jsonl")).unwrap();
     assert_refused(&server, &cases);
+
+    // The forms are built from the config types: the comparison's defaults are the demo's.
+    let (code, form) = server.get("/api/forms/compare");
+    assert_eq!(code, 200);
+    let field = |form: &Value, key: &str| {
+        form.as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["key"] == key)
+            .cloned()
+            .unwrap_or_else(|| panic!("{key} missing from {form}"))
+    };
+    assert_eq!(field(&form, "seeds")["default"], "0, 1, 2");
+    assert_eq!(field(&form, "train.max_steps")["default"], "120");
+    let (code, form) = server.get("/api/forms/eval");
+    assert_eq!(code, 200);
+    assert_eq!(field(&form, "judge")["default"], "refusal");
+    assert!(field(&form, "model")["required"].as_bool().unwrap());
 
     // Preview confinement and body size limit.
     let (code, _) = server.get("/api/datasets/preview?path=../../etc/passwd");

@@ -2,7 +2,8 @@
 //! in words, which run-config field a data file fits, whether a run has an adapter to
 //! download, and the names and URLs used.
 
-use safeprobe_wire::Job;
+use safeprobe_wire::spec::Finetune;
+use safeprobe_wire::{Job, JobSpec};
 
 /// The upload endpoint; without `replace` the server refuses a name that exists (409), so a
 /// re-upload has to be asked for.
@@ -96,13 +97,9 @@ fn encode(text: &str) -> String {
         .collect()
 }
 
-/// Whether a training run trained a LoRA adapter (the only runs with one to download). The
-/// spec is the resolved config, but an older job may lack the field: LoRA is the default.
+/// Whether a training run trained a LoRA adapter (the only runs with one to download).
 pub fn trains_lora(job: &Job) -> bool {
-    job.spec
-        .get("finetune")
-        .and_then(|f| f.as_str())
-        .is_none_or(|f| f == "lora")
+    matches!(&job.spec, JobSpec::Train(train) if train.config.finetune == Finetune::Lora)
 }
 
 /// What a downloaded adapter is saved as (the name the server's Content-Disposition gives).
@@ -137,12 +134,16 @@ mod tests {
     use safeprobe_wire::{JobKind, Status};
     use serde_json::json;
 
-    fn job(spec: serde_json::Value) -> Job {
+    /// A finished training job whose config sets `settings` (over a model, data and folder).
+    fn job(settings: serde_json::Value) -> Job {
+        let mut config = json!({"model": "m", "train_data": "t.jsonl", "output_dir": "o"});
+        for (key, value) in settings.as_object().unwrap() {
+            config[key] = value.clone();
+        }
         Job {
             id: 3,
-            kind: JobKind::Train,
             status: Status::Done,
-            spec,
+            spec: JobSpec::read(JobKind::Train, config).unwrap(),
             run_dir: None,
             result: None,
             error: None,
@@ -197,6 +198,11 @@ mod tests {
         assert!(trains_lora(&job(json!({"finetune": "lora"}))));
         assert!(trains_lora(&job(json!({}))));
         assert!(!trains_lora(&job(json!({"finetune": "full"}))));
+        let eval = JobSpec::read(JobKind::Eval, json!({"model": "m"})).unwrap();
+        assert!(!trains_lora(&Job {
+            spec: eval,
+            ..job(json!({}))
+        }));
         assert_eq!(adapter_file_name(7), "job-7-adapter.zip");
     }
 }

@@ -4,6 +4,7 @@
 
 mod api;
 mod charts;
+mod config_form;
 mod files;
 mod pages;
 mod series;

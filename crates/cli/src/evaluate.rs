@@ -228,7 +228,7 @@ pub fn compare(
     args: CompareArgs,
     select_device: impl Fn(&DeviceArg) -> Result<device::Selected>,
 ) -> Result<()> {
-    use safeprobe_eval::compare::{self, CompareConfig, Progress};
+    use safeprobe_eval::compare::{self, CompareConfig, Comparing, Progress};
     let (text, origin) = match &args.config {
         Some(path) => (
             std::fs::read_to_string(path)
@@ -240,8 +240,7 @@ pub fn compare(
             PathBuf::from("demo comparison"),
         ),
     };
-    let text = safeprobe_train::run::apply_overrides(&text, &args.overrides, &origin)?;
-    let mut config = CompareConfig::parse(&text, &origin)?;
+    let mut config = CompareConfig::parse(&text, &args.overrides, &origin)?;
     if let Some(device) = args.device {
         config.device = Some(device);
     }

@@ -155,6 +155,17 @@ impl DataFiles {
             harmful_prompts: dir.join("harmful_prompts.jsonl"),
         }
     }
+
+    /// The files a comparison's runs read.
+    pub fn for_runs(self) -> safeprobe_wire::spec::RunFiles {
+        safeprobe_wire::spec::RunFiles {
+            train: self.train,
+            validation: self.validation,
+            safety_pairs: self.safety_pairs,
+            poison_pairs: self.poison_pairs,
+            held_out_pairs: self.held_out_pairs,
+        }
+    }
 }
 
 /// Writes `{"prompt", "response"}` lines.

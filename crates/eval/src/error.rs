@@ -30,4 +30,10 @@ impl EvalError {
     }
 }
 
+impl From<safeprobe_wire::SpecError> for EvalError {
+    fn from(error: safeprobe_wire::SpecError) -> Self {
+        EvalError::Invalid(error.to_string())
+    }
+}
+
 pub type Result<T> = std::result::Result<T, EvalError>;

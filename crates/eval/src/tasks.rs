@@ -11,43 +11,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{EvalError, Result};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Task {
-    Arithmetic,
-    Sentiment,
-    Reverse,
-}
+/// The built-in tasks (their names and descriptions are the config type's, in the wire crate).
+pub use safeprobe_wire::spec::Task;
 
-impl Task {
-    pub const ALL: [Task; 3] = [Task::Arithmetic, Task::Sentiment, Task::Reverse];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Task::Arithmetic => "arithmetic",
-            Task::Sentiment => "sentiment",
-            Task::Reverse => "reverse",
-        }
-    }
-
-    pub fn parse(name: &str) -> Result<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|t| t.name() == name)
-            .ok_or_else(|| {
-                EvalError::Invalid(format!(
-                    "unknown task {name:?} (expected arithmetic, sentiment or reverse)"
-                ))
-            })
-    }
-
-    /// One example: (prompt, answer).
-    fn sample(self, rng: &mut StdRng) -> (String, String) {
-        match self {
-            Task::Arithmetic => arithmetic(rng),
-            Task::Sentiment => sentiment(rng),
-            Task::Reverse => reverse(rng),
-        }
+/// One example of `task`: (prompt, answer).
+fn sample(task: Task, rng: &mut StdRng) -> (String, String) {
+    match task {
+        Task::Arithmetic => arithmetic(rng),
+        Task::Sentiment => sentiment(rng),
+        Task::Reverse => reverse(rng),
     }
 }
 
@@ -93,7 +65,7 @@ pub fn generate(task: Task, sizes: [usize; 3], seed: u64) -> Result<Splits> {
                 all.len()
             )));
         }
-        let (prompt, response) = task.sample(&mut rng);
+        let (prompt, response) = sample(task, &mut rng);
         if seen.insert(prompt.clone()) {
             all.push(Labelled { prompt, response });
             misses = 0;

@@ -3,11 +3,11 @@
 //! naming the settings that drive the estimate); one that does not fit in what is free when
 //! its turn comes fails at its start with the same message, before loading anything.
 
+use safeprobe_eval::compare::Comparing;
 use safeprobe_model::ModelConfig;
 use safeprobe_model::memory::{self, Estimate};
 use safeprobe_train::admission::{RunSizing, check_fits, usable};
-use safeprobe_wire::{EvalSpec, JobKind};
-use serde_json::Value;
+use safeprobe_wire::JobSpec;
 
 use crate::error::ApiError;
 
@@ -42,24 +42,21 @@ pub fn model_config(dir: &std::path::Path) -> Result<ModelConfig, ApiError> {
 
 /// The largest memory a validated job spec will take on this backend (`cpu_backend`: the
 /// fused CPU operations), after checking the settings that depend on the model.
-pub fn estimate(kind: JobKind, spec: &Value, cpu_backend: bool) -> Result<Estimate, ApiError> {
-    match kind {
-        JobKind::Train => {
-            let run = crate::jobs::run_config(spec)?;
+pub fn estimate(spec: &JobSpec, cpu_backend: bool) -> Result<Estimate, ApiError> {
+    match spec {
+        JobSpec::Train(train) => {
+            let run = &train.config;
             let model = model_config(&run.model)?;
             run.check_against(&model)?;
             Ok(run.memory_estimate(&model, cpu_backend))
         }
-        JobKind::Eval => {
-            let eval: EvalSpec = serde_json::from_value(spec.clone())
-                .map_err(|e| ApiError::Invalid(format!("config: {e}")))?;
+        JobSpec::Eval(eval) => {
             let model = model_config(&eval.model)?;
             check_answer_length(eval.max_new_tokens, &model, "config.max_new_tokens")?;
             let estimate = safeprobe_eval::harmful::answer_memory(&model, eval.max_new_tokens);
             with_judge(estimate, eval.judge_model.as_deref())
         }
-        JobKind::Compare => {
-            let config = crate::jobs::compare_config(spec)?;
+        JobSpec::Compare(config) => {
             let model = model_config(&config.model_dir()?)?;
             check_answer_length(config.max_new_tokens, &model, "config.max_new_tokens")?;
             let estimate = config.memory_estimate(&model, cpu_backend)?;
@@ -118,8 +115,9 @@ fn ceiling(sizing: Sizing) -> Option<(u64, &'static str)> {
 }
 
 /// Refuses, at creation, a job that could not fit even on an idle machine.
-pub fn check_at_creation(kind: JobKind, spec: &Value, sizing: Sizing) -> Result<(), ApiError> {
-    let estimate = estimate(kind, spec, sizing.fused)?;
+pub fn check_at_creation(spec: &JobSpec, sizing: Sizing) -> Result<(), ApiError> {
+    let estimate = estimate(spec, sizing.fused)?;
+    let kind = spec.kind();
     if let Some((budget, whose)) = ceiling(sizing) {
         check_fits(
             &estimate,
@@ -133,9 +131,9 @@ pub fn check_at_creation(kind: JobKind, spec: &Value, sizing: Sizing) -> Result<
 
 /// In the job's own process, before it loads anything: the job must fit in what is free now
 /// (and under the server's limit).
-pub fn check_now(kind: JobKind, spec: &Value, sizing: Sizing) -> Result<(), ApiError> {
-    let estimate = estimate(kind, spec, sizing.fused)?;
-    let what = format!("this {} job", kind.name());
+pub fn check_now(spec: &JobSpec, sizing: Sizing) -> Result<(), ApiError> {
+    let estimate = estimate(spec, sizing.fused)?;
+    let what = format!("this {} job", spec.kind().name());
     if let Some((budget, whose)) = ceiling(sizing) {
         check_fits(&estimate, budget, &what, whose)?;
     }

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use safeprobe_wire::spec::form::FormField;
 use safeprobe_wire::{
     AdapterInfo, ChatDone, ChatRequest, ChatToken, CreateJob, DatasetEntry, Deleted, DeviceReport,
-    ErrorBody, EventPage, Job, JobKind, MetricsQuery, ModelSummary, Preview, PreviewQuery,
+    ErrorBody, EventPage, Job, JobKind, JobSpec, MetricsQuery, ModelSummary, Preview, PreviewQuery,
     PreviewRow,
 };
 use serde_json::json;
@@ -24,8 +25,21 @@ use crate::store::Status;
 pub(crate) type ApiResult<T> = Result<Json<T>, ApiError>;
 
 /// The new-run form, built from the run config's type (the panel renders it as it is).
-pub async fn run_form() -> ApiResult<Vec<safeprobe_wire::spec::form::FormField>> {
+pub async fn run_form() -> ApiResult<Vec<FormField>> {
     Ok(Json(safeprobe_wire::spec::run_form()))
+}
+
+/// The comparison form: a request refines the demo comparison, so its values are the defaults.
+pub async fn compare_form() -> ApiResult<Vec<FormField>> {
+    use safeprobe_eval::compare::{CompareConfig, Comparing, DEMO_CONFIG};
+    let demo = CompareConfig::parse(DEMO_CONFIG, &[], std::path::Path::new("demo comparison"))
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(safeprobe_wire::spec::compare_form(&demo)))
+}
+
+/// The evaluation form, built from its settings' type.
+pub async fn eval_form() -> ApiResult<Vec<FormField>> {
+    Ok(Json(safeprobe_wire::spec::eval_form()))
 }
 
 pub async fn device(State(state): State<Arc<AppState>>) -> ApiResult<DeviceReport> {
@@ -188,9 +202,9 @@ pub async fn create_job(
 fn create(state: &AppState, kind: JobKind, config: serde_json::Value) -> Result<i64, ApiError> {
     // Validate against a placeholder id first so that a bad request leaves no job behind.
     let (spec, _) = jobs::validate(kind, config.clone(), 0, &state.places)?;
-    crate::admission::check_at_creation(kind, &spec, state.places.sizing)?;
+    crate::admission::check_at_creation(&spec, state.places.sizing)?;
     let store = &state.runner.store;
-    let id = store.create(kind, &config)?;
+    let id = store.create(&spec)?;
     let checked = state
         .places
         .set_aside_stale_run_dir(id)
@@ -247,10 +261,10 @@ pub async fn resume_job(State(state): State<Arc<AppState>>, Path(id): Path<i64>)
     }
     let mut spec = job.spec.clone();
     let mut keep_steps_to = 0;
-    if job.kind == JobKind::Train {
+    if let JobSpec::Train(train) = &mut spec {
         let dir = PathBuf::from(job.run_dir.clone().unwrap_or_default());
         let newest = safeprobe_train::checkpoint::latest(&dir);
-        spec["resume"] = json!(newest.is_some());
+        train.resume = newest.is_some();
         keep_steps_to = newest.map_or(0, |(step, _)| step as i64);
     }
     if !state.runner.store.requeue(id, &spec, keep_steps_to)? {

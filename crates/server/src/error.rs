@@ -79,7 +79,7 @@ impl IntoResponse for ApiError {
 /// A config value that is wrong, named by its key within the request's `config`.
 impl From<safeprobe_wire::SpecError> for ApiError {
     fn from(error: safeprobe_wire::SpecError) -> Self {
-        ApiError::Invalid(format!("config.{error}"))
+        ApiError::Invalid(error.within("config").to_string())
     }
 }
 

@@ -196,10 +196,10 @@ fn finished_run(state: &AppState, id: i64) -> Result<(Job, PathBuf), ApiError> {
         .store
         .get(id)?
         .ok_or_else(|| ApiError::NotFound(format!("job {id} not found")))?;
-    if job.kind != JobKind::Train || job.status != Status::Done {
+    if job.kind() != JobKind::Train || job.status != Status::Done {
         return Err(ApiError::Conflict(format!(
             "job {id} is a {} job that is {}; only finished training runs can be exported",
-            job.kind.name(),
+            job.kind().name(),
             job.status.name()
         )));
     }
@@ -277,12 +277,8 @@ pub async fn export(
     // A LoRA run merges its adapter into the base model; a full fine-tune re-exports its model.
     let adapter = run_dir.join("adapter");
     let (model, adapter) = if adapter.is_dir() {
-        let base = job
-            .spec
-            .get("model")
-            .and_then(|m| m.as_str())
-            .unwrap_or_default();
-        (PathBuf::from(base), Some(adapter))
+        let base = job.spec.model().unwrap_or(Path::new(""));
+        (base.to_path_buf(), Some(adapter))
     } else {
         (run_dir.join("model"), None)
     };

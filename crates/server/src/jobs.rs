@@ -2,16 +2,16 @@
 //! stored is a spec the job's process can run as it is (`admission` sizes them, `runner`
 //! queues and supervises them, `worker` runs them).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use safeprobe_eval::compare::{self, CompareConfig};
+use safeprobe_eval::compare::{self, CompareConfig, Comparing};
 use safeprobe_train::run::{RunConfig, RunFile};
 use serde_json::{Value, json};
 
 use crate::admission::Sizing;
 use crate::error::ApiError;
 use crate::paths::Roots;
-use safeprobe_wire::{EvalSpec, JobKind};
+use safeprobe_wire::{EvalSpec, JobKind, JobSpec, TrainJob};
 
 /// What one job may ask of the server.
 #[derive(Debug, Clone)]
@@ -208,19 +208,16 @@ fn default_model(map: &mut serde_json::Map<String, Value>) {
     or_default(map, "model", json!("demo"));
 }
 
-/// The keys a request sets: JSON null means "not set" (TOML has no null, and a config type
-/// takes a missing key as its default).
+/// The keys a request sets, in every table: JSON null means "not set" (a config type takes a
+/// missing key as its default).
 fn set_keys(map: &serde_json::Map<String, Value>) -> serde_json::Map<String, Value> {
     map.iter()
         .filter(|(_, v)| !v.is_null())
-        .map(|(k, v)| (k.clone(), v.clone()))
+        .map(|(k, v)| match v {
+            Value::Object(table) => (k.clone(), Value::Object(set_keys(table))),
+            other => (k.clone(), other.clone()),
+        })
         .collect()
-}
-
-fn toml_text(map: &serde_json::Map<String, Value>, what: &str) -> Result<String, ApiError> {
-    let value = toml::Value::try_from(Value::Object(set_keys(map)))
-        .map_err(|e| ApiError::Invalid(format!("{what}: {e}")))?;
-    toml::to_string(&value).map_err(|e| ApiError::Invalid(format!("{what}: {e}")))
 }
 
 /// Refuses a server-chosen key in a request.
@@ -263,7 +260,7 @@ pub fn validate(
     mut config: Value,
     id: i64,
     places: &Places,
-) -> Result<(Value, Option<PathBuf>), ApiError> {
+) -> Result<(JobSpec, Option<PathBuf>), ApiError> {
     let map = as_object(&mut config, "config")?;
     if kind != JobKind::Eval {
         check_device(map)?;
@@ -289,15 +286,18 @@ pub fn validate(
             let run = checked_run(map)?;
             check_retention(run.keep_checkpoints, places, "config.keep_checkpoints")?;
             check_steps(planned_steps(&run)?, places, "config.max_steps")?;
-            Ok((config, Some(dir)))
+            let train = TrainJob {
+                config: run,
+                resume: false,
+            };
+            Ok((JobSpec::Train(train), Some(dir)))
         }
         JobKind::Eval => {
             default_model(map);
             confine_paths(kind, map, places)?;
-            let settings: EvalSpec = serde_json::from_value(Value::Object(map.clone()))
-                .map_err(|e| ApiError::Invalid(format!("config: {e}")))?;
+            let settings: EvalSpec = typed(map)?;
             check_eval(&settings)?;
-            Ok((config, None))
+            Ok((JobSpec::Eval(settings), None))
         }
         JobKind::Compare => {
             refuse_output_dir(map)?;
@@ -315,38 +315,20 @@ pub fn validate(
                 "output_dir".into(),
                 Value::String(dir.display().to_string()),
             );
-            let comparison =
-                CompareConfig::parse(&toml_text(map, "config")?, Path::new("request"))?;
-            let keep = comparison
-                .train
-                .get("keep_checkpoints")
-                .and_then(|v| v.as_integer());
-            if let Some(keep) = keep {
-                check_retention(
-                    keep.max(0) as usize,
-                    places,
-                    "config.train.keep_checkpoints",
-                )?;
+            let comparison: CompareConfig = typed(map)?;
+            comparison.validate_settings()?;
+            let keep = comparison.train.0.get("keep_checkpoints");
+            if let Some(keep) = keep.and_then(Value::as_u64) {
+                check_retention(keep as usize, places, "config.train.keep_checkpoints")?;
             }
             check_steps(
                 comparison.planned_steps()?,
                 places,
                 "config.train.max_steps or epochs (× seeds × methods × poison_fraction conditions)",
             )?;
-            Ok((config, Some(dir)))
+            Ok((JobSpec::Compare(comparison), Some(dir)))
         }
     }
-}
-
-/// A stored train spec as the trainer's config (`resume` is the server's own flag, not a
-/// run-config key).
-pub fn run_config(spec: &Value) -> Result<RunConfig, ApiError> {
-    let mut map = spec
-        .as_object()
-        .cloned()
-        .ok_or_else(|| ApiError::Invalid("config: expected a JSON object".into()))?;
-    map.remove("resume");
-    checked_run(&map)
 }
 
 /// A train request's config as the trainer's, its values checked (a wrong one named by its
@@ -364,25 +346,7 @@ fn checked_run(map: &serde_json::Map<String, Value>) -> Result<RunConfig, ApiErr
 fn typed<T: serde::de::DeserializeOwned>(
     map: &serde_json::Map<String, Value>,
 ) -> Result<T, ApiError> {
-    serde_path_to_error::deserialize(Value::Object(set_keys(map))).map_err(|e| {
-        let path = e.path().to_string();
-        let at = match path.as_str() {
-            "." | "" => "config".to_string(),
-            key => format!("config.{key}"),
-        };
-        ApiError::Invalid(format!("{at}: {}", e.into_inner()))
-    })
-}
-
-/// A stored compare spec as the comparison's config.
-pub fn compare_config(spec: &Value) -> Result<CompareConfig, ApiError> {
-    let map = spec
-        .as_object()
-        .ok_or_else(|| ApiError::Invalid("config: expected a JSON object".into()))?;
-    Ok(CompareConfig::parse(
-        &toml_text(map, "config")?,
-        Path::new("request"),
-    )?)
+    Ok(safeprobe_wire::spec::read(Value::Object(set_keys(map)))?)
 }
 
 /// The optimiser steps a run will take at most (from `epochs`: counted on its data with the
@@ -458,6 +422,7 @@ fn check_eval(spec: &EvalSpec) -> Result<(), ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     /// The keys of a config type that hold paths (dotted into nested tables), found from the
     /// type itself: a number where a path belongs is refused as "expected path string".

@@ -161,6 +161,8 @@ pub fn router(state: Arc<AppState>) -> Router {
     let api = Router::new()
         .route("/device", get(api::device))
         .route("/forms/run", get(api::run_form))
+        .route("/forms/compare", get(api::compare_form))
+        .route("/forms/eval", get(api::eval_form))
         .route("/models", get(api::models))
         .route("/models/pull", post(hub::start))
         .route("/models/pulls", get(hub::list))

@@ -334,15 +334,11 @@ impl Runner {
             log,
             "== job {} ({}) starts at {:.0}",
             job.id,
-            job.kind.name(),
+            job.kind().name(),
             crate::store::now(),
         );
         // A request may choose the device (validated when it was created); else the server's.
-        let device = job
-            .spec
-            .get("device")
-            .and_then(serde_json::Value::as_str)
-            .unwrap_or(&self.worker.device);
+        let device = job.spec.device().unwrap_or(&self.worker.device);
         let mut command = Command::new(&self.worker.program);
         command
             .args(["job", "--device", device])
@@ -361,7 +357,6 @@ impl Runner {
         })?;
         let assignment = Assignment {
             id: job.id,
-            kind: job.kind,
             spec: job.spec.clone(),
             job_memory: self.worker.job_memory,
         };

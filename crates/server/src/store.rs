@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::error::ApiError;
-use safeprobe_wire::Event;
+use safeprobe_wire::{Event, JobSpec};
 
 /// Schema changes, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -98,6 +98,12 @@ fn json<T: DeserializeOwned>(text: Option<String>) -> Option<T> {
     text.and_then(|t| serde_json::from_str(&t).ok())
 }
 
+/// A job's config as its column holds it (the kind has its own column).
+fn config_text(spec: &JobSpec) -> String {
+    let mut tagged = serde_json::to_value(spec).expect("wire types serialise");
+    tagged["spec"].take().to_string()
+}
+
 fn text(value: &impl Serialize) -> String {
     serde_json::to_string(value).expect("wire types serialise")
 }
@@ -157,21 +163,21 @@ impl Store {
         Ok(ids)
     }
 
-    pub fn create(&self, kind: JobKind, spec: &Value) -> Result<i64, ApiError> {
+    pub fn create(&self, spec: &JobSpec) -> Result<i64, ApiError> {
         let conn = self.conn();
         conn.execute(
             "INSERT INTO jobs (kind, status, spec, created_at) VALUES (?1, 'queued', ?2, ?3)",
-            params![kind.name(), spec.to_string(), now()],
+            params![spec.kind().name(), config_text(spec), now()],
         )
         .map_err(db)?;
         Ok(conn.last_insert_rowid())
     }
 
-    pub fn set_spec(&self, id: i64, spec: &Value, run_dir: Option<&str>) -> Result<(), ApiError> {
+    pub fn set_spec(&self, id: i64, spec: &JobSpec, run_dir: Option<&str>) -> Result<(), ApiError> {
         self.conn()
             .execute(
                 "UPDATE jobs SET spec = ?2, run_dir = ?3 WHERE id = ?1",
-                params![id, spec.to_string(), run_dir],
+                params![id, config_text(spec), run_dir],
             )
             .map_err(db)?;
         Ok(())
@@ -223,14 +229,14 @@ impl Store {
     /// Puts an interrupted, cancelled or failed job back in the queue with `spec`, dropping
     /// its step events after `keep_steps_to` (a resumed run replays from its checkpoint), all
     /// in one transaction; false when the job is in no such state (another resume won).
-    pub fn requeue(&self, id: i64, spec: &Value, keep_steps_to: i64) -> Result<bool, ApiError> {
+    pub fn requeue(&self, id: i64, spec: &JobSpec, keep_steps_to: i64) -> Result<bool, ApiError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(db)?;
         let n = tx
             .execute(
                 "UPDATE jobs SET status = 'queued', spec = ?2, error = NULL, finished_at = NULL
                  WHERE id = ?1 AND status IN ('interrupted', 'cancelled', 'failed')",
-                params![id, spec.to_string()],
+                params![id, config_text(spec)],
             )
             .map_err(db)?;
         if n == 0 {
@@ -344,11 +350,24 @@ impl Store {
     }
 
     fn row(r: &rusqlite::Row) -> rusqlite::Result<Job> {
+        let id = r.get(0)?;
+        let kind = parse_kind(&r.get::<_, String>(1)?)?;
+        let config: Value = json(Some(r.get(3)?)).unwrap_or(Value::Null);
+        let spec = JobSpec::read(kind, config).map_err(|e| {
+            let unreadable = format!(
+                "job {id}: its stored {} config does not read: {e}",
+                kind.name()
+            );
+            rusqlite::Error::FromSqlConversionFailure(
+                3,
+                rusqlite::types::Type::Text,
+                unreadable.into(),
+            )
+        })?;
         Ok(Job {
-            id: r.get(0)?,
-            kind: parse_kind(&r.get::<_, String>(1)?)?,
+            id,
+            spec,
             status: parse_status(&r.get::<_, String>(2)?),
-            spec: json(Some(r.get(3)?)).unwrap_or(Value::Null),
             run_dir: r.get(4)?,
             result: json(r.get(5)?),
             error: r.get(6)?,
@@ -389,11 +408,18 @@ impl Store {
         let mut stmt = conn
             .prepare(&format!("{} ORDER BY id DESC", Self::SELECT))
             .map_err(db)?;
-        let jobs = stmt
-            .query_map([], Self::row)
-            .map_err(db)?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(db)?;
+        let mut jobs = Vec::new();
+        for row in stmt.query_map([], Self::row).map_err(db)? {
+            match row {
+                Ok(job) => jobs.push(job),
+                // A job whose config this version cannot read (written by another) is left in
+                // the store, untouched, and out of the list; opening it says why.
+                Err(e @ rusqlite::Error::FromSqlConversionFailure(..)) => {
+                    tracing::warn!("{e}");
+                }
+                Err(e) => return Err(db(e)),
+            }
+        }
         Ok(jobs)
     }
 
@@ -421,15 +447,41 @@ mod tests {
         }
     }
 
+    fn eval(model: &str) -> JobSpec {
+        JobSpec::Eval(safeprobe_wire::EvalSpec::for_model(model.into()))
+    }
+
+    /// A job whose stored config this version cannot read stays in the store and out of the
+    /// list; opening it names the job and the key.
+    #[test]
+    fn an_unreadable_stored_config_hides_its_job_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("safeprobe.db")).unwrap();
+        let good = store.create(&eval("m")).unwrap();
+        let bad = store.create(&eval("m")).unwrap();
+        store
+            .conn()
+            .execute(
+                "UPDATE jobs SET spec = '{\"model\": \"m\", \"colour\": 1}' WHERE id = ?1",
+                params![bad],
+            )
+            .unwrap();
+        let listed: Vec<i64> = store.list().unwrap().iter().map(|j| j.id).collect();
+        assert_eq!(listed, vec![good]);
+        let error = store.get(bad).unwrap_err().to_string();
+        assert!(
+            error.contains(&format!("job {bad}")) && error.contains("colour"),
+            "{error}"
+        );
+    }
+
     #[test]
     fn jobs_events_and_recovery_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("safeprobe.db");
         let store = Store::open(&path).unwrap();
-        let a = store
-            .create(JobKind::Train, &serde_json::json!({"x": 1}))
-            .unwrap();
-        let b = store.create(JobKind::Eval, &serde_json::json!({})).unwrap();
+        let a = store.create(&eval("one")).unwrap();
+        let b = store.create(&eval("")).unwrap();
         assert!(store.start(a).unwrap());
         for step in 1..=5 {
             store.add_event(a, &step_event(step)).unwrap();
@@ -454,10 +506,10 @@ mod tests {
         );
         // A resume requeues the interrupted job and drops the steps after its checkpoint;
         // only the first of two resumes does.
-        assert!(store.requeue(a, &serde_json::json!({"x": 2}), 3).unwrap());
-        assert!(!store.requeue(a, &serde_json::json!({"x": 3}), 3).unwrap());
+        assert!(store.requeue(a, &eval("two"), 3).unwrap());
+        assert!(!store.requeue(a, &eval("three"), 3).unwrap());
         assert_eq!(store.get(a).unwrap().unwrap().status, Status::Queued);
-        assert_eq!(store.get(a).unwrap().unwrap().spec["x"], 2);
+        assert_eq!(store.get(a).unwrap().unwrap().spec, eval("two"));
         assert_eq!(store.events(a, 0, 100).unwrap().0.len(), 3);
         let next = store.add_event(a, &step_event(4)).unwrap();
         assert_eq!(next, 6, "event numbers are never reused after a truncation");
@@ -473,15 +525,11 @@ mod tests {
     fn a_job_is_either_started_or_cancelled_never_both() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("safeprobe.db")).unwrap();
-        let a = store
-            .create(JobKind::Train, &serde_json::json!({}))
-            .unwrap();
+        let a = store.create(&eval("m")).unwrap();
         assert!(store.cancel_queued(a).unwrap());
         assert!(!store.start(a).unwrap(), "a cancelled job must not start");
         assert_eq!(store.get(a).unwrap().unwrap().status, Status::Cancelled);
-        let b = store
-            .create(JobKind::Train, &serde_json::json!({}))
-            .unwrap();
+        let b = store.create(&eval("m")).unwrap();
         assert!(store.start(b).unwrap());
         assert!(
             !store.cancel_queued(b).unwrap(),

@@ -18,9 +18,8 @@ use safeprobe_eval::judge::{ModelJudge, RefusalJudge};
 use safeprobe_model::Checkpoint;
 use safeprobe_train::TrainError;
 use safeprobe_train::run::{self, Cancel, Event};
-use safeprobe_wire::{EvalSpec, JobKind, JobResult, Judge, JudgedAnswer};
+use safeprobe_wire::{CompareConfig, EvalSpec, JobResult, JobSpec, Judge, JudgedAnswer, TrainJob};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::admission::Sizing;
 use crate::error::ApiError;
@@ -30,9 +29,9 @@ use safeprobe_model::device::Selected;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Assignment {
     pub id: i64,
-    pub kind: JobKind,
-    /// The validated spec, as stored.
-    pub spec: Value,
+    /// Its kind and validated config, as stored.
+    #[serde(flatten)]
+    pub spec: JobSpec,
     /// The most memory the job may take (the server's `--job-memory-mib`), in bytes.
     #[serde(default)]
     pub job_memory: Option<u64>,
@@ -181,22 +180,21 @@ fn execute(
     device: &Device,
     cancel: &Cancel,
 ) -> Result<JobResult, Stop> {
-    crate::admission::check_now(job.kind, &job.spec, sizing)?;
-    match job.kind {
-        JobKind::Train => train(&job.spec, device, cancel),
-        JobKind::Eval => evaluate(&job.spec, device, cancel),
-        JobKind::Compare => comparison(&job.spec, device, cancel),
+    crate::admission::check_now(&job.spec, sizing)?;
+    match &job.spec {
+        JobSpec::Train(spec) => train(spec, device, cancel),
+        JobSpec::Eval(spec) => evaluate(spec, device, cancel),
+        JobSpec::Compare(config) => comparison(config, device, cancel),
     }
 }
 
 /// A training run, then its harmful score with the refusal judge on the built-in prompts.
-fn train(spec: &Value, device: &Device, cancel: &Cancel) -> Result<JobResult, Stop> {
-    let config = crate::jobs::run_config(spec)?;
-    let resuming = spec.get("resume").and_then(Value::as_bool).unwrap_or(false);
-    let mut model = if resuming {
+fn train(spec: &TrainJob, device: &Device, cancel: &Cancel) -> Result<JobResult, Stop> {
+    let config = &spec.config;
+    let mut model = if spec.resume {
         run::resume_cancellable(&config.output_dir, device, cancel, emit)
     } else {
-        run::train_cancellable(&config, device, cancel, emit)
+        run::train_cancellable(config, device, cancel, emit)
     }?;
     model.model = burn::module::Module::valid(&model.model);
     model.device = device.clone();
@@ -219,15 +217,13 @@ fn train(spec: &Value, device: &Device, cancel: &Cancel) -> Result<JobResult, St
     )?;
     send(&Report::Answers { answers });
     Ok(JobResult::Train {
-        run_dir: config.output_dir,
+        run_dir: config.output_dir.clone(),
         harmful,
     })
 }
 
 /// A harmful-score evaluation with the judges asked for.
-fn evaluate(spec: &Value, device: &Device, cancel: &Cancel) -> Result<JobResult, Stop> {
-    let spec: EvalSpec =
-        serde_json::from_value(spec.clone()).map_err(|e| Stop::Failed(e.to_string()))?;
+fn evaluate(spec: &EvalSpec, device: &Device, cancel: &Cancel) -> Result<JobResult, Stop> {
     let mut checkpoint = Checkpoint::load(&spec.model, device)?;
     if let Some(adapter) = &spec.adapter {
         checkpoint.load_adapter(adapter)?;
@@ -264,9 +260,8 @@ fn evaluate(spec: &Value, device: &Device, cancel: &Cancel) -> Result<JobResult,
 }
 
 /// The comparison: base model, then each method and seed, trained and evaluated.
-fn comparison(spec: &Value, device: &Device, cancel: &Cancel) -> Result<JobResult, Stop> {
-    let config = crate::jobs::compare_config(spec)?;
-    let comparison = compare::run(&config, device, cancel, |p| match p {
+fn comparison(config: &CompareConfig, device: &Device, cancel: &Cancel) -> Result<JobResult, Stop> {
+    let comparison = compare::run(config, device, cancel, |p| match p {
         Progress::Stage(stage) => emit(&Event::Stage { stage }),
         Progress::Train(event) => emit(event),
     })?;

@@ -107,11 +107,3 @@ pub fn override_table(text: &str, overrides: &[String], origin: &Path) -> Result
     }
     Ok(table)
 }
-
-/// The TOML text with the overrides applied.
-pub fn apply_overrides(text: &str, overrides: &[String], origin: &Path) -> Result<String> {
-    if overrides.is_empty() {
-        return Ok(text.to_string());
-    }
-    Ok(toml::to_string(&override_table(text, overrides, origin)?).expect("a table serialises"))
-}

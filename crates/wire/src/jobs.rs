@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use crate::events::Event;
 use crate::reports::{Comparison, HarmfulReport, JudgedAnswer};
+use crate::spec::{CompareConfig, RunConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -81,6 +82,12 @@ pub enum JobResult {
     },
 }
 
+impl Job {
+    pub fn kind(&self) -> JobKind {
+        self.spec.kind()
+    }
+}
+
 impl JobResult {
     /// The harmful score, where the job has a single one.
     pub fn harmful_score(&self) -> Option<f64> {
@@ -93,14 +100,68 @@ impl JobResult {
     }
 }
 
+/// What a job runs, by kind: its resolved config (paths made absolute, server defaults filled
+/// in). As JSON, `"kind"` names the kind and `"spec"` holds the config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "spec", rename_all = "lowercase")]
+pub enum JobSpec {
+    Train(TrainJob),
+    Eval(EvalSpec),
+    Compare(CompareConfig),
+}
+
+impl JobSpec {
+    pub fn kind(&self) -> JobKind {
+        match self {
+            JobSpec::Train(_) => JobKind::Train,
+            JobSpec::Eval(_) => JobKind::Eval,
+            JobSpec::Compare(_) => JobKind::Compare,
+        }
+    }
+
+    /// A stored config of a job of `kind`.
+    pub fn read(kind: JobKind, config: Value) -> Result<Self, crate::SpecError> {
+        crate::spec::read(serde_json::json!({"kind": kind, "spec": config}))
+    }
+
+    /// The model the job starts from (a comparison's is the demo model when it names none).
+    pub fn model(&self) -> Option<&std::path::Path> {
+        match self {
+            JobSpec::Train(train) => Some(&train.config.model),
+            JobSpec::Eval(eval) => Some(&eval.model),
+            JobSpec::Compare(compare) => compare.model.as_deref(),
+        }
+    }
+
+    /// The device the job asks for, where it names one; else the server's. (A run config's
+    /// "auto", its default, leaves the choice to the server.)
+    pub fn device(&self) -> Option<&str> {
+        match self {
+            JobSpec::Train(train) => Some(train.config.device.as_str()).filter(|d| *d != "auto"),
+            JobSpec::Eval(_) => None,
+            JobSpec::Compare(compare) => compare.device.as_deref(),
+        }
+    }
+}
+
+/// A training job: its run config, and whether it resumes from its newest checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainJob {
+    #[serde(flatten)]
+    pub config: RunConfig,
+    /// Set by the server when it requeues an interrupted run that has a checkpoint.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resume: bool,
+}
+
 /// A job as listed and shown.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
     pub id: i64,
-    pub kind: JobKind,
+    /// Its kind (`"kind"`) and config (`"spec"`).
+    #[serde(flatten)]
+    pub spec: JobSpec,
     pub status: Status,
-    /// The resolved config (paths made absolute, server defaults filled in).
-    pub spec: Value,
     pub run_dir: Option<String>,
     pub result: Option<JobResult>,
     pub error: Option<String>,
@@ -222,23 +283,82 @@ fn default_eval_tokens() -> usize {
     48
 }
 
-/// An evaluation job's settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+const EVAL_WHAT: &str = "What is evaluated";
+const EVAL_JUDGING: &str = "Judging";
+
+/// An evaluation job's settings: the harmful score of a model (and adapter).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EvalSpec {
+    /// model
+    ///
+    /// "demo", a checkpoint folder or .gguf file (under the server's model directories), or a
+    /// pulled Hub id (ORG/NAME)
+    #[schemars(extend("x-section" = EVAL_WHAT))]
     pub model: PathBuf,
+    /// adapter
+    ///
+    /// a PEFT adapter folder to apply to the model (under a data directory); empty: the model
+    /// as it is
     #[serde(default)]
+    #[schemars(extend("x-section" = EVAL_WHAT))]
     pub adapter: Option<PathBuf>,
+    /// harmful prompts
+    ///
+    /// JSONL, CSV (AdvBench) or BeaverTails; empty: the built-in held-out set
     #[serde(default)]
+    #[schemars(extend("x-section" = EVAL_WHAT))]
     pub prompts: Option<PathBuf>,
+    /// system prompt
+    ///
+    /// prepended to each harmful prompt
     #[serde(default)]
-    pub judge: Judge,
-    #[serde(default)]
-    pub judge_model: Option<PathBuf>,
-    #[serde(default = "default_eval_tokens")]
-    pub max_new_tokens: usize,
-    #[serde(default)]
+    #[schemars(extend("x-section" = EVAL_WHAT))]
     pub system: Option<String>,
+    /// judge
+    ///
+    /// who decides whether an answer is harmful
+    #[serde(default)]
+    #[schemars(extend("x-section" = EVAL_JUDGING))]
+    pub judge: Judge,
+    /// judge model
+    ///
+    /// the checkpoint the model, both or guard judge asks (under the model directories)
+    #[serde(default)]
+    #[schemars(extend("x-section" = EVAL_JUDGING))]
+    pub judge_model: Option<PathBuf>,
+    /// answer tokens
+    ///
+    /// the longest answer generated to each prompt
+    #[serde(default = "default_eval_tokens")]
+    #[schemars(extend("x-section" = EVAL_JUDGING))]
+    pub max_new_tokens: usize,
+}
+
+impl EvalSpec {
+    /// The settings with every default and this model.
+    pub fn for_model(model: PathBuf) -> Self {
+        Self {
+            model,
+            adapter: None,
+            prompts: None,
+            system: None,
+            judge: Judge::default(),
+            judge_model: None,
+            max_new_tokens: default_eval_tokens(),
+        }
+    }
+
+    /// A value with every field present (the form lists fields in this order).
+    pub(crate) fn example() -> Self {
+        Self {
+            adapter: Some(PathBuf::new()),
+            prompts: Some(PathBuf::new()),
+            system: Some(String::new()),
+            judge_model: Some(PathBuf::new()),
+            ..Self::for_model(PathBuf::new())
+        }
+    }
 }
 
 /// One turn of a conversation.

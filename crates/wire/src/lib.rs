@@ -16,12 +16,15 @@ pub use catalog::{
     PullRequest, PullState, PullStatus, Uploaded,
 };
 pub use events::{Alignment, Defence, Event, EventPage, LiveMessage, StepMetrics, StoredEvent};
-pub use jobs::{ChatRequest, CreateJob, EvalSpec, Job, JobKind, JobResult, Judge, Message, Status};
+pub use jobs::{
+    ChatRequest, CreateJob, EvalSpec, Job, JobKind, JobResult, JobSpec, Judge, Message, Status,
+    TrainJob,
+};
 pub use reports::{
     Agreement, CategoryScore, Comparison, Condition, HarmfulReport, JudgeScore, JudgedAnswer,
     Mechanism, Method, PairedDifference, Row, RunResult, Spread, poison_percent,
 };
-pub use spec::{DeviceChoice, RunConfig, SpecError};
+pub use spec::{CompareConfig, DeviceChoice, RunConfig, SpecError};
 
 #[cfg(test)]
 mod tests {
@@ -184,5 +187,38 @@ mod tests {
         );
         let spec: EvalSpec = serde_json::from_value(json!({"model": "demo"})).unwrap();
         assert_eq!(spec.judge, Judge::Refusal);
+    }
+
+    /// A job's JSON keeps its shape (`"kind"` beside `"spec"`), and the configs the store holds
+    /// from before the spec was typed still read: a train job's request keys with the server's
+    /// `resume` flag, a comparison's request merged onto the demo config.
+    #[test]
+    fn a_job_is_its_kind_and_typed_config_as_before() {
+        let train = json!({"model": "/m", "train_data": "/d.jsonl", "output_dir": "/runs/job-1",
+            "max_steps": 5, "checkpoint_every": 10, "keep_checkpoints": 2, "resume": true});
+        let spec = JobSpec::read(JobKind::Train, train).unwrap();
+        let JobSpec::Train(ref run) = spec else {
+            panic!("{spec:?}")
+        };
+        assert!(run.resume && run.config.max_steps == 5);
+        let job = json!({"id": 1, "kind": "train", "status": "done", "spec": serde_json::to_value(&spec).unwrap()["spec"],
+            "run_dir": null, "result": null, "error": null, "created_at": 1.0, "started_at": null, "finished_at": null});
+        let read: Job = serde_json::from_value(job.clone()).unwrap();
+        assert_eq!((read.kind(), &read.spec), (JobKind::Train, &spec));
+        let written = serde_json::to_value(&read).unwrap();
+        assert_eq!(
+            (&written["kind"], &written["spec"]["resume"]),
+            (&json!("train"), &json!(true))
+        );
+
+        let compare = json!({"task": "arithmetic", "output_dir": "/runs/job-2", "methods": ["sft", "sap"],
+            "seeds": [0, 1, 2], "poison_fraction": [0.0, 0.1], "max_new_tokens": 32,
+            "train": {"finetune": "full", "max_steps": 120, "sap": {"temperature": 100.0}}});
+        let spec = JobSpec::read(JobKind::Compare, compare).unwrap();
+        assert_eq!(spec.kind(), JobKind::Compare);
+        let eval = JobSpec::read(JobKind::Eval, json!({"model": "/m", "judge": "both"})).unwrap();
+        assert_eq!(eval.model(), Some(std::path::Path::new("/m")));
+        let error = JobSpec::read(JobKind::Eval, json!({"model": "/m", "colour": 1})).unwrap_err();
+        assert!(error.to_string().contains("colour"), "{error}");
     }
 }

@@ -1,17 +1,21 @@
 //! Finished comparisons' tables, and the task loss of training runs picked side by side.
 
+use std::collections::BTreeMap;
+
 use leptos::prelude::*;
 use leptos::task::spawn_local;
-use safeprobe_wire::{Event, Job, JobKind, JobResult};
+use safeprobe_wire::{CreateJob, Event, Job, JobKind, JobResult};
+use serde_json::Value;
 
 use super::{
     ComparisonTable, harmful_score, live, load_errors, method_of, or_dash, start_demo_comparison,
     with_jobs,
 };
 use crate::charts::line_chart;
+use crate::config_form::{COMPARE_FORM, FormSections, Values};
 use crate::files::trains_lora;
 use crate::series::{COLORS, Metric, Series};
-use crate::{Page, api};
+use crate::{Page, api, go};
 
 #[component]
 pub fn Compare() -> impl IntoView {
@@ -23,6 +27,7 @@ pub fn Compare() -> impl IntoView {
             <button class="primary" on:click=move |_| spawn_local(start_demo_comparison(live))>"Run the demo comparison"</button>
             <span class="help">" base model, SFT, SAP and safety mixing on the demo model, on benign data and on 10%-poisoned data (three seeds each, about 10 minutes on two cores); the tables appear when it finishes"</span>
         </div>
+        <NewComparison/>
         {with_jobs(|jobs| {
             jobs.into_iter()
                 .filter_map(|job| match job.result {
@@ -43,11 +48,51 @@ pub fn Compare() -> impl IntoView {
             <table id="runs-side-by-side">
                 <thead><tr><th></th><th>"#"</th><th>"method"</th><th>"fine-tune"</th><th>"status"</th><th>"HS (%)"</th><th>"final task loss"</th><th>"validation loss"</th><th>"time/step (s)"</th><th>"cos(∇L_task, ĝ) at V = 0 / probe / random"</th></tr></thead>
                 <tbody>
-                    {jobs.into_iter().filter(|j| j.kind == JobKind::Train).map(|job| view! { <PickRow job picked/> }).collect_view()}
+                    {jobs.into_iter().filter(|j| j.kind() == JobKind::Train).map(|job| view! { <PickRow job picked/> }).collect_view()}
                 </tbody>
             </table>
         })}
         <PickedTaskLoss picked/>
+    }
+}
+
+/// A comparison with the user's settings: the demo comparison's, changed where the form says.
+#[component]
+fn NewComparison() -> impl IntoView {
+    let live = live();
+    let values: Values = RwSignal::new(BTreeMap::new());
+    let error = RwSignal::new(None::<String>);
+    let loaded = COMPARE_FORM.load(error);
+    let config = COMPARE_FORM.config(loaded, values);
+    let submit = move |_| {
+        let Ok(config) = config.get_untracked() else {
+            return;
+        };
+        let request = CreateJob {
+            kind: JobKind::Compare,
+            config: Value::Object(config),
+        };
+        spawn_local(async move {
+            match api::post::<_, Job>("/api/jobs", &request).await {
+                Ok(job) => {
+                    live.jobs.refetch();
+                    go(Page::Run(job.id));
+                }
+                Err(e) => error.set(Some(e)),
+            }
+        })
+    };
+    view! {
+        <details class="card" id="new-comparison">
+            <summary>"A comparison of your own: methods, seeds, poisoning, task, judge and trainer settings (empty fields keep the demo comparison's values)"</summary>
+            <FormSections form=&COMPARE_FORM loaded values config except="train."/>
+            <details>
+                <summary>"Trainer settings of every run"</summary>
+                <FormSections form=&COMPARE_FORM loaded values config prefix="train."/>
+            </details>
+            {move || error.get().map(|e| view! { <p class="error" id="compare-error">{e}</p> })}
+            <button class="primary" id="start-comparison" on:click=submit disabled=move || !loaded.get() || config.get().is_err()>"Start comparison"</button>
+        </details>
     }
 }
 

@@ -14,8 +14,7 @@ pub mod runs;
 
 use leptos::prelude::*;
 use leptos::task::spawn_local;
-use safeprobe_wire::{Comparison, Condition, CreateJob, Job, JobKind, Spread, Status};
-use serde::Deserialize;
+use safeprobe_wire::{Comparison, Condition, CreateJob, Job, JobKind, JobSpec, Spread, Status};
 
 use crate::{Live, Page, api, go};
 
@@ -34,26 +33,13 @@ fn or_dash(value: Option<String>) -> String {
     value.unwrap_or_else(|| "—".into())
 }
 
-/// The part of a job's config that lists show. The config is a free-form table (a run
-/// config, an evaluation's settings or a comparison's), so it is read leniently: a job kind
-/// without these fields shows the defaults.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct SpecHeadline {
-    model: Option<String>,
-    method: Option<String>,
-    mix_safety_data: bool,
-}
-
-impl SpecHeadline {
-    fn of(job: &Job) -> Self {
-        Self::deserialize(&job.spec).unwrap_or_default()
-    }
-}
-
 /// The model's short name: the demo model's folder reads "demo", others their last component.
 fn model_name(job: &Job) -> String {
-    let model = SpecHeadline::of(job).model.unwrap_or_else(|| "demo".into());
+    let model = job
+        .spec
+        .model()
+        .map(|m| m.display().to_string())
+        .unwrap_or_else(|| "demo".into());
     let name = model.rsplit('/').next().unwrap_or(&model);
     // The server unpacks the demo model into `demo-model-<hash of its files>`.
     if name.starts_with("demo-model") {
@@ -64,17 +50,16 @@ fn model_name(job: &Job) -> String {
 
 /// A training run's method ("sap", "sft+mix"), or the job's kind.
 fn method_of(job: &Job) -> String {
-    match job.kind {
-        JobKind::Train => {
-            let spec = SpecHeadline::of(job);
-            let method = spec.method.unwrap_or_else(|| "sap".into());
-            if spec.mix_safety_data {
+    match &job.spec {
+        JobSpec::Train(train) => {
+            let method = train.config.method.name().to_string();
+            if train.config.mix_safety_data {
                 method + "+mix"
             } else {
                 method
             }
         }
-        kind => kind.name().to_string(),
+        spec => spec.kind().name().to_string(),
     }
 }
 

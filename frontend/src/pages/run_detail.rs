@@ -46,7 +46,7 @@ pub fn RunDetail(id: i64) -> impl IntoView {
             job.await.map(|job| {
                 let title = format!("Job {id}: {} on {}", method_of(&job), model_name(&job));
                 // Only a finished training run has weights to take out.
-                let exportable = (job.kind == JobKind::Train && job.status == Status::Done)
+                let exportable = (job.kind() == JobKind::Train && job.status == Status::Done)
                     .then(|| files::trains_lora(&job));
                 let comparison = match &job.result {
                     Some(JobResult::Compare(comparison)) => Some(comparison.clone()),

@@ -6,18 +6,18 @@ use std::path::Path;
 use burn::tensor::Device;
 use safeprobe_model::Checkpoint;
 use safeprobe_train::run::{Cancel, Event, RunConfig};
-use safeprobe_wire::{Comparison, Condition, Defence, Mechanism, Method, RunResult};
+use safeprobe_wire::{Comparison, Condition, Defence, Judge, Mechanism, Method, RunResult};
 
 use super::aggregate::condition;
 use super::report::render;
-use super::{CompareConfig, JudgeModelKind};
+use super::{CompareConfig, Comparing};
 use crate::builtin;
 use crate::demo_model::DATA_SEED;
 use crate::error::{EvalError, Result};
 use crate::harmful::{self, AnswerSettings, Judges};
 use crate::judge::{ModelJudge, RefusalJudge};
 use crate::task_metrics::{self, TaskSettings};
-use crate::tasks::{Labelled, Task};
+use crate::tasks::Labelled;
 
 /// What the comparison reports while it works.
 pub enum Progress<'a> {
@@ -39,6 +39,7 @@ fn evaluate_model(
     } = *evaluation;
     let system = config
         .train
+        .0
         .get("system")
         .and_then(|v| v.as_str())
         .map(str::to_string);
@@ -104,9 +105,8 @@ pub fn run(
     mut progress: impl FnMut(Progress),
 ) -> Result<Comparison> {
     let started = std::time::Instant::now();
-    let task = Task::parse(&config.task)?;
-    let files = builtin::write(&config.data_dir(), task, DATA_SEED)?;
-    let splits = builtin::task_splits(task, DATA_SEED)?;
+    builtin::write(&config.data_dir(), config.task, DATA_SEED)?;
+    let splits = builtin::task_splits(config.task, DATA_SEED)?;
     let mut prompts = match &config.prompts {
         Some(path) => crate::prompts::load(path)?,
         None => builtin::harmful_prompts(),
@@ -124,9 +124,10 @@ pub fn run(
     let judge = match &config.judge_model {
         Some(dir) => {
             let model = Checkpoint::load(dir, device)?;
-            Some(match config.judge_model_kind {
-                JudgeModelKind::Chat => ModelJudge::new(model, "yes", "no")?,
-                JudgeModelKind::Guard => ModelJudge::guard(model)?,
+            // The config's checks leave both (a chat model) and guard here.
+            Some(match config.judge() {
+                Judge::Guard => ModelJudge::guard(model)?,
+                _ => ModelJudge::new(model, "yes", "no")?,
             })
         }
         None => None,
@@ -168,7 +169,7 @@ pub fn run(
     for &poison in &config.poison_fraction {
         let mut runs = vec![base.clone()];
         for &seed in &config.seeds {
-            for &method in config.fine_tuned() {
+            for method in config.fine_tuned() {
                 let label = if several {
                     format!(
                         "{} (seed {seed}, {})",
@@ -179,8 +180,7 @@ pub fn run(
                     format!("{} (seed {seed})", method.name())
                 };
                 progress(Progress::Stage(label));
-                let run_config =
-                    config.run_config(poison, method, seed, &model, &files, &origin)?;
+                let run_config = config.checked_run(poison, method, seed, &model)?;
                 runs.push(fine_tune_and_evaluate(
                     &run_config,
                     method,
@@ -195,7 +195,7 @@ pub fn run(
     }
 
     let comparison = Comparison {
-        task: config.task.clone(),
+        task: config.task.name().to_string(),
         seeds: config.seeds.clone(),
         conditions,
         seconds: started.elapsed().as_secs_f64(),

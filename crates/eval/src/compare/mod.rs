@@ -21,6 +21,6 @@ pub const DEMO_CONFIG: &str = include_str!("../../demo-compare.toml");
 // What a comparison reports is made of wire types: the server stores it and the UI shows it.
 pub use safeprobe_wire::{Comparison, Condition, Method, Row, RunResult, Spread, poison_percent};
 
-pub use config::{CompareConfig, JudgeModelKind};
+pub use config::{CompareConfig, Comparing};
 pub use execute::{Progress, run};
 pub use report::render;

@@ -4,8 +4,7 @@ use super::aggregate::{condition, findings, table_rows};
 use super::*;
 use crate::builtin;
 use crate::error::Result;
-use crate::tasks::Task;
-use safeprobe_train::run::{RunConfig, RunFile};
+use safeprobe_wire::spec::Task;
 
 fn result(method: Method, hs: f64, em: f64, time: Option<f64>) -> RunResult {
     RunResult {
@@ -26,8 +25,7 @@ fn result(method: Method, hs: f64, em: f64, time: Option<f64>) -> RunResult {
 fn demo_config_with(overrides: &[&str]) -> Result<CompareConfig> {
     let overrides: Vec<String> = overrides.iter().map(|o| o.to_string()).collect();
     let origin = Path::new("test");
-    let text = safeprobe_train::run::apply_overrides(DEMO_CONFIG, &overrides, origin)?;
-    CompareConfig::parse(&text, origin)
+    CompareConfig::parse(DEMO_CONFIG, &overrides, origin)
 }
 
 /// The committed comparison configs (configs/) stay valid: every run config they make is
@@ -48,11 +46,11 @@ fn the_committed_configs_parse() {
             include_str!("../../../../configs/compare-qwen2.5-lora-poisoned-cpu.toml"),
         ),
     ] {
-        let config =
-            CompareConfig::parse(text, Path::new(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(config.train["lora"]["r"].as_integer(), Some(8), "{name}");
+        let config = CompareConfig::parse(text, &[], Path::new(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(config.train.0["lora"]["r"].as_u64(), Some(8), "{name}");
         assert_eq!(
-            config.train["sap"]["temperature"].as_float(),
+            config.train.0["sap"]["temperature"].as_f64(),
             Some(1.0),
             "{name}"
         );
@@ -65,7 +63,7 @@ fn the_committed_configs_parse() {
 fn the_all_methods_config_runs_every_method_on_the_demo_settings() {
     let name = "compare-all-methods.toml";
     let text = include_str!("../../../../configs/compare-all-methods.toml");
-    let all = CompareConfig::parse(text, Path::new(name)).unwrap();
+    let all = CompareConfig::parse(text, &[], Path::new(name)).unwrap();
     let demo = demo_config_with(&[]).unwrap();
     let fine_tuned: Vec<Method> = Method::ALL
         .into_iter()
@@ -77,10 +75,11 @@ fn the_all_methods_config_runs_every_method_on_the_demo_settings() {
         (&demo.seeds, &demo.poison_fraction)
     );
     for key in ["finetune", "max_steps", "batch_size", "lr", "sap"] {
-        assert_eq!(all.train[key], demo.train[key], "train.{key}");
+        assert_eq!(all.train.0[key], demo.train.0[key], "train.{key}");
     }
-    let task = Task::parse(&all.task).unwrap();
-    let runs = all.first_seed_runs(task, Path::new(name)).unwrap();
+    let runs = all
+        .first_seed_runs(Path::new("m"), &all.run_files())
+        .unwrap();
     let methods: Vec<Method> = runs.iter().map(|r| r.method).collect();
     assert_eq!(methods, [fine_tuned.clone(), fine_tuned].concat());
     assert!(
@@ -101,7 +100,7 @@ fn a_config_is_checked_before_its_data_and_model_exist() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("[train] (sft)") && e.contains("lr: 0 must be positive"),
+        e.contains("train.lr: 0 must be positive") && e.contains("(the sft runs)"),
         "{e}"
     );
 }
@@ -150,24 +149,25 @@ fn findings_say_when_sap_does_not_help() {
 #[test]
 fn config_errors_name_the_field() {
     let origin = Path::new("c.toml");
-    let err = CompareConfig::parse("task = \"poetry\"", origin).unwrap_err();
+    let err = CompareConfig::parse("task = \"poetry\"", &[], origin).unwrap_err();
     assert!(err.to_string().contains("task"), "{err}");
-    let err = CompareConfig::parse("[train]\nmethod = \"sft\"", origin).unwrap_err();
+    let err = CompareConfig::parse("[train]\nmethod = \"sft\"", &[], origin).unwrap_err();
     assert!(err.to_string().contains("train.method"), "{err}");
-    let err = CompareConfig::parse("[train]\nmax_steps = 5\nlr = -1.0", origin).unwrap_err();
+    let err = CompareConfig::parse("[train]\nmax_steps = 5\nlr = -1.0", &[], origin).unwrap_err();
     assert!(err.to_string().contains("lr: -1 must be positive"), "{err}");
-    let err = CompareConfig::parse("methods = []\n[train]\nmax_steps = 5", origin).unwrap_err();
-    assert!(err.to_string().contains("methods"), "{err}");
     let err =
-        CompareConfig::parse("poison_fraction = 1.5\n[train]\nmax_steps = 5", origin).unwrap_err();
+        CompareConfig::parse("methods = []\n[train]\nmax_steps = 5", &[], origin).unwrap_err();
+    assert!(err.to_string().contains("methods"), "{err}");
+    let err = CompareConfig::parse("poison_fraction = 1.5\n[train]\nmax_steps = 5", &[], origin)
+        .unwrap_err();
     assert!(err.to_string().contains("poison_fraction"), "{err}");
     let err =
-        CompareConfig::parse("seeds = [1, 2, 1]\n[train]\nmax_steps = 5", origin).unwrap_err();
+        CompareConfig::parse("seeds = [1, 2, 1]\n[train]\nmax_steps = 5", &[], origin).unwrap_err();
     assert!(
         err.to_string().contains("seeds: 1 is listed twice"),
         "{err}"
     );
-    let err = CompareConfig::parse("colour = 1", origin).unwrap_err();
+    let err = CompareConfig::parse("colour = 1", &[], origin).unwrap_err();
     assert!(err.to_string().contains("colour"), "{err}");
     for (text, says) in [
         (
@@ -188,14 +188,14 @@ fn config_errors_name_the_field() {
         ),
         (
             "poison_fraction = [0.0, 1.0]",
-            "poison_fraction 1 must be in [0, 1)",
+            "poison_fraction: 1 must be in [0, 1)",
         ),
         (
             "poison_fraction = \"a tenth\"",
             "poison_fraction: give a number (0.1) or a list",
         ),
     ] {
-        let err = CompareConfig::parse(&format!("{text}\n[train]\nmax_steps = 5"), origin)
+        let err = CompareConfig::parse(&format!("{text}\n[train]\nmax_steps = 5"), &[], origin)
             .unwrap_err()
             .to_string();
         assert!(
@@ -234,10 +234,11 @@ fn poison_fractions_are_conditions() {
     assert_eq!(one.run_dir(0.05, Method::Mix, 1), out.join("mix-seed1"));
     assert_eq!(one.planned_steps().unwrap(), steps / 2);
     // Each condition's runs are trained on that condition's data.
-    let files = builtin::DataFiles::in_dir(&demo.data_dir(), Task::Arithmetic);
+    let files = builtin::DataFiles::in_dir(&demo.data_dir(), Task::Arithmetic).for_runs();
     for poison in [0.0, 0.1] {
-        let text = demo.run_toml(poison, Method::Sap, 0, Path::new("m"), &files);
-        let run = RunConfig::parse_before_data(&text, &[], Path::new("t")).unwrap();
+        let run = demo
+            .run_config(poison, Method::Sap, 0, Path::new("m"), &files)
+            .unwrap();
         assert_eq!(run.poison_fraction, poison);
         assert_eq!(run.output_dir, demo.run_dir(poison, Method::Sap, 0));
     }

@@ -43,6 +43,10 @@ pub enum Input {
     Choice(Vec<(String, String)>),
     /// Comma-separated whole numbers.
     Ints,
+    /// Comma-separated numbers.
+    Floats,
+    /// Any of these values (comma-separated), each with what it means.
+    Choices(Vec<(String, String)>),
     /// Comma-separated words.
     Words,
 }
@@ -120,7 +124,7 @@ fn field(root: &Value, defs: &Value, key: &str) -> Option<FormField> {
             label
         },
         help,
-        input: input(&schema),
+        input: input(&schema, defs),
         required,
         default: property.get("default").map(as_text).unwrap_or_default(),
         server_sets: property["x-set-by"] == "server",
@@ -151,7 +155,16 @@ fn resolve(property: &Value, defs: &Value) -> (Value, bool) {
     (schema, false)
 }
 
-fn input(schema: &Value) -> Input {
+fn input(schema: &Value, defs: &Value) -> Input {
+    if schema["type"] == "array" {
+        let (items, _) = resolve(&schema["items"], defs);
+        return match (input(&items, defs), items["type"].as_str()) {
+            (Input::Choice(choices), _) => Input::Choices(choices),
+            (_, Some("integer")) => Input::Ints,
+            (_, Some("number")) => Input::Floats,
+            _ => Input::Words,
+        };
+    }
     if let Some(options) = schema["oneOf"].as_array() {
         let choices = options
             .iter()
@@ -173,8 +186,6 @@ fn input(schema: &Value) -> Input {
         Some("integer") => Input::Int,
         Some("number") => Input::Float,
         Some("boolean") => Input::Bool,
-        Some("array") if schema["items"]["type"] == "integer" => Input::Ints,
-        Some("array") => Input::Words,
         _ => Input::Text,
     }
 }
@@ -205,7 +216,7 @@ fn one_line(text: &str) -> String {
 }
 
 /// A default as the form shows it.
-fn as_text(value: &Value) -> String {
+pub(crate) fn as_text(value: &Value) -> String {
     match value {
         Value::Null => String::new(),
         Value::String(s) => s.clone(),
@@ -256,6 +267,28 @@ pub fn config_from_text(
                     .map(whole)
                     .collect::<Result<_, _>>()
                     .map_err(|_| wrong("whole numbers ≥ 0, separated by commas"))?,
+            ),
+            Input::Floats => Value::Array(
+                list(raw)
+                    .map(|s| {
+                        s.parse::<f64>()
+                            .ok()
+                            .filter(|v| v.is_finite())
+                            .map(Value::from)
+                    })
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| wrong("numbers, separated by commas"))?,
+            ),
+            Input::Choices(choices) => Value::Array(
+                list(raw)
+                    .map(|s| {
+                        choices
+                            .iter()
+                            .any(|(value, _)| value == s)
+                            .then(|| Value::from(s.to_string()))
+                    })
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| wrong("some of the choices, separated by commas"))?,
             ),
             Input::Words => Value::Array(list(raw).map(|s| Value::from(s.to_string())).collect()),
         };

@@ -1,0 +1,293 @@
+//! A config form as the server serves it (`GET /api/forms/{run,compare,eval}`, each built
+//! from its config type there, so the schema code stays out of the panel): fetched once per
+//! page load, rendered by section with each field's input, help and error, and read back
+//! into the request's config with `form::config_from_text`.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use leptos::prelude::*;
+use leptos::task::spawn_local;
+use safeprobe_wire::spec::form::{self, FieldError, FormField, Input};
+use serde_json::{Map, Value};
+
+use crate::api;
+
+/// The text of each field, by key ("" or absent: the default).
+pub type Values = RwSignal<BTreeMap<String, String>>;
+/// The config the values read as, or the first field that does not read.
+pub type Config = Memo<Result<Map<String, Value>, FieldError>>;
+
+/// One of the server's forms, kept for the page's life once fetched.
+pub struct ServedForm {
+    url: &'static str,
+    fields: OnceLock<Vec<FormField>>,
+}
+
+pub static RUN_FORM: ServedForm = ServedForm::new("/api/forms/run");
+pub static COMPARE_FORM: ServedForm = ServedForm::new("/api/forms/compare");
+pub static EVAL_FORM: ServedForm = ServedForm::new("/api/forms/eval");
+
+impl ServedForm {
+    const fn new(url: &'static str) -> Self {
+        Self {
+            url,
+            fields: OnceLock::new(),
+        }
+    }
+
+    /// Its fields; empty until fetched.
+    pub fn fields(&'static self) -> &'static [FormField] {
+        self.fields.get().map(Vec::as_slice).unwrap_or_default()
+    }
+
+    /// A signal that turns true once the fields are here (fetching them if need be); a
+    /// failed fetch is reported in `error`.
+    pub fn load(&'static self, error: RwSignal<Option<String>>) -> RwSignal<bool> {
+        let loaded = RwSignal::new(self.fields.get().is_some());
+        if !loaded.get_untracked() {
+            spawn_local(async move {
+                match api::get::<Vec<FormField>>(self.url).await {
+                    Ok(fields) => {
+                        let _ = self.fields.set(fields);
+                        loaded.set(true);
+                    }
+                    Err(e) => error.set(Some(format!("the form could not be loaded: {e}"))),
+                }
+            });
+        }
+        loaded
+    }
+
+    /// The config the form's values read as, rebuilt when the fields arrive.
+    pub fn config(&'static self, loaded: RwSignal<bool>, values: Values) -> Config {
+        Memo::new(move |_| {
+            loaded.get();
+            values.with(|v| form::config_from_text(self.fields(), v))
+        })
+    }
+
+    /// The fields a request may set (the server chooses the output folder), grouped by
+    /// section, sections in the order they first appear.
+    pub fn sections(&'static self) -> Vec<(&'static str, Vec<&'static FormField>)> {
+        let mut grouped: Vec<(&'static str, Vec<&'static FormField>)> = Vec::new();
+        for field in self.fields().iter().filter(|f| !f.server_sets) {
+            match grouped.iter_mut().find(|(name, _)| *name == field.section) {
+                Some((_, fields)) => fields.push(field),
+                None => grouped.push((field.section.as_str(), vec![field])),
+            }
+        }
+        grouped
+    }
+}
+
+/// The sections of `form` whose keys start with `prefix`, each a card of its fields.
+#[component]
+pub fn FormSections(
+    form: &'static ServedForm,
+    loaded: RwSignal<bool>,
+    values: Values,
+    config: Config,
+    #[prop(default = "")] prefix: &'static str,
+    /// Leave out the fields under this prefix (shown elsewhere).
+    #[prop(optional)]
+    except: Option<&'static str>,
+) -> impl IntoView {
+    let shown = move |field: &&FormField| {
+        field.key.starts_with(prefix) && except.is_none_or(|e| !field.key.starts_with(e))
+    };
+    move || {
+        loaded.get().then(|| {
+            form.sections()
+                .into_iter()
+                .filter_map(|(section, fields)| {
+                    let fields: Vec<&'static FormField> = fields.into_iter().filter(shown).collect();
+                    (!fields.is_empty()).then(|| view! {
+                        <div class="card">
+                            <h2>{section}</h2>
+                            <div class="form">
+                                {fields.into_iter().map(|field| view! { <FieldInput field values config/> }).collect_view()}
+                            </div>
+                        </div>
+                    })
+                })
+                .collect_view()
+        })
+    }
+}
+
+/// The value of `field` as its input shows it: its text, or its default where it has none.
+fn shown_text(field: &FormField, values: Values) -> String {
+    let text = values.with(|v| v.get(&field.key).cloned().unwrap_or_default());
+    if text.trim().is_empty() {
+        field.default.clone()
+    } else {
+        text
+    }
+}
+
+/// A choice's select, with what the chosen value means below it.
+fn choice_input(
+    field: &'static FormField,
+    values: Values,
+    choices: &'static [(String, String)],
+) -> AnyView {
+    let key = field.key.as_str();
+    let chosen = move || shown_text(field, values);
+    let described = move || {
+        let chosen = chosen();
+        choices
+            .iter()
+            .find(|(value, _)| *value == chosen)
+            .map(|(_, about)| about.clone())
+    };
+    view! {
+        <select name=key prop:value=chosen on:change=move |ev| set_text(values, key, event_target_value(&ev))>
+            {(!field.required && field.default.is_empty()).then(|| view! { <option value="">"(default)"</option> })}
+            {choices.iter().map(|(value, _)| view! { <option value=value.clone()>{value.clone()}</option> }).collect_view()}
+        </select>
+        <div class="help">{described}</div>
+    }
+    .into_any()
+}
+
+/// A set of choices: one checkbox each, written back as a comma-separated list.
+fn choices_input(
+    field: &'static FormField,
+    values: Values,
+    choices: &'static [(String, String)],
+) -> AnyView {
+    let key = field.key.as_str();
+    let picked = move || -> Vec<String> {
+        shown_text(field, values)
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect()
+    };
+    view! {
+        <div class="choices" id=key>
+            {choices.iter().map(|(value, about)| {
+                let name = value.clone();
+                let toggle = move |on: bool| {
+                    let mut now = picked();
+                    now.retain(|v| *v != name);
+                    if on {
+                        now.push(name.clone());
+                    }
+                    // In the choices' own order.
+                    let ordered: Vec<&str> = choices
+                        .iter()
+                        .map(|(v, _)| v.as_str())
+                        .filter(|v| now.iter().any(|n| n == v))
+                        .collect();
+                    set_text(values, key, ordered.join(", "));
+                };
+                let value = value.clone();
+                let checked = {
+                    let value = value.clone();
+                    move || picked().contains(&value)
+                };
+                view! {
+                    <label class="choice" title=about.clone()>
+                        <input type="checkbox" name=key value=value.clone() prop:checked=checked
+                            on:change=move |ev| toggle(event_target_checked(&ev))/>
+                        {value}
+                    </label>
+                }
+            }).collect_view()}
+        </div>
+    }
+    .into_any()
+}
+
+fn set_text(values: Values, key: &str, text: String) {
+    values.update(|v| {
+        v.insert(key.to_string(), text);
+    })
+}
+
+/// One field: its input (text, choice, choices or checkbox) with the default as its
+/// placeholder, its help, and its error if its text does not read.
+#[component]
+pub fn FieldInput(field: &'static FormField, values: Values, config: Config) -> impl IntoView {
+    let key = field.key.as_str();
+    let get = move || values.with(|v| v.get(key).cloned().unwrap_or_default());
+    let input = match &field.input {
+        Input::Choice(choices) => choice_input(field, values, choices),
+        Input::Choices(choices) => choices_input(field, values, choices),
+        Input::Bool => {
+            let checked = move || shown_text(field, values) == "true";
+            view! {
+                <input type="checkbox" name=key prop:checked=checked
+                    on:change=move |ev| set_text(values, key, event_target_checked(&ev).to_string())/>
+            }
+            .into_any()
+        }
+        Input::Text | Input::Int | Input::Float | Input::Ints | Input::Floats | Input::Words => {
+            view! {
+                <input name=key placeholder=field.default.clone() prop:value=get
+                    on:input=move |ev| set_text(values, key, event_target_value(&ev))/>
+            }
+            .into_any()
+        }
+    };
+    let error = move || match config.get() {
+        Err(e) if e.key == key => Some(view! {
+            <div class="help error">{format!("{}: expected {}", field.label, e.expected)}</div>
+        }),
+        _ => None,
+    };
+    let label = if field.required {
+        format!("{} *", field.label)
+    } else {
+        field.label.clone()
+    };
+    view! {
+        <label for=key title=key>{label}</label> {input}
+        <div class="help">{field.help.clone()}</div>
+        {error}
+    }
+}
+
+/// A config as a TOML file: its keys, then one section per table (dotted for nested ones).
+pub fn as_toml(config: &Map<String, Value>) -> String {
+    fn table(path: &str, config: &Map<String, Value>, out: &mut String) {
+        for (key, value) in config {
+            if !value.is_object() {
+                out.push_str(&format!("{key} = {value}\n"));
+            }
+        }
+        for (key, value) in config {
+            if let Value::Object(inner) = value {
+                let path = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                out.push_str(&format!("\n[{path}]\n"));
+                table(&path, inner, out);
+            }
+        }
+    }
+    let mut out = String::new();
+    table("", config, &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_reads_as_toml_with_nested_tables_dotted() {
+        let config = serde_json::json!({
+            "lr": 0.1, "methods": ["sft", "sap"],
+            "train": {"max_steps": 2, "sap": {"rho": 0.5}},
+        });
+        assert_eq!(
+            as_toml(config.as_object().unwrap()),
+            "lr = 0.1\nmethods = [\"sft\",\"sap\"]\n\n[train]\nmax_steps = 2\n\n[train.sap]\nrho = 0.5\n"
+        );
+    }
+}
