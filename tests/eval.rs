@@ -559,7 +559,7 @@ fn a_shortened_comparison_fills_every_column() {
             condition
                 .findings
                 .iter()
-                .any(|f| f.starts_with("SAP − SFT harmful_score")),
+                .any(|f| f.starts_with("sap − sft harmful score (%)")),
             "{:?}",
             condition.findings
         );

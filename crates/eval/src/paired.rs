@@ -114,7 +114,13 @@ pub fn finding(d: &PairedDifference) -> String {
         }
         _ => "no interval from one seed".into(),
     };
-    let verdict = if d.is_real() {
+    let verdict = if d.same_in_every_pair() {
+        format!(
+            "the same in all {} seeds, so no interval can say how much it would vary: not \
+             called real",
+            d.pairs
+        )
+    } else if d.is_real() {
         "a real difference (both intervals exclude 0)".to_string()
     } else if d.pairs < PairedDifference::FEWEST_PAIRS {
         format!(
@@ -127,9 +133,9 @@ pub fn finding(d: &PairedDifference) -> String {
     };
     format!(
         "{} − {} {}: {:+.2}{unit} over {} paired seed(s), {interval}: {verdict}.",
-        d.a.name().to_uppercase(),
-        d.b.name().to_uppercase(),
-        d.metric,
+        d.a.name(),
+        d.b.name(),
+        d.metric_label(),
         d.mean,
         d.pairs
     )
@@ -193,12 +199,14 @@ mod tests {
 
     #[test]
     fn runs_pair_by_seed_and_findings_call_only_real_differences_real() {
-        // SAP is 10 points below SFT on every seed, though the seeds themselves differ by 40.
+        // SAP is 9 to 11 points below SFT on every seed, though the seeds themselves differ by
+        // 40.
+        let below = [9.0, 11.0, 10.0, 10.0];
         let mut runs: Vec<RunResult> = (0..4)
             .flat_map(|s| {
                 [
                     run(Method::Sft, s, 50.0 + 10.0 * s as f64),
-                    run(Method::Sap, s, 40.0 + 10.0 * s as f64),
+                    run(Method::Sap, s, 50.0 + 10.0 * s as f64 - below[s as usize]),
                 ]
             })
             .collect();
@@ -208,8 +216,10 @@ mod tests {
             (hs.metric.as_str(), hs.pairs, hs.mean),
             ("harmful_score", 4, -10.0)
         );
-        assert_eq!(hs.ci, Some((-10.0, -10.0)));
+        let (low, high) = hs.ci.unwrap();
+        assert!(low >= -11.0 && high <= -9.0, "{hs:?}");
         assert!(hs.is_real());
+        assert_eq!(hs.verdict(), "yes");
         assert!(finding(hs).contains("a real difference"), "{}", finding(hs));
         let em = &differences(&runs, Method::Sap, Method::Sft)[1];
         assert!(!em.is_real(), "no difference in exact match");
@@ -228,6 +238,33 @@ mod tests {
             finding(hs)
         );
         assert!(differences(&runs, Method::Mix, Method::Sft).is_empty());
+    }
+
+    /// Differences that every seed gives alike have intervals of no width: told as such, never
+    /// called real (there is no spread to say how much they would vary).
+    #[test]
+    fn a_difference_the_same_in_every_seed_is_said_so_not_called_real() {
+        for (change, mean) in [(2.0, 2.0), (0.0, 0.0)] {
+            let runs: Vec<RunResult> = (0..3)
+                .flat_map(|s| {
+                    [
+                        run(Method::Sft, s, 40.0 + s as f64),
+                        run(Method::Mix, s, 40.0 + s as f64 + change),
+                    ]
+                })
+                .collect();
+            let hs = &differences(&runs, Method::Mix, Method::Sft)[0];
+            assert_eq!((hs.pairs, hs.mean), (3, mean));
+            assert!(hs.same_in_every_pair() && !hs.is_real(), "{hs:?}");
+            assert_eq!(hs.verdict(), "the same in all 3 seeds");
+            let said = finding(hs);
+            assert!(
+                said.starts_with("mix − sft harmful score (%)")
+                    && said.contains("the same in all 3 seeds")
+                    && said.contains("not called real"),
+                "{said}"
+            );
+        }
     }
 
     #[test]

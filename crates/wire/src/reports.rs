@@ -371,9 +371,50 @@ impl PairedDifference {
     /// bootstrap alone is too generous with few seeds: when every difference has the same
     /// sign (a 1 in 4 chance with 3 seeds and no effect at all) every resample's mean has it
     /// too, so its interval excludes 0; the t interval widens with the spread and the count.
+    /// A difference that every pair gave alike (its intervals have no width) is not: there
+    /// is no spread to judge it by, and it is told as it is (`same_in_every_pair`).
     pub fn is_real(&self) -> bool {
         let excludes_zero =
             |ci: Option<(f64, f64)>| ci.is_some_and(|(low, high)| low > 0.0 || high < 0.0);
-        self.pairs >= Self::FEWEST_PAIRS && excludes_zero(self.ci) && excludes_zero(self.t_ci)
+        self.pairs >= Self::FEWEST_PAIRS
+            && !self.same_in_every_pair()
+            && excludes_zero(self.ci)
+            && excludes_zero(self.t_ci)
+    }
+
+    /// Whether every pair gave the same difference (to rounding): the t interval, whose width
+    /// is the pairs' spread, has none.
+    pub fn same_in_every_pair(&self) -> bool {
+        let tolerance = 1e-9 * (1.0 + self.mean.abs());
+        self.pairs >= 2 && self.t_ci.is_some_and(|(low, high)| high - low <= tolerance)
+    }
+
+    /// The verdict in words, as the tables give it.
+    pub fn verdict(&self) -> String {
+        if self.same_in_every_pair() {
+            format!("the same in all {} seeds", self.pairs)
+        } else if self.pairs < Self::FEWEST_PAIRS {
+            format!("too few seeds (at least {})", Self::FEWEST_PAIRS)
+        } else if self.is_real() {
+            "yes".into()
+        } else {
+            "no".into()
+        }
+    }
+
+    /// The metric's name in words.
+    pub fn metric_label(&self) -> &str {
+        metric_label(&self.metric)
+    }
+}
+
+/// A comparison metric's name in words (its code name where it has none).
+pub fn metric_label(metric: &str) -> &str {
+    match metric {
+        "harmful_score" => "harmful score (%)",
+        "exact_match" => "task exact match (%)",
+        "validation_loss" => "validation loss",
+        "refusal_logprob" => "held-out refusal log-probability",
+        other => other,
     }
 }

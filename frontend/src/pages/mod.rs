@@ -170,12 +170,12 @@ fn ConditionTable(condition: Condition) -> impl IntoView {
                 <tbody>
                     {condition.paired.iter().map(|d| view! {
                         <tr>
-                            <td>{format!("{} − {} {}", d.a.name(), d.b.name(), d.metric)}</td>
+                            <td>{format!("{} − {} {}", d.a.name(), d.b.name(), d.metric_label())}</td>
                             <td>{format!("{:+.2}", d.mean)}</td>
                             <td>{or_dash(d.ci.map(|(low, high)| format!("[{low:+.2}, {high:+.2}]")))}</td>
                             <td>{or_dash(d.t_ci.map(|(low, high)| format!("[{low:+.2}, {high:+.2}]")))}</td>
                             <td>{d.pairs}</td>
-                            <td>{if d.is_real() { "yes" } else { "no" }}</td>
+                            <td>{d.verdict()}</td>
                         </tr>
                     }).collect_view()}
                 </tbody>

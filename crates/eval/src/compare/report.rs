@@ -74,12 +74,12 @@ fn render_condition(c: &Condition, out: &mut String) {
                 "| {} − {} {} | {:+.2} | {} | {} | {} | {} |\n",
                 d.a.name(),
                 d.b.name(),
-                d.metric,
+                d.metric_label(),
                 d.mean,
                 interval(d.ci),
                 interval(d.t_ci),
                 d.pairs,
-                if d.is_real() { "yes" } else { "no" }
+                d.verdict()
             ));
         }
         out.push('\n');
