@@ -188,6 +188,17 @@ impl Browser {
         .to_string()
     }
 
+    /// The job whose page the panel opened (a job's form goes there when it starts one).
+    fn opened_job(&self, what: &str) -> i64 {
+        self.wait_for(what, || {
+            self.script("return location.hash")
+                .as_str()?
+                .strip_prefix("#/run/")?
+                .parse()
+                .ok()
+        })
+    }
+
     fn wait_for<T>(&self, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
         let started = Instant::now();
         loop {
@@ -316,13 +327,7 @@ fn the_ui_runs_a_job_shows_live_charts_a_comparison_and_chats() {
     });
     browser.type_into("input[name='lr']", "0.001");
     browser.click("#start-run");
-    browser.wait_for("the run page", || {
-        browser
-            .script("return location.hash")
-            .as_str()
-            .is_some_and(|h| h.starts_with("#/run/"))
-            .then_some(())
-    });
+    browser.opened_job("the run page");
     let first = browser.wait_for("task-loss points", || {
         let n = chart_points(&browser, "Task loss");
         (n >= 2).then_some(n)
@@ -412,14 +417,7 @@ fn the_ui_runs_a_job_shows_live_charts_a_comparison_and_chats() {
         "{toml}"
     );
     browser.click("#start-run");
-    let lora_id: i64 = browser.wait_for("the LoRA run's page", || {
-        browser
-            .script("return location.hash")
-            .as_str()?
-            .strip_prefix("#/run/")?
-            .parse()
-            .ok()
-    });
+    let lora_id = browser.opened_job("the LoRA run's page");
     browser.wait_for("the LoRA run to finish", || {
         (browser.text("#job-status") == "done").then_some(())
     });
@@ -506,14 +504,7 @@ fn the_ui_runs_a_job_shows_live_charts_a_comparison_and_chats() {
         "the comparison sets each run's seed"
     );
     browser.click("#start-comparison");
-    let id: i64 = browser.wait_for("the comparison's page", || {
-        browser
-            .script("return location.hash")
-            .as_str()?
-            .strip_prefix("#/run/")?
-            .parse()
-            .ok()
-    });
+    let id = browser.opened_job("the comparison's page");
     browser.wait_for("the comparison", || {
         (browser.text("#job-status") == "done").then_some(())
     });

@@ -9,9 +9,10 @@ use std::sync::OnceLock;
 use leptos::prelude::*;
 use leptos::task::spawn_local;
 use safeprobe_wire::spec::form::{self, FieldError, FormField, Input};
+use safeprobe_wire::{CreateJob, Job, JobKind};
 use serde_json::{Map, Value};
 
-use crate::api;
+use crate::{Live, Page, api, go};
 
 /// The text of each field, by key ("" or absent: the default).
 pub type Values = RwSignal<BTreeMap<String, String>>;
@@ -79,6 +80,27 @@ impl ServedForm {
         }
         grouped
     }
+}
+
+/// Starts a job of `kind` with the form's config (nothing while a field does not read) and
+/// opens its page; the server's refusal goes to `error`.
+pub fn start_job(live: Live, kind: JobKind, config: Config, error: RwSignal<Option<String>>) {
+    let Ok(config) = config.get_untracked() else {
+        return;
+    };
+    let request = CreateJob {
+        kind,
+        config: Value::Object(config),
+    };
+    spawn_local(async move {
+        match api::post::<_, Job>("/api/jobs", &request).await {
+            Ok(job) => {
+                live.jobs.refetch();
+                go(Page::Run(job.id));
+            }
+            Err(e) => error.set(Some(e)),
+        }
+    })
 }
 
 /// The sections of `form` whose keys start with `prefix`, each a card of its fields.

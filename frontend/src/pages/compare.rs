@@ -4,18 +4,17 @@ use std::collections::BTreeMap;
 
 use leptos::prelude::*;
 use leptos::task::spawn_local;
-use safeprobe_wire::{CreateJob, Event, Job, JobKind, JobResult};
-use serde_json::Value;
+use safeprobe_wire::{Event, Job, JobKind, JobResult};
 
 use super::{
     ComparisonTable, harmful_score, live, load_errors, method_of, or_dash, start_demo_comparison,
     with_jobs,
 };
 use crate::charts::line_chart;
-use crate::config_form::{COMPARE_FORM, FormSections, Values};
+use crate::config_form::{COMPARE_FORM, FormSections, Values, start_job};
 use crate::files::trains_lora;
 use crate::series::{COLORS, Metric, Series};
-use crate::{Page, api, go};
+use crate::{Page, api};
 
 #[component]
 pub fn Compare() -> impl IntoView {
@@ -64,24 +63,7 @@ fn NewComparison() -> impl IntoView {
     let error = RwSignal::new(None::<String>);
     let loaded = COMPARE_FORM.load(error);
     let config = COMPARE_FORM.config(loaded, values);
-    let submit = move |_| {
-        let Ok(config) = config.get_untracked() else {
-            return;
-        };
-        let request = CreateJob {
-            kind: JobKind::Compare,
-            config: Value::Object(config),
-        };
-        spawn_local(async move {
-            match api::post::<_, Job>("/api/jobs", &request).await {
-                Ok(job) => {
-                    live.jobs.refetch();
-                    go(Page::Run(job.id));
-                }
-                Err(e) => error.set(Some(e)),
-            }
-        })
-    };
+    let submit = move |_| start_job(live, JobKind::Compare, config, error);
     view! {
         <details class="card" id="new-comparison">
             <summary>"A comparison of your own: methods, seeds, poisoning, task, judge and trainer settings (empty fields keep the demo comparison's values)"</summary>

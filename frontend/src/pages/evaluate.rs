@@ -4,13 +4,11 @@
 use std::collections::BTreeMap;
 
 use leptos::prelude::*;
-use leptos::task::spawn_local;
-use safeprobe_wire::{CreateJob, Job, JobKind};
-use serde_json::Value;
+use safeprobe_wire::JobKind;
 
 use super::{harmful_score, live, model_name, or_dash, with_jobs};
-use crate::config_form::{EVAL_FORM, FormSections};
-use crate::{Page, api, go};
+use crate::Page;
+use crate::config_form::{EVAL_FORM, FormSections, start_job};
 
 #[component]
 pub fn Evaluate() -> impl IntoView {
@@ -19,24 +17,7 @@ pub fn Evaluate() -> impl IntoView {
     let error = RwSignal::new(None::<String>);
     let loaded = EVAL_FORM.load(error);
     let config = EVAL_FORM.config(loaded, values);
-    let submit = move |_| {
-        let Ok(config) = config.get_untracked() else {
-            return;
-        };
-        let request = CreateJob {
-            kind: JobKind::Eval,
-            config: Value::Object(config),
-        };
-        spawn_local(async move {
-            match api::post::<_, Job>("/api/jobs", &request).await {
-                Ok(job) => {
-                    live.jobs.refetch();
-                    go(Page::Run(job.id));
-                }
-                Err(e) => error.set(Some(e)),
-            }
-        })
-    };
+    let submit = move |_| start_job(live, JobKind::Eval, config, error);
     view! {
         <h1>"Evaluate"</h1>
         <FormSections form=&EVAL_FORM loaded values config/>

@@ -5,15 +5,12 @@
 use std::collections::BTreeMap;
 
 use leptos::prelude::*;
-use leptos::task::spawn_local;
-use safeprobe_wire::{CreateJob, Job, JobKind};
-use serde_json::Value;
+use safeprobe_wire::JobKind;
 
 use super::datasets::DataFiles;
 use super::live;
 use super::models::Models;
-use crate::config_form::{FormSections, RUN_FORM, as_toml};
-use crate::{Page, api, go};
+use crate::config_form::{FormSections, RUN_FORM, as_toml, start_job};
 
 /// A starting point for the form.
 #[derive(Clone, Copy)]
@@ -53,24 +50,7 @@ pub fn NewRun() -> impl IntoView {
     let server_error = RwSignal::new(None::<String>);
     let loaded = RUN_FORM.load(server_error);
     let config = RUN_FORM.config(loaded, values);
-    let submit = move |_| {
-        let Ok(config) = config.get_untracked() else {
-            return;
-        };
-        let request = CreateJob {
-            kind: JobKind::Train,
-            config: Value::Object(config),
-        };
-        spawn_local(async move {
-            match api::post::<_, Job>("/api/jobs", &request).await {
-                Ok(job) => {
-                    live.jobs.refetch();
-                    go(Page::Run(job.id));
-                }
-                Err(e) => server_error.set(Some(e)),
-            }
-        })
-    };
+    let submit = move |_| start_job(live, JobKind::Train, config, server_error);
     view! {
         <h1>"New run"</h1>
         <div>"Presets: "
