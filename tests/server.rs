@@ -161,6 +161,11 @@ fn api_auth_validation_confinement_and_limits() {
             400,
             "config.judge_model",
         ),
+        (
+            json!({"kind": "compare", "config": {"train": {"max_len": 100000}}}),
+            400,
+            "config.train.max_len: 100000 is over this model's context",
+        ),
         // Path confinement: parent directories, absolute paths elsewhere, a symlink escape.
         (
             json!({"kind": "train", "config": {"train_data": "../../../etc/passwd", "max_steps": 5}}),

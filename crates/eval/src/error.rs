@@ -12,6 +12,9 @@ pub enum EvalError {
     File { path: PathBuf, message: String },
     #[error("{0}")]
     Invalid(String),
+    /// A config value that is wrong, named by its key.
+    #[error(transparent)]
+    Spec(#[from] safeprobe_wire::SpecError),
     /// Stopped on request (a cancelled job).
     #[error("cancelled")]
     Cancelled,
@@ -27,12 +30,6 @@ impl EvalError {
             path: path.into(),
             message: message.into(),
         }
-    }
-}
-
-impl From<safeprobe_wire::SpecError> for EvalError {
-    fn from(error: safeprobe_wire::SpecError) -> Self {
-        EvalError::Invalid(error.to_string())
     }
 }
 

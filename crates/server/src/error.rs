@@ -104,6 +104,7 @@ impl From<safeprobe_eval::EvalError> for ApiError {
             EvalError::Model(e) => e.into(),
             EvalError::Train(e) => e.into(),
             EvalError::Cancelled => ApiError::Conflict(e.to_string()),
+            EvalError::Spec(e) => e.into(),
             EvalError::Data { .. } | EvalError::File { .. } | EvalError::Invalid(_) => {
                 ApiError::Invalid(e.to_string())
             }

@@ -107,7 +107,7 @@ impl Comparing for CompareConfig {
         let mut largest = crate::harmful::answer_memory(model, self.max_new_tokens);
         for run in self.first_seed_runs(Path::new("model"), &self.run_files())? {
             run.check_against(model)
-                .map_err(|e| EvalError::Invalid(e.within("train").to_string()))?;
+                .map_err(|e| EvalError::Spec(e.within("train")))?;
             let mut estimate = run.memory_estimate(model, fused);
             if estimate.total() > largest.total() {
                 // A comparison takes its trainer settings from [train].
