@@ -504,7 +504,7 @@ fn the_ui_runs_a_job_shows_live_charts_a_comparison_and_chats() {
         "the comparison sets each run's seed"
     );
     browser.click("#start-comparison");
-    let id = browser.opened_job("the comparison's page");
+    browser.opened_job("the comparison's page");
     browser.wait_for("the comparison", || {
         (browser.text("#job-status") == "done").then_some(())
     });
