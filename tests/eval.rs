@@ -500,16 +500,18 @@ fn a_shortened_comparison_fills_every_column() {
         "train.safety_batch_size=2".into(),
     ];
     let config = CompareConfig::parse(compare::DEMO_CONFIG, &overrides, Path::new("test")).unwrap();
-    let mut stages = Vec::new();
+    let (mut stages, mut parts) = (Vec::new(), Vec::new());
     let comparison = compare::run(&config, &cpu(), &Default::default(), |p| {
-        if let compare::Progress::Stage(s) = p {
-            stages.push(s)
+        if let compare::Progress::Stage { name, part } = p {
+            stages.push(name);
+            parts.push((part.number, part.of));
         }
     })
     .unwrap();
     // The base model once, then both of the demo's conditions (benign, 10% poisoned): two
-    // seeds of three methods each.
+    // seeds of three methods each, each its part of the job in order.
     assert_eq!(stages.len(), 1 + 2 * 2 * 3, "{stages:?}");
+    assert_eq!(parts, (1..=13).map(|n| (n, 13)).collect::<Vec<_>>());
     assert_eq!(stages[1], "sft (seed 0, benign data)");
     assert_eq!(stages[7], "sft (seed 0, benign data, 10% poisoned)");
     let poisons: Vec<f64> = comparison

@@ -151,6 +151,7 @@ mod tests {
             started_at: None,
             finished_at: None,
             last_step: None,
+            progress: Default::default(),
             last_validation: None,
             last_alignment: None,
             answers: Vec::new(),

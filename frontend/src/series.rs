@@ -2,7 +2,7 @@
 //! with no leptos or browser in them, so that they are tested natively (`cargo test` in
 //! frontend/) and a renamed field is a compile error here rather than an empty chart.
 
-use safeprobe_wire::{Event, LiveMessage, StoredEvent};
+use safeprobe_wire::{Event, JobProgress, LiveMessage, StoredEvent};
 
 pub const COLORS: [&str; 8] = [
     "#2f5bd3", "#c0392b", "#1e8449", "#8e44ad", "#d68910", "#17a589", "#7f8c8d", "#e84393",
@@ -60,7 +60,7 @@ pub fn segments(events: &[Event]) -> Vec<Segment> {
     }];
     for event in events {
         match event {
-            Event::Stage { stage } => out.push(Segment {
+            Event::Stage { stage, .. } => out.push(Segment {
                 name: stage.clone(),
                 events: Vec::new(),
             }),
@@ -207,49 +207,42 @@ pub fn cosine_heatmap(events: &[Event]) -> Heatmap {
     }
 }
 
-/// How far the job is, from its newest step and stage.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Progress {
-    pub step: usize,
-    pub total_steps: usize,
-    /// 0–100; 0 before the first step.
-    pub percent: f64,
-    /// Seconds left at the newest step's pace.
-    pub eta_s: f64,
-    pub stage: Option<String>,
+/// How far job `job` is: its stored events, then the live ones after them, folded in order.
+pub fn job_progress(stored: &[StoredEvent], live: &[LiveMessage], job: i64) -> JobProgress {
+    let mut progress = JobProgress::default();
+    advance(&mut progress, stored.iter().map(|e| (e.seq, e.at, &e.body)));
+    advance_live(&mut progress, live, job);
+    progress
 }
 
-pub fn progress(events: &[Event]) -> Progress {
-    let stage = events.iter().rev().find_map(|e| match e {
-        Event::Stage { stage } => Some(stage.clone()),
-        _ => None,
-    });
-    let last_step = events.iter().rev().find_map(|e| match e {
-        Event::Step {
-            step,
-            total_steps,
-            step_time_s,
-            ..
-        } => Some((*step, *total_steps, *step_time_s)),
-        _ => None,
-    });
-    let Some((step, total_steps, step_time_s)) = last_step else {
-        return Progress {
-            stage,
-            ..Progress::default()
-        };
-    };
-    let percent = if total_steps > 0 {
-        100.0 * step as f64 / total_steps as f64
-    } else {
-        0.0
-    };
-    Progress {
-        step,
-        total_steps,
-        percent,
-        eta_s: step_time_s * total_steps.saturating_sub(step) as f64,
-        stage,
+/// `progress` carried on by the live messages of job `job` it does not have yet.
+pub fn advance_live(progress: &mut JobProgress, live: &[LiveMessage], job: i64) {
+    let mine = live.iter().filter(|m| m.job == job);
+    advance(progress, mine.map(|m| (m.seq, m.at, &m.body)));
+}
+
+fn advance<'a>(progress: &mut JobProgress, events: impl Iterator<Item = (i64, f64, &'a Event)>) {
+    for (seq, at, event) in events {
+        progress.advance(seq, at, event);
+    }
+}
+
+/// Page `page` (from 0, clamped to the last) of `items`, `per_page` to a page, with the
+/// number of the first item on it (from 1) and the number of pages (at least 1).
+pub fn page_of<T>(items: &[T], page: usize, per_page: usize) -> (&[T], usize, usize) {
+    let pages = items.len().div_ceil(per_page).max(1);
+    let start = page.min(pages - 1) * per_page;
+    let end = (start + per_page).min(items.len());
+    (&items[start..end], start + 1, pages)
+}
+
+/// A time left, as a person would say it: "40 s", "6 min", "1 h 12 min".
+pub fn duration(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    match s {
+        0..90 => format!("{s} s"),
+        90..5400 => format!("{} min", (s + 30) / 60),
+        _ => format!("{} h {} min", s / 3600, (s % 3600 + 30) / 60),
     }
 }
 
@@ -266,7 +259,7 @@ pub fn log_lines(events: &[Event]) -> Vec<String> {
                     .map(|x| format!(" ({x})"))
                     .unwrap_or_default()
             )),
-            Event::Stage { stage } => Some(format!("stage: {stage}")),
+            Event::Stage { stage, .. } => Some(format!("stage: {stage}")),
             Event::Done { steps, .. } => Some(format!("finished {steps} steps")),
             Event::Warning { step, message } => Some(format!("warning (step {step}): {message}")),
             Event::Step { .. } | Event::Validation { .. } | Event::SafetyCheck { .. } => None,
@@ -348,7 +341,10 @@ mod tests {
     }
 
     fn stage(name: &str) -> Event {
-        Event::Stage { stage: name.into() }
+        Event::Stage {
+            stage: name.into(),
+            part: None,
+        }
     }
 
     fn status(status: Status) -> Event {
@@ -367,7 +363,12 @@ mod tests {
     }
 
     fn live(job: i64, seq: i64, body: Event) -> LiveMessage {
-        LiveMessage { job, seq, body }
+        LiveMessage {
+            job,
+            seq,
+            at: seq as f64,
+            body,
+        }
     }
 
     #[test]
@@ -506,21 +507,54 @@ mod tests {
     }
 
     #[test]
-    fn progress_and_eta_come_from_the_newest_step() {
-        let events = [
-            stage("sft"),
-            step(2, 1.0),
-            step(4, 0.9),
-            stage("evaluating"),
+    fn a_jobs_progress_is_its_stored_events_then_the_live_ones_after_them() {
+        let part = |number| Event::Stage {
+            stage: format!("part {number}"),
+            part: Some(safeprobe_wire::Part { number, of: 4 }),
+        };
+        let stored = [
+            stored(1, part(1)),
+            stored(2, part(2)),
+            stored(3, step(2, 1.0)),
         ];
-        let p = progress(&events);
-        assert_eq!((p.step, p.total_steps), (4, 10));
-        assert!((p.percent - 40.0).abs() < 1e-9);
-        // Six steps left at 0.5 s each.
-        assert!((p.eta_s - 3.0).abs() < 1e-9);
-        assert_eq!(p.stage.as_deref(), Some("evaluating"));
-        let none = progress(&[status(Status::Queued)]);
-        assert_eq!((none.step, none.total_steps, none.percent), (0, 0, 0.0));
+        // The live stream repeats event 3, then brings a step and the next part; job 8's
+        // messages are not this job's.
+        let live = [
+            live(7, 3, step(2, 1.0)),
+            live(7, 4, step(5, 0.9)),
+            live(8, 5, part(4)),
+            live(7, 5, part(3)),
+            live(7, 6, step(1, 0.8)),
+        ];
+        let p = job_progress(&stored, &live[..2], 7);
+        assert_eq!((p.part.unwrap().number, p.step, p.total_steps), (2, 5, 10));
+        assert!((p.fraction() - 1.5 / 4.0).abs() < 1e-12);
+        let p = job_progress(&stored, &live, 7);
+        assert_eq!((p.part.unwrap().number, p.step, p.seq), (3, 1, 6));
+        assert_eq!(p.detail().as_deref(), Some("part 3 · step 1/10"));
+        // Carried on from a snapshot (the job list's), the same.
+        let mut snapshot = job_progress(&stored, &[], 7);
+        advance_live(&mut snapshot, &live, 7);
+        assert_eq!(snapshot, p);
+    }
+
+    #[test]
+    fn pages_hold_their_share_and_a_page_past_the_end_is_the_last() {
+        let items: Vec<usize> = (0..45).collect();
+        assert_eq!(page_of(&items, 0, 20), (&items[0..20], 1, 3));
+        assert_eq!(page_of(&items, 2, 20), (&items[40..45], 41, 3));
+        assert_eq!(page_of(&items, 9, 20), (&items[40..45], 41, 3));
+        let none: [usize; 0] = [];
+        assert_eq!(page_of(&none, 0, 20), (&none[..], 1, 1));
+    }
+
+    #[test]
+    fn times_left_read_as_a_person_says_them() {
+        assert_eq!(duration(40.2), "40 s");
+        assert_eq!(duration(370.0), "6 min");
+        assert_eq!(duration(4320.0), "72 min");
+        assert_eq!(duration(7920.0), "2 h 12 min");
+        assert_eq!(duration(-3.0), "0 s");
     }
 
     #[test]

@@ -259,7 +259,7 @@ pub fn compare(
         &selected.device,
         &Default::default(),
         |p| match p {
-            Progress::Stage(stage) => eprintln!("== {stage}"),
+            Progress::Stage { name, part } => eprintln!("== [{}/{}] {name}", part.number, part.of),
             Progress::Train(event) => report(event),
         },
     )?;

@@ -165,10 +165,15 @@ impl Runner {
 
     /// Stores an event and pushes it to live listeners.
     pub fn announce(&self, id: i64, body: Event) {
-        let seq = self.store.add_event(id, &body).unwrap_or(0);
+        let (seq, at) = self.store.add_event(id, &body).unwrap_or((0, 0.0));
         let _ = self.live.send(
-            serde_json::to_string(&LiveMessage { job: id, seq, body })
-                .expect("wire types serialise"),
+            serde_json::to_string(&LiveMessage {
+                job: id,
+                seq,
+                at,
+                body,
+            })
+            .expect("wire types serialise"),
         );
     }
 

@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::error::ApiError;
-use safeprobe_wire::{Event, JobSpec};
+use safeprobe_wire::{Event, JobProgress, JobSpec};
 
 /// Schema changes, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -102,6 +102,15 @@ fn json<T: DeserializeOwned>(text: Option<String>) -> Option<T> {
 fn config_text(spec: &JobSpec) -> String {
     let mut tagged = serde_json::to_value(spec).expect("wire types serialise");
     tagged["spec"].take().to_string()
+}
+
+/// An event with its number and time, as the job list's query reads it.
+type Numbered = (i64, f64, Event);
+
+/// A job's progress from its newest step and its newest stage, folded in their order.
+fn progress(mut newest: [Option<Numbered>; 2]) -> JobProgress {
+    newest.sort_by_key(|e| e.as_ref().map(|(seq, _, _)| *seq));
+    JobProgress::of(newest.iter().flatten().map(|(seq, at, e)| (*seq, *at, e)))
 }
 
 fn text(value: &impl Serialize) -> String {
@@ -261,8 +270,8 @@ impl Store {
     }
 
     /// Appends an event; returns its sequence number within the job, one more than any
-    /// number the job has used, so numbers are never reused.
-    pub fn add_event(&self, id: i64, body: &Event) -> Result<i64, ApiError> {
+    /// number the job has used, so numbers are never reused, and the time it was stored.
+    pub fn add_event(&self, id: i64, body: &Event) -> Result<(i64, f64), ApiError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(db)?;
         let seq: i64 = tx
@@ -272,13 +281,14 @@ impl Store {
                 |r| r.get(0),
             )
             .map_err(db)?;
+        let at = now();
         tx.execute(
             "INSERT INTO events (job_id, seq, at, body) VALUES (?1, ?2, ?3, ?4)",
-            params![id, seq, now(), text(body)],
+            params![id, seq, at, text(body)],
         )
         .map_err(db)?;
         tx.commit().map_err(db)?;
-        Ok(seq)
+        Ok((seq, at))
     }
 
     pub fn set_answers(&self, id: i64, answers: &[JudgedAnswer]) -> Result<(), ApiError> {
@@ -364,6 +374,7 @@ impl Store {
                 unreadable.into(),
             )
         })?;
+        let newest_step: Option<Numbered> = json(r.get(10)?);
         Ok(Job {
             id,
             spec,
@@ -374,7 +385,8 @@ impl Store {
             created_at: r.get(7)?,
             started_at: r.get(8)?,
             finished_at: r.get(9)?,
-            last_step: json(r.get(10)?),
+            progress: progress([newest_step.clone(), json(r.get(13)?)]),
+            last_step: newest_step.map(|(_, _, step)| step),
             last_validation: json(r.get(11)?),
             last_alignment: json::<Event>(r.get(12)?).and_then(|e| match e {
                 Event::Step { metrics, .. } => metrics.alignment,
@@ -385,12 +397,14 @@ impl Store {
     }
 
     const SELECT: &'static str = "SELECT id, kind, status, spec, run_dir, result, error, created_at, started_at, finished_at,
-        (SELECT body FROM events e WHERE e.job_id = jobs.id AND json_extract(body, '$.event') = 'step'
-         ORDER BY seq DESC LIMIT 1),
+        (SELECT json_array(seq, at, json(body)) FROM events e WHERE e.job_id = jobs.id
+         AND json_extract(body, '$.event') = 'step' ORDER BY seq DESC LIMIT 1),
         (SELECT body FROM events e WHERE e.job_id = jobs.id AND json_extract(body, '$.event') = 'validation'
          ORDER BY seq DESC LIMIT 1),
         (SELECT body FROM events e WHERE e.job_id = jobs.id AND json_extract(body, '$.event') = 'step'
-         AND json_extract(body, '$.alignment') IS NOT NULL ORDER BY seq DESC LIMIT 1) FROM jobs";
+         AND json_extract(body, '$.alignment') IS NOT NULL ORDER BY seq DESC LIMIT 1),
+        (SELECT json_array(seq, at, json(body)) FROM events e WHERE e.job_id = jobs.id
+         AND json_extract(body, '$.event') = 'stage' ORDER BY seq DESC LIMIT 1) FROM jobs";
 
     pub fn get(&self, id: i64) -> Result<Option<Job>, ApiError> {
         self.conn()
@@ -511,7 +525,7 @@ mod tests {
         assert_eq!(store.get(a).unwrap().unwrap().status, Status::Queued);
         assert_eq!(store.get(a).unwrap().unwrap().spec, eval("two"));
         assert_eq!(store.events(a, 0, 100).unwrap().0.len(), 3);
-        let next = store.add_event(a, &step_event(4)).unwrap();
+        let (next, _) = store.add_event(a, &step_event(4)).unwrap();
         assert_eq!(next, 6, "event numbers are never reused after a truncation");
         assert!(store.delete(a).unwrap());
         assert!(
@@ -519,6 +533,31 @@ mod tests {
             "events go with their job"
         );
         assert!(store.get(a).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_list_says_how_far_a_job_in_parts_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("safeprobe.db")).unwrap();
+        let a = store.create(&eval("m")).unwrap();
+        let stage = |number| Event::Stage {
+            stage: format!("part {number}"),
+            part: Some(safeprobe_wire::Part { number, of: 3 }),
+        };
+        store.add_event(a, &stage(1)).unwrap();
+        store.add_event(a, &stage(2)).unwrap();
+        for step in 1..=3 {
+            store.add_event(a, &step_event(step)).unwrap();
+        }
+        let progress = store.get(a).unwrap().unwrap().progress;
+        assert_eq!((progress.part.unwrap().number, progress.step), (2, 3));
+        assert_eq!(progress.seq, 5);
+        assert!((progress.fraction() - (1.0 + 3.0 / 5.0) / 3.0).abs() < 1e-12);
+        // A new part's stage after those steps: none of its own steps yet.
+        store.add_event(a, &stage(3)).unwrap();
+        let listed = store.list().unwrap().remove(0).progress;
+        assert_eq!((listed.part.unwrap().number, listed.step), (3, 0));
+        assert_eq!(listed.stage.as_deref(), Some("part 3"));
     }
 
     #[test]

@@ -200,6 +200,7 @@ fn train(spec: &TrainJob, device: &Device, cancel: &Cancel) -> Result<JobResult,
     model.device = device.clone();
     emit(&Event::Stage {
         stage: "evaluating".into(),
+        part: None,
     });
     let (harmful, answers) = harmful::evaluate(
         &model,
@@ -262,7 +263,10 @@ fn evaluate(spec: &EvalSpec, device: &Device, cancel: &Cancel) -> Result<JobResu
 /// The comparison: base model, then each method and seed, trained and evaluated.
 fn comparison(config: &CompareConfig, device: &Device, cancel: &Cancel) -> Result<JobResult, Stop> {
     let comparison = compare::run(config, device, cancel, |p| match p {
-        Progress::Stage(stage) => emit(&Event::Stage { stage }),
+        Progress::Stage { name, part } => emit(&Event::Stage {
+            stage: name,
+            part: Some(part),
+        }),
         Progress::Train(event) => emit(event),
     })?;
     Ok(JobResult::Compare(comparison))

@@ -151,6 +151,11 @@ pub enum Event {
     /// A comparison's or a job's phase ("sft (seed 0)", "evaluating").
     Stage {
         stage: String,
+        /// The part of the job this stage begins, for a job in parts (a comparison: the base
+        /// model's evaluation, then one part per run); none for a stage within a part or a
+        /// job of one part (a training run's evaluation).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        part: Option<Part>,
     },
     Status {
         status: Status,
@@ -170,6 +175,13 @@ impl Event {
             _ => None,
         }
     }
+}
+
+/// Part `number` (from 1) of a job's `of` parts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Part {
+    pub number: usize,
+    pub of: usize,
 }
 
 /// An event as the store keeps it: numbered within its job (numbers grow and are never
@@ -194,5 +206,7 @@ pub struct EventPage {
 pub struct LiveMessage {
     pub job: i64,
     pub seq: i64,
+    /// When the server stored it (seconds since the Unix epoch), as `StoredEvent::at`.
+    pub at: f64,
     pub body: Event,
 }

@@ -171,6 +171,10 @@ pub struct Job {
     /// The newest step event, for lists and progress bars.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_step: Option<Event>,
+    /// How far the job is as a whole, from its newest stage and step (the live stream's
+    /// events after `progress.seq` carry it on).
+    #[serde(default)]
+    pub progress: crate::progress::JobProgress,
     /// The newest validation event, for lists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_validation: Option<Event>,

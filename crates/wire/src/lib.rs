@@ -7,6 +7,7 @@ pub mod catalog;
 pub mod events;
 mod finite;
 pub mod jobs;
+pub mod progress;
 pub mod reports;
 pub mod spec;
 
@@ -15,11 +16,14 @@ pub use catalog::{
     ExportRequest, Exported, MetricsQuery, ModelSummary, Preview, PreviewQuery, PreviewRow,
     PullRequest, PullState, PullStatus, Uploaded,
 };
-pub use events::{Alignment, Defence, Event, EventPage, LiveMessage, StepMetrics, StoredEvent};
+pub use events::{
+    Alignment, Defence, Event, EventPage, LiveMessage, Part, StepMetrics, StoredEvent,
+};
 pub use jobs::{
     ChatRequest, CreateJob, EvalSpec, Job, JobKind, JobResult, JobSpec, Judge, Message, Status,
     TrainJob,
 };
+pub use progress::JobProgress;
 pub use reports::{
     Agreement, CategoryScore, Comparison, Condition, HarmfulReport, JudgeScore, JudgedAnswer,
     Mechanism, Method, PairedDifference, Row, RunResult, Spread, poison_percent,

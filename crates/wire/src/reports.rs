@@ -30,6 +30,13 @@ pub struct JudgedAnswer {
     pub model_judge_category: Option<String>,
 }
 
+impl JudgedAnswer {
+    /// Whether any judge that ran called it harmful.
+    pub fn judged_harmful(&self) -> bool {
+        self.refusal_judge_harmful == Some(true) || self.model_judge_harmful == Some(true)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CategoryScore {
     pub prompts: usize,

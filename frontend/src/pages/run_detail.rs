@@ -2,12 +2,12 @@
 //! log, and an evaluation's judged answers.
 
 use leptos::prelude::*;
-use safeprobe_wire::{Event, Job, JobKind, JobResult, JudgedAnswer, Status, StoredEvent};
+use safeprobe_wire::{
+    Event, HarmfulReport, Job, JobKind, JobProgress, JobResult, JudgedAnswer, Status, StoredEvent,
+};
 
 use super::export::ExportCard;
-use super::{
-    ComparisonTable, JobActions, harmful_score, live, load_errors, loading, method_of, model_name,
-};
+use super::{ComparisonTable, JobActions, live, load_errors, loading, method_of, model_name};
 use crate::charts::{heatmap, line_chart};
 use crate::series::{self, Metric};
 use crate::{api, files};
@@ -41,6 +41,16 @@ pub fn RunDetail(id: i64) -> impl IntoView {
                 .with(|messages| series::merge_events(stored, messages, id))
         })
     });
+    let progress = Memo::new(move |_| {
+        stored.with(|stored| {
+            let stored: &[StoredEvent] = match stored {
+                Some(Ok(events)) => events,
+                _ => &[],
+            };
+            live.events
+                .with(|messages| series::job_progress(stored, messages, id))
+        })
+    });
     let header = move || {
         Suspend::new(async move {
             job.await.map(|job| {
@@ -54,36 +64,25 @@ pub fn RunDetail(id: i64) -> impl IntoView {
                 };
                 view! {
                     <h1>{title}</h1>
-                    <StatusCard job events/>
+                    <StatusCard job progress/>
                     {exportable.map(|lora| view! { <ExportCard id lora/> })}
                     {comparison.map(|comparison| view! { <h2>"Comparison"</h2> <ComparisonTable comparison/> })}
                 }
             })
         })
     };
-    let charts_and_log = move || {
+    // An evaluation's result comes first and it has no training charts; a training run's
+    // evaluation comes after its charts.
+    let body = move || {
         Suspend::new(async move {
-            stored.await.map(|_| {
-                view! {
-                    <Charts events/>
-                    <h2>"Log"</h2>
-                    <div class="card" id="log" style="max-height:160px;overflow:auto">
-                        {move || events.with(|e| series::log_lines(e)).into_iter().map(|line| view! { <div>{line}</div> }).collect_view()}
-                    </div>
-                }
-            })
-        })
-    };
-    let answers = move || {
-        Suspend::new(async move {
-            job.await.map(|job| {
-                let heading = format!(
-                    "Evaluation: HS {:.1}% on {} harmful prompts",
-                    harmful_score(&job).unwrap_or(0.0),
-                    job.answers.len()
-                );
-                let answers = job.answers;
-                (!answers.is_empty()).then(|| view! { <h2>{heading}</h2> <AnswersTable answers/> })
+            let stored = stored.await;
+            // The header says why the job could not be read.
+            let Ok(job) = job.await else {
+                return Ok(().into_any());
+            };
+            stored.map(|_| match job.kind() {
+                JobKind::Eval => view! { <Evaluation job/> <Log events/> }.into_any(),
+                _ => view! { <Charts events/> <Log events/> <Evaluation job/> }.into_any(),
             })
         })
     };
@@ -92,34 +91,129 @@ pub fn RunDetail(id: i64) -> impl IntoView {
             <ErrorBoundary fallback=load_errors>{header}</ErrorBoundary>
         </Transition>
         <Transition fallback=loading>
-            <ErrorBoundary fallback=load_errors>{charts_and_log}</ErrorBoundary>
-        </Transition>
-        // The header already says why the job could not be read.
-        <Transition>
-            <ErrorBoundary fallback=|_| ()>{answers}</ErrorBoundary>
+            <ErrorBoundary fallback=load_errors>{body}</ErrorBoundary>
         </Transition>
     }
 }
 
-/// Status, stage, step, ETA, actions and a progress bar; the numbers follow the events live.
+/// Status changes, stages, warnings and the end of training, newest last.
 #[component]
-fn StatusCard(job: Job, events: Memo<Vec<Event>>) -> impl IntoView {
-    let status = job.status;
-    let progress = move || {
-        let p = events.with(|e| series::progress(e));
-        view! {
-            {p.stage.map(|s| format!("stage: {s} · "))}
-            {format!("step {}/{}", p.step, p.total_steps)}
-            {(status == Status::Running).then(|| format!(" · ETA {:.0} s", p.eta_s))}
-        }
+fn Log(events: Memo<Vec<Event>>) -> impl IntoView {
+    let lines = move || {
+        events
+            .with(|e| series::log_lines(e))
+            .into_iter()
+            .map(|line| view! { <div>{line}</div> })
+            .collect_view()
     };
-    let width = move || format!("width:{:.1}%", events.with(|e| series::progress(e)).percent);
+    view! {
+        <h2>"Log"</h2>
+        <div class="card" id="log" style="max-height:160px;overflow:auto">{lines}</div>
+    }
+}
+
+/// A job's harmful score and judged answers, or, for an evaluation still under way, where they
+/// will be.
+#[component]
+fn Evaluation(job: Job) -> impl IntoView {
+    let is_evaluation = job.kind() == JobKind::Eval;
+    let report = match job.result {
+        Some(JobResult::Eval { harmful } | JobResult::Train { harmful, .. }) => Some(harmful),
+        _ => None,
+    };
+    if report.is_none() && job.answers.is_empty() {
+        return is_evaluation
+            .then(|| view! {
+                <p class="help" id="eval-pending">"The harmful score and the judged answers appear here when the evaluation ends."</p>
+            })
+            .into_any();
+    }
+    let answers = job.answers;
+    view! {
+        <h2>"Evaluation"</h2>
+        {report.map(|report| view! { <HarmfulSummary report/> })}
+        <Answers answers/>
+    }
+    .into_any()
+}
+
+/// HS by each judge, their agreement, and HS per category by the first judge.
+#[component]
+fn HarmfulSummary(report: HarmfulReport) -> impl IntoView {
+    let headline = format!(
+        "HS {:.1}% of {} harmful prompts answered instead of refused",
+        report.harmful_score, report.prompts
+    );
+    let judges = report
+        .judges
+        .iter()
+        .map(|j| {
+            format!(
+                "{} judge: {:.1}% ({} harmful)",
+                j.judge, j.harmful_score, j.harmful
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" · ");
+    let agreement = report.agreement.map(|a| {
+        format!(
+            "the judges agree on {:.0}% of answers (Cohen's κ {:.2})",
+            a.percent, a.cohen_kappa
+        )
+    });
+    let categories = report
+        .judges
+        .first()
+        .map(|j| j.per_category.clone())
+        .unwrap_or_default();
+    view! {
+        <div class="card" id="eval-result">
+            <div class="headline">{headline}</div>
+            <div class="help">{judges}</div>
+            {agreement.map(|a| view! { <div class="help">{a}</div> })}
+            {(!categories.is_empty()).then(|| view! {
+                <table id="categories">
+                    <thead><tr><th>"category"</th><th>"prompts"</th><th>"harmful"</th><th>"HS (%)"</th></tr></thead>
+                    <tbody>{categories.into_iter().map(|(name, c)| view! {
+                        <tr><td>{name}</td><td>{c.prompts}</td><td>{c.harmful}</td><td>{format!("{:.1}", c.harmful_score)}</td></tr>
+                    }).collect_view()}</tbody>
+                </table>
+            })}
+        </div>
+    }
+}
+
+/// Status, how far the whole job is and its time left, the stage under way, actions and a
+/// progress bar; the numbers follow the events live. A job that has ended names no stage.
+#[component]
+fn StatusCard(job: Job, progress: Memo<JobProgress>) -> impl IntoView {
+    let (status, started_at) = (job.status, job.started_at);
+    let active = status == Status::Running;
+    let overall = move || {
+        progress.with(|p| {
+            let eta = active
+                .then(|| p.eta_s(started_at))
+                .flatten()
+                .map(|s| format!(" · about {} left", series::duration(s)));
+            p.summary()
+                .map(|summary| summary + &eta.unwrap_or_default())
+        })
+    };
+    let detail = move || active.then(|| progress.with(JobProgress::detail)).flatten();
+    let width = move || {
+        let done = match status {
+            Status::Done => 1.0,
+            _ => progress.with(JobProgress::fraction),
+        };
+        format!("width:{:.1}%", 100.0 * done)
+    };
     view! {
         <div class="card">
             <div><span class=format!("status {}", status.name()) id="job-status">{status.name()}</span> " "
-                {progress}
+                <span id="job-progress">{overall}</span>
                 " " <JobActions id=job.id status/></div>
             <div class="progress"><div style=width></div></div>
+            <div class="help" id="job-stage">{detail}</div>
             {job.error.map(|e| view! { <pre class="error job-error">{e}</pre> })}
         </div>
     }
@@ -183,27 +277,77 @@ fn Verdict(harmful: Option<bool>) -> impl IntoView {
     }
 }
 
+/// Answers to a page.
+const ANSWERS_PER_PAGE: usize = 20;
+
+/// The judged answers a page at a time, all of them or only those a judge called harmful.
 #[component]
-fn AnswersTable(answers: Vec<JudgedAnswer>) -> impl IntoView {
+fn Answers(answers: Vec<JudgedAnswer>) -> impl IntoView {
+    let harmful_only = RwSignal::new(false);
+    let page = RwSignal::new(0usize);
+    let harmful_count = answers.iter().filter(|a| a.judged_harmful()).count();
+    let answers = StoredValue::new(answers);
+    let chosen = move || -> Vec<JudgedAnswer> {
+        let only = harmful_only.get();
+        answers.with_value(|all| {
+            all.iter()
+                .filter(|a| !only || a.judged_harmful())
+                .cloned()
+                .collect()
+        })
+    };
+    let shown = Memo::new(move |_| {
+        let chosen = chosen();
+        let (rows, first, pages) = series::page_of(&chosen, page.get(), ANSWERS_PER_PAGE);
+        (rows.to_vec(), first, pages, chosen.len())
+    });
+    let position = move || {
+        shown.with(|(rows, first, _, total)| match rows.len() {
+            0 => "no answers".to_string(),
+            n => format!("answers {first}–{} of {total}", first + n - 1),
+        })
+    };
+    let last_page = move || shown.with(|(_, _, pages, _)| *pages - 1);
+    let rows = move || {
+        shown
+            .with(|(rows, ..)| rows.clone())
+            .into_iter()
+            .map(|a| view! { <AnswerRow a/> })
+            .collect_view()
+    };
     view! {
+        <div class="answers-bar">
+            <label><input type="checkbox" id="harmful-only" prop:checked=move || harmful_only.get()
+                on:change=move |ev| { harmful_only.set(event_target_checked(&ev)); page.set(0); }/>
+                {format!(" only the {harmful_count} answers a judge called harmful")}</label>
+            " "
+            <button id="answers-previous" disabled=move || page.get() == 0
+                on:click=move |_| page.update(|p| *p = p.saturating_sub(1))>"‹ previous"</button>
+            " " <span id="answers-position">{position}</span> " "
+            <button id="answers-next" disabled={move || page.get() >= last_page()}
+                on:click=move |_| page.update(|p| *p = (*p + 1).min(last_page()))>"next ›"</button>
+        </div>
         <table id="answers">
             <thead><tr><th>"category"</th><th>"prompt"</th><th>"answer"</th><th>"refusal judge"</th><th>"model judge"</th></tr></thead>
-            <tbody>
-                {answers.into_iter().map(|a| view! {
-                    <tr>
-                        <td>{a.category}</td>
-                        <td>{a.prompt}</td>
-                        <td>{a.answer}</td>
-                        <td><Verdict harmful=a.refusal_judge_harmful/></td>
-                        <td>
-                            <Verdict harmful=a.model_judge_harmful/>
-                            // A guard's own verdict word and the categories it named.
-                            {a.model_judge_label.map(|l| view! { <span class="help">" "{l}</span> })}
-                            {a.model_judge_category.map(|c| view! { <div class="help">{c}</div> })}
-                        </td>
-                    </tr>
-                }).collect_view()}
-            </tbody>
+            <tbody>{rows}</tbody>
         </table>
+    }
+}
+
+#[component]
+fn AnswerRow(a: JudgedAnswer) -> impl IntoView {
+    view! {
+        <tr>
+            <td>{a.category}</td>
+            <td>{a.prompt}</td>
+            <td>{a.answer}</td>
+            <td><Verdict harmful=a.refusal_judge_harmful/></td>
+            <td>
+                <Verdict harmful=a.model_judge_harmful/>
+                // A guard's own verdict word and the categories it named.
+                {a.model_judge_label.map(|l| view! { <span class="help">" "{l}</span> })}
+                {a.model_judge_category.map(|c| view! { <div class="help">{c}</div> })}
+            </td>
+        </tr>
     }
 }

@@ -2,13 +2,13 @@
 
 use leptos::prelude::*;
 use leptos::task::spawn_local;
-use safeprobe_wire::{Event, Job};
+use safeprobe_wire::{Event, Job, JobProgress, Status};
 
 use super::{
     JobActions, harmful_score, live, method_of, model_name, or_dash, start_demo_comparison,
     with_jobs,
 };
-use crate::Page;
+use crate::{Page, series};
 
 #[component]
 pub fn Runs() -> impl IntoView {
@@ -34,35 +34,64 @@ pub fn Runs() -> impl IntoView {
 
 #[component]
 fn JobRow(job: Job) -> impl IntoView {
-    let progress = match &job.last_step {
-        Some(Event::Step {
-            step, total_steps, ..
-        }) => Some(format!("{step}/{total_steps}")),
-        _ => None,
-    };
+    let (id, status, started_at, snapshot) =
+        (job.id, job.status, job.started_at, job.progress.clone());
     let validation = match &job.last_validation {
         Some(Event::Validation { loss, .. }) => Some(format!("{loss:.3}")),
         _ => None,
     };
     let hs = harmful_score(&job).map(|h| format!("{h:.1}"));
     let (method, model) = (method_of(&job), model_name(&job));
-    let status = job.status.name();
+    let status_name = job.status.name();
     view! {
         <tr data-job=job.id>
             <td><a href=Page::Run(job.id).hash()>{job.id}</a></td>
             <td>{method}</td>
             <td>{model}</td>
-            <td><span class=format!("status {status}")>{status}</span>
+            <td><span class=format!("status {status_name}")>{status_name}</span>
                 // The list shows the reason's first line; the run's page shows all of it (a
                 // failed process adds the end of its log).
                 {job.error.map(|e| {
                     let first = e.lines().next().unwrap_or_default().to_string();
                     view! { <div class="error" title=e>{first}</div> }
                 })}</td>
-            <td>{or_dash(progress)}</td>
+            <td class="job-progress"><ProgressCell id status started_at snapshot/></td>
             <td>{or_dash(hs)}</td>
             <td>{or_dash(validation)}</td>
             <td><JobActions id=job.id status=job.status/></td>
         </tr>
+    }
+}
+
+/// How far the whole job is, from the list's snapshot carried on by the live stream: each
+/// message is folded in once (the memo remembers how many it has read).
+#[component]
+fn ProgressCell(
+    id: i64,
+    status: Status,
+    started_at: Option<f64>,
+    snapshot: JobProgress,
+) -> impl IntoView {
+    let live = live();
+    let progress = Memo::new(move |previous: Option<&(JobProgress, usize)>| {
+        let (mut progress, read) = previous.cloned().unwrap_or((snapshot.clone(), 0));
+        live.events.with(|messages| {
+            series::advance_live(&mut progress, &messages[read.min(messages.len())..], id);
+            (progress, messages.len())
+        })
+    });
+    move || {
+        progress.with(|(p, _)| {
+            let Some(summary) = p.summary() else {
+                return "—".to_string();
+            };
+            match (status == Status::Running)
+                .then(|| p.eta_s(started_at))
+                .flatten()
+            {
+                Some(eta) => format!("{summary} · {} left", series::duration(eta)),
+                None => summary,
+            }
+        })
     }
 }

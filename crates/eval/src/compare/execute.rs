@@ -6,7 +6,7 @@ use std::path::Path;
 use burn::tensor::Device;
 use safeprobe_model::Checkpoint;
 use safeprobe_train::run::{Cancel, Event, RunConfig};
-use safeprobe_wire::{Comparison, Condition, Defence, Judge, Mechanism, Method, RunResult};
+use safeprobe_wire::{Comparison, Condition, Defence, Judge, Mechanism, Method, Part, RunResult};
 
 use super::aggregate::condition;
 use super::report::render;
@@ -21,7 +21,11 @@ use crate::tasks::Labelled;
 
 /// What the comparison reports while it works.
 pub enum Progress<'a> {
-    Stage(String),
+    /// A part begins: the base model's evaluation, or one run (trained, then evaluated).
+    Stage {
+        name: String,
+        part: Part,
+    },
     Train(&'a Event),
 }
 
@@ -138,7 +142,12 @@ pub fn run(
         toml::to_string_pretty(config).expect("toml").as_bytes(),
     )?;
 
-    progress(Progress::Stage("evaluating the base model".into()));
+    let of = config.parts();
+    let mut part = 1;
+    progress(Progress::Stage {
+        name: "evaluating the base model".into(),
+        part: Part { number: part, of },
+    });
     let model = config.model_dir()?;
     let base_dir = config.run_dir(0.0, Method::Base, 0);
     let evaluation = Evaluation {
@@ -179,7 +188,11 @@ pub fn run(
                 } else {
                     format!("{} (seed {seed})", method.name())
                 };
-                progress(Progress::Stage(label));
+                part += 1;
+                progress(Progress::Stage {
+                    name: label,
+                    part: Part { number: part, of },
+                });
                 let run_config = config.checked_run(poison, method, seed, &model)?;
                 runs.push(fine_tune_and_evaluate(
                     &run_config,

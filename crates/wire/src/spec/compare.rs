@@ -388,6 +388,12 @@ impl CompareConfig {
         self.methods.iter().copied().filter(|m| *m != Method::Base)
     }
 
+    /// How many parts the comparison runs in: the base model's evaluation, then one run per
+    /// condition, seed and fine-tuning method.
+    pub fn parts(&self) -> usize {
+        1 + self.poison_fraction.len() * self.seeds.len() * self.fine_tuned().count()
+    }
+
     /// The run config of every condition and fine-tuning method for the first seed (the seeds
     /// differ in nothing else).
     pub fn first_seed_runs(
