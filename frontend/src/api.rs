@@ -48,26 +48,42 @@ fn auth(request: RequestBuilder) -> RequestBuilder {
 }
 
 /// What an error response says (its `ErrorBody`), or `fallback` when it says nothing readable.
-async fn error_of(response: Response, fallback: &str) -> String {
+async fn refusal(response: Response, fallback: &str) -> ErrorBody {
     match response.json::<ErrorBody>().await {
-        Ok(body) => body.error,
-        Err(_) => format!("{fallback} ({})", response.status()),
+        Ok(body) => body,
+        Err(_) => unspecific(format!("{fallback} ({})", response.status())),
     }
+}
+
+fn unspecific(error: String) -> ErrorBody {
+    ErrorBody { error, field: None }
+}
+
+async fn error_of(response: Response, fallback: &str) -> String {
+    refusal(response, fallback).await.error
 }
 
 async fn read<T: DeserializeOwned>(
     response: Result<Response, gloo_net::Error>,
 ) -> Result<T, String> {
-    let response = response.map_err(|e| format!("network: {e}"))?;
+    read_refusal(response).await.map_err(|e| e.error)
+}
+
+/// The response as a `T`, or what the server refused, with the field at fault where it names
+/// one.
+async fn read_refusal<T: DeserializeOwned>(
+    response: Result<Response, gloo_net::Error>,
+) -> Result<T, ErrorBody> {
+    let response = response.map_err(|e| unspecific(format!("network: {e}")))?;
     if !response.ok() {
-        return Err(error_of(response, "request failed").await);
+        return Err(refusal(response, "request failed").await);
     }
     // A body that does not match the type is a bug on one side: say which URL.
     let url = response.url();
     response
         .json::<T>()
         .await
-        .map_err(|e| format!("{url}: unexpected response: {e}"))
+        .map_err(|e| unspecific(format!("{url}: unexpected response: {e}")))
 }
 
 // Paths are taken by value, so that a resource's future can own the one it formats.
@@ -84,6 +100,17 @@ pub async fn post<B: Serialize, T: DeserializeOwned>(
         .json(body)
         .map_err(|e| e.to_string())?;
     read(request.send().await).await
+}
+
+/// `post` for a form: a refusal keeps the field it names, to be shown at that field.
+pub async fn post_form<B: Serialize, T: DeserializeOwned>(
+    path: impl Into<String>,
+    body: &B,
+) -> Result<T, ErrorBody> {
+    let request = auth(Request::post(&path.into()))
+        .json(body)
+        .map_err(|e| unspecific(e.to_string()))?;
+    read_refusal(request.send().await).await
 }
 
 pub async fn delete<T: DeserializeOwned>(path: impl Into<String>) -> Result<T, String> {

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use leptos::prelude::*;
 use leptos::task::spawn_local;
 use safeprobe_wire::spec::form::{self, FieldError, FormField, Input};
-use safeprobe_wire::{CreateJob, Job, JobKind};
+use safeprobe_wire::{CreateJob, ErrorBody, Job, JobKind};
 use serde_json::{Map, Value};
 
 use crate::{Live, Page, api, go};
@@ -44,7 +44,7 @@ impl ServedForm {
 
     /// A signal that turns true once the fields are here (fetching them if need be); a
     /// failed fetch is reported in `error`.
-    pub fn load(&'static self, error: RwSignal<Option<String>>) -> RwSignal<bool> {
+    pub fn load(&'static self, error: RwSignal<Option<ErrorBody>>) -> RwSignal<bool> {
         let loaded = RwSignal::new(self.fields.get().is_some());
         if !loaded.get_untracked() {
             spawn_local(async move {
@@ -53,7 +53,10 @@ impl ServedForm {
                         let _ = self.fields.set(fields);
                         loaded.set(true);
                     }
-                    Err(e) => error.set(Some(format!("the form could not be loaded: {e}"))),
+                    Err(e) => error.set(Some(ErrorBody {
+                        error: format!("the form could not be loaded: {e}"),
+                        field: None,
+                    })),
                 }
             });
         }
@@ -82,34 +85,127 @@ impl ServedForm {
     }
 }
 
+/// A form on a page: its served fields, the text of each (kept in the browser's storage, so
+/// that edits survive a reload), the config they read as, and the server's refusal of the
+/// last start.
+#[derive(Clone, Copy)]
+pub struct FormState {
+    pub form: &'static ServedForm,
+    pub loaded: RwSignal<bool>,
+    pub values: Values,
+    pub config: Config,
+    pub refusal: RwSignal<Option<ErrorBody>>,
+}
+
+impl ServedForm {
+    /// The form's state for a page: the edits kept from the last visit, else `initial`.
+    pub fn state(&'static self, initial: impl FnOnce() -> BTreeMap<String, String>) -> FormState {
+        let refusal = RwSignal::new(None);
+        let loaded = self.load(refusal);
+        let key = format!("safeprobe-form:{}", self.url);
+        let kept = storage()
+            .and_then(|s| s.get_item(&key).ok().flatten())
+            .and_then(|text| serde_json::from_str(&text).ok());
+        let values = RwSignal::new(kept.unwrap_or_else(initial));
+        // Every edit is kept, and clears the server's refusal of the values before it.
+        Effect::new(move |_| {
+            let text = values.with(|v| serde_json::to_string(v).expect("text map"));
+            if let Some(s) = storage() {
+                let _ = s.set_item(&key, &text);
+            }
+            refusal.set(None);
+        });
+        FormState {
+            form: self,
+            loaded,
+            values,
+            config: self.config(loaded, values),
+            refusal,
+        }
+    }
+}
+
+fn storage() -> Option<web_sys::Storage> {
+    web_sys::window()?.local_storage().ok()?
+}
+
 /// Starts a job of `kind` with the form's config (nothing while a field does not read) and
-/// opens its page; the server's refusal goes to `error`.
-pub fn start_job(live: Live, kind: JobKind, config: Config, error: RwSignal<Option<String>>) {
-    let Ok(config) = config.get_untracked() else {
+/// opens its page; the server's refusal goes to the form, at the field it names.
+pub fn start_job(live: Live, kind: JobKind, state: FormState) {
+    let Ok(config) = state.config.get_untracked() else {
         return;
     };
     let request = CreateJob {
         kind,
         config: Value::Object(config),
     };
+    state.refusal.set(None);
     spawn_local(async move {
-        match api::post::<_, Job>("/api/jobs", &request).await {
+        match api::post_form::<_, Job>("/api/jobs", &request).await {
             Ok(job) => {
                 live.jobs.refetch();
                 go(Page::Run(job.id));
             }
-            Err(e) => error.set(Some(e)),
+            Err(refusal) => state.refusal.set(Some(refusal)),
         }
     })
 }
 
-/// The sections of `form` whose keys start with `prefix`, each a card of its fields.
+/// The form's field a refusal names (its key within the request is `config.<field key>`), and
+/// what it says without the key.
+fn refused_field(state: FormState, refusal: &ErrorBody) -> Option<(&'static FormField, String)> {
+    let key = refusal.field.as_deref()?.strip_prefix("config.")?;
+    let field = state.form.fields().iter().find(|f| f.key == key)?;
+    let prefix = format!("config.{key}: ");
+    let message = refusal
+        .error
+        .strip_prefix(&prefix)
+        .unwrap_or(&refusal.error);
+    Some((field, message.to_string()))
+}
+
+/// The start button with what stands in its way, kept in sight at the foot of the window
+/// (`position: sticky`) however long the form: a field that does not read, or the server's
+/// refusal, named by the field's label (the message itself is also at the field).
+#[component]
+pub fn StartBar(
+    state: FormState,
+    /// The button's text and its element id.
+    label: &'static str,
+    id: &'static str,
+    on_start: impl Fn() + 'static,
+) -> impl IntoView {
+    let blocked = move || match state.config.get() {
+        Err(e) => {
+            let label = state
+                .form
+                .fields()
+                .iter()
+                .find(|f| f.key == e.key)
+                .map_or(e.key.clone(), |f| f.label.clone());
+            Some(format!("“{label}” above: expected {}", e.expected))
+        }
+        Ok(_) => state.refusal.with(|refusal| {
+            let refusal = refusal.as_ref()?;
+            Some(match refused_field(state, refusal) {
+                Some((field, message)) => format!("“{}” above: {message}", field.label),
+                None => refusal.error.clone(),
+            })
+        }),
+    };
+    view! {
+        <div class="start-bar">
+            <button class="primary" id=id on:click=move |_| on_start()
+                disabled=move || !state.loaded.get() || state.config.with(Result::is_err)>{label}</button>
+            {move || blocked().map(|b| view! { <span class="error" id="form-error">{b}</span> })}
+        </div>
+    }
+}
+
+/// The sections of the form whose keys start with `prefix`, each a card of its fields.
 #[component]
 pub fn FormSections(
-    form: &'static ServedForm,
-    loaded: RwSignal<bool>,
-    values: Values,
-    config: Config,
+    state: FormState,
     #[prop(default = "")] prefix: &'static str,
     /// Leave out the fields under this prefix (shown elsewhere).
     #[prop(optional)]
@@ -119,8 +215,8 @@ pub fn FormSections(
         field.key.starts_with(prefix) && except.is_none_or(|e| !field.key.starts_with(e))
     };
     move || {
-        loaded.get().then(|| {
-            form.sections()
+        state.loaded.get().then(|| {
+            state.form.sections()
                 .into_iter()
                 .filter_map(|(section, fields)| {
                     let fields: Vec<&'static FormField> = fields.into_iter().filter(shown).collect();
@@ -128,7 +224,7 @@ pub fn FormSections(
                         <div class="card">
                             <h2>{section}</h2>
                             <div class="form">
-                                {fields.into_iter().map(|field| view! { <FieldInput field values config/> }).collect_view()}
+                                {fields.into_iter().map(|field| view! { <FieldInput field state/> }).collect_view()}
                             </div>
                         </div>
                     })
@@ -230,9 +326,11 @@ fn set_text(values: Values, key: &str, text: String) {
 }
 
 /// One field: its input (text, choice, choices or checkbox) with the default as its
-/// placeholder, its help, and its error if its text does not read.
+/// placeholder, its help, and its error: its text's, checked as it is typed, or the server's
+/// refusal of it.
 #[component]
-pub fn FieldInput(field: &'static FormField, values: Values, config: Config) -> impl IntoView {
+pub fn FieldInput(field: &'static FormField, state: FormState) -> impl IntoView {
+    let FormState { values, config, .. } = state;
     let key = field.key.as_str();
     let get = move || values.with(|v| v.get(key).cloned().unwrap_or_default());
     let input = match &field.input {
@@ -254,11 +352,16 @@ pub fn FieldInput(field: &'static FormField, values: Values, config: Config) -> 
             .into_any()
         }
     };
-    let error = move || match config.get() {
-        Err(e) if e.key == key => Some(view! {
-            <div class="help error">{format!("{}: expected {}", field.label, e.expected)}</div>
-        }),
-        _ => None,
+    let error = move || {
+        let message = match config.get() {
+            Err(e) if e.key == key => Some(format!("expected {}", e.expected)),
+            Err(_) => None,
+            Ok(_) => state.refusal.with(|refusal| {
+                let (refused, message) = refused_field(state, refusal.as_ref()?)?;
+                (refused.key == key).then_some(message)
+            }),
+        };
+        message.map(|m| view! { <div class="help error field-error" data-key=key>{format!("{}: {m}", field.label)}</div> })
     };
     let label = if field.required {
         format!("{} *", field.label)

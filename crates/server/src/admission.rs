@@ -76,10 +76,13 @@ fn check_answer_length(
     const PROMPT_ROOM: usize = 64;
     let context = model.max_position_embeddings;
     if max_new_tokens > context.saturating_sub(PROMPT_ROOM) {
-        return Err(ApiError::Invalid(format!(
-            "{field}: {max_new_tokens} leaves too little of this model's context of {context} \
-             tokens for the prompt"
-        )));
+        return Err(ApiError::field(
+            field,
+            format!(
+                "{max_new_tokens} leaves too little of this model's context of {context} \
+                 tokens for the prompt"
+            ),
+        ));
     }
     Ok(())
 }

@@ -404,6 +404,7 @@ pub async fn chat(
                 "error",
                 &ErrorBody {
                     error: e.to_string(),
+                    field: None,
                 },
             ));
         }

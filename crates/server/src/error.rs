@@ -4,12 +4,20 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use safeprobe_wire::SpecError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    /// The request is malformed or a field is invalid (400).
+    /// The request is malformed (400).
     #[error("{0}")]
     Invalid(String),
+    /// A field of the request is wrong (400), named by its key within the request
+    /// (`config.max_steps`), so that a form can show the message at the field.
+    #[error("{0}")]
+    InvalidField(SpecError),
+    /// A path a field names lies outside the configured directories (403).
+    #[error("{0}")]
+    ForbiddenField(SpecError),
     /// Missing or wrong access token (401).
     #[error("{0}")]
     Unauthorized(String),
@@ -44,9 +52,28 @@ pub fn rejected(e: axum::extract::rejection::JsonRejection) -> ApiError {
 }
 
 impl ApiError {
+    /// Field `field` of the request is wrong: `message` says how.
+    pub fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError::InvalidField(SpecError::new(field, message))
+    }
+
+    /// The path field `field` names is outside the directories this server may touch.
+    pub fn forbidden_field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError::ForbiddenField(SpecError::new(field, message))
+    }
+
+    /// The request's field at fault, where one is.
+    pub fn faulty_field(&self) -> Option<&str> {
+        match self {
+            ApiError::InvalidField(e) | ApiError::ForbiddenField(e) => Some(&e.field),
+            _ => None,
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ApiError::Invalid(_) | ApiError::InvalidField(_) => StatusCode::BAD_REQUEST,
+            ApiError::ForbiddenField(_) => StatusCode::FORBIDDEN,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -66,6 +93,7 @@ impl IntoResponse for ApiError {
         }
         let body = safeprobe_wire::ErrorBody {
             error: self.to_string(),
+            field: self.faulty_field().map(str::to_string),
         };
         (self.status(), Json(body)).into_response()
     }
@@ -77,9 +105,9 @@ impl IntoResponse for ApiError {
 /// except a cancelled run, which is a state conflict (409). The server's own faults (its
 /// database, its folders, starting a job's process) are `Internal` where they happen.
 /// A config value that is wrong, named by its key within the request's `config`.
-impl From<safeprobe_wire::SpecError> for ApiError {
-    fn from(error: safeprobe_wire::SpecError) -> Self {
-        ApiError::Invalid(error.within("config").to_string())
+impl From<SpecError> for ApiError {
+    fn from(error: SpecError) -> Self {
+        ApiError::InvalidField(error.within("config"))
     }
 }
 

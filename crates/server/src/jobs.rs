@@ -67,8 +67,8 @@ impl Places {
                 }
                 safeprobe_model::hub::cached(name, &self.hub.revision, &self.hub.cache_dir)
                     .ok_or_else(|| {
-                        ApiError::Invalid(format!(
-                            "{field}: {name:?} is not in the model directories, nor pulled into the Hugging Face cache; pull it first (the Models page, or `safeprobe pull {name}`)"
+                        ApiError::field(field, format!(
+                            "{name:?} is not in the model directories, nor pulled into the Hugging Face cache; pull it first (the Models page, or `safeprobe pull {name}`)"
                         ))
                     })
             }),
@@ -187,9 +187,10 @@ fn confine_paths(
                 table.insert(name.into(), Value::String(path.display().to_string()));
             }
             Some(other) => {
-                return Err(ApiError::Invalid(format!(
-                    "{field}: expected a path string, found {other}"
-                )));
+                return Err(ApiError::field(
+                    field,
+                    format!("expected a path string, found {other}"),
+                ));
             }
         }
     }
@@ -223,8 +224,9 @@ fn set_keys(map: &serde_json::Map<String, Value>) -> serde_json::Map<String, Val
 /// Refuses a server-chosen key in a request.
 fn refuse_output_dir(map: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
     if map.contains_key("output_dir") {
-        return Err(ApiError::Invalid(
-            "config.output_dir: the server chooses the run directory; remove it".into(),
+        return Err(ApiError::field(
+            "config.output_dir",
+            "the server chooses the run directory; remove it",
         ));
     }
     Ok(())
@@ -240,15 +242,18 @@ fn check_device(map: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
     let choice: DeviceChoice = device
         .as_str()
         .ok_or_else(|| {
-            ApiError::Invalid(format!("config.device: expected a string, found {device}"))
+            ApiError::field(
+                "config.device",
+                format!("expected a string, found {device}"),
+            )
         })?
         .parse()
-        .map_err(|e| ApiError::Invalid(format!("config.device: {e}")))?;
+        .map_err(|e| ApiError::field("config.device", format!("{e}")))?;
     if choice == DeviceChoice::Wgpu && list_adapters().is_empty() {
-        return Err(ApiError::Invalid(
-            "config.device: \"wgpu\" was asked for, but this machine has no wgpu adapter; \
-             use \"cpu\" or \"auto\""
-                .into(),
+        return Err(ApiError::field(
+            "config.device",
+            "\"wgpu\" was asked for, but this machine has no wgpu adapter; use \"cpu\" or \
+             \"auto\"",
         ));
     }
     Ok(())
@@ -366,10 +371,13 @@ fn planned_steps(config: &RunConfig) -> Result<usize, ApiError> {
 fn check_steps(steps: usize, places: &Places, field: &str) -> Result<(), ApiError> {
     let limit = places.limits.max_steps;
     if steps > limit {
-        return Err(ApiError::Invalid(format!(
-            "{field}: {steps} steps is over this server's limit of {limit} \
-             (start it with --max-steps to allow longer runs)"
-        )));
+        return Err(ApiError::field(
+            field,
+            format!(
+                "{steps} steps is over this server's limit of {limit} \
+                 (start it with --max-steps to allow longer runs)"
+            ),
+        ));
     }
     Ok(())
 }
@@ -377,10 +385,13 @@ fn check_steps(steps: usize, places: &Places, field: &str) -> Result<(), ApiErro
 fn check_retention(keep: usize, places: &Places, field: &str) -> Result<(), ApiError> {
     let limit = places.limits.keep_checkpoints;
     if keep == 0 || keep > limit {
-        return Err(ApiError::Invalid(format!(
-            "{field}: {keep} must be in 1..={limit} on this server (start it with \
-             --keep-checkpoints to keep more)"
-        )));
+        return Err(ApiError::field(
+            field,
+            format!(
+                "{keep} must be in 1..={limit} on this server (start it with \
+                 --keep-checkpoints to keep more)"
+            ),
+        ));
     }
     Ok(())
 }
@@ -400,21 +411,24 @@ fn merge(base: &mut Value, patch: Value) {
 /// Checks an evaluation job's settings beyond their types.
 fn check_eval(spec: &EvalSpec) -> Result<(), ApiError> {
     if let (Some(kind), None) = (spec.judge.needs_model(), &spec.judge_model) {
-        return Err(ApiError::Invalid(format!(
-            "config.judge_model: the {} judge needs a {kind} checkpoint{}",
-            spec.judge,
-            if kind == "guard" {
-                " (Llama Guard 3, Qwen3Guard-Gen)"
-            } else {
-                ""
-            }
-        )));
+        return Err(ApiError::field(
+            "config.judge_model",
+            format!(
+                "the {} judge needs a {kind} checkpoint{}",
+                spec.judge,
+                if kind == "guard" {
+                    " (Llama Guard 3, Qwen3Guard-Gen)"
+                } else {
+                    ""
+                }
+            ),
+        ));
     }
     if spec.max_new_tokens == 0 || spec.max_new_tokens > 4096 {
-        return Err(ApiError::Invalid(format!(
-            "config.max_new_tokens: {} must be in 1..=4096",
-            spec.max_new_tokens
-        )));
+        return Err(ApiError::field(
+            "config.max_new_tokens",
+            format!("{} must be in 1..=4096", spec.max_new_tokens),
+        ));
     }
     Ok(())
 }
@@ -585,9 +599,10 @@ mod tests {
             ] {
                 let err = validate(*kind, with_field(key, &escape), 0, &places).unwrap_err();
                 assert!(
-                    matches!(err, ApiError::Forbidden(_)),
+                    matches!(err, ApiError::ForbiddenField(_)),
                     "{kind:?} {key} = {escape}: {err}"
                 );
+                assert_eq!(err.faulty_field(), Some(&*format!("config.{key}")));
                 assert!(
                     err.to_string().starts_with(&format!("config.{key}:")),
                     "{kind:?} {key}: {err}"

@@ -32,13 +32,16 @@ impl Roots {
     /// inside a root; `field` names the request field in errors.
     pub fn resolve(&self, field: &str, requested: &str) -> Result<PathBuf, ApiError> {
         let forbidden = || {
-            ApiError::Forbidden(format!(
-                "{field}: {requested:?} is outside the configured {} directories",
-                self.what
-            ))
+            ApiError::forbidden_field(
+                field,
+                format!(
+                    "{requested:?} is outside the configured {} directories",
+                    self.what
+                ),
+            )
         };
         if requested.is_empty() {
-            return Err(ApiError::Invalid(format!("{field}: empty path")));
+            return Err(ApiError::field(field, "empty path"));
         }
         let path = Path::new(requested);
         if path.components().any(|c| c == Component::ParentDir) {
@@ -62,10 +65,10 @@ impl Roots {
         if found_outside || path.is_absolute() {
             return Err(forbidden());
         }
-        Err(ApiError::Invalid(format!(
-            "{field}: {requested:?} not found in the {} directories",
-            self.what
-        )))
+        Err(ApiError::field(
+            field,
+            format!("{requested:?} not found in the {} directories", self.what),
+        ))
     }
 }
 
@@ -93,12 +96,11 @@ mod tests {
             "link",
         ] {
             let err = roots.resolve("train_data", bad).unwrap_err();
-            assert!(matches!(err, ApiError::Forbidden(_)), "{bad}: {err}");
+            assert!(matches!(err, ApiError::ForbiddenField(_)), "{bad}: {err}");
             assert!(err.to_string().starts_with("train_data:"), "{err}");
         }
-        assert!(matches!(
-            roots.resolve("train_data", "missing.jsonl").unwrap_err(),
-            ApiError::Invalid(_)
-        ));
+        let missing = roots.resolve("train_data", "missing.jsonl").unwrap_err();
+        assert_eq!(missing.faulty_field(), Some("train_data"), "{missing}");
+        assert_eq!(missing.status(), axum::http::StatusCode::BAD_REQUEST);
     }
 }

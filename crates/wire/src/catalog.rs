@@ -154,6 +154,10 @@ pub struct ChatDone {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: String,
+    /// The request's field at fault, by its key within the request (`config.max_steps`), where
+    /// the error is about one field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
 }
 
 /// `DELETE /api/jobs/{id}`.

@@ -37,13 +37,68 @@ struct Settings {
     max_tokens: RwSignal<String>,
 }
 
+/// The shared settings as the request takes them.
+struct Sampling {
+    max_new_tokens: usize,
+    temperature: f32,
+    top_p: f32,
+}
+
+/// `text` read as a `T` that `fits`, or what it should be.
+fn setting<T: std::str::FromStr>(
+    text: &str,
+    fits: impl Fn(&T) -> bool,
+    expected: &'static str,
+) -> Result<T, &'static str> {
+    text.trim().parse::<T>().ok().filter(fits).ok_or(expected)
+}
+
+impl Settings {
+    fn max_new_tokens(self) -> Result<usize, &'static str> {
+        let text = self.max_tokens.get();
+        setting(
+            &text,
+            |n| (1..=4096).contains(n),
+            "a whole number from 1 to 4096",
+        )
+    }
+
+    fn temperature(self) -> Result<f32, &'static str> {
+        let text = self.temperature.get();
+        setting(
+            &text,
+            |t: &f32| t.is_finite() && *t >= 0.0,
+            "a number ≥ 0 (0: greedy)",
+        )
+    }
+
+    fn top_p(self) -> Result<f32, &'static str> {
+        let text = self.top_p.get();
+        setting(
+            &text,
+            |p: &f32| *p > 0.0 && *p <= 1.0,
+            "a number above 0, at most 1",
+        )
+    }
+
+    /// Every setting read, or none: a setting that does not read is never replaced by a
+    /// default.
+    fn sampling(self) -> Option<Sampling> {
+        Some(Sampling {
+            max_new_tokens: self.max_new_tokens().ok()?,
+            temperature: self.temperature().ok()?,
+            top_p: self.top_p().ok()?,
+        })
+    }
+}
+
 fn non_empty(text: String) -> Option<String> {
     (!text.trim().is_empty()).then_some(text)
 }
 
 impl Pane {
     /// Adds the user's turn and an empty reply, then streams the reply into it.
-    fn send(self, text: &str, settings: Settings) {
+    fn send(self, text: &str, settings: Settings, sampling: &Sampling) {
         self.transcript.update(|t| {
             t.push(("user".into(), text.to_string()));
             t.push(("assistant".into(), String::new()));
@@ -63,9 +118,9 @@ impl Pane {
             adapter: non_empty(self.adapter.get_untracked()),
             system: non_empty(settings.system.get_untracked()),
             messages,
-            max_new_tokens: settings.max_tokens.get_untracked().parse().unwrap_or(64),
-            temperature: settings.temperature.get_untracked().parse().unwrap_or(0.0),
-            top_p: settings.top_p.get_untracked().parse().unwrap_or(1.0),
+            max_new_tokens: sampling.max_new_tokens,
+            temperature: sampling.temperature,
+            top_p: sampling.top_p,
             seed: 0,
         };
         spawn_local(async move {
@@ -85,10 +140,22 @@ impl Pane {
     }
 }
 
+/// A labelled input; `check` says, as it is typed, what its text should be instead.
 #[component]
-fn Field(label: &'static str, value: RwSignal<String>) -> impl IntoView {
+fn Field(
+    label: &'static str,
+    value: RwSignal<String>,
+    #[prop(optional, into)] check: Option<Signal<Option<&'static str>>>,
+) -> impl IntoView {
+    let error = move || {
+        let expected = check?.get()?;
+        Some(
+            view! { <div class="help error field-error">{format!("{label}: expected {expected}")}</div> },
+        )
+    };
     view! {
-        <label>{label}</label><input prop:value=move || value.get() on:input=move |ev| value.set(event_target_value(&ev))/>
+        <label>{label}</label><input name=label prop:value=move || value.get() on:input=move |ev| value.set(event_target_value(&ev))/>
+        {error}
     }
 }
 
@@ -120,21 +187,25 @@ pub fn Chat() -> impl IntoView {
     let prompt = RwSignal::new(String::new());
     let send = move || {
         let text = prompt.get_untracked();
+        let Some(sampling) = untrack(|| settings.sampling()) else {
+            return;
+        };
         if text.trim().is_empty() {
             return;
         }
         prompt.set(String::new());
         for pane in panes {
-            pane.send(&text, settings);
+            pane.send(&text, settings, &sampling);
         }
     };
+    let wrong = |read: fn(Settings) -> Option<&'static str>| Signal::derive(move || read(settings));
     view! {
         <h1>"Chat"</h1>
         <div class="card form">
             <Field label="system prompt" value=settings.system/>
-            <Field label="temperature (0 = greedy)" value=settings.temperature/>
-            <Field label="top-p" value=settings.top_p/>
-            <Field label="max new tokens" value=settings.max_tokens/>
+            <Field label="temperature (0 = greedy)" value=settings.temperature check=wrong(|s| s.temperature().err())/>
+            <Field label="top-p" value=settings.top_p check=wrong(|s| s.top_p().err())/>
+            <Field label="max new tokens" value=settings.max_tokens check=wrong(|s| s.max_new_tokens().err())/>
         </div>
         <div class="chat">
             {panes.into_iter().enumerate().map(|(index, pane)| view! { <PaneView index pane/> }).collect_view()}
@@ -142,7 +213,8 @@ pub fn Chat() -> impl IntoView {
         <div style="display:flex;gap:8px">
             <input id="chat-input" style="flex:1" prop:value=move || prompt.get() on:input=move |ev| prompt.set(event_target_value(&ev))
                 on:keydown=move |ev| if ev.key() == "Enter" { send() }/>
-            <button class="primary" id="chat-send" on:click=move |_| send()>"Send to both"</button>
+            <button class="primary" id="chat-send" on:click=move |_| send()
+                disabled=move || settings.sampling().is_none()>"Send to both"</button>
         </div>
     }
 }

@@ -11,7 +11,7 @@ use super::{
     with_jobs,
 };
 use crate::charts::line_chart;
-use crate::config_form::{COMPARE_FORM, FormSections, Values, start_job};
+use crate::config_form::{COMPARE_FORM, FormSections, StartBar, start_job};
 use crate::files::trains_lora;
 use crate::series::{COLORS, Metric, Series};
 use crate::{Page, api};
@@ -59,21 +59,16 @@ pub fn Compare() -> impl IntoView {
 #[component]
 fn NewComparison() -> impl IntoView {
     let live = live();
-    let values: Values = RwSignal::new(BTreeMap::new());
-    let error = RwSignal::new(None::<String>);
-    let loaded = COMPARE_FORM.load(error);
-    let config = COMPARE_FORM.config(loaded, values);
-    let submit = move |_| start_job(live, JobKind::Compare, config, error);
+    let state = COMPARE_FORM.state(BTreeMap::new);
     view! {
         <details class="card" id="new-comparison">
             <summary>"A comparison of your own: methods, seeds, poisoning, task, judge and trainer settings (empty fields keep the demo comparison's values)"</summary>
-            <FormSections form=&COMPARE_FORM loaded values config except="train."/>
+            <FormSections state except="train."/>
             <details>
                 <summary>"Trainer settings of every run"</summary>
-                <FormSections form=&COMPARE_FORM loaded values config prefix="train."/>
+                <FormSections state prefix="train."/>
             </details>
-            {move || error.get().map(|e| view! { <p class="error" id="compare-error">{e}</p> })}
-            <button class="primary" id="start-comparison" on:click=submit disabled=move || !loaded.get() || config.get().is_err()>"Start comparison"</button>
+            <StartBar state label="Start comparison" id="start-comparison" on_start=move || start_job(live, JobKind::Compare, state)/>
         </details>
     }
 }

@@ -2,8 +2,6 @@
 //! first examples read through the model's chat template before training on it, and put any
 //! listed file into the form.
 
-use std::collections::BTreeMap;
-
 use leptos::html;
 use leptos::prelude::*;
 use leptos::task::spawn_local;
@@ -16,7 +14,7 @@ use crate::files::{bytes_in_words, field_for, holds_in_words, preview_url};
 type Datasets = LocalResource<Result<Vec<DatasetEntry>, String>>;
 
 /// The form's text, by run-config key (what the New-run page edits).
-type FormValues = RwSignal<BTreeMap<String, String>>;
+use crate::config_form::Values as FormValues;
 
 #[component]
 pub fn DataFiles(values: FormValues) -> impl IntoView {

@@ -8,21 +8,16 @@ use safeprobe_wire::JobKind;
 
 use super::{harmful_score, live, model_name, or_dash, with_jobs};
 use crate::Page;
-use crate::config_form::{EVAL_FORM, FormSections, start_job};
+use crate::config_form::{EVAL_FORM, FormSections, StartBar, start_job};
 
 #[component]
 pub fn Evaluate() -> impl IntoView {
     let live = live();
-    let values = RwSignal::new(BTreeMap::from([("model".to_string(), "demo".to_string())]));
-    let error = RwSignal::new(None::<String>);
-    let loaded = EVAL_FORM.load(error);
-    let config = EVAL_FORM.config(loaded, values);
-    let submit = move |_| start_job(live, JobKind::Eval, config, error);
+    let state = EVAL_FORM.state(|| BTreeMap::from([("model".to_string(), "demo".to_string())]));
     view! {
         <h1>"Evaluate"</h1>
-        <FormSections form=&EVAL_FORM loaded values config/>
-        {move || error.get().map(|e| view! { <p class="error" id="eval-error">{e}</p> })}
-        <button class="primary" id="start-eval" on:click=submit disabled=move || !loaded.get() || config.get().is_err()>"Evaluate"</button>
+        <FormSections state/>
+        <StartBar state label="Evaluate" id="start-eval" on_start=move || start_job(live, JobKind::Eval, state)/>
         <h2>"Evaluations"</h2>
         {with_jobs(|jobs| view! {
             <table>

@@ -2,7 +2,6 @@
 //! what it pulled into its Hugging Face cache), and a form to pull one from the Hub by name,
 //! with each download's progress.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use leptos::prelude::*;
@@ -16,7 +15,7 @@ use crate::files::{bytes_in_words, pull_in_words};
 type ModelList = LocalResource<Result<Vec<ModelSummary>, String>>;
 
 /// The form's text, by run-config key (what the New-run page edits).
-type FormValues = RwSignal<BTreeMap<String, String>>;
+use crate::config_form::Values as FormValues;
 
 #[component]
 pub fn Models(values: FormValues) -> impl IntoView {

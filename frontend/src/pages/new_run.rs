@@ -10,7 +10,7 @@ use safeprobe_wire::JobKind;
 use super::datasets::DataFiles;
 use super::live;
 use super::models::Models;
-use crate::config_form::{FormSections, RUN_FORM, as_toml, start_job};
+use crate::config_form::{FormSections, RUN_FORM, StartBar, as_toml, start_job};
 
 /// A starting point for the form.
 #[derive(Clone, Copy)]
@@ -46,25 +46,21 @@ fn preset(preset: Preset) -> BTreeMap<String, String> {
 #[component]
 pub fn NewRun() -> impl IntoView {
     let live = live();
-    let values = RwSignal::new(preset(Preset::Demo));
-    let server_error = RwSignal::new(None::<String>);
-    let loaded = RUN_FORM.load(server_error);
-    let config = RUN_FORM.config(loaded, values);
-    let submit = move |_| start_job(live, JobKind::Train, config, server_error);
+    let state = RUN_FORM.state(|| preset(Preset::Demo));
+    let values = state.values;
     view! {
         <h1>"New run"</h1>
         <div>"Presets: "
             <button on:click=move |_| values.set(preset(Preset::Paper))>"paper defaults"</button> " "
             <button id="preset-demo" on:click=move |_| values.set(preset(Preset::Demo))>"demo"</button>
-            <span class="help">" (the demo preset fine-tunes the demo model on the built-in word-reversal task)"</span>
+            <span class="help">" (the demo preset fine-tunes the demo model on the built-in word-reversal task; your edits are kept in this browser until you pick a preset)"</span>
         </div>
         <Models values/>
         <DataFiles values/>
-        <FormSections form=&RUN_FORM loaded values config/>
-        {move || server_error.get().map(|e| view! { <p class="error" id="server-error">{e}</p> })}
-        <button class="primary" id="start-run" on:click=submit disabled=move || !loaded.get() || config.get().is_err()>"Start run"</button>
+        <FormSections state/>
+        <StartBar state label="Start run" id="start-run" on_start=move || start_job(live, JobKind::Train, state)/>
         <h2>"The same run from the command line"</h2>
-        <pre id="config-toml">{move || match config.get() {
+        <pre id="config-toml">{move || match state.config.get() {
             Ok(c) => format!("# safeprobe train --config run.toml   (add output_dir = \"runs/name\")\n{}", as_toml(&c)),
             Err(e) => e.to_string(),
         }}</pre>

@@ -226,7 +226,8 @@ pub(crate) fn as_text(value: &Value) -> String {
 }
 
 /// The config from a form's text (key → text): empty fields are left out (the type's default
-/// applies), and a dotted key goes into its table.
+/// applies), except a required one of the config itself (never silently replaced: the model,
+/// the training data), and a dotted key goes into its table.
 pub fn config_from_text(
     fields: &[FormField],
     values: &BTreeMap<String, String>,
@@ -234,13 +235,18 @@ pub fn config_from_text(
     let mut root = Map::new();
     for field in fields {
         let raw = values.get(&field.key).map(|s| s.trim()).unwrap_or_default();
-        if raw.is_empty() {
-            continue;
-        }
         let wrong = |expected| FieldError {
             key: field.key.clone(),
             expected,
         };
+        if raw.is_empty() {
+            // A table's own required keys are required only where the table is given.
+            let of_the_config = !field.key.contains('.');
+            if field.required && of_the_config && !field.server_sets {
+                return Err(wrong("a value (this field is required)"));
+            }
+            continue;
+        }
         let whole = |s: &str| s.parse::<u64>().map(Value::from);
         let value = match &field.input {
             Input::Text => Value::String(raw.to_string()),
@@ -485,8 +491,17 @@ mod tests {
     #[test]
     fn text_that_does_not_read_as_its_input_is_named() {
         let form = fields(&example());
-        let values = |key: &str, text: &str| BTreeMap::from([(key.to_string(), text.to_string())]);
+        let values = |key: &str, text: &str| {
+            let mut values = BTreeMap::from([
+                ("model".to_string(), "m".to_string()),
+                ("train_data".to_string(), "t.jsonl".to_string()),
+            ]);
+            values.insert(key.to_string(), text.to_string());
+            values
+        };
         for (key, text, expected) in [
+            ("model", " ", "a value (this field is required)"),
+            ("train_data", "", "a value (this field is required)"),
             ("max_steps", "lots", "a whole number ≥ 0"),
             ("max_steps", "-3", "a whole number ≥ 0"),
             ("lr", "fast", "a number"),
