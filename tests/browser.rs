@@ -511,12 +511,13 @@ fn the_ui_runs_a_job_shows_live_charts_a_comparison_and_chats() {
             .contains("seeds: expected whole numbers")
             .then_some(())
     });
-    browser.type_into("input[name='seeds']", "0");
+    browser.type_into("input[name='seeds']", "0, 1");
     browser.click("#new-comparison details > summary");
     for (key, value) in [
         ("max_steps", "2"),
         ("batch_size", "2"),
         ("safety_batch_size", "2"),
+        ("sap.cosine_every", "1"),
     ] {
         browser.type_into(&format!("input[name='train.{key}']"), value);
     }
@@ -537,17 +538,66 @@ fn the_ui_runs_a_job_shows_live_charts_a_comparison_and_chats() {
         (browser.text("#job-status") == "done").then_some(())
     });
     // Its progress is the whole job's: the base model's evaluation, then one run for each of
-    // three methods under two conditions, all done; an ended job names no stage.
+    // three methods, two seeds and two conditions, all done; an ended job names no stage.
     browser.wait_for("the job's progress", || {
-        (browser.text("#job-progress") == "part 7 of 7 · 100%").then_some(())
+        (browser.text("#job-progress") == "part 13 of 13 · 100%").then_some(())
     });
     assert_eq!(browser.text("#job-stage"), "");
+    // Its charts put each method's seeds together: one chart per condition, one line per
+    // method with the band between its seeds, in the method's colour on every chart.
+    let chart = |title: &str| {
+        browser.script(&format!(
+            "const c = document.querySelector('[data-title=\"{title}\"]'); return c ? \
+             [c.querySelectorAll('polyline').length, c.querySelectorAll('polygon.band').length, \
+              [...c.querySelectorAll('.legend-entry')].map(e => e.dataset.series + ' ' + e.style.color).join(', ')] : null;"
+        ))
+    };
+    let (benign, poisoned) = (
+        "Task loss · benign data",
+        "Task loss · benign data, 10% poisoned",
+    );
+    let drawn = browser.wait_for("the aggregated task-loss chart", || {
+        Some(chart(benign)).filter(|c| !c.is_null())
+    });
+    assert_eq!(drawn[0], 3, "{drawn}");
+    assert_eq!(drawn[1], 3, "{drawn}");
+    assert_eq!(drawn[2], chart(poisoned)[2], "the same methods and colours");
+    assert!(drawn[2].as_str().unwrap().starts_with("sft "), "{drawn}");
+    // A legend entry hides its method on every chart, and shows it again.
+    browser.click(&format!(
+        "[data-title='{benign}'] .legend-entry[data-series='sap']"
+    ));
+    browser.wait_for("sap hidden on the other condition's chart", || {
+        (chart(poisoned)[0] == 2).then_some(())
+    });
+    browser.screenshot("06a-comparison-charts");
+    browser.click(&format!(
+        "[data-title='{poisoned}'] .legend-entry[data-series='sap']"
+    ));
+    browser.wait_for("sap shown again", || (chart(benign)[0] == 3).then_some(()));
+    // Every run that measured the mechanism can be picked; a SAP run is shown first.
+    let runs = browser
+        .script("return [...document.querySelectorAll('#mechanism-run option')].map(o => o.value)");
+    let runs: Vec<String> = serde_json::from_value(runs).unwrap();
+    let sap: Vec<&String> = runs.iter().filter(|r| r.starts_with("sap ")).collect();
+    assert_eq!(sap.len(), 4, "{runs:?}");
+    let shown = || browser.script("return document.querySelector('#mechanism-run').value");
+    assert_eq!(shown().as_str(), Some(sap[0].as_str()));
+    browser.click(&format!("#mechanism-run option[value='{}']", sap[3]));
+    browser.wait_for("the picked run's mechanism", || {
+        (shown().as_str() == Some(sap[3].as_str())).then_some(())
+    });
+    assert!(
+        browser
+            .find("#mechanism [data-title^='Does the probe']")
+            .is_some()
+    );
     browser.open(&format!("{base}/#/runs"));
     let listed = browser.wait_for("the comparison's progress in the runs list", || {
         let t = browser.text(&format!("tr[data-job='{comparison}'] .job-progress"));
         (!t.is_empty()).then_some(t)
     });
-    assert_eq!(listed, "part 7 of 7 · 100%");
+    assert_eq!(listed, "part 13 of 13 · 100%");
     browser.open(&format!("{base}/#/compare"));
     let table = browser.wait_for("the comparison table", || {
         let t = browser.text("table.comparison");

@@ -502,7 +502,7 @@ fn a_shortened_comparison_fills_every_column() {
     let config = CompareConfig::parse(compare::DEMO_CONFIG, &overrides, Path::new("test")).unwrap();
     let (mut stages, mut parts) = (Vec::new(), Vec::new());
     let comparison = compare::run(&config, &cpu(), &Default::default(), |p| {
-        if let compare::Progress::Stage { name, part } = p {
+        if let compare::Progress::Stage { name, part, .. } = p {
             stages.push(name);
             parts.push((part.number, part.of));
         }

@@ -2,18 +2,35 @@
 //! with no leptos or browser in them, so that they are tested natively (`cargo test` in
 //! frontend/) and a renamed field is a compile error here rather than an empty chart.
 
-use safeprobe_wire::{Event, JobProgress, LiveMessage, StoredEvent};
+use std::collections::BTreeMap;
+
+use safeprobe_wire::{Event, JobProgress, LiveMessage, Method, RunOf, StoredEvent};
 
 pub const COLORS: [&str; 8] = [
     "#2f5bd3", "#c0392b", "#1e8449", "#8e44ad", "#d68910", "#17a589", "#7f8c8d", "#e84393",
 ];
 
-/// One line of a chart: (step, value) points.
-#[derive(Clone, Debug, PartialEq)]
+/// One line of a chart: (step, value) points, and for a line that is the mean of several
+/// runs, their (step, least, greatest) at each of its steps.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Series {
     pub name: String,
     pub color: &'static str,
     pub points: Vec<(f64, f64)>,
+    pub band: Vec<(f64, f64, f64)>,
+}
+
+/// Each method's colour, the same on every chart and page.
+pub fn method_color(method: Method) -> &'static str {
+    match method {
+        Method::Base => "#7f8c8d",
+        Method::Sft => "#2f5bd3",
+        Method::Sap => "#c0392b",
+        Method::Mix => "#1e8449",
+        Method::SafeGrad => "#8e44ad",
+        Method::Lisa => "#d68910",
+        Method::Sppft => "#17a589",
+    }
 }
 
 /// The job's events in order: the stored ones, then the live ones of job `job` numbered
@@ -47,7 +64,9 @@ pub fn status_changes(live: &[LiveMessage], job: i64) -> usize {
 pub struct Segment {
     /// The stage that started it ("sft (seed 0)"), or "run" before any stage.
     pub name: String,
-    /// Its step and validation events.
+    /// Which of a comparison's runs it is.
+    pub run: Option<RunOf>,
+    /// Its step, validation, safety-check and warning events.
     pub events: Vec<Event>,
 }
 
@@ -56,23 +75,142 @@ pub struct Segment {
 pub fn segments(events: &[Event]) -> Vec<Segment> {
     let mut out = vec![Segment {
         name: "run".into(),
+        run: None,
         events: Vec::new(),
     }];
     for event in events {
         match event {
-            Event::Stage { stage, .. } => out.push(Segment {
+            Event::Stage { stage, run, .. } => out.push(Segment {
                 name: stage.clone(),
+                run: run.clone(),
                 events: Vec::new(),
             }),
-            Event::Step { .. } | Event::Validation { .. } | Event::SafetyCheck { .. } => out
+            Event::Step { .. }
+            | Event::Validation { .. }
+            | Event::SafetyCheck { .. }
+            | Event::Warning { .. } => out
                 .last_mut()
                 .expect("starts with one")
                 .events
                 .push(event.clone()),
-            Event::Done { .. } | Event::Status { .. } | Event::Warning { .. } => {}
+            Event::Done { .. } | Event::Status { .. } => {}
         }
     }
-    out.retain(|s| !s.events.is_empty());
+    out.retain(|s| s.events.iter().any(|e| !matches!(e, Event::Warning { .. })));
+    out
+}
+
+/// The runs of one method under one condition (a comparison's seeds), or a run of its own.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Group<'a> {
+    /// The method's name ("sap"), or the run's.
+    pub name: String,
+    pub color: &'static str,
+    /// The condition its runs trained under, for a comparison's runs.
+    pub condition: Option<String>,
+    pub runs: Vec<&'a Segment>,
+}
+
+/// The runs put together by method and condition, in the order each first appears; a run
+/// that is not a comparison's is a group of its own.
+pub fn groups(segments: &[Segment]) -> Vec<Group<'_>> {
+    let mut out: Vec<Group> = Vec::new();
+    for segment in segments {
+        let Some(run) = &segment.run else {
+            let color = COLORS[out.len() % COLORS.len()];
+            out.push(Group {
+                name: segment.name.clone(),
+                color,
+                condition: None,
+                runs: vec![segment],
+            });
+            continue;
+        };
+        let name = run.method.name().to_string();
+        let same = |g: &&mut Group| g.name == name && g.condition.as_ref() == Some(&run.condition);
+        match out.iter_mut().find(same) {
+            Some(group) => group.runs.push(segment),
+            None => out.push(Group {
+                name,
+                color: method_color(run.method),
+                condition: Some(run.condition.clone()),
+                runs: vec![segment],
+            }),
+        }
+    }
+    out
+}
+
+/// The conditions the groups trained under, in order (none: runs that are not a comparison's).
+pub fn conditions(groups: &[Group]) -> Vec<Option<String>> {
+    let mut out: Vec<Option<String>> = Vec::new();
+    for group in groups {
+        if !out.contains(&group.condition) {
+            out.push(group.condition.clone());
+        }
+    }
+    out
+}
+
+/// One line per group for `metric`: at each step any of its runs measured, the mean of the
+/// runs that did, and for a group of several runs, their least and greatest value there.
+pub fn group_series(groups: &[&Group], metric: Metric) -> Vec<Series> {
+    groups
+        .iter()
+        .map(|group| {
+            let mut at: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
+            for run in &group.runs {
+                for (step, value) in metric.points(&run.events) {
+                    at.entry(step.to_bits()).or_default().push(value);
+                }
+            }
+            let steps = at
+                .into_iter()
+                .map(|(bits, values)| (f64::from_bits(bits), values));
+            let mut series = Series {
+                name: group.name.clone(),
+                color: group.color,
+                ..Series::default()
+            };
+            for (step, values) in steps {
+                let mean = values.iter().sum::<f64>() / values.len() as f64;
+                series.points.push((step, mean));
+                if group.runs.len() > 1 {
+                    let least = values.iter().copied().fold(f64::INFINITY, f64::min);
+                    let greatest = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    series.band.push((step, least, greatest));
+                }
+            }
+            series
+        })
+        .collect()
+}
+
+/// The runs that measured SAP's mechanism (the probe's alignment or the per-layer cosines).
+pub fn mechanism_runs(segments: &[Segment]) -> Vec<&Segment> {
+    segments
+        .iter()
+        .filter(|s| {
+            s.events.iter().any(|e| match e {
+                Event::Step { metrics, .. } => {
+                    metrics.alignment.is_some() || metrics.grad_cosine.is_some()
+                }
+                _ => false,
+            })
+        })
+        .collect()
+}
+
+/// What a run warned of (SAP's harmful direction vanishing, say), each once.
+pub fn warnings(segment: &Segment) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for event in &segment.events {
+        if let Event::Warning { step, message } = event
+            && !out.iter().any(|m| m.ends_with(message.as_str()))
+        {
+            out.push(format!("from step {step}: {message}"));
+        }
+    }
     out
 }
 
@@ -135,39 +273,24 @@ impl Metric {
     }
 }
 
-/// One line per run for `metric`.
-pub fn metric_series(segments: &[Segment], metric: Metric) -> Vec<Series> {
-    segments
-        .iter()
-        .enumerate()
-        .map(|(i, segment)| Series {
-            name: segment.name.clone(),
-            color: COLORS[i % COLORS.len()],
-            points: metric.points(&segment.events),
-        })
-        .collect()
-}
-
-/// ‖v_j‖ of each probed layer, one line per run and layer (as many layers as the run's
+/// ‖v_j‖ of each probed layer of one run, one line per layer (as many layers as the run's
 /// first step reports).
-pub fn probe_norm_series(segments: &[Segment]) -> Vec<Series> {
-    fn steps(segment: &Segment) -> impl Iterator<Item = (f64, &Vec<f64>)> {
+pub fn probe_norm_series(segment: &Segment) -> Vec<Series> {
+    let steps = || {
         segment.events.iter().filter_map(|e| match e {
             Event::Step { step, metrics, .. } => Some((*step as f64, &metrics.probe_norms)),
             _ => None,
         })
-    }
-    segments
-        .iter()
-        .flat_map(|segment| {
-            let layers = steps(segment).next().map_or(0, |(_, norms)| norms.len());
-            (0..layers).map(move |layer| Series {
-                name: format!("{} layer {layer}", segment.name),
-                color: COLORS[layer % COLORS.len()],
-                points: steps(segment)
-                    .filter_map(|(step, norms)| Some((step, *norms.get(layer)?)))
-                    .collect(),
-            })
+    };
+    let layers = steps().next().map_or(0, |(_, norms)| norms.len());
+    (0..layers)
+        .map(|layer| Series {
+            name: format!("layer {layer}"),
+            color: COLORS[layer % COLORS.len()],
+            points: steps()
+                .filter_map(|(step, norms)| Some((step, *norms.get(layer)?)))
+                .collect(),
+            ..Series::default()
         })
         .collect()
 }
@@ -292,6 +415,7 @@ pub fn alignment_series(events: &[Event]) -> Vec<Series> {
                     _ => None,
                 })
                 .collect(),
+            ..Series::default()
         })
         .filter(|s| !s.points.is_empty())
         .collect()
@@ -344,6 +468,7 @@ mod tests {
         Event::Stage {
             stage: name.into(),
             part: None,
+            run: None,
         }
     }
 
@@ -453,18 +578,17 @@ mod tests {
     }
 
     #[test]
-    fn metric_series_take_each_metric_from_its_own_event() {
+    fn metrics_come_each_from_its_own_event() {
         let events = [
             step(1, 2.0),
             Event::Validation { step: 1, loss: 2.5 },
             step(2, 1.5),
         ];
-        let runs = segments(&events);
-        let task = metric_series(&runs, Metric::TaskLoss);
-        assert_eq!(task.len(), 1);
-        assert_eq!(task[0].points, vec![(1.0, 2.0), (2.0, 1.5)]);
-        let validation = metric_series(&runs, Metric::ValidationLoss);
-        assert_eq!(validation[0].points, vec![(1.0, 2.5)]);
+        assert_eq!(
+            Metric::TaskLoss.points(&events),
+            vec![(1.0, 2.0), (2.0, 1.5)]
+        );
+        assert_eq!(Metric::ValidationLoss.points(&events), vec![(1.0, 2.5)]);
         assert_eq!(
             Metric::LearningRate.points(&events),
             vec![(1.0, 1e-3), (2.0, 1e-3)]
@@ -473,20 +597,93 @@ mod tests {
         assert!(Metric::SafetyLoss.points(&events).is_empty());
     }
 
-    #[test]
-    fn runs_get_distinct_colours() {
-        let runs = segments(&[stage("a"), step(1, 1.0), stage("b"), step(1, 1.0)]);
-        let series = metric_series(&runs, Metric::TaskLoss);
-        assert_ne!(series[0].color, series[1].color);
+    fn run_stage(method: Method, seed: u64, condition: &str) -> Event {
+        Event::Stage {
+            stage: format!("{} (seed {seed}, {condition})", method.name()),
+            part: None,
+            run: Some(RunOf {
+                method,
+                seed,
+                condition: condition.into(),
+            }),
+        }
     }
 
     #[test]
-    fn one_probe_norm_line_per_run_and_layer() {
-        let runs = segments(&[stage("sap"), step(1, 1.0), step(2, 1.0)]);
-        let lines = probe_norm_series(&runs);
+    fn a_comparisons_seeds_are_one_line_per_method_and_condition_with_their_band() {
+        let events = [
+            run_stage(Method::Sft, 0, "benign"),
+            step(1, 2.0),
+            step(2, 1.0),
+            run_stage(Method::Sap, 0, "benign"),
+            step(1, 3.0),
+            run_stage(Method::Sft, 1, "benign"),
+            step(1, 4.0),
+            step(2, 2.0),
+            run_stage(Method::Sft, 0, "poisoned"),
+            step(1, 5.0),
+        ];
+        let runs = segments(&events);
+        let groups = groups(&runs);
+        let named: Vec<(&str, Option<&str>, usize)> = groups
+            .iter()
+            .map(|g| (g.name.as_str(), g.condition.as_deref(), g.runs.len()))
+            .collect();
+        assert_eq!(
+            named,
+            [
+                ("sft", Some("benign"), 2),
+                ("sap", Some("benign"), 1),
+                ("sft", Some("poisoned"), 1)
+            ]
+        );
+        assert_eq!(
+            conditions(&groups),
+            [Some("benign".to_string()), Some("poisoned".to_string())]
+        );
+        // A method keeps its colour under every condition.
+        assert_eq!(groups[0].color, groups[2].color);
+        assert_ne!(groups[0].color, groups[1].color);
+        let lines = group_series(&[&groups[0], &groups[1]], Metric::TaskLoss);
+        assert_eq!(lines[0].points, vec![(1.0, 3.0), (2.0, 1.5)]);
+        assert_eq!(lines[0].band, vec![(1.0, 2.0, 4.0), (2.0, 1.0, 2.0)]);
+        // One run: its own values, no band.
+        assert_eq!(lines[1].points, vec![(1.0, 3.0)]);
+        assert!(lines[1].band.is_empty());
+    }
+
+    #[test]
+    fn runs_that_are_not_a_comparisons_are_each_their_own_line() {
+        let runs = segments(&[stage("a"), step(1, 1.0), stage("b"), step(1, 1.0)]);
+        let groups = groups(&runs);
+        assert_eq!(groups.len(), 2);
+        assert_ne!(groups[0].color, groups[1].color);
+        assert_eq!(conditions(&groups), [None]);
+    }
+
+    #[test]
+    fn one_probe_norm_line_per_layer_and_the_runs_warnings_once_each() {
+        let warning = |step| Event::Warning {
+            step,
+            message: "SAP's harmful direction vanishes".into(),
+        };
+        let runs = segments(&[
+            stage("sap"),
+            step(1, 1.0),
+            warning(1),
+            step(2, 1.0),
+            warning(2),
+        ]);
+        let lines = probe_norm_series(&runs[0]);
         let names: Vec<&str> = lines.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["sap layer 0", "sap layer 1"]);
+        assert_eq!(names, ["layer 0", "layer 1"]);
         assert_eq!(lines[1].points, vec![(1.0, 0.2), (2.0, 0.4)]);
+        assert_eq!(
+            warnings(&runs[0]),
+            ["from step 1: SAP's harmful direction vanishes"]
+        );
+        // A stage with nothing but a warning is no run.
+        assert!(segments(&[stage("x"), warning(3)]).is_empty());
     }
 
     #[test]
@@ -511,6 +708,7 @@ mod tests {
         let part = |number| Event::Stage {
             stage: format!("part {number}"),
             part: Some(safeprobe_wire::Part { number, of: 4 }),
+            run: None,
         };
         let stored = [
             stored(1, part(1)),

@@ -259,7 +259,9 @@ pub fn compare(
         &selected.device,
         &Default::default(),
         |p| match p {
-            Progress::Stage { name, part } => eprintln!("== [{}/{}] {name}", part.number, part.of),
+            Progress::Stage { name, part, .. } => {
+                eprintln!("== [{}/{}] {name}", part.number, part.of)
+            }
             Progress::Train(event) => report(event),
         },
     )?;

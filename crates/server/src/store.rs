@@ -543,6 +543,7 @@ mod tests {
         let stage = |number| Event::Stage {
             stage: format!("part {number}"),
             part: Some(safeprobe_wire::Part { number, of: 3 }),
+            run: None,
         };
         store.add_event(a, &stage(1)).unwrap();
         store.add_event(a, &stage(2)).unwrap();

@@ -201,6 +201,7 @@ fn train(spec: &TrainJob, device: &Device, cancel: &Cancel) -> Result<JobResult,
     emit(&Event::Stage {
         stage: "evaluating".into(),
         part: None,
+        run: None,
     });
     let (harmful, answers) = harmful::evaluate(
         &model,
@@ -263,9 +264,10 @@ fn evaluate(spec: &EvalSpec, device: &Device, cancel: &Cancel) -> Result<JobResu
 /// The comparison: base model, then each method and seed, trained and evaluated.
 fn comparison(config: &CompareConfig, device: &Device, cancel: &Cancel) -> Result<JobResult, Stop> {
     let comparison = compare::run(config, device, cancel, |p| match p {
-        Progress::Stage { name, part } => emit(&Event::Stage {
+        Progress::Stage { name, part, run } => emit(&Event::Stage {
             stage: name,
             part: Some(part),
+            run,
         }),
         Progress::Train(event) => emit(event),
     })?;

@@ -156,6 +156,10 @@ pub enum Event {
         /// job of one part (a training run's evaluation).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         part: Option<Part>,
+        /// The run this stage trains, for a comparison's runs: charts put a method's seeds
+        /// together by it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        run: Option<RunOf>,
     },
     Status {
         status: Status,
@@ -175,6 +179,14 @@ impl Event {
             _ => None,
         }
     }
+}
+
+/// Which of a comparison's runs: its method, seed and condition (`Condition::name`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunOf {
+    pub method: crate::reports::Method,
+    pub seed: u64,
+    pub condition: String,
 }
 
 /// Part `number` (from 1) of a job's `of` parts.

@@ -17,7 +17,7 @@ pub use catalog::{
     PullRequest, PullState, PullStatus, Uploaded,
 };
 pub use events::{
-    Alignment, Defence, Event, EventPage, LiveMessage, Part, StepMetrics, StoredEvent,
+    Alignment, Defence, Event, EventPage, LiveMessage, Part, RunOf, StepMetrics, StoredEvent,
 };
 pub use jobs::{
     ChatRequest, CreateJob, EvalSpec, Job, JobKind, JobResult, JobSpec, Judge, Message, Status,

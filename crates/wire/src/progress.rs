@@ -34,7 +34,7 @@ impl JobProgress {
             return;
         }
         match event {
-            Event::Stage { stage, part } => {
+            Event::Stage { stage, part, .. } => {
                 self.stage = Some(stage.clone());
                 // A stage within a part (a run's evaluation) keeps the part's steps.
                 if part.is_some() {
@@ -134,6 +134,7 @@ mod tests {
         Event::Stage {
             stage: name.into(),
             part: part.map(|(number, of)| Part { number, of }),
+            run: None,
         }
     }
 

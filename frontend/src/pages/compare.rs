@@ -118,6 +118,7 @@ fn PickRow(job: Job, picked: RwSignal<Vec<i64>>) -> impl IntoView {
 /// One task-loss line per picked run, read again whenever the pick changes.
 #[component]
 fn PickedTaskLoss(picked: RwSignal<Vec<i64>>) -> impl IntoView {
+    let hidden = RwSignal::new(Default::default());
     let curves = LocalResource::new(move || {
         let ids = picked.get();
         async move {
@@ -132,6 +133,7 @@ fn PickedTaskLoss(picked: RwSignal<Vec<i64>>) -> impl IntoView {
                     name: format!("#{id}"),
                     color: COLORS[i % COLORS.len()],
                     points: Metric::TaskLoss.points(&events),
+                    ..Series::default()
                 });
             }
             Ok::<_, String>(curves)
@@ -145,6 +147,7 @@ fn PickedTaskLoss(picked: RwSignal<Vec<i64>>) -> impl IntoView {
                     "step",
                     "nats/token",
                     curves,
+                    hidden,
                 )
             })
         })

@@ -1,15 +1,18 @@
 //! One job: its status and progress, a comparison's table, live charts of every metric, the
 //! log, and an evaluation's judged answers.
 
+use std::collections::BTreeSet;
+
 use leptos::prelude::*;
 use safeprobe_wire::{
-    Event, HarmfulReport, Job, JobKind, JobProgress, JobResult, JudgedAnswer, Status, StoredEvent,
+    Event, HarmfulReport, Job, JobKind, JobProgress, JobResult, JudgedAnswer, Method, Status,
+    StoredEvent,
 };
 
 use super::export::ExportCard;
 use super::{ComparisonTable, JobActions, live, load_errors, loading, method_of, model_name};
-use crate::charts::{heatmap, line_chart};
-use crate::series::{self, Metric};
+use crate::charts::{Hidden, heatmap, line_chart};
+use crate::series::{self, Group, Metric, Segment};
 use crate::{api, files};
 
 #[component]
@@ -219,53 +222,114 @@ fn StatusCard(job: Job, progress: Memo<JobProgress>) -> impl IntoView {
     }
 }
 
-/// Every metric against the step, one line per run (a comparison trains several), and the
-/// per-layer gradient cosines of the newest run as a heatmap.
+/// Every metric against the step: one line per method and condition (the mean over a
+/// comparison's seeds, with the band from the least to the greatest), one chart per condition;
+/// then SAP's mechanism for a run the user picks.
 #[component]
 fn Charts(events: Memo<Vec<Event>>) -> impl IntoView {
+    let hidden: Hidden = RwSignal::new(BTreeSet::new());
     let charts = move || {
         let runs = events.with(|e| series::segments(e));
+        let groups = series::groups(&runs);
+        let conditions = series::conditions(&groups);
+        let several = conditions.len() > 1;
         let chart = |title: &str, unit: &'static str, metric: Metric| {
-            line_chart(
-                title.into(),
-                "step",
-                unit,
-                series::metric_series(&runs, metric),
-            )
+            conditions
+                .iter()
+                .map(|condition| {
+                    let of: Vec<&Group> = groups
+                        .iter()
+                        .filter(|g| g.condition == *condition)
+                        .collect();
+                    let title = match (several, condition) {
+                        (true, Some(condition)) => format!("{title} · {condition}"),
+                        _ => title.to_string(),
+                    };
+                    line_chart(
+                        title,
+                        "step",
+                        unit,
+                        series::group_series(&of, metric),
+                        hidden,
+                    )
+                })
+                .collect_view()
         };
-        let cosines = runs
-            .last()
-            .map(|run| series::cosine_heatmap(&run.events))
-            .unwrap_or_default();
-        // Held-out safety is charted only for runs that measure it (safety_eval).
+        // What only some methods measure (SAP's losses, held-out safety) is charted where a
+        // run measured it.
         let measured = |metric: Metric| {
             runs.iter()
                 .any(|run| !metric.points(&run.events).is_empty())
         };
-        let alignment = runs
-            .last()
-            .map(|run| series::alignment_series(&run.events))
-            .unwrap_or_default();
         view! {
             {chart("Task loss", "nats/token", Metric::TaskLoss)}
             {chart("Validation loss", "nats/token", Metric::ValidationLoss)}
-            {chart("Safety loss", "contrastive, nats", Metric::SafetyLoss)}
-            {chart("L_su (loss gap the probe climbs)", "nats/token", Metric::SuLoss)}
-            {line_chart("Probe norm per layer ‖v_j‖".into(), "step", "L2", series::probe_norm_series(&runs))}
-            {chart("Learning rate", "1/step", Metric::LearningRate)}
-            {chart("Throughput", "tokens/s", Metric::TokensPerSecond)}
-            {(!alignment.is_empty()).then(|| line_chart(
-                "Does the probe turn the update toward safety? cos(∇L_task, ĝ), > 0: safer".into(),
-                "step",
-                "cosine",
-                alignment,
-            ))}
-            {(!cosines.rows.is_empty()).then(|| heatmap("cos(∇L_task, ∇L_safety) per layer at the probe used (> 0: safer)".into(), cosines, 200))}
+            {measured(Metric::SafetyLoss).then(|| chart("Safety loss", "contrastive, nats", Metric::SafetyLoss))}
+            {measured(Metric::SuLoss).then(|| chart("L_su (loss gap the probe climbs)", "nats/token", Metric::SuLoss))}
             {measured(Metric::RefusalLogprob).then(|| chart("Held-out refusal log p / token (higher: readier to refuse)", "nats", Metric::RefusalLogprob))}
             {measured(Metric::PairMargin).then(|| chart("Held-out pair margin log p(safe) − log p(harmful)", "nats", Metric::PairMargin))}
+            {chart("Learning rate", "1/step", Metric::LearningRate)}
+            {chart("Throughput", "tokens/s", Metric::TokensPerSecond)}
         }
     };
-    view! { <div class="grid" id="charts">{charts}</div> }
+    view! {
+        <div class="grid" id="charts">{charts}</div>
+        <Mechanism events hidden/>
+    }
+}
+
+/// The mechanism in one run the user picks among those that measured it (SAP's runs, and SFT's
+/// at V = 0 for reference): whether the probe turns the update toward safety, the per-layer
+/// gradient cosines, the probe's norms, and in plain words what the run warned of (its harmful
+/// direction vanishing makes SAP plain SFT).
+#[component]
+fn Mechanism(events: Memo<Vec<Event>>, hidden: Hidden) -> impl IntoView {
+    let picked = RwSignal::new(None::<String>);
+    move || {
+        let runs = events.with(|e| series::segments(e));
+        let measured = series::mechanism_runs(&runs);
+        // The run picked, else the first SAP run, else the first that measured it.
+        let chosen = picked.get();
+        let is_sap = |r: &&&Segment| r.run.as_ref().is_some_and(|r| r.method == Method::Sap);
+        let run = measured
+            .iter()
+            .find(|r| Some(&r.name) == chosen.as_ref())
+            .or(measured.iter().find(is_sap))
+            .or(measured.first())?;
+        let names: Vec<String> = measured.iter().map(|r| r.name.clone()).collect();
+        let name = run.name.clone();
+        let warnings = series::warnings(run);
+        let alignment = series::alignment_series(&run.events);
+        let cosines = series::cosine_heatmap(&run.events);
+        let norms = series::probe_norm_series(run);
+        Some(view! {
+            <h2>"How each update lines up with safety"</h2>
+            <div>
+                <label for="mechanism-run">"run: "</label>
+                <select id="mechanism-run" prop:value=name on:change=move |ev| picked.set(Some(event_target_value(&ev)))>
+                    {names.into_iter().map(|n| view! { <option value=n.clone()>{n.clone()}</option> }).collect_view()}
+                </select>
+                <span class="help">{format!(" {} of {} runs measured it", measured.len(), runs.len())}</span>
+            </div>
+            {(!warnings.is_empty()).then(|| view! {
+                <div class="card warning" id="mechanism-warning">
+                    <b>"This run's probe did nothing for part of it: "</b>
+                    {warnings.into_iter().map(|w| view! { <div>{w}</div> }).collect_view()}
+                </div>
+            })}
+            <div class="grid" id="mechanism">
+                {(!alignment.is_empty()).then(|| line_chart(
+                    "Does the probe turn the update toward safety? cos(∇L_task, ĝ), > 0: safer".into(),
+                    "step",
+                    "cosine",
+                    alignment,
+                    hidden,
+                ))}
+                {(!cosines.rows.is_empty()).then(|| heatmap("cos(∇L_task, ∇L_safety) per layer at the probe used (> 0: safer)".into(), cosines, 200))}
+                {(!norms.is_empty()).then(|| line_chart("Probe norm per layer ‖v_j‖".into(), "step", "L2", norms, hidden))}
+            </div>
+        })
+    }
 }
 
 #[component]

@@ -6,7 +6,9 @@ use std::path::Path;
 use burn::tensor::Device;
 use safeprobe_model::Checkpoint;
 use safeprobe_train::run::{Cancel, Event, RunConfig};
-use safeprobe_wire::{Comparison, Condition, Defence, Judge, Mechanism, Method, Part, RunResult};
+use safeprobe_wire::{
+    Comparison, Condition, Defence, Judge, Mechanism, Method, Part, RunOf, RunResult,
+};
 
 use super::aggregate::condition;
 use super::report::render;
@@ -25,6 +27,7 @@ pub enum Progress<'a> {
     Stage {
         name: String,
         part: Part,
+        run: Option<RunOf>,
     },
     Train(&'a Event),
 }
@@ -147,6 +150,7 @@ pub fn run(
     progress(Progress::Stage {
         name: "evaluating the base model".into(),
         part: Part { number: part, of },
+        run: None,
     });
     let model = config.model_dir()?;
     let base_dir = config.run_dir(0.0, Method::Base, 0);
@@ -192,6 +196,11 @@ pub fn run(
                 progress(Progress::Stage {
                     name: label,
                     part: Part { number: part, of },
+                    run: Some(RunOf {
+                        method,
+                        seed,
+                        condition: Condition::name_for(poison),
+                    }),
                 });
                 let run_config = config.checked_run(poison, method, seed, &model)?;
                 runs.push(fine_tune_and_evaluate(
