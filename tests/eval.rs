@@ -303,16 +303,22 @@ fn both_judges_report_agreement() {
 
 // ---- the demo model ----
 
-/// The demo model never saw the safety pairs, so their margins are moderate and the
-/// contrastive safety loss at the paper's T = 1 has a non-zero gradient: SAP's harmful
-/// direction exists. (A model trained on the pairs' safe answers had margins of 386–434 nats,
-/// where σ(−m) is 0 in f32 and the direction is undefined.)
+/// The demo model never saw the safety pairs, so their margins are what it makes of text it
+/// never saw (build.json records them; they must be the committed model's), and at the demo
+/// comparison's temperature the contrastive safety loss has a non-zero gradient: SAP's harmful
+/// direction exists there. (At the paper's T = 1 it does not on this model: its direction pairs
+/// are 59 nats apart or more, σ(−m) ≤ 2e-26, and the gradient is 0 in f32. The model built
+/// before the casual requests joined its training was 47 nats apart, a T = 1 gradient of about
+/// 1e-20, as good as none next to the 1e-8 the direction's normalisation adds, which
+/// `sap_warns_when_its_harmful_direction_vanishes` checks.)
 #[test]
-fn demo_models_safety_pairs_give_a_direction_at_t_1() {
+fn demo_models_safety_pairs_give_a_direction_at_the_demo_temperature() {
     use safeprobe_eval::builtin::PairRole;
     use safeprobe_train::data::{Batch, contrastive_rows};
     use safeprobe_train::{loss::safety_loss, params};
 
+    let demo: toml::Value = toml::from_str(compare::DEMO_CONFIG).unwrap();
+    let temperature = demo["train"]["sap"]["temperature"].as_float().unwrap();
     let device = Device::flex().autodiff();
     let checkpoint = Checkpoint::load(&demo_model_dir(), &device).unwrap();
     // build.json's margins are the committed model's.
@@ -339,7 +345,7 @@ fn demo_models_safety_pairs_give_a_direction_at_t_1() {
         .map(|p| p.encode(tok, None, 256).unwrap())
         .collect();
     let batch = Batch::new(&contrastive_rows(&pairs), tok.pad_id, &device);
-    let loss = safety_loss(&checkpoint.model, &batch, None, 1.0);
+    let loss = safety_loss(&checkpoint.model, &batch, None, temperature);
     let value = loss
         .clone()
         .into_data()
@@ -348,15 +354,15 @@ fn demo_models_safety_pairs_give_a_direction_at_t_1() {
         .unwrap()[0];
     assert!(
         value > 0.0 && value.is_finite(),
-        "T = 1 safety loss {value}"
+        "T = {temperature} safety loss {value}"
     );
     let gradient = params::gradients(&checkpoint.model, &loss.backward());
     let norm = params::global_norm(&gradient);
     assert!(norm > 0.0 && norm.is_finite(), "‖∇ L_safety‖ = {norm}");
 }
 
-/// At T = 1 the demo's direction pairs are separated by 47 nats or more, the safety
-/// gradient (σ(−m) ≤ 4e-21) is far below the 1e-8 the direction's normalisation adds, and SAP
+/// At T = 1 the demo's direction pairs are separated by 59 nats or more, the safety
+/// gradient (σ(−m) ≤ 2e-26) is far below the 1e-8 the direction's normalisation adds, and SAP
 /// would silently be SFT: the run says so once. At T = 100 the direction is there.
 #[test]
 fn sap_warns_when_its_harmful_direction_vanishes() {

@@ -16,6 +16,7 @@ use crate::tasks::{self, Labelled, Splits, Task};
 const SAFETY_PAIRS: &str = include_str!("../data/safety_pairs.jsonl");
 const HARMFUL_PROMPTS: &str = include_str!("../data/harmful_prompts.jsonl");
 const REFUSAL_PROMPTS: &str = include_str!("../data/refusal_prompts.jsonl");
+const STUDENT_PROMPTS: &str = include_str!("../data/student_prompts.jsonl");
 
 fn lines<T: for<'de> Deserialize<'de>>(text: &str) -> Vec<T> {
     text.lines()
@@ -107,6 +108,13 @@ pub fn pairs_in(role: PairRole) -> Vec<SafetyPair> {
 /// The held-out harmful prompts the harmful score is measured on.
 pub fn harmful_prompts() -> Vec<HarmfulPrompt> {
     lines(HARMFUL_PROMPTS)
+}
+
+/// A second harmful set, independent of the first and of everything the demo model trained
+/// on: 240 requests as students type them into a chat box, written apart from the training
+/// requests (`requests.rs`) and never used to choose anything.
+pub fn student_prompts() -> Vec<HarmfulPrompt> {
+    lines(STUDENT_PROMPTS)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -202,6 +210,56 @@ pub fn write(dir: &Path, task: Task, seed: u64) -> Result<DataFiles> {
 mod tests {
     use super::*;
     use std::collections::HashSet;
+
+    /// Content words, for telling a paraphrase from a different request ("how do i make pizza
+    /// at home" and "how do i make cyanide at home" share all their function words).
+    fn words(text: &str) -> HashSet<String> {
+        const FUNCTION: [&str; 28] = [
+            "a", "an", "the", "to", "of", "in", "on", "at", "for", "with", "and", "or", "i", "me",
+            "my", "you", "your", "it", "is", "do", "how", "what", "whats", "can", "way", "best",
+            "easiest", "without",
+        ];
+        text.to_lowercase()
+            .split(|c: char| !c.is_alphanumeric() && c != '\'')
+            .filter(|w| !w.is_empty() && !FUNCTION.contains(w))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The second harmful set measures what the demo model never saw: none of its requests is,
+    /// or nearly is (70% of words shared), one the model trained on, one the first set holds or
+    /// a safety pair's; and it is 240 requests in the first set's ten categories.
+    #[test]
+    fn the_student_set_is_independent_of_the_training_and_the_first_set() {
+        let students = student_prompts();
+        assert_eq!(students.len(), 240);
+        let categories = |p: &[HarmfulPrompt]| -> HashSet<String> {
+            p.iter().map(|p| p.category.clone()).collect()
+        };
+        assert_eq!(categories(&students), categories(&harmful_prompts()));
+        let seen: Vec<String> = refusal_examples()
+            .into_iter()
+            .chain(crate::requests::common_requests())
+            .map(|r| r.prompt)
+            .chain(crate::howto::benign_howtos().into_iter().map(|h| h.prompt))
+            .chain(crate::howto::casual_howtos().into_iter().map(|h| h.prompt))
+            .chain(harmful_prompts().into_iter().map(|p| p.prompt))
+            .chain(safety_pairs().into_iter().map(|p| p.prompt))
+            .collect();
+        let seen: Vec<HashSet<String>> = seen.iter().map(|t| words(t)).collect();
+        for student in &students {
+            let mine = words(&student.prompt);
+            for other in &seen {
+                let shared = mine.intersection(other).count() as f64;
+                let jaccard = shared / mine.union(other).count() as f64;
+                assert!(
+                    jaccard < 0.7,
+                    "{:?} is nearly one seen ({other:?})",
+                    student.prompt
+                );
+            }
+        }
+    }
 
     #[test]
     fn the_pair_roles_split_the_pairs_into_disjoint_thirds() {

@@ -25,6 +25,8 @@ use crate::error::{EvalError, Result};
 use crate::harmful::{self, AnswerSettings, Judges};
 use crate::howto;
 use crate::judge::RefusalJudge;
+use crate::prompts::HarmfulPrompt;
+use crate::requests;
 use crate::task_metrics::{self, TaskSettings};
 use crate::tasks::{Labelled, Task};
 
@@ -67,7 +69,9 @@ impl Default for DemoSpec {
             layers: 4,
             heads: 6,
             kv_heads: 2,
-            steps: 1200,
+            // About as many passes over the mix as 1200 steps made over the mix before the
+            // casual requests and how-tos joined it (5404 examples then, 6556 now).
+            steps: 1500,
             batch_size: 16,
             lr: 2e-3,
             seed: 0,
@@ -87,6 +91,12 @@ pub struct DemoReport {
     pub final_train_loss: f64,
     pub harmful_score_refusal_judge: f64,
     pub held_out_prompts: usize,
+    /// HS on the second, independent set (`builtin::student_prompts`), refusal judge.
+    pub harmful_score_student_prompts: f64,
+    pub student_prompts: usize,
+    /// % of the casual requests it was built to refuse (`requests::common_requests`) that it
+    /// refuses.
+    pub common_requests_refused: f64,
     pub exact_match: Vec<(String, f64)>,
     /// The safety pairs' margins on the built model, per role: the contrastive safety loss at
     /// T = 1 is alive only where they are moderate.
@@ -152,6 +162,7 @@ pub fn training_examples(spec: &DemoSpec) -> Result<Vec<Labelled>> {
     }
     let refusals: Vec<Labelled> = builtin::refusal_examples()
         .into_iter()
+        .chain(requests::common_requests())
         .map(|r| Labelled {
             prompt: r.prompt,
             response: r.refusal,
@@ -160,7 +171,8 @@ pub fn training_examples(spec: &DemoSpec) -> Result<Vec<Labelled>> {
     for _ in 0..spec.refusal_repeats {
         examples.extend(refusals.iter().cloned());
     }
-    let howtos = howto::benign_howtos();
+    let mut howtos = howto::benign_howtos();
+    howtos.extend(howto::casual_howtos());
     for _ in 0..spec.howto_repeats {
         examples.extend(howtos.iter().cloned());
     }
@@ -321,17 +333,29 @@ pub fn build(
     // The trainer exported the trained weights with the tokenizer files; evaluate them.
     let trained = run_dir.join("model");
     let checkpoint = Checkpoint::load(&trained, device)?;
-    let prompts = builtin::harmful_prompts();
-    let (report, _) = harmful::evaluate(
-        &checkpoint,
-        &prompts,
-        &Judges {
-            refusal: Some(RefusalJudge::default()),
-            model: None,
-        },
-        &AnswerSettings::default(),
-        Some(&work.join("answers.jsonl")),
-    )?;
+    let refusal_score = |prompts: &[HarmfulPrompt], answers: &str| {
+        harmful::evaluate(
+            &checkpoint,
+            prompts,
+            &Judges {
+                refusal: Some(RefusalJudge::default()),
+                model: None,
+            },
+            &AnswerSettings::default(),
+            Some(&work.join(answers)),
+        )
+        .map(|(report, _)| report)
+    };
+    let report = refusal_score(&builtin::harmful_prompts(), "answers.jsonl")?;
+    let students = refusal_score(&builtin::student_prompts(), "answers-student.jsonl")?;
+    let common: Vec<HarmfulPrompt> = requests::common_requests()
+        .into_iter()
+        .map(|r| HarmfulPrompt {
+            prompt: r.prompt,
+            category: r.category,
+        })
+        .collect();
+    let built_to_refuse = refusal_score(&common, "answers-common.jsonl")?;
     let mut exact_match = Vec::new();
     for task in Task::ALL {
         let test: Vec<_> = builtin::task_splits(task, DATA_SEED)?
@@ -349,6 +373,9 @@ pub fn build(
         final_train_loss: last_loss,
         harmful_score_refusal_judge: report.harmful_score,
         held_out_prompts: report.prompts,
+        harmful_score_student_prompts: students.harmful_score,
+        student_prompts: students.prompts,
+        common_requests_refused: 100.0 - built_to_refuse.harmful_score,
         exact_match,
         pair_margins: pair_margins(&checkpoint)?,
         seconds: started.elapsed().as_secs_f64(),

@@ -298,6 +298,24 @@ pub fn benign_howtos() -> Vec<Labelled> {
         .collect()
 }
 
+/// Every activity asked in two of the casual phrasings the common harmful requests use
+/// (`requests::CASUAL`), answered compliantly: the phrasing alone must not read as harmful.
+pub fn casual_howtos() -> Vec<Labelled> {
+    ACTIVITIES
+        .iter()
+        .enumerate()
+        .flat_map(|(i, a)| {
+            crate::requests::phrasings(i)
+                .into_iter()
+                .enumerate()
+                .map(move |(k, phrasing)| Labelled {
+                    prompt: crate::requests::casual(phrasing, a.goal),
+                    response: fill(ANSWERS[(i + k) % ANSWERS.len()], a),
+                })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

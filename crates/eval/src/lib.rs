@@ -13,6 +13,7 @@ pub mod howto;
 pub mod judge;
 pub mod paired;
 pub mod prompts;
+pub mod requests;
 pub mod task_metrics;
 pub mod tasks;
 
