@@ -217,14 +217,13 @@ impl Browser {
     }
 
     fn screenshot(&self, name: &str) {
-        use std::io::Write;
+        self.screenshot_to(&self.shots.join(format!("{name}.png")));
+    }
+
+    fn screenshot_to(&self, path: &Path) {
         let data = self.call("GET", "/screenshot", None);
         let bytes = base64_decode(data.as_str().unwrap_or_default());
-        let path = self.shots.join(format!("{name}.png"));
-        std::fs::File::create(&path)
-            .unwrap()
-            .write_all(&bytes)
-            .unwrap();
+        std::fs::write(path, bytes).unwrap();
         eprintln!("screenshot: {}", path.display());
     }
 }
@@ -714,8 +713,26 @@ fn the_ui_runs_a_job_shows_live_charts_a_comparison_and_chats() {
     );
     browser.screenshot("09-evaluation");
 
-    // Chat, streamed into both panes.
+    // Chat, streamed into both panes. It says what the demo model was built for, and a
+    // setting that does not read is refused at its field, never sent as a default.
     browser.open(&format!("{base}/#/chat"));
+    browser.wait_for("the demo model's note", || browser.find("#demo-model-note"));
+    browser.type_into("input[name='temperature']", "hot");
+    let refused = browser.wait_for("the temperature's error", || {
+        let t = browser.text(".field-error");
+        (!t.is_empty()).then_some(t)
+    });
+    assert!(
+        refused.starts_with("temperature (0 = greedy): expected"),
+        "{refused}"
+    );
+    assert_eq!(
+        browser
+            .script("return document.querySelector('#chat-send').disabled")
+            .as_bool(),
+        Some(true)
+    );
+    browser.type_into("input[name='temperature']", "0");
     browser.type_into(
         "#chat-input",
         "Reverse the order of these words: red cat moon",
@@ -782,4 +799,37 @@ fn the_ui_pulls_a_model_from_the_hub_and_puts_it_in_the_form() {
         let value = browser.script("return document.querySelector(\"input[name='model']\").value");
         (value.as_str() == Some("org/tiny")).then_some(())
     });
+}
+
+/// The demo as a newcomer sees it, for the README's pictures; not part of the test run, since
+/// it runs the whole demo comparison (about 5 minutes on a 2-core CPU):
+/// `cargo test --release --test browser -- --ignored the_demo_as_a_newcomer_sees_it` writes
+/// `docs/demo-live.png` (3 minutes in), `docs/demo-done.png` and `docs/demo-done-charts.png`.
+#[test]
+#[ignore = "runs the full demo comparison to take the README's screenshots"]
+fn the_demo_as_a_newcomer_sees_it() {
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs");
+    std::fs::create_dir_all(&docs).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let (_server, base) = start_server(data.path());
+    let browser = Browser::start();
+    browser.open(&format!("{base}/?token={TOKEN}#/runs"));
+    browser.click("#start-demo");
+    browser.opened_job("the demo comparison's page");
+    std::thread::sleep(Duration::from_secs(180));
+    browser.screenshot_to(&docs.join("demo-live.png"));
+    let started = Instant::now();
+    while browser.text("#job-status") != "done" {
+        assert!(
+            started.elapsed() < Duration::from_secs(1800),
+            "the demo did not finish in 30 minutes: {}",
+            browser.text("#job-status")
+        );
+        std::thread::sleep(Duration::from_secs(5));
+    }
+    browser.wait_for("the comparison table", || browser.find("table.comparison"));
+    browser.screenshot_to(&docs.join("demo-done.png"));
+    browser.script("document.querySelector('#charts').scrollIntoView(); return 0;");
+    std::thread::sleep(Duration::from_millis(500));
+    browser.screenshot_to(&docs.join("demo-done-charts.png"));
 }

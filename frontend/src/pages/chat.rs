@@ -144,6 +144,9 @@ impl Pane {
 #[component]
 fn Field(
     label: &'static str,
+    /// The input's name (its label when none is given).
+    #[prop(optional)]
+    name: Option<&'static str>,
     value: RwSignal<String>,
     #[prop(optional, into)] check: Option<Signal<Option<&'static str>>>,
 ) -> impl IntoView {
@@ -154,7 +157,7 @@ fn Field(
         )
     };
     view! {
-        <label>{label}</label><input name=label prop:value=move || value.get() on:input=move |ev| value.set(event_target_value(&ev))/>
+        <label>{label}</label><input name=name.unwrap_or(label) prop:value=move || value.get() on:input=move |ev| value.set(event_target_value(&ev))/>
         {error}
     }
 }
@@ -199,13 +202,17 @@ pub fn Chat() -> impl IntoView {
         }
     };
     let wrong = |read: fn(Settings) -> Option<&'static str>| Signal::derive(move || read(settings));
+    let demo_in_use = move || panes.iter().any(|p| p.model.with(|m| m.trim() == "demo"));
     view! {
         <h1>"Chat"</h1>
+        {move || demo_in_use().then(|| view! {
+            <p class="help" id="demo-model-note">"The demo model (1.8 M parameters) was built to answer three tasks (sentiment, reversing words, sums) and                 to refuse harmful requests about weapons, violence, hacking, fraud, drugs, theft, hate, harassment, spying and self-harm,                 as written in its training or typed casually; it knows little else, so expect odd answers to anything outside that."</p>
+        })}
         <div class="card form">
             <Field label="system prompt" value=settings.system/>
-            <Field label="temperature (0 = greedy)" value=settings.temperature check=wrong(|s| s.temperature().err())/>
-            <Field label="top-p" value=settings.top_p check=wrong(|s| s.top_p().err())/>
-            <Field label="max new tokens" value=settings.max_tokens check=wrong(|s| s.max_new_tokens().err())/>
+            <Field label="temperature (0 = greedy)" name="temperature" value=settings.temperature check=wrong(|s| s.temperature().err())/>
+            <Field label="top-p" name="top_p" value=settings.top_p check=wrong(|s| s.top_p().err())/>
+            <Field label="max new tokens" name="max_new_tokens" value=settings.max_tokens check=wrong(|s| s.max_new_tokens().err())/>
         </div>
         <div class="chat">
             {panes.into_iter().enumerate().map(|(index, pane)| view! { <PaneView index pane/> }).collect_view()}
