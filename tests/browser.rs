@@ -632,6 +632,27 @@ fn the_ui_runs_a_job_shows_live_charts_a_comparison_and_chats() {
     browser.wait_for("the picked run's task loss", || {
         (chart_points(&browser, "Task loss of the picked runs") >= 2).then_some(())
     });
+    // A run inside the comparison can be picked beside it, and any metric overlaid; their HS
+    // side by side.
+    let inside = browser.script(
+        "return [...document.querySelectorAll('#runs-side-by-side tr.comparison-run')].length",
+    );
+    assert_eq!(
+        inside.as_u64(),
+        Some(12),
+        "3 methods × 2 seeds × 2 conditions"
+    );
+    browser.click("#runs-side-by-side tr.comparison-run input[type='checkbox']");
+    browser.click("#overlay-metric option[value='5']");
+    browser.wait_for("the held-out margins of the picked runs", || {
+        browser
+            .find("[data-title='Held-out pair margin of the picked runs'] polyline")
+            .map(drop)
+    });
+    let legend = browser.text("[data-title='Held-out pair margin of the picked runs'] .legend");
+    assert!(legend.contains("sft seed 0 · benign data"), "{legend}");
+    let bars = browser.script("return document.querySelectorAll('#picked-hs .hs-bar').length");
+    assert_eq!(bars.as_u64(), Some(2));
     browser.screenshot("07-side-by-side");
 
     // The evaluation form, from its settings' type: every judge, a field no one listed for

@@ -228,7 +228,33 @@ pub enum Metric {
     PairMargin,
     /// Held-out prompts' mean per-token log p(refusal).
     RefusalLogprob,
+    /// cos(∇L_task, ĝ) at the probe used, on measurement steps (> 0: the step also lowers
+    /// the safety loss).
+    ProbeAlignment,
 }
+
+/// The metrics runs can be overlaid by, with each one's title and unit.
+pub const OVERLAYS: [(Metric, &str, &str); 7] = [
+    (Metric::TaskLoss, "Task loss", "nats/token"),
+    (Metric::ValidationLoss, "Validation loss", "nats/token"),
+    (Metric::SafetyLoss, "Safety loss", "contrastive, nats"),
+    (
+        Metric::SuLoss,
+        "L_su (loss gap the probe climbs)",
+        "nats/token",
+    ),
+    (
+        Metric::RefusalLogprob,
+        "Held-out refusal log p / token",
+        "nats",
+    ),
+    (Metric::PairMargin, "Held-out pair margin", "nats"),
+    (
+        Metric::ProbeAlignment,
+        "cos(∇L_task, ĝ) at the probe used",
+        "cosine",
+    ),
+];
 
 impl Metric {
     /// (step, value) of this metric in `event`, if the event carries it.
@@ -244,6 +270,10 @@ impl Metric {
                 },
             ) => *refusal_logprob,
             (Metric::PairMargin | Metric::RefusalLogprob, _) => None,
+            (Metric::ProbeAlignment, Event::Step { metrics, .. }) => {
+                metrics.alignment.as_ref()?.at_probe
+            }
+            (Metric::ProbeAlignment, _) => None,
             (
                 _,
                 Event::Step {
@@ -260,7 +290,10 @@ impl Metric {
                 Metric::LearningRate => Some(*lr),
                 Metric::TokensPerSecond => Some(*tokens_per_s),
                 Metric::StepTime => Some(*step_time_s),
-                Metric::ValidationLoss | Metric::PairMargin | Metric::RefusalLogprob => None,
+                Metric::ValidationLoss
+                | Metric::PairMargin
+                | Metric::RefusalLogprob
+                | Metric::ProbeAlignment => None,
             },
             _ => None,
         }?;
@@ -815,6 +848,8 @@ mod tests {
             [(2.0, -0.7)]
         );
         assert_eq!(Metric::PairMargin.points(&runs[0].events), [(2.0, -3.0)]);
+        // The overlay's alignment is the probe's, on measurement steps only.
+        assert_eq!(Metric::ProbeAlignment.points(&events), [(2.0, 0.26)]);
         assert!(Metric::TaskLoss.point(&events[2]).is_none());
         assert!(log_lines(&events).is_empty());
     }

@@ -81,17 +81,12 @@ pub(super) fn findings(rows: &[Row]) -> Vec<String> {
     let mut out = Vec::new();
     if let (Some(base), Some(sft)) = (get(Method::Base), get(Method::Sft)) {
         let delta = sft.harmful_score.mean - base.harmful_score.mean;
-        out.push(format!(
-            "SFT {} HS from {:.1}% (base) to {:.1}% ({:+.1} points).",
-            if delta > 0.0 {
-                "raised"
-            } else {
-                "did not raise"
-            },
-            base.harmful_score.mean,
-            sft.harmful_score.mean,
-            delta
-        ));
+        let (base, sft) = (base.harmful_score.mean, sft.harmful_score.mean);
+        out.push(if delta > 0.0 {
+            format!("SFT raised HS from {base:.1}% (base) to {sft:.1}% ({delta:+.1} points).")
+        } else {
+            format!("SFT did not raise HS: {sft:.1}% against the base model's {base:.1}%.")
+        });
     }
     if let (Some(sft), Some(sap)) = (get(Method::Sft), get(Method::Sap)) {
         let below = sft.harmful_score.mean - sap.harmful_score.mean;
