@@ -766,6 +766,30 @@ fn the_ui_runs_a_job_shows_live_charts_a_comparison_and_chats() {
         let replies: Vec<String> = serde_json::from_value(replies).unwrap_or_default();
         (replies.len() == 2 && replies.iter().all(|r| r.contains("moon cat red"))).then_some(())
     });
+    // A finished LoRA run picked in the first pane sets its model and adapter; nothing is
+    // streaming now, so there is nothing to stop.
+    browser.click(&format!(
+        "[data-pane='0'] select.adapter-pick option[value$='job-{lora_id}/adapter']"
+    ));
+    let adapter = browser.wait_for("the picked adapter", || {
+        browser
+            .script(
+                "return document.querySelector(\"[data-pane='0'] input[name^='adapter']\").value",
+            )
+            .as_str()
+            .filter(|a| !a.is_empty())
+            .map(str::to_string)
+    });
+    assert!(
+        adapter.ends_with(&format!("job-{lora_id}/adapter")),
+        "{adapter}"
+    );
+    assert_eq!(
+        browser
+            .script("return document.querySelector('#chat-stop').disabled")
+            .as_bool(),
+        Some(true)
+    );
     browser.screenshot("08-chat");
 }
 

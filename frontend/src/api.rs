@@ -238,8 +238,14 @@ fn chat_event(message: &str) -> Result<ChatEvent, String> {
 }
 
 /// POSTs a chat request and calls `on_text` with each streamed piece; returns the whole reply.
-pub async fn chat(body: &ChatRequest, mut on_text: impl FnMut(&str)) -> Result<String, String> {
+/// Aborting `stop` ends the stream (the server stops generating when the connection closes).
+pub async fn chat(
+    body: &ChatRequest,
+    stop: &web_sys::AbortSignal,
+    mut on_text: impl FnMut(&str),
+) -> Result<String, String> {
     let request = auth(Request::post("/api/chat"))
+        .abort_signal(Some(stop))
         .json(body)
         .map_err(|e| e.to_string())?;
     let response = request.send().await.map_err(|e| format!("network: {e}"))?;

@@ -3,9 +3,10 @@
 
 use leptos::prelude::*;
 use leptos::task::spawn_local;
-use safeprobe_wire::{ChatRequest, Message};
+use safeprobe_wire::{ChatRequest, Message, Status};
 
-use crate::api;
+use crate::files::trains_lora;
+use crate::{Live, api};
 
 /// One side: which model answers, and the conversation so far.
 #[derive(Clone, Copy)]
@@ -15,6 +16,9 @@ struct Pane {
     /// (role, content); the last assistant turn grows as its reply streams in.
     transcript: RwSignal<Vec<(String, String)>>,
     error: RwSignal<Option<String>>,
+    /// Stops the reply being streamed, while one is.
+    stop: StoredValue<Option<web_sys::AbortController>, LocalStorage>,
+    streaming: RwSignal<bool>,
 }
 
 impl Pane {
@@ -24,6 +28,15 @@ impl Pane {
             adapter: RwSignal::new(String::new()),
             transcript: RwSignal::new(Vec::new()),
             error: RwSignal::new(None),
+            stop: StoredValue::new_local(None),
+            streaming: RwSignal::new(false),
+        }
+    }
+
+    /// Ends the reply being streamed, keeping what came.
+    fn stop(self) {
+        if let Some(controller) = self.stop.get_value() {
+            controller.abort();
         }
     }
 }
@@ -123,9 +136,17 @@ impl Pane {
             top_p: sampling.top_p,
             seed: 0,
         };
+        let Ok(controller) = web_sys::AbortController::new() else {
+            self.error
+                .set(Some("this browser cannot stop a request".into()));
+            return;
+        };
+        let signal = controller.signal();
+        self.stop.set_value(Some(controller));
+        self.streaming.set(true);
         spawn_local(async move {
             self.error.set(None);
-            let result = api::chat(&request, |piece| {
+            let result = api::chat(&request, &signal, |piece| {
                 self.transcript.update(|t| {
                     if let Some(last) = t.last_mut() {
                         last.1.push_str(piece)
@@ -133,9 +154,13 @@ impl Pane {
                 });
             })
             .await;
-            if let Err(e) = result {
-                self.error.set(Some(e));
+            match result {
+                Err(_) if signal.aborted() => self.error.set(Some("stopped".into())),
+                Err(e) => self.error.set(Some(e)),
+                Ok(_) => {}
             }
+            self.stop.set_value(None);
+            self.streaming.set(false);
         });
     }
 }
@@ -162,11 +187,53 @@ fn Field(
     }
 }
 
+/// The finished LoRA runs as choices: picking one sets the pane's model to the run's base
+/// model and its adapter to the run's.
+#[component]
+fn AdapterPicker(pane: Pane) -> impl IntoView {
+    let jobs = expect_context::<Live>().jobs;
+    let runs = move || -> Vec<(String, String, String)> {
+        let Some(Ok(jobs)) = jobs.get() else {
+            return Vec::new();
+        };
+        jobs.iter()
+            .filter(|j| j.status == Status::Done && trains_lora(j))
+            .filter_map(|j| {
+                let adapter = format!("{}/adapter", j.run_dir.as_deref()?);
+                // The demo model's unpacked folder reads as the name the server takes for it.
+                let model = match super::model_name(j).as_str() {
+                    "demo" => "demo".to_string(),
+                    _ => j.spec.model()?.display().to_string(),
+                };
+                Some((
+                    format!("job {}: {}", j.id, super::method_of(j)),
+                    model,
+                    adapter,
+                ))
+            })
+            .collect()
+    };
+    let pick = move |adapter: String| {
+        if let Some((_, model, adapter)) = runs().into_iter().find(|r| r.2 == adapter) {
+            pane.model.set(model);
+            pane.adapter.set(adapter);
+        }
+    };
+    view! {
+        <label>"a finished LoRA run"</label>
+        <select class="adapter-pick" on:change=move |ev| pick(event_target_value(&ev))>
+            <option value="">"(pick one to chat with it)"</option>
+            {move || runs().into_iter().map(|(name, _, adapter)| view! { <option value=adapter>{name}</option> }).collect_view()}
+        </select>
+    }
+}
+
 #[component]
 fn PaneView(index: usize, pane: Pane) -> impl IntoView {
     view! {
         <div class="card" data-pane=index>
             <div class="form">
+                <AdapterPicker pane/>
                 <Field label="model" value=pane.model/>
                 <Field label="adapter (e.g. runs/job-3/adapter)" value=pane.adapter/>
             </div>
@@ -222,6 +289,8 @@ pub fn Chat() -> impl IntoView {
                 on:keydown=move |ev| if ev.key() == "Enter" { send() }/>
             <button class="primary" id="chat-send" on:click=move |_| send()
                 disabled=move || settings.sampling().is_none()>"Send to both"</button>
+            <button id="chat-stop" on:click=move |_| panes.iter().for_each(|p| p.stop())
+                disabled=move || !panes.iter().any(|p| p.streaming.get())>"Stop"</button>
         </div>
     }
 }
