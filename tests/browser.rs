@@ -354,7 +354,7 @@ fn the_ui_runs_a_job_shows_live_charts_a_comparison_and_chats() {
     );
     browser.type_into("input[name='model']", "demo");
     browser.click("#start-run");
-    browser.opened_job("the run page");
+    let first_run = browser.opened_job("the run page");
     let first = browser.wait_for("task-loss points", || {
         let n = chart_points(&browser, "Task loss");
         (n >= 2).then_some(n)
@@ -371,6 +371,27 @@ fn the_ui_runs_a_job_shows_live_charts_a_comparison_and_chats() {
     assert!(chart_points(&browser, "Validation loss") >= 1);
     assert!(chart_points(&browser, "L_su (loss gap the probe climbs)") >= 2);
     browser.screenshot("03-run-done");
+    // The run is named and given notes; a name the server refuses is said at its field.
+    browser.click("#job-label > summary");
+    browser.type_into("#job-name", &"x".repeat(101));
+    browser.click("#save-label");
+    let refused = browser.wait_for("the name's refusal", || {
+        let t = browser.text(".field-error[data-key='name']");
+        (!t.is_empty()).then_some(t)
+    });
+    assert!(refused.contains("over 100"), "{refused}");
+    browser.type_into("#job-name", "first sap run");
+    browser.type_into("#job-notes", "the demo preset, 30 steps");
+    browser.click("#save-label");
+    browser.wait_for("the saved name in the title", || {
+        browser.text("h1").contains("first sap run").then_some(())
+    });
+    browser.open(&format!("{base}/#/runs"));
+    let listed = browser.wait_for("the name in the runs list", || {
+        let t = browser.text(&format!("tr[data-job='{first_run}'] .job-name"));
+        (!t.is_empty()).then_some(t)
+    });
+    assert_eq!(listed, "first sap run");
 
     // A data file uploaded from the New-run page: what it holds, then its preview through the
     // chat template; the same name again is refused unless replacing is ticked.

@@ -1129,3 +1129,67 @@ fn an_earlier_run_folder_is_never_reused() {
         "the new run starts clean"
     );
 }
+
+#[test]
+fn jobs_take_names_and_notes_and_refusals_name_their_field() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path());
+    // A refused config names its field apart from the message, for a form to show it there.
+    for (config, field) in [
+        (
+            json!({"train_data": "train.jsonl", "max_steps": 5, "lr": -1.0}),
+            "config.lr",
+        ),
+        (
+            json!({"train_data": "missing.jsonl", "max_steps": 5}),
+            "config.train_data",
+        ),
+    ] {
+        let (code, answer) = server.post("/api/jobs", json!({"kind": "train", "config": config}));
+        assert_eq!(
+            (code, answer["field"].as_str()),
+            (400, Some(field)),
+            "{answer}"
+        );
+    }
+    // Any job can be named, and keeps its notes.
+    let (code, job) = server.post(
+        "/api/jobs",
+        json!({"kind": "eval", "config": {"max_new_tokens": 4}}),
+    );
+    assert_eq!(code, 200, "{job}");
+    let id = job["id"].as_i64().unwrap();
+    let label = format!("/api/jobs/{id}/label");
+    let (code, named) = server.post(
+        &label,
+        json!({"name": "first look", "notes": "the demo model\nno adapter"}),
+    );
+    assert_eq!(code, 200, "{named}");
+    assert_eq!(named["name"], "first look");
+    let (_, jobs) = server.get("/api/jobs");
+    assert_eq!(jobs[0]["notes"], "the demo model\nno adapter");
+    for (body, field) in [
+        (json!({"name": "x".repeat(101)}), "name"),
+        (json!({"name": "two\nlines"}), "name"),
+        (json!({"notes": "n".repeat(10_001)}), "notes"),
+    ] {
+        let (code, answer) = server.post(&label, body);
+        assert_eq!(
+            (code, answer["field"].as_str()),
+            (400, Some(field)),
+            "{answer}"
+        );
+    }
+    let (code, _) = server.post(&label, json!({"colour": "red"}));
+    assert_eq!(code, 400, "an unknown key is refused");
+    let (code, _) = server.post(
+        &format!("/api/jobs/{}/label", id + 100),
+        json!({"name": "x"}),
+    );
+    assert_eq!(code, 404);
+    let (_, kept) = server.get(&format!("/api/jobs/{id}"));
+    assert_eq!(
+        kept["name"], "first look",
+        "a refused label changes nothing"
+    );
+}

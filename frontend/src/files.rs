@@ -155,6 +155,8 @@ mod tests {
             last_validation: None,
             last_alignment: None,
             answers: Vec::new(),
+            name: String::new(),
+            notes: String::new(),
         }
     }
 

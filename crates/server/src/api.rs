@@ -10,8 +10,8 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use safeprobe_wire::spec::form::FormField;
 use safeprobe_wire::{
     AdapterInfo, ChatDone, ChatRequest, ChatToken, CreateJob, DatasetEntry, Deleted, DeviceReport,
-    ErrorBody, EventPage, Job, JobKind, JobSpec, MetricsQuery, ModelSummary, Preview, PreviewQuery,
-    PreviewRow,
+    ErrorBody, EventPage, Job, JobKind, JobLabel, JobSpec, MetricsQuery, ModelSummary, Preview,
+    PreviewQuery, PreviewRow,
 };
 use serde_json::json;
 use tokio_stream::StreamExt;
@@ -242,6 +242,20 @@ pub async fn get_job(State(state): State<Arc<AppState>>, Path(id): Path<i64>) ->
 
 pub async fn cancel_job(State(state): State<Arc<AppState>>, Path(id): Path<i64>) -> ApiResult<Job> {
     state.runner.cancel(id)?;
+    Ok(Json(find_job(&state, id)?))
+}
+
+/// Names a job and keeps the user's notes on it (any job, in any state).
+pub async fn label_job(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<i64>,
+    body: Result<Json<JobLabel>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<Job> {
+    let Json(label) = body.map_err(crate::error::rejected)?;
+    label.check().map_err(ApiError::InvalidField)?;
+    if !state.runner.store.label(id, &label)? {
+        return Err(ApiError::NotFound(format!("job {id} not found")));
+    }
     Ok(Json(find_job(&state, id)?))
 }
 

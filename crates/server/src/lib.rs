@@ -177,6 +177,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/jobs/{id}", get(api::get_job).delete(api::delete_job))
         .route("/jobs/{id}/cancel", post(api::cancel_job))
         .route("/jobs/{id}/resume", post(api::resume_job))
+        .route("/jobs/{id}/label", post(api::label_job))
         .route("/jobs/{id}/metrics", get(api::metrics))
         .route("/jobs/{id}/adapter.zip", get(files::adapter_zip))
         .route("/jobs/{id}/export", post(files::export))

@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::error::ApiError;
-use safeprobe_wire::{Event, JobProgress, JobSpec};
+use safeprobe_wire::{Event, JobLabel, JobProgress, JobSpec};
 
 /// Schema changes, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -44,6 +44,9 @@ const MIGRATIONS: &[&str] = &[
     // replays (a client that has seen number n then knows every later event is new).
     "ALTER TABLE jobs ADD COLUMN last_seq INTEGER NOT NULL DEFAULT 0;
     UPDATE jobs SET last_seq = (SELECT COALESCE(MAX(seq), 0) FROM events WHERE job_id = jobs.id);",
+    // A job's name and notes, the user's own words about it.
+    "ALTER TABLE jobs ADD COLUMN name TEXT NOT NULL DEFAULT '';
+    ALTER TABLE jobs ADD COLUMN notes TEXT NOT NULL DEFAULT '';",
 ];
 
 pub use safeprobe_wire::{Job, JobKind, JobResult, JudgedAnswer, Status, StoredEvent};
@@ -393,6 +396,8 @@ impl Store {
                 _ => None,
             }),
             answers: Vec::new(),
+            name: r.get(14)?,
+            notes: r.get(15)?,
         })
     }
 
@@ -404,7 +409,8 @@ impl Store {
         (SELECT body FROM events e WHERE e.job_id = jobs.id AND json_extract(body, '$.event') = 'step'
          AND json_extract(body, '$.alignment') IS NOT NULL ORDER BY seq DESC LIMIT 1),
         (SELECT json_array(seq, at, json(body)) FROM events e WHERE e.job_id = jobs.id
-         AND json_extract(body, '$.event') = 'stage' ORDER BY seq DESC LIMIT 1) FROM jobs";
+         AND json_extract(body, '$.event') = 'stage' ORDER BY seq DESC LIMIT 1),
+        name, notes FROM jobs";
 
     pub fn get(&self, id: i64) -> Result<Option<Job>, ApiError> {
         self.conn()
@@ -435,6 +441,18 @@ impl Store {
             }
         }
         Ok(jobs)
+    }
+
+    /// Sets a job's name and notes; false when there is no such job.
+    pub fn label(&self, id: i64, label: &JobLabel) -> Result<bool, ApiError> {
+        let n = self
+            .conn()
+            .execute(
+                "UPDATE jobs SET name = ?2, notes = ?3 WHERE id = ?1",
+                params![id, label.name, label.notes],
+            )
+            .map_err(db)?;
+        Ok(n == 1)
     }
 
     pub fn delete(&self, id: i64) -> Result<bool, ApiError> {
@@ -533,6 +551,24 @@ mod tests {
             "events go with their job"
         );
         assert!(store.get(a).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_jobs_name_and_notes_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("safeprobe.db");
+        let store = Store::open(&path).unwrap();
+        let a = store.create(&eval("m")).unwrap();
+        assert_eq!(store.get(a).unwrap().unwrap().name, "");
+        let label = JobLabel {
+            name: "lr 1e-3, T = 100".into(),
+            notes: "the first try\nwith the demo model".into(),
+        };
+        assert!(store.label(a, &label).unwrap());
+        assert!(!store.label(a + 1, &label).unwrap(), "no such job");
+        drop(store);
+        let job = Store::open(&path).unwrap().list().unwrap().remove(0);
+        assert_eq!((job.name, job.notes), (label.name, label.notes));
     }
 
     #[test]

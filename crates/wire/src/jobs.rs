@@ -184,6 +184,59 @@ pub struct Job {
     /// The judged answers (only in `GET /api/jobs/{id}`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub answers: Vec<JudgedAnswer>,
+    /// The user's name for the job ("" until given).
+    #[serde(default)]
+    pub name: String,
+    /// The user's notes on it.
+    #[serde(default)]
+    pub notes: String,
+}
+
+/// `POST /api/jobs/{id}/label`: a job's name and notes, replacing what it had.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobLabel {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub notes: String,
+}
+
+impl JobLabel {
+    /// The longest name, in characters: a list's column, not a paragraph.
+    pub const NAME_CHARS: usize = 100;
+    /// The longest notes, in characters.
+    pub const NOTES_CHARS: usize = 10_000;
+
+    /// The field that does not fit, and why: a name of one line within its length, notes
+    /// within theirs.
+    pub fn check(&self) -> Result<(), crate::SpecError> {
+        let chars = |t: &str| t.chars().count();
+        if chars(&self.name) > Self::NAME_CHARS {
+            return Err(crate::SpecError::new(
+                "name",
+                format!(
+                    "{} characters, over {}",
+                    chars(&self.name),
+                    Self::NAME_CHARS
+                ),
+            ));
+        }
+        if self.name.contains(['\n', '\r']) {
+            return Err(crate::SpecError::new("name", "one line, please"));
+        }
+        if chars(&self.notes) > Self::NOTES_CHARS {
+            return Err(crate::SpecError::new(
+                "notes",
+                format!(
+                    "{} characters, over {}",
+                    chars(&self.notes),
+                    Self::NOTES_CHARS
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `POST /api/jobs`: a job's kind and its config, a run config (train), an evaluation's

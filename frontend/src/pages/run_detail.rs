@@ -4,9 +4,10 @@
 use std::collections::BTreeSet;
 
 use leptos::prelude::*;
+use leptos::task::spawn_local;
 use safeprobe_wire::{
-    Event, HarmfulReport, Job, JobKind, JobProgress, JobResult, JudgedAnswer, Method, Status,
-    StoredEvent,
+    ErrorBody, Event, HarmfulReport, Job, JobKind, JobLabel, JobProgress, JobResult, JudgedAnswer,
+    Method, Status, StoredEvent,
 };
 
 use super::export::ExportCard;
@@ -19,6 +20,7 @@ use crate::{api, files};
 pub fn RunDetail(id: i64) -> impl IntoView {
     let live = live();
     let job = LocalResource::new(move || api::get::<Job>(format!("/api/jobs/{id}")));
+    let job_resource = job;
     let stored = LocalResource::new(move || api::all_events(id));
     // A status change means a new result, answers or error, and a resumed run drops the steps
     // it replays: read the job and its stored events again.
@@ -57,7 +59,10 @@ pub fn RunDetail(id: i64) -> impl IntoView {
     let header = move || {
         Suspend::new(async move {
             job.await.map(|job| {
-                let title = format!("Job {id}: {} on {}", method_of(&job), model_name(&job));
+                let title = match job.name.as_str() {
+                    "" => format!("Job {id}: {} on {}", method_of(&job), model_name(&job)),
+                    name => format!("Job {id}: {name} ({} on {})", method_of(&job), model_name(&job)),
+                };
                 // Only a finished training run has weights to take out.
                 let exportable = (job.kind() == JobKind::Train && job.status == Status::Done)
                     .then(|| files::trains_lora(&job));
@@ -65,8 +70,13 @@ pub fn RunDetail(id: i64) -> impl IntoView {
                     Some(JobResult::Compare(comparison)) => Some(comparison.clone()),
                     _ => None,
                 };
+                let label = JobLabel {
+                    name: job.name.clone(),
+                    notes: job.notes.clone(),
+                };
                 view! {
                     <h1>{title}</h1>
+                    <LabelCard id label job=job_resource/>
                     <StatusCard job progress/>
                     {exportable.map(|lora| view! { <ExportCard id lora/> })}
                     {comparison.map(|comparison| view! { <h2>"Comparison"</h2> <ComparisonTable comparison/> })}
@@ -183,6 +193,58 @@ fn HarmfulSummary(report: HarmfulReport) -> impl IntoView {
                 </table>
             })}
         </div>
+    }
+}
+
+/// The job's name and notes, edited in place and saved on request; the server's refusal
+/// (a name too long or of two lines) is shown at its field.
+#[component]
+fn LabelCard(id: i64, label: JobLabel, job: LocalResource<Result<Job, String>>) -> impl IntoView {
+    let live = live();
+    let name = RwSignal::new(label.name.clone());
+    let notes = RwSignal::new(label.notes.clone());
+    let refusal = RwSignal::new(None::<ErrorBody>);
+    let saved = RwSignal::new(false);
+    let save = move |_| {
+        let request = JobLabel {
+            name: name.get_untracked(),
+            notes: notes.get_untracked(),
+        };
+        spawn_local(async move {
+            match api::post_form::<_, Job>(format!("/api/jobs/{id}/label"), &request).await {
+                Ok(_) => {
+                    refusal.set(None);
+                    saved.set(true);
+                    live.jobs.refetch();
+                    job.refetch();
+                }
+                Err(error) => refusal.set(Some(error)),
+            }
+        })
+    };
+    let error_at = move |field: &'static str| {
+        move || {
+            refusal.with(|r| {
+                let r = r.as_ref()?;
+                (r.field.as_deref() == Some(field) || (field == "name" && r.field.is_none()))
+                    .then(|| view! { <div class="help error field-error" data-key=field>{r.error.clone()}</div> })
+            })
+        }
+    };
+    view! {
+        <details class="card" id="job-label" open=!label.name.is_empty() || !label.notes.is_empty()>
+            <summary>{if label.name.is_empty() { "Name this job, and keep notes on it".to_string() } else { label.name.clone() }}</summary>
+            <div class="form">
+                <label for="job-name">"name"</label>
+                <input id="job-name" prop:value=move || name.get() on:input=move |ev| { saved.set(false); name.set(event_target_value(&ev)) }/>
+                {error_at("name")}
+                <label for="job-notes">"notes"</label>
+                <textarea id="job-notes" rows="3" prop:value=move || notes.get() on:input=move |ev| { saved.set(false); notes.set(event_target_value(&ev)) }></textarea>
+                {error_at("notes")}
+            </div>
+            <button id="save-label" on:click=save>"Save"</button>
+            {move || saved.get().then(|| view! { <span class="ok" id="label-saved">" saved"</span> })}
+        </details>
     }
 }
 

@@ -45,7 +45,8 @@ fn JobRow(job: Job) -> impl IntoView {
     let status_name = job.status.name();
     view! {
         <tr data-job=job.id>
-            <td><a href=Page::Run(job.id).hash()>{job.id}</a></td>
+            <td><a href=Page::Run(job.id).hash()>{job.id}</a>
+                {(!job.name.is_empty()).then(|| view! { <div class="job-name">{job.name.clone()}</div> })}</td>
             <td>{method}</td>
             <td>{model}</td>
             <td><span class=format!("status {status_name}")>{status_name}</span>
