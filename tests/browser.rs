@@ -294,6 +294,15 @@ fn the_ui_runs_a_job_shows_live_charts_a_comparison_and_chats() {
         t.contains("max_steps = 30").then_some(t)
     });
     assert!(toml.contains("method = \"sap\""), "{toml}");
+    // Before it starts, the run's memory as the server sizes it.
+    let estimate = browser.wait_for("the memory estimate", || {
+        let t = browser.text("#memory-estimate");
+        (!t.is_empty()).then_some(t)
+    });
+    assert!(
+        estimate.starts_with("needs about") && estimate.contains("weights"),
+        "{estimate}"
+    );
     // Edits survive a reload: the browser keeps them until a preset replaces them. (The old
     // page is marked, so that its fields are not taken for the reloaded one's.)
     browser

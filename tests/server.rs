@@ -1192,4 +1192,41 @@ fn jobs_take_names_and_notes_and_refusals_name_their_field() {
         kept["name"], "first look",
         "a refused label changes nothing"
     );
+
+    // A job's memory is estimated before it starts, checked as a start is, and nothing is made.
+    let train = |config: Value| json!({"kind": "train", "config": config});
+    let (code, estimate) = server.post(
+        "/api/jobs/estimate",
+        train(json!({"train_data": "train.jsonl", "max_steps": 5, "method": "sft"})),
+    );
+    assert_eq!(code, 200, "{estimate}");
+    assert!(estimate["memory_bytes"].as_u64().unwrap() > 0);
+    assert!(
+        estimate["memory"].as_str().unwrap().contains("weights"),
+        "{estimate}"
+    );
+    let (code, huge) = server.post(
+        "/api/jobs/estimate",
+        train(json!({"train_data": "train.jsonl", "max_steps": 5, "method": "sft", "finetune": "lora", "lora": {"r": 1_000_000_000u64}})),
+    );
+    assert_eq!(code, 200, "{huge}");
+    let more = huge["memory_bytes"].as_u64().unwrap();
+    assert!(
+        more > estimate["memory_bytes"].as_u64().unwrap() * 1000,
+        "{huge}"
+    );
+    if let Some(limit) = huge["limit"][0].as_u64() {
+        assert!(more > limit, "{huge}");
+    }
+    let (code, refused) = server.post(
+        "/api/jobs/estimate",
+        train(json!({"train_data": "train.jsonl", "max_steps": 5, "lr": -1.0})),
+    );
+    assert_eq!((code, refused["field"].as_str()), (400, Some("config.lr")));
+    let (_, jobs) = server.get("/api/jobs");
+    assert_eq!(
+        jobs.as_array().unwrap().len(),
+        1,
+        "an estimate makes no job"
+    );
 }

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use leptos::prelude::*;
 use leptos::task::spawn_local;
 use safeprobe_wire::spec::form::{self, FieldError, FormField, Input};
-use safeprobe_wire::{CreateJob, ErrorBody, Job, JobKind};
+use safeprobe_wire::{CreateJob, ErrorBody, Job, JobEstimate, JobKind};
 use serde_json::{Map, Value};
 
 use crate::{Live, Page, api, go};
@@ -170,11 +170,44 @@ fn refused_field(state: FormState, refusal: &ErrorBody) -> Option<(&'static Form
 #[component]
 pub fn StartBar(
     state: FormState,
+    /// The kind of job it starts, for the memory estimate.
+    kind: JobKind,
     /// The button's text and its element id.
     label: &'static str,
     id: &'static str,
     on_start: impl Fn() + 'static,
 ) -> impl IntoView {
+    // What the job would take, asked of the server whenever the config reads differently.
+    let estimate = LocalResource::new(move || {
+        let config = state.config.get();
+        async move {
+            let config = config.ok()?;
+            let request = CreateJob {
+                kind,
+                config: Value::Object(config),
+            };
+            api::post::<_, JobEstimate>("/api/jobs/estimate", &request)
+                .await
+                .ok()
+        }
+    });
+    let estimated = move || {
+        estimate.get().flatten().map(|e| {
+            let over = e
+                .limit
+                .as_ref()
+                .is_some_and(|(bytes, _)| e.memory_bytes > *bytes);
+            let limit = e
+                .limit
+                .map(|(bytes, whose)| format!(" of the {} {whose}", gib(bytes)))
+                .unwrap_or_default();
+            view! {
+                <span class=if over { "help error" } else { "help" } id="memory-estimate">
+                    {format!("needs about {}{limit}", e.memory)}
+                </span>
+            }
+        })
+    };
     let blocked = move || match state.config.get() {
         Err(e) => {
             let label = state
@@ -198,8 +231,14 @@ pub fn StartBar(
             <button class="primary" id=id on:click=move |_| on_start()
                 disabled=move || !state.loaded.get() || state.config.with(Result::is_err)>{label}</button>
             {move || blocked().map(|b| view! { <span class="error" id="form-error">{b}</span> })}
+            {estimated}
         </div>
     }
+}
+
+/// Bytes in GiB, for the estimate's limit.
+fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
 
 /// The sections of the form whose keys start with `prefix`, each a card of its fields.

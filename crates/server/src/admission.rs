@@ -117,6 +117,17 @@ fn ceiling(sizing: Sizing) -> Option<(u64, &'static str)> {
     }
 }
 
+/// What a validated job would take, and the most a job may take here, for a form to show
+/// before the job is started.
+pub fn preview(spec: &JobSpec, sizing: Sizing) -> Result<safeprobe_wire::JobEstimate, ApiError> {
+    let estimate = estimate(spec, sizing.fused)?;
+    Ok(safeprobe_wire::JobEstimate {
+        memory_bytes: estimate.total(),
+        memory: estimate.describe(),
+        limit: ceiling(sizing).map(|(bytes, whose)| (bytes, whose.to_string())),
+    })
+}
+
 /// Refuses, at creation, a job that could not fit even on an idle machine.
 pub fn check_at_creation(spec: &JobSpec, sizing: Sizing) -> Result<(), ApiError> {
     let estimate = estimate(spec, sizing.fused)?;

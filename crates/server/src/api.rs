@@ -10,8 +10,8 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use safeprobe_wire::spec::form::FormField;
 use safeprobe_wire::{
     AdapterInfo, ChatDone, ChatRequest, ChatToken, CreateJob, DatasetEntry, Deleted, DeviceReport,
-    ErrorBody, EventPage, Job, JobKind, JobLabel, JobSpec, MetricsQuery, ModelSummary, Preview,
-    PreviewQuery, PreviewRow,
+    ErrorBody, EventPage, Job, JobEstimate, JobKind, JobLabel, JobSpec, MetricsQuery, ModelSummary,
+    Preview, PreviewQuery, PreviewRow,
 };
 use serde_json::json;
 use tokio_stream::StreamExt;
@@ -196,6 +196,26 @@ pub async fn create_job(
         .map_err(|e| ApiError::Internal(e.to_string()))??;
     state.runner.enqueue(id);
     Ok(Json(find_job(&state, id)?))
+}
+
+/// What a job would take, checked as `create_job` checks it, without creating it.
+pub async fn estimate_job(
+    State(state): State<Arc<AppState>>,
+    body: Result<Json<CreateJob>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<JobEstimate> {
+    let Json(request) = body.map_err(crate::error::rejected)?;
+    let config = if request.config.is_null() {
+        json!({})
+    } else {
+        request.config
+    };
+    let estimated = tokio::task::spawn_blocking(move || {
+        let (spec, _) = jobs::validate(request.kind, config, 0, &state.places)?;
+        crate::admission::preview(&spec, state.places.sizing)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    Ok(Json(estimated))
 }
 
 /// Checks, sizes and stores a job; returns its id.

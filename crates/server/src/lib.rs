@@ -174,6 +174,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/datasets/preview", get(api::preview))
         .route("/jobs", get(api::list_jobs).post(api::create_job))
+        .route("/jobs/estimate", post(api::estimate_job))
         .route("/jobs/{id}", get(api::get_job).delete(api::delete_job))
         .route("/jobs/{id}/cancel", post(api::cancel_job))
         .route("/jobs/{id}/resume", post(api::resume_job))

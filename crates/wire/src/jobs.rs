@@ -192,6 +192,19 @@ pub struct Job {
     pub notes: String,
 }
 
+/// `POST /api/jobs/estimate` (the body of `POST /api/jobs`): what the job would take, before
+/// it is started.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobEstimate {
+    /// Its estimated peak memory, in bytes.
+    pub memory_bytes: u64,
+    /// The same in words, with its parts ("1.2 GiB (weights 940 MiB, …)").
+    pub memory: String,
+    /// The most this server lets a job take here, where it knows, and in whose words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<(u64, String)>,
+}
+
 /// `POST /api/jobs/{id}/label`: a job's name and notes, replacing what it had.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -20,8 +20,8 @@ pub use events::{
     Alignment, Defence, Event, EventPage, LiveMessage, Part, RunOf, StepMetrics, StoredEvent,
 };
 pub use jobs::{
-    ChatRequest, CreateJob, EvalSpec, Job, JobKind, JobLabel, JobResult, JobSpec, Judge, Message,
-    Status, TrainJob,
+    ChatRequest, CreateJob, EvalSpec, Job, JobEstimate, JobKind, JobLabel, JobResult, JobSpec,
+    Judge, Message, Status, TrainJob,
 };
 pub use progress::JobProgress;
 pub use reports::{

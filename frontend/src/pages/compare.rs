@@ -159,7 +159,7 @@ fn NewComparison() -> impl IntoView {
                 <summary>"Trainer settings of every run"</summary>
                 <FormSections state prefix="train."/>
             </details>
-            <StartBar state label="Start comparison" id="start-comparison" on_start=move || start_job(live, JobKind::Compare, state)/>
+            <StartBar state kind=JobKind::Compare label="Start comparison" id="start-comparison" on_start=move || start_job(live, JobKind::Compare, state)/>
         </details>
     }
 }

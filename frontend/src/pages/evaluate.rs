@@ -17,7 +17,7 @@ pub fn Evaluate() -> impl IntoView {
     view! {
         <h1>"Evaluate"</h1>
         <FormSections state/>
-        <StartBar state label="Evaluate" id="start-eval" on_start=move || start_job(live, JobKind::Eval, state)/>
+        <StartBar state kind=JobKind::Eval label="Evaluate" id="start-eval" on_start=move || start_job(live, JobKind::Eval, state)/>
         <h2>"Evaluations"</h2>
         {with_jobs(|jobs| view! {
             <table>

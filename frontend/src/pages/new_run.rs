@@ -58,7 +58,7 @@ pub fn NewRun() -> impl IntoView {
         <Models values/>
         <DataFiles values/>
         <FormSections state/>
-        <StartBar state label="Start run" id="start-run" on_start=move || start_job(live, JobKind::Train, state)/>
+        <StartBar state kind=JobKind::Train label="Start run" id="start-run" on_start=move || start_job(live, JobKind::Train, state)/>
         <h2>"The same run from the command line"</h2>
         <pre id="config-toml">{move || match state.config.get() {
             Ok(c) => format!("# safeprobe train --config run.toml   (add output_dir = \"runs/name\")\n{}", as_toml(&c)),
