@@ -507,6 +507,28 @@ fn the_ui_runs_a_job_shows_live_charts_a_comparison_and_chats() {
             .contains("saved")
             .then_some(())
     });
+    // The merged checkpoint itself, downloaded as a tar archive of its folder.
+    browser.click("#download-merged");
+    let tar = browser
+        .downloads
+        .join(format!("job-{lora_id}-merged-bf16.tar"));
+    let archive = browser.wait_for("the merged checkpoint in the downloads", || {
+        std::fs::read(&tar)
+            .ok()
+            .filter(|b| b.len() >= 1024 && b.len() % 512 == 0)
+    });
+    let folder = format!("job-{lora_id}-merged-bf16/");
+    assert!(
+        archive.starts_with(folder.as_bytes()),
+        "a member of the folder first"
+    );
+    let listed = String::from_utf8_lossy(&archive);
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(
+            listed.contains(&format!("{folder}{file}")),
+            "{file} in the archive"
+        );
+    }
     browser.screenshot("05-export");
 
     // A shortened comparison (started through the API), then its table in the Compare page.

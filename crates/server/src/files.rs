@@ -235,6 +235,50 @@ pub async fn adapter_zip(
         .into_response())
 }
 
+/// `GET /api/jobs/{id}/merged.tar?dtype=bf16`: the checkpoint an export wrote, as a tar
+/// archive streamed from disk a piece at a time (a merged model may be many gigabytes), its
+/// length known up front.
+pub async fn merged_tar(
+    State(state): State<Arc<AppState>>,
+    UrlPath(id): UrlPath<i64>,
+    Query(request): Query<ExportRequest>,
+) -> Result<Response, ApiError> {
+    SaveDtype::parse(&request.dtype).map_err(|e| ApiError::field("dtype", e.to_string()))?;
+    let (_, run_dir) = finished_run(&state, id)?;
+    let dir = run_dir.join(format!("merged-{}", request.dtype));
+    if !dir.join("config.json").is_file() {
+        return Err(ApiError::Conflict(format!(
+            "job {id} has no {} checkpoint yet; export it first",
+            request.dtype
+        )));
+    }
+    let folder = format!("job-{id}-merged-{}", request.dtype);
+    let members = crate::tar::members(&dir, &folder)
+        .map_err(|e| ApiError::Internal(format!("{}: {e}", dir.display())))?;
+    let length = crate::tar::archive_len(&members);
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(4);
+    tokio::task::spawn_blocking(move || {
+        let sent = crate::tar::stream(&members, |chunk| tx.blocking_send(Ok(chunk)).is_ok());
+        if let Err(e) = sent {
+            tracing::error!(%e, "merged checkpoint download");
+            let _ = tx.blocking_send(Err(e));
+        }
+    });
+    let body = axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/x-tar".to_string()),
+            (header::CONTENT_LENGTH, length.to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{folder}.tar\""),
+            ),
+        ],
+        body,
+    )
+        .into_response())
+}
+
 /// The files of a folder (not its subfolders) in a zip, deflated.
 fn zip_folder(dir: &Path) -> Result<Vec<u8>, ApiError> {
     let failed = |e: &dyn std::fmt::Display| {

@@ -15,6 +15,7 @@ pub mod jobs;
 pub mod paths;
 pub mod runner;
 pub mod store;
+mod tar;
 pub mod worker;
 
 use std::net::SocketAddr;
@@ -182,6 +183,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/jobs/{id}/metrics", get(api::metrics))
         .route("/jobs/{id}/adapter.zip", get(files::adapter_zip))
         .route("/jobs/{id}/export", post(files::export))
+        .route("/jobs/{id}/merged.tar", get(files::merged_tar))
         .route("/events", get(api::events))
         .route("/chat", post(api::chat))
         .fallback(|| async { ApiError::NotFound("no such API endpoint".into()) })

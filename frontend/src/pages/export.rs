@@ -69,7 +69,10 @@ fn ExportMerged(id: i64, lora: bool) -> impl IntoView {
     };
     let said = move || {
         outcome.get().map(|result| match result {
-            Ok(exported) => view! { <ExportedCheckpoint exported/> }.into_any(),
+            Ok(exported) => {
+                let dtype = dtype.get_untracked();
+                view! { <ExportedCheckpoint id dtype exported/> }.into_any()
+            }
             Err(error) => view! { <p class="error" id="export-error">{error}</p> }.into_any(),
         })
     };
@@ -87,9 +90,28 @@ fn ExportMerged(id: i64, lora: bool) -> impl IntoView {
     }
 }
 
-/// Where the checkpoint went, and the command that writes it again, with a Copy button.
+/// Where the checkpoint went, and the command that writes it again, with a Copy button; and
+/// the checkpoint itself as a download (a tar archive the server streams from disk).
 #[component]
-fn ExportedCheckpoint(exported: Exported) -> impl IntoView {
+fn ExportedCheckpoint(id: i64, dtype: String, exported: Exported) -> impl IntoView {
+    let outcome = RwSignal::new(None::<Result<u64, String>>);
+    let name = format!("job-{id}-merged-{dtype}.tar");
+    let download = {
+        let name = name.clone();
+        move |_| {
+            let (path, name) = (
+                format!("/api/jobs/{id}/merged.tar?dtype={dtype}"),
+                name.clone(),
+            );
+            spawn_local(async move { outcome.set(Some(api::download(&path, &name).await)) })
+        }
+    };
+    let said = move || {
+        outcome.get().map(|result| match result {
+            Ok(bytes) => view! { <span class="ok" id="download-merged-result">{format!(" saved {name} ({})", bytes_in_words(bytes))}</span> }.into_any(),
+            Err(error) => view! { <span class="error" id="download-merged-result">{format!(" {error}")}</span> }.into_any(),
+        })
+    };
     let command = exported.command.clone();
     let copy = move |_| {
         if let Some(window) = web_sys::window() {
@@ -100,6 +122,9 @@ fn ExportedCheckpoint(exported: Exported) -> impl IntoView {
         <p class="ok" id="export-path">"Written to " <code>{exported.path}</code></p>
         <div class="help">"The same from the command line:"</div>
         <pre><code id="export-command">{exported.command}</code></pre>
-        <button id="export-copy" on:click=copy>"Copy command"</button>
+        <button id="export-copy" on:click=copy>"Copy command"</button> " "
+        <button id="download-merged" on:click=download>"Download checkpoint (tar)"</button>
+        <span class="help">" the browser holds it whole before saving it: for a model of many gigabytes, copy the folder from the server instead"</span>
+        {said}
     }
 }
