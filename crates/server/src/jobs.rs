@@ -55,12 +55,18 @@ pub struct Places {
 }
 
 impl Places {
-    /// A model named in a request: "demo" (or nothing) is the embedded demo model; a folder
+    /// A model named in a request: "demo" (or nothing; an empty name is refused) is the
+    /// embedded demo model; a folder
     /// under the model directories; else a Hub id (`ORG/NAME`) finished in the Hugging Face
     /// cache. An id has exactly one `/` and no `..`, so it cannot reach outside the cache.
     pub fn model(&self, field: &str, name: Option<&str>) -> Result<PathBuf, ApiError> {
         match name {
-            None | Some("") | Some("demo") => demo_model_dir(),
+            None | Some("demo") => demo_model_dir(),
+            // An emptied field is a mistake, not a wish for the demo model.
+            Some("") => Err(ApiError::field(
+                field,
+                "empty: name a model (\"demo\" for the embedded one)",
+            )),
             Some(name) => self.models.resolve(field, name).or_else(|error| {
                 if !safeprobe_model::hub::is_repo_id(name) {
                     return Err(error);
@@ -549,6 +555,10 @@ mod tests {
         std::fs::create_dir_all(&snapshot).unwrap();
         std::fs::create_dir_all(repo.join("refs")).unwrap();
         std::fs::write(repo.join("refs/main"), "abc").unwrap();
+        assert!(
+            places.model("model", Some("")).is_err(),
+            "an emptied model is refused, not the demo model"
+        );
         assert!(
             places.model("model", Some("org/m")).is_err(),
             "no config.json yet"
