@@ -284,8 +284,27 @@ fn the_ui_runs_a_job_shows_live_charts_a_comparison_and_chats() {
     });
     browser.screenshot("01-runs");
 
-    // A short run from the New-run form (demo preset, 30 steps), then live charts.
+    // The paper's T = 1 on the demo model: the model's own recommendation says why not, and
+    // applies T = 100.
     browser.open(&format!("{base}/#/new"));
+    browser.click("#preset-paper");
+    let advice = browser.wait_for("the demo model's recommendation", || {
+        let t = browser.text("#model-recommends");
+        (!t.is_empty()).then_some(t)
+    });
+    assert!(advice.contains("sap.temperature = 100"), "{advice}");
+    browser.click("#apply-recommended");
+    browser.wait_for("T = 100 in the form", || {
+        let t = browser
+            .script("return document.querySelector(\"input[name='sap.temperature']\").value");
+        (t.as_str()?.parse::<f64>().ok()? == 100.0).then_some(())
+    });
+    assert!(
+        browser.find("#model-recommends").is_none(),
+        "nothing left to recommend"
+    );
+
+    // A short run from the New-run form (demo preset, 30 steps), then live charts.
     browser.click("#preset-demo");
     browser.type_into("input[name='max_steps']", "30");
     browser.type_into("input[name='checkpoint_every']", "10");

@@ -361,6 +361,25 @@ fn demo_models_safety_pairs_give_a_direction_at_the_demo_temperature() {
     assert!(norm > 0.0 && norm.is_finite(), "‖∇ L_safety‖ = {norm}");
 }
 
+/// The demo model's folder recommends the demo comparison's SAP temperature (the panel's run
+/// form applies it), and a rebuilt model writes the same file.
+#[test]
+fn the_demo_model_recommends_the_demo_comparisons_temperature() {
+    let committed = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("demo-model/safeprobe.json"),
+    )
+    .unwrap();
+    assert_eq!(committed, demo_model::RECOMMENDED);
+    let read: safeprobe_wire::Recommended = serde_json::from_str(&committed).unwrap();
+    let demo: toml::Value = toml::from_str(compare::DEMO_CONFIG).unwrap();
+    assert_eq!(
+        read.recommended["sap.temperature"].as_f64(),
+        demo["train"]["sap"]["temperature"].as_float()
+    );
+    let unpacked = demo_model_dir().join("safeprobe.json");
+    assert_eq!(std::fs::read_to_string(unpacked).unwrap(), committed);
+}
+
 /// At T = 1 the demo's direction pairs are separated by 59 nats or more, the safety
 /// gradient (σ(−m) ≤ 2e-26) is far below the 1e-8 the direction's normalisation adds, and SAP
 /// would silently be SFT: the run says so once. At T = 100 the direction is there.

@@ -386,6 +386,7 @@ pub fn build(
             .expect("json")
             .as_bytes(),
     )?;
+    write_atomic(&trained.join("safeprobe.json"), RECOMMENDED.as_bytes())?;
     // Swap the finished model in.
     let staged: PathBuf = work.join("model-final");
     std::fs::rename(&trained, &staged).map_err(io(&staged))?;
@@ -397,6 +398,15 @@ pub fn build(
     Ok(demo_report)
 }
 
+/// The run settings the demo model recommends (its folder's `safeprobe.json`, which the panel's
+/// run form applies): SAP at the demo comparison's temperature, since at the paper's T = 1 its
+/// safety pairs' gradient is 0 and SAP would be plain SFT.
+pub const RECOMMENDED: &str = r#"{
+  "recommended": {"sap.temperature": 100.0},
+  "why": "at the paper's T = 1 this model's safety pairs are separated by so much that SAP's harmful direction vanishes and SAP is plain SFT; T = 100 is the demo comparison's"
+}
+"#;
+
 /// A file of the committed demo model, by name, with its bytes compiled in.
 macro_rules! embedded {
     ($name:literal) => {
@@ -406,12 +416,13 @@ macro_rules! embedded {
 
 /// The committed demo model's files, compiled into the binary so that it needs no source tree
 /// (a static, not a const, which would put a copy of the 7 MB in the binary per use).
-static EMBEDDED: [(&str, &[u8]); 6] = [
+static EMBEDDED: [(&str, &[u8]); 7] = [
     embedded!("config.json"),
     embedded!("generation_config.json"),
     embedded!("tokenizer.json"),
     embedded!("tokenizer_config.json"),
     embedded!("build.json"),
+    embedded!("safeprobe.json"),
     embedded!("model.safetensors"),
 ];
 

@@ -11,7 +11,7 @@ use safeprobe_wire::spec::form::FormField;
 use safeprobe_wire::{
     AdapterInfo, ChatDone, ChatRequest, ChatToken, CreateJob, DatasetEntry, Deleted, DeviceReport,
     ErrorBody, EventPage, Job, JobEstimate, JobKind, JobLabel, JobSpec, MetricsQuery, ModelSummary,
-    Preview, PreviewQuery, PreviewRow,
+    Preview, PreviewQuery, PreviewRow, Recommended,
 };
 use serde_json::json;
 use tokio_stream::StreamExt;
@@ -70,7 +70,23 @@ fn model_summary(dir: &std::path::Path, name: &str) -> Option<ModelSummary> {
         f32_bytes: f32_bytes as u64,
         layers: config.num_hidden_layers,
         hidden_size: config.hidden_size,
+        recommends: recommended(dir),
     })
+}
+
+/// The model folder's `safeprobe.json`, if it has one that reads (at most 64 KiB; one that
+/// does not read is left out of the list with a warning, never half applied).
+fn recommended(dir: &std::path::Path) -> Option<Recommended> {
+    let path = dir.join("safeprobe.json");
+    let size = std::fs::metadata(&path).ok()?.len();
+    if size > 64 << 10 {
+        tracing::warn!("{}: {size} bytes, over 64 KiB; not read", path.display());
+        return None;
+    }
+    let text = std::fs::read_to_string(&path).ok()?;
+    serde_json::from_str(&text)
+        .map_err(|e| tracing::warn!("{}: {e}; its recommendations are not used", path.display()))
+        .ok()
 }
 
 pub async fn models(State(state): State<Arc<AppState>>) -> ApiResult<Vec<ModelSummary>> {

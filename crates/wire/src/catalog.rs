@@ -32,6 +32,19 @@ pub struct ModelSummary {
     pub f32_bytes: u64,
     pub layers: usize,
     pub hidden_size: usize,
+    /// The run settings the model's folder recommends (its `safeprobe.json`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recommends: Option<Recommended>,
+}
+
+/// A model's own recommendation for runs on it (`safeprobe.json` in its folder:
+/// `{"recommended": {"sap.temperature": 100.0}, "why": "..."}`), by run-config key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recommended {
+    pub recommended: std::collections::BTreeMap<String, serde_json::Value>,
+    #[serde(default)]
+    pub why: String,
 }
 
 /// `POST /api/models/pull`: download a model from the Hugging Face Hub into the server's

@@ -14,7 +14,7 @@ pub mod spec;
 pub use catalog::{
     AdapterInfo, ChatDone, ChatToken, DatasetEntry, Deleted, DeviceReport, ErrorBody,
     ExportRequest, Exported, MetricsQuery, ModelSummary, Preview, PreviewQuery, PreviewRow,
-    PullRequest, PullState, PullStatus, Uploaded,
+    PullRequest, PullState, PullStatus, Recommended, Uploaded,
 };
 pub use events::{
     Alignment, Defence, Event, EventPage, LiveMessage, Part, RunOf, StepMetrics, StoredEvent,

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use leptos::prelude::*;
 use leptos::task::spawn_local;
-use safeprobe_wire::{ModelSummary, PullRequest, PullState, PullStatus};
+use safeprobe_wire::spec::form;
+use safeprobe_wire::{ModelSummary, PullRequest, PullState, PullStatus, Recommended};
 
 use super::{load_errors, loading};
 use crate::api;
@@ -35,6 +36,7 @@ pub fn Models(values: FormValues) -> impl IntoView {
     view! {
         <div class="card" id="models">
             <h2>"Models"</h2>
+            <Recommends models values/>
             <details>
                 <summary>"Models the server has"</summary>
                 <Transition fallback=loading>
@@ -46,14 +48,69 @@ pub fn Models(values: FormValues) -> impl IntoView {
     }
 }
 
+/// Whether the form's `text` already says `value`: numbers by their value (100 is 100.0).
+fn says(text: Option<&String>, value: &serde_json::Value) -> bool {
+    match (text, value.as_f64()) {
+        (Some(text), Some(number)) => text.trim().parse::<f64>().ok() == Some(number),
+        (Some(text), None) => *text == form::as_text(value),
+        (None, _) => false,
+    }
+}
+
+/// Sets each recommended setting in the form.
+fn apply(values: FormValues, recommends: &Recommended) {
+    values.update(|v| {
+        for (key, value) in &recommends.recommended {
+            v.insert(key.clone(), form::as_text(value));
+        }
+    });
+}
+
+/// The chosen model's own recommendations where the form says otherwise, with why, and a
+/// button that applies them (the demo model's: SAP at T = 100, where its direction exists).
+#[component]
+fn Recommends(models: ModelList, values: FormValues) -> impl IntoView {
+    move || {
+        let chosen = values.with(|v| v.get("model").cloned().unwrap_or_default());
+        let Some(Ok(models)) = models.get() else {
+            return None;
+        };
+        let recommends = models.into_iter().find(|m| m.name == chosen)?.recommends?;
+        let differs: Vec<String> = recommends
+            .recommended
+            .iter()
+            .filter(|(key, value)| !values.with(|v| says(v.get(*key), value)))
+            .map(|(key, value)| format!("{key} = {}", form::as_text(value)))
+            .collect();
+        if differs.is_empty() {
+            return None;
+        }
+        let said = format!(
+            "The {chosen} model recommends {} ({}).",
+            differs.join(", "),
+            recommends.why
+        );
+        Some(view! {
+            <div class="card warning" id="model-recommends">
+                {said} " "
+                <button id="apply-recommended" on:click=move |_| apply(values, &recommends)>"apply"</button>
+            </div>
+        })
+    }
+}
+
 #[component]
 fn ModelRow(model: ModelSummary, values: FormValues) -> impl IntoView {
     let name = model.name.clone();
+    let recommends = model.recommends.clone();
     let use_it = move |_| {
         let name = name.clone();
         values.update(|v| {
             v.insert("model".into(), name);
         });
+        if let Some(recommends) = &recommends {
+            apply(values, recommends);
+        }
     };
     view! {
         <tr>

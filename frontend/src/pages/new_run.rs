@@ -51,7 +51,7 @@ pub fn NewRun() -> impl IntoView {
     view! {
         <h1>"New run"</h1>
         <div>"Presets: "
-            <button on:click=move |_| values.set(preset(Preset::Paper))>"paper defaults"</button> " "
+            <button id="preset-paper" on:click=move |_| values.set(preset(Preset::Paper))>"paper defaults"</button> " "
             <button id="preset-demo" on:click=move |_| values.set(preset(Preset::Demo))>"demo"</button>
             <span class="help">" (the demo preset fine-tunes the demo model on the built-in word-reversal task; your edits are kept in this browser until you pick a preset)"</span>
         </div>

@@ -216,7 +216,7 @@ fn one_line(text: &str) -> String {
 }
 
 /// A default as the form shows it.
-pub(crate) fn as_text(value: &Value) -> String {
+pub fn as_text(value: &Value) -> String {
     match value {
         Value::Null => String::new(),
         Value::String(s) => s.clone(),
