@@ -439,6 +439,15 @@ fn the_ui_runs_a_job_shows_live_charts_a_comparison_and_chats() {
     std::fs::write(&upload, examples).unwrap();
     browser.open(&format!("{base}/#/new"));
     browser.click("#preset-demo");
+    // A run like the first one is timed at its pace.
+    let timed = browser.wait_for("the time estimate", || {
+        let t = browser.text("#memory-estimate");
+        t.contains("takes about").then_some(t)
+    });
+    assert!(
+        timed.contains(&format!("at the pace of job {first_run}")),
+        "{timed}"
+    );
     browser.choose_file("#upload-file", &upload);
     browser.click("#upload-send");
     let stored = browser.wait_for("the upload's result", || {

@@ -1205,6 +1205,10 @@ fn jobs_take_names_and_notes_and_refusals_name_their_field() {
         estimate["memory"].as_str().unwrap().contains("weights"),
         "{estimate}"
     );
+    assert!(
+        estimate["time"].is_null(),
+        "no finished run to time it by: {estimate}"
+    );
     let (code, huge) = server.post(
         "/api/jobs/estimate",
         train(json!({"train_data": "train.jsonl", "max_steps": 5, "method": "sft", "finetune": "lora", "lora": {"r": 1_000_000_000u64}})),

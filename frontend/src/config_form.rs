@@ -201,9 +201,17 @@ pub fn StartBar(
                 .limit
                 .map(|(bytes, whose)| format!(" of the {} {whose}", gib(bytes)))
                 .unwrap_or_default();
+            let time = match (e.time, kind) {
+                (Some((seconds, job)), _) => format!(
+                    "; takes about {} at the pace of job {job}",
+                    crate::series::duration(seconds)
+                ),
+                (None, JobKind::Train) => "; no finished run like it to time it by".into(),
+                (None, _) => String::new(),
+            };
             view! {
                 <span class=if over { "help error" } else { "help" } id="memory-estimate">
-                    {format!("needs about {}{limit}", e.memory)}
+                    {format!("needs about {}{limit}{time}", e.memory)}
                 </span>
             }
         })

@@ -125,6 +125,7 @@ pub fn preview(spec: &JobSpec, sizing: Sizing) -> Result<safeprobe_wire::JobEsti
         memory_bytes: estimate.total(),
         memory: estimate.describe(),
         limit: ceiling(sizing).map(|(bytes, whose)| (bytes, whose.to_string())),
+        time: None,
     })
 }
 

@@ -227,11 +227,42 @@ pub async fn estimate_job(
     };
     let estimated = tokio::task::spawn_blocking(move || {
         let (spec, _) = jobs::validate(request.kind, config, 0, &state.places)?;
-        crate::admission::preview(&spec, state.places.sizing)
+        let mut estimate = crate::admission::preview(&spec, state.places.sizing)?;
+        if let JobSpec::Train(train) = &spec {
+            let steps = jobs::planned_steps(&train.config)?;
+            estimate.time = paced_like(&state.runner.store.list()?, &train.config)
+                .map(|(step_s, job)| (step_s * steps as f64, job));
+        }
+        Ok::<_, ApiError>(estimate)
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))??;
     Ok(Json(estimated))
+}
+
+/// The step time of the newest finished training run like `run` (same model, method,
+/// fine-tuning, batch and length), from its newest step, with its id.
+fn paced_like(jobs: &[Job], run: &safeprobe_wire::RunConfig) -> Option<(f64, i64)> {
+    jobs.iter().find_map(|job| {
+        let JobSpec::Train(done) = &job.spec else {
+            return None;
+        };
+        let c = &done.config;
+        let alike = (&c.model, c.method, c.finetune, c.batch_size, c.max_len)
+            == (
+                &run.model,
+                run.method,
+                run.finetune,
+                run.batch_size,
+                run.max_len,
+            );
+        match (&job.last_step, job.status) {
+            (Some(safeprobe_wire::Event::Step { step_time_s, .. }), Status::Done) if alike => {
+                Some((*step_time_s, job.id))
+            }
+            _ => None,
+        }
+    })
 }
 
 /// Checks, sizes and stores a job; returns its id.

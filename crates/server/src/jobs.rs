@@ -362,7 +362,7 @@ fn typed<T: serde::de::DeserializeOwned>(
 
 /// The optimiser steps a run will take at most (from `epochs`: counted on its data with the
 /// mixing and poisoning the trainer adds).
-fn planned_steps(config: &RunConfig) -> Result<usize, ApiError> {
+pub fn planned_steps(config: &RunConfig) -> Result<usize, ApiError> {
     if config.max_steps > 0 {
         return Ok(config.max_steps);
     }

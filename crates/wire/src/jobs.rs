@@ -203,6 +203,11 @@ pub struct JobEstimate {
     /// The most this server lets a job take here, where it knows, and in whose words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<(u64, String)>,
+    /// For a training run, its time at the pace of the newest finished run like it on this
+    /// server (same model, method, fine-tuning, batch and length; device and data may differ):
+    /// (seconds, that job's id). None when there is no such run to go by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<(f64, i64)>,
 }
 
 /// `POST /api/jobs/{id}/label`: a job's name and notes, replacing what it had.
