@@ -678,6 +678,18 @@ fn the_ui_runs_a_job_shows_live_charts_a_comparison_and_chats() {
     });
     assert_eq!(listed, "part 13 of 13 · 100%");
     browser.open(&format!("{base}/#/compare"));
+    // The form kept its edits, and the same comparison again is timed by the one that ran.
+    let timed = browser.wait_for("the comparison's time estimate", || {
+        let t = browser.script(
+            "const e = document.querySelector('#new-comparison #memory-estimate'); return e ? e.textContent : '';",
+        );
+        let t = t.as_str()?.to_string();
+        t.contains("takes about").then_some(t)
+    });
+    assert!(
+        timed.contains(&format!("at the pace of job {comparison}")),
+        "{timed}"
+    );
     let table = browser.wait_for("the comparison table", || {
         let t = browser.text("table.comparison");
         t.contains("sap").then_some(t)

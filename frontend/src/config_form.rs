@@ -207,6 +207,7 @@ pub fn StartBar(
                     crate::series::duration(seconds)
                 ),
                 (None, JobKind::Train) => "; no finished run like it to time it by".into(),
+                (None, JobKind::Compare) => "; no finished comparison like it to time it by".into(),
                 (None, _) => String::new(),
             };
             view! {

@@ -228,11 +228,15 @@ pub async fn estimate_job(
     let estimated = tokio::task::spawn_blocking(move || {
         let (spec, _) = jobs::validate(request.kind, config, 0, &state.places)?;
         let mut estimate = crate::admission::preview(&spec, state.places.sizing)?;
-        if let JobSpec::Train(train) = &spec {
-            let steps = jobs::planned_steps(&train.config)?;
-            estimate.time = paced_like(&state.runner.store.list()?, &train.config)
-                .map(|(step_s, job)| (step_s * steps as f64, job));
-        }
+        let done = state.runner.store.list()?;
+        estimate.time = match &spec {
+            JobSpec::Train(train) => {
+                let steps = jobs::planned_steps(&train.config)?;
+                paced_like(&done, &train.config).map(|(step_s, job)| (step_s * steps as f64, job))
+            }
+            JobSpec::Compare(config) => same_comparison(&done, config),
+            JobSpec::Eval(_) => None,
+        };
         Ok::<_, ApiError>(estimate)
     })
     .await
@@ -262,6 +266,21 @@ fn paced_like(jobs: &[Job], run: &safeprobe_wire::RunConfig) -> Option<(f64, i64
             }
             _ => None,
         }
+    })
+}
+
+/// How long the newest finished comparison of the same config (its folder aside) took, with
+/// its id.
+fn same_comparison(jobs: &[Job], config: &safeprobe_wire::CompareConfig) -> Option<(f64, i64)> {
+    jobs.iter().find_map(|job| match (&job.spec, &job.result) {
+        (JobSpec::Compare(earlier), Some(safeprobe_wire::JobResult::Compare(comparison)))
+            if job.status == Status::Done =>
+        {
+            let mut earlier = earlier.clone();
+            earlier.output_dir = config.output_dir.clone();
+            (earlier == *config).then_some((comparison.seconds, job.id))
+        }
+        _ => None,
     })
 }
 

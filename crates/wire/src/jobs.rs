@@ -204,8 +204,9 @@ pub struct JobEstimate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<(u64, String)>,
     /// For a training run, its time at the pace of the newest finished run like it on this
-    /// server (same model, method, fine-tuning, batch and length; device and data may differ):
-    /// (seconds, that job's id). None when there is no such run to go by.
+    /// server (same model, method, fine-tuning, batch and length; device and data may differ);
+    /// for a comparison, the time the newest finished one of the same config took: (seconds,
+    /// that job's id). None when there is nothing to go by (and for an evaluation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time: Option<(f64, i64)>,
 }
