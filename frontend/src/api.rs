@@ -96,10 +96,7 @@ pub async fn post<B: Serialize, T: DeserializeOwned>(
     path: impl Into<String>,
     body: &B,
 ) -> Result<T, String> {
-    let request = auth(Request::post(&path.into()))
-        .json(body)
-        .map_err(|e| e.to_string())?;
-    read(request.send().await).await
+    post_form(path, body).await.map_err(|refusal| refusal.error)
 }
 
 /// `post` for a form: a refusal keeps the field it names, to be shown at that field.

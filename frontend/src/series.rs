@@ -365,8 +365,7 @@ pub fn cosine_heatmap(events: &[Event]) -> Heatmap {
 
 /// How far job `job` is: its stored events, then the live ones after them, folded in order.
 pub fn job_progress(stored: &[StoredEvent], live: &[LiveMessage], job: i64) -> JobProgress {
-    let mut progress = JobProgress::default();
-    advance(&mut progress, stored.iter().map(|e| (e.seq, e.at, &e.body)));
+    let mut progress = JobProgress::of(stored.iter().map(|e| (e.seq, e.at, &e.body)));
     advance_live(&mut progress, live, job);
     progress
 }
@@ -374,13 +373,7 @@ pub fn job_progress(stored: &[StoredEvent], live: &[LiveMessage], job: i64) -> J
 /// `progress` carried on by the live messages of job `job` it does not have yet.
 pub fn advance_live(progress: &mut JobProgress, live: &[LiveMessage], job: i64) {
     let mine = live.iter().filter(|m| m.job == job);
-    advance(progress, mine.map(|m| (m.seq, m.at, &m.body)));
-}
-
-fn advance<'a>(progress: &mut JobProgress, events: impl Iterator<Item = (i64, f64, &'a Event)>) {
-    for (seq, at, event) in events {
-        progress.advance(seq, at, event);
-    }
+    progress.advance_all(mine.map(|m| (m.seq, m.at, &m.body)));
 }
 
 /// Page `page` (from 0, clamped to the last) of `items`, `per_page` to a page, with the

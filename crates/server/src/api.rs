@@ -195,16 +195,17 @@ pub async fn preview(
     Ok(Json(preview))
 }
 
+/// A request's config: JSON null (or none) is an empty one, whose keys take their defaults.
+fn config_of(config: serde_json::Value) -> serde_json::Value {
+    if config.is_null() { json!({}) } else { config }
+}
+
 pub async fn create_job(
     State(state): State<Arc<AppState>>,
     body: Result<Json<CreateJob>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<Job> {
     let Json(request) = body.map_err(crate::error::rejected)?;
-    let config = if request.config.is_null() {
-        json!({})
-    } else {
-        request.config
-    };
+    let config = config_of(request.config);
     // Validation reads data files and sizes the job: off the async threads.
     let creating = state.clone();
     let id = tokio::task::spawn_blocking(move || create(&creating, request.kind, config))
@@ -220,21 +221,18 @@ pub async fn estimate_job(
     body: Result<Json<CreateJob>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<JobEstimate> {
     let Json(request) = body.map_err(crate::error::rejected)?;
-    let config = if request.config.is_null() {
-        json!({})
-    } else {
-        request.config
-    };
+    let config = config_of(request.config);
     let estimated = tokio::task::spawn_blocking(move || {
         let (spec, _) = jobs::validate(request.kind, config, 0, &state.places)?;
         let mut estimate = crate::admission::preview(&spec, state.places.sizing)?;
-        let done = state.runner.store.list()?;
+        let store = &state.runner.store;
         estimate.time = match &spec {
             JobSpec::Train(train) => {
                 let steps = jobs::planned_steps(&train.config)?;
-                paced_like(&done, &train.config).map(|(step_s, job)| (step_s * steps as f64, job))
+                paced_like(&store.list()?, &train.config)
+                    .map(|(step_s, job)| (step_s * steps as f64, job))
             }
-            JobSpec::Compare(config) => same_comparison(&done, config),
+            JobSpec::Compare(config) => same_comparison(&store.list()?, config),
             JobSpec::Eval(_) => None,
         };
         Ok::<_, ApiError>(estimate)

@@ -62,10 +62,15 @@ impl JobProgress {
     /// The progress after these events, in order: (number, stored at, event).
     pub fn of<'a>(events: impl IntoIterator<Item = (i64, f64, &'a Event)>) -> Self {
         let mut progress = Self::default();
-        for (seq, at, event) in events {
-            progress.advance(seq, at, event);
-        }
+        progress.advance_all(events);
         progress
+    }
+
+    /// Folds in each of these events, in order, that is not in yet.
+    pub fn advance_all<'a>(&mut self, events: impl IntoIterator<Item = (i64, f64, &'a Event)>) {
+        for (seq, at, event) in events {
+            self.advance(seq, at, event);
+        }
     }
 
     /// The share of the part's steps done, 0–1.

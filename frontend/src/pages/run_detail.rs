@@ -7,14 +7,14 @@ use leptos::prelude::*;
 use leptos::task::spawn_local;
 use safeprobe_wire::{
     ErrorBody, Event, HarmfulReport, Job, JobKind, JobLabel, JobProgress, JobResult, JudgedAnswer,
-    Method, Status, StoredEvent,
+    LiveMessage, Method, Status, StoredEvent,
 };
 
 use super::export::ExportCard;
 use super::{ComparisonTable, JobActions, live, load_errors, loading, method_of, model_name};
 use crate::charts::{Hidden, heatmap, line_chart};
 use crate::series::{self, Group, Metric, Segment};
-use crate::{api, files};
+use crate::{Live, api, files};
 
 #[component]
 pub fn RunDetail(id: i64) -> impl IntoView {
@@ -36,26 +36,8 @@ pub fn RunDetail(id: i64) -> impl IntoView {
     });
     // What the server stored, then what streamed in after it (until the store is read, the
     // stream alone).
-    let events = Memo::new(move |_| {
-        stored.with(|stored| {
-            let stored: &[StoredEvent] = match stored {
-                Some(Ok(events)) => events,
-                _ => &[],
-            };
-            live.events
-                .with(|messages| series::merge_events(stored, messages, id))
-        })
-    });
-    let progress = Memo::new(move |_| {
-        stored.with(|stored| {
-            let stored: &[StoredEvent] = match stored {
-                Some(Ok(events)) => events,
-                _ => &[],
-            };
-            live.events
-                .with(|messages| series::job_progress(stored, messages, id))
-        })
-    });
+    let events = Memo::new(move |_| stored_then_live(stored, live, id, series::merge_events));
+    let progress = Memo::new(move |_| stored_then_live(stored, live, id, series::job_progress));
     let header = move || {
         Suspend::new(async move {
             job.await.map(|job| {
@@ -194,6 +176,22 @@ fn HarmfulSummary(report: HarmfulReport) -> impl IntoView {
             })}
         </div>
     }
+}
+
+/// `read` of job `id`'s stored events (none until they are read) and the live messages.
+fn stored_then_live<T>(
+    stored: LocalResource<Result<Vec<StoredEvent>, String>>,
+    live: Live,
+    id: i64,
+    read: fn(&[StoredEvent], &[LiveMessage], i64) -> T,
+) -> T {
+    stored.with(|stored| {
+        let stored: &[StoredEvent] = match stored {
+            Some(Ok(events)) => events,
+            _ => &[],
+        };
+        live.events.with(|messages| read(stored, messages, id))
+    })
 }
 
 /// The job's name and notes, edited in place and saved on request; the server's refusal
