@@ -93,7 +93,7 @@ pub fn segments(events: &[Event]) -> Vec<Segment> {
                 .expect("starts with one")
                 .events
                 .push(event.clone()),
-            Event::Done { .. } | Event::Status { .. } => {}
+            Event::Done { .. } | Event::Status { .. } | Event::Task { .. } => {}
         }
     }
     out.retain(|s| s.events.iter().any(|e| !matches!(e, Event::Warning { .. })));
@@ -409,6 +409,16 @@ pub fn log_lines(events: &[Event]) -> Vec<String> {
                     .unwrap_or_default()
             )),
             Event::Stage { stage, .. } => Some(format!("stage: {stage}")),
+            Event::Task {
+                id, state, detail, ..
+            } => Some(format!(
+                "slurm task {id}: {}{}",
+                state.name(),
+                detail
+                    .as_ref()
+                    .map(|d| format!(" ({})", d.lines().next().unwrap_or_default()))
+                    .unwrap_or_default()
+            )),
             Event::Done { steps, .. } => Some(format!("finished {steps} steps")),
             Event::Warning { step, message } => Some(format!("warning (step {step}): {message}")),
             Event::Step { .. } | Event::Validation { .. } | Event::SafetyCheck { .. } => None,

@@ -220,6 +220,19 @@ pub struct CompareArgs {
     /// Overrides the config's device
     #[arg(long)]
     device: Option<String>,
+    /// Where the runs train: local (here, one after another) or slurm (a job array; the
+    /// output folder must be shared by the nodes)
+    #[arg(long, value_parser = ["local", "slurm"])]
+    executor: Option<String>,
+    /// Slurm partition (sbatch --partition)
+    #[arg(long)]
+    partition: Option<String>,
+    /// Slurm generic resources per task, e.g. gpu:1 (sbatch --gres)
+    #[arg(long)]
+    gres: Option<String>,
+    /// Another sbatch option, e.g. --sbatch-arg=--time=02:00:00 (repeatable)
+    #[arg(long = "sbatch-arg", allow_hyphen_values = true)]
+    sbatch_args: Vec<String>,
     #[arg(long)]
     json: bool,
 }
@@ -240,7 +253,19 @@ pub fn compare(
             PathBuf::from("demo comparison"),
         ),
     };
-    let mut config = CompareConfig::parse(&text, &args.overrides, &origin)?;
+    let mut overrides = args.overrides.clone();
+    if let Some(executor) = &args.executor {
+        overrides.push(format!("executor={executor:?}"));
+    }
+    for (key, value) in [("partition", &args.partition), ("gres", &args.gres)] {
+        if let Some(value) = value {
+            overrides.push(format!("slurm.{key}={value:?}"));
+        }
+    }
+    if !args.sbatch_args.is_empty() {
+        overrides.push(format!("slurm.sbatch_args={:?}", args.sbatch_args));
+    }
+    let mut config = CompareConfig::parse(&text, &overrides, &origin)?;
     if let Some(device) = args.device {
         config.device = Some(device);
     }
@@ -254,17 +279,16 @@ pub fn compare(
         safeprobe_train::admission::check_free_memory(&estimate, "this comparison")?;
     }
     let mut report = progress::reporter();
-    let comparison = compare::run(
-        &config,
-        &selected.device,
-        &Default::default(),
-        |p| match p {
-            Progress::Stage { name, part, .. } => {
-                eprintln!("== [{}/{}] {name}", part.number, part.of)
-            }
-            Progress::Train(event) => report(event),
-        },
-    )?;
+    // Ctrl-C stops the run in progress at its next step (and cancels a Slurm array).
+    let cancel = safeprobe_train::run::Cancel::default();
+    #[cfg(unix)]
+    safeprobe_server::worker::on_signals(cancel.clone(), true);
+    let comparison = compare::run(&config, &selected.device, &cancel, |p| match p {
+        Progress::Stage { name, part, .. } => {
+            eprintln!("== [{}/{}] {name}", part.number, part.of)
+        }
+        Progress::Train(event) => report(event),
+    })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&comparison)?);
     } else {

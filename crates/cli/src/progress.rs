@@ -87,6 +87,27 @@ pub fn reporter() -> impl FnMut(&Event) {
                 }
                 eprintln!("warning (step {step}): {message}")
             }
+            Event::Task {
+                run,
+                id,
+                state,
+                detail,
+            } => {
+                if interactive {
+                    eprint!("\r\x1b[2K");
+                }
+                let detail = detail
+                    .as_ref()
+                    .map(|d| format!(": {d}"))
+                    .unwrap_or_default();
+                eprintln!(
+                    "slurm task {id} ({} seed {}, {}) {}{detail}",
+                    run.method.name(),
+                    run.seed,
+                    run.condition,
+                    state.name()
+                )
+            }
             // The server's events; the trainer does not send them.
             Event::Stage { .. } | Event::Status { .. } => {}
         }

@@ -22,6 +22,19 @@ pub struct TrainArgs {
     /// Overrides the config's device
     #[arg(long)]
     pub device: Option<String>,
+    /// For a Slurm task (a comparison's executor = "slurm" writes it): when Slurm has
+    /// requeued the task (SLURM_RESTART_COUNT > 0) and the run has a checkpoint, resume from
+    /// its newest instead of starting again
+    #[arg(long, requires = "config")]
+    pub resume_when_requeued: bool,
+}
+
+/// Whether Slurm started this process again after preempting or requeueing it.
+fn requeued_by_slurm() -> bool {
+    std::env::var("SLURM_RESTART_COUNT")
+        .ok()
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .is_some_and(|n| n > 0)
 }
 
 impl TrainArgs {
@@ -32,6 +45,7 @@ impl TrainArgs {
             resume,
             overrides,
             device,
+            resume_when_requeued,
         } = self;
         let run = match (&config, &resume) {
             (Some(config), _) => {
@@ -63,6 +77,18 @@ impl TrainArgs {
             safeprobe_train::admission::check_free_memory(&estimate, "this run")?;
         }
         let report = progress::reporter();
+        let resume = resume.or_else(|| {
+            (resume_when_requeued
+                && requeued_by_slurm()
+                && safeprobe_train::checkpoint::latest(&run.output_dir).is_some())
+            .then(|| run.output_dir.clone())
+        });
+        if resume.is_some() && resume_when_requeued {
+            eprintln!(
+                "requeued by Slurm: resuming {} from its newest checkpoint",
+                run.output_dir.display()
+            );
+        }
         match &resume {
             Some(dir) => safeprobe_train::run::resume(dir, &selected.device, report)?,
             None => safeprobe_train::run::train(&run, &selected.device, report)?,

@@ -105,6 +105,14 @@ fn watch_for_cancel(cancel: Cancel) {
 /// preempting it, `kill`) gets a checkpoint at its next step, as a cancel from the server does.
 #[cfg(unix)]
 fn watch_for_terminate(cancel: Cancel) {
+    on_signals(cancel, false);
+}
+
+/// Sets `cancel` on SIGTERM, and with `interrupt` on Ctrl-C (SIGINT) too, where a second
+/// Ctrl-C ends the process at once. The job stops at its next step with a checkpoint; a
+/// comparison under Slurm cancels its tasks.
+#[cfg(unix)]
+pub fn on_signals(cancel: Cancel, interrupt: bool) {
     std::thread::spawn(move || {
         let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -114,9 +122,35 @@ fn watch_for_terminate(cancel: Cancel) {
         };
         runtime.block_on(async {
             use tokio::signal::unix::{SignalKind, signal};
-            if let Ok(mut terminate) = signal(SignalKind::terminate()) {
-                terminate.recv().await;
-                eprintln!("SIGTERM: stopping at the next step, with a checkpoint");
+            let Ok(mut terminate) = signal(SignalKind::terminate()) else {
+                return;
+            };
+            let mut ctrl_c = match interrupt {
+                true => signal(SignalKind::interrupt()).ok(),
+                false => None,
+            };
+            let mut asked = false;
+            loop {
+                tokio::select! {
+                    _ = terminate.recv() => {},
+                    Some(()) = async {
+                        match ctrl_c.as_mut() {
+                            Some(ctrl_c) => ctrl_c.recv().await,
+                            None => std::future::pending().await,
+                        }
+                    } => {
+                        if asked {
+                            eprintln!("stopped");
+                            std::process::exit(130);
+                        }
+                    },
+                }
+                if !asked {
+                    eprintln!(
+                        "stopping at the next step, with a checkpoint (Ctrl-C again: at once)"
+                    );
+                }
+                asked = true;
                 cancel.cancel();
             }
         });

@@ -166,6 +166,48 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
     },
+    /// A comparison's run handed to a cluster scheduler (Slurm) changed state.
+    Task {
+        run: RunOf,
+        /// The scheduler's name for it ("4123_5": job array 4123, task 5).
+        id: String,
+        state: TaskState,
+        /// Why it waits (the scheduler's reason), or the tail of its log when it failed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
+    },
+}
+
+/// Where a comparison's run stands with the cluster's scheduler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    /// Submitted, waiting for a node.
+    Pending,
+    Running,
+    /// Stopped by the scheduler (preempted, requeued) and waiting to resume from its newest
+    /// checkpoint.
+    Requeued,
+    /// Trained.
+    Done,
+    Failed,
+}
+
+impl TaskState {
+    pub fn name(self) -> &'static str {
+        match self {
+            TaskState::Pending => "pending",
+            TaskState::Running => "running",
+            TaskState::Requeued => "requeued",
+            TaskState::Done => "done",
+            TaskState::Failed => "failed",
+        }
+    }
+
+    /// Whether the task has ended.
+    pub fn ended(self) -> bool {
+        matches!(self, TaskState::Done | TaskState::Failed)
+    }
 }
 
 impl Event {

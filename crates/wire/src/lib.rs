@@ -18,6 +18,7 @@ pub use catalog::{
 };
 pub use events::{
     Alignment, Defence, Event, EventPage, LiveMessage, Part, RunOf, StepMetrics, StoredEvent,
+    TaskState,
 };
 pub use jobs::{
     ChatRequest, CreateJob, EvalSpec, Job, JobEstimate, JobKind, JobLabel, JobResult, JobSpec,

@@ -6,12 +6,14 @@ use std::path::Path;
 use burn::tensor::Device;
 use safeprobe_model::Checkpoint;
 use safeprobe_train::run::{Cancel, Event, RunConfig};
+use safeprobe_wire::spec::Executor;
 use safeprobe_wire::{
     Comparison, Condition, Defence, Judge, Mechanism, Method, Part, RunOf, RunResult,
 };
 
 use super::aggregate::condition;
 use super::report::render;
+use super::slurm::{self, TaskRun};
 use super::{CompareConfig, Comparing};
 use crate::builtin;
 use crate::demo_model::DATA_SEED;
@@ -146,13 +148,20 @@ pub fn run(
     )?;
 
     let of = config.parts();
-    let mut part = 1;
+    let model = config.model_dir()?;
+    let planned = plan(config, &model)?;
+    let tasks: Vec<TaskRun> = planned.iter().map(Planned::task).collect();
+    // Under Slurm the runs are submitted first, so they train while the base model is
+    // evaluated here.
+    let mut array = match config.executor {
+        Executor::Slurm => Some(slurm::submit(&config.slurm, &config.output_dir, &tasks)?),
+        Executor::Local => None,
+    };
     progress(Progress::Stage {
         name: "evaluating the base model".into(),
-        part: Part { number: part, of },
+        part: Part { number: 1, of },
         run: None,
     });
-    let model = config.model_dir()?;
     let base_dir = config.run_dir(0.0, Method::Base, 0);
     let evaluation = Evaluation {
         config,
@@ -177,44 +186,57 @@ pub fn run(
         mechanism: None,
     };
 
-    let several = config.poison_fraction.len() > 1;
-    let mut conditions = Vec::new();
-    for &poison in &config.poison_fraction {
-        let mut runs = vec![base.clone()];
-        for &seed in &config.seeds {
-            for method in config.fine_tuned() {
-                let label = if several {
-                    format!(
-                        "{} (seed {seed}, {})",
-                        method.name(),
-                        Condition::name_for(poison)
-                    )
-                } else {
-                    format!("{} (seed {seed})", method.name())
-                };
-                part += 1;
+    let trained = match &mut array {
+        None => {
+            let mut trained = Vec::new();
+            for (i, run) in planned.iter().enumerate() {
                 progress(Progress::Stage {
-                    name: label,
-                    part: Part { number: part, of },
-                    run: Some(RunOf {
-                        method,
-                        seed,
-                        condition: Condition::name_for(poison),
-                    }),
+                    name: run.label.clone(),
+                    part: Part { number: 2 + i, of },
+                    run: Some(run.run.clone()),
                 });
-                let run_config = config.checked_run(poison, method, seed, &model)?;
-                runs.push(fine_tune_and_evaluate(
-                    &run_config,
-                    method,
+                trained.push(fine_tune_and_evaluate(
+                    &run.config,
+                    run.run.method,
                     &evaluation,
                     device,
                     cancel,
                     &mut progress,
                 )?);
             }
+            trained
         }
-        conditions.push(condition(poison, runs));
-    }
+        Some(array) => {
+            let poll = slurm::poll_interval(&config.slurm);
+            array.wait(&tasks, 2, of, poll, cancel, &mut progress)?;
+            let mut trained = Vec::new();
+            for run in &planned {
+                progress(Progress::Train(&Event::Stage {
+                    stage: format!("evaluating {}", run.label),
+                    part: None,
+                    run: None,
+                }));
+                trained.push(evaluate_trained(run, &model, &evaluation, device, cancel)?);
+            }
+            trained
+        }
+    };
+    let conditions = config
+        .poison_fraction
+        .iter()
+        .map(|&poison| {
+            let runs = std::iter::once(base.clone())
+                .chain(
+                    planned
+                        .iter()
+                        .zip(&trained)
+                        .filter(|(run, _)| run.poison == poison)
+                        .map(|(_, result)| result.clone()),
+                )
+                .collect();
+            condition(poison, runs)
+        })
+        .collect();
 
     let comparison = Comparison {
         task: config.task.name().to_string(),
@@ -235,6 +257,53 @@ pub fn run(
     Ok(comparison)
 }
 
+/// One run of the comparison: a method and seed under one condition.
+struct Planned {
+    poison: f64,
+    label: String,
+    run: RunOf,
+    config: RunConfig,
+}
+
+impl Planned {
+    fn task(&self) -> TaskRun<'_> {
+        TaskRun {
+            config: &self.config,
+            label: self.label.clone(),
+            run: self.run.clone(),
+        }
+    }
+}
+
+/// Every run, in the order the comparison reports them (condition, seed, method), each config
+/// checked and its data written.
+fn plan(config: &CompareConfig, model: &Path) -> Result<Vec<Planned>> {
+    let several = config.poison_fraction.len() > 1;
+    let mut planned = Vec::new();
+    for &poison in &config.poison_fraction {
+        for &seed in &config.seeds {
+            for method in config.fine_tuned() {
+                let condition = Condition::name_for(poison);
+                let label = match several {
+                    true => format!("{} (seed {seed}, {condition})", method.name()),
+                    false => format!("{} (seed {seed})", method.name()),
+                };
+                planned.push(Planned {
+                    poison,
+                    label,
+                    run: RunOf {
+                        method,
+                        seed,
+                        condition,
+                    },
+                    config: config.checked_run(poison, method, seed, model)?,
+                });
+            }
+        }
+    }
+    Ok(planned)
+}
+
 /// How every model of a comparison is evaluated.
 #[derive(Clone, Copy)]
 struct Evaluation<'a> {
@@ -242,6 +311,84 @@ struct Evaluation<'a> {
     prompts: &'a [crate::prompts::HarmfulPrompt],
     judge: Option<&'a ModelJudge>,
     splits: &'a crate::tasks::Splits,
+}
+
+/// What a run's events say about it for the table.
+#[derive(Default)]
+struct RunLog {
+    step_times: Vec<f64>,
+    last_loss: Option<f64>,
+    refusal_logprob: Option<f64>,
+    defences: Vec<Defence>,
+    /// Where the trained weights went (the adapter, or the whole model).
+    trained: Option<std::path::PathBuf>,
+}
+
+impl RunLog {
+    fn record(&mut self, event: &Event) {
+        match event {
+            Event::Step {
+                step_time_s,
+                metrics,
+                ..
+            } => {
+                self.step_times.push(*step_time_s);
+                self.last_loss = Some(metrics.task_loss);
+                self.defences.extend(metrics.defence.clone());
+            }
+            Event::SafetyCheck {
+                refusal_logprob: Some(r),
+                ..
+            } => self.refusal_logprob = Some(*r),
+            Event::Done { adapter, .. } => self.trained = Some(adapter.clone()),
+            _ => {}
+        }
+    }
+
+    /// A run's `metrics.jsonl`, read whole.
+    fn read(run_dir: &Path) -> Result<Self> {
+        let path = run_dir.join("metrics.jsonl");
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| EvalError::file(&path, e.to_string()))?;
+        let mut log = Self::default();
+        for (i, line) in text.lines().enumerate() {
+            let event: Event = serde_json::from_str(line).map_err(|e| EvalError::Data {
+                path: path.clone(),
+                line: i + 1,
+                message: e.to_string(),
+            })?;
+            log.record(&event);
+        }
+        Ok(log)
+    }
+
+    /// The run's row, from its evaluation (harmful score, by the model judge too, exact
+    /// match, validation loss).
+    fn result(
+        self,
+        config: &RunConfig,
+        method: Method,
+        (hs, hs_model, em, loss): (f64, Option<f64>, f64, f64),
+    ) -> RunResult {
+        // The first step warms caches; it is left out of the time per step.
+        let timed = match self.step_times.len() > 1 {
+            true => &self.step_times[1..],
+            false => &self.step_times[..],
+        };
+        RunResult {
+            method,
+            seed: Some(config.seed),
+            run_dir: config.output_dir.clone(),
+            harmful_score: hs,
+            harmful_score_model_judge: hs_model,
+            exact_match: em,
+            validation_loss: loss,
+            step_time_s: Some(timed.iter().sum::<f64>() / timed.len().max(1) as f64),
+            final_task_loss: self.last_loss,
+            refusal_logprob: self.refusal_logprob,
+            mechanism: mechanism(&self.defences),
+        }
+    }
 }
 
 /// One method's run of one seed under one condition: trained, then evaluated in its `eval/`.
@@ -253,58 +400,51 @@ fn fine_tune_and_evaluate(
     cancel: &Cancel,
     progress: &mut impl FnMut(Progress),
 ) -> Result<RunResult> {
-    let mut step_times = Vec::new();
-    let mut last_loss = None;
-    let mut refusal_logprob = None;
-    let mut defences = Vec::new();
+    let mut log = RunLog::default();
     let mut trained =
         safeprobe_train::run::train_cancellable(run_config, device, cancel, |event| {
-            match event {
-                Event::Step {
-                    step_time_s,
-                    metrics,
-                    ..
-                } => {
-                    step_times.push(*step_time_s);
-                    last_loss = Some(metrics.task_loss);
-                    defences.extend(metrics.defence.clone());
-                }
-                Event::SafetyCheck {
-                    refusal_logprob: Some(r),
-                    ..
-                } => refusal_logprob = Some(*r),
-                _ => {}
-            }
+            log.record(event);
             progress(Progress::Train(event));
         })?;
     // Evaluate without the autodiff graph or dropout.
     trained.model = burn::module::Module::valid(&trained.model);
     trained.device = device.clone();
-    let (hs, hs_model, em, loss) = evaluate_model(
+    let scores = evaluate_model(
         &trained,
         evaluation,
         &run_config.output_dir.join("eval"),
         cancel,
     )?;
-    // The first step warms caches; it is left out of the time per step.
-    let timed = if step_times.len() > 1 {
-        &step_times[1..]
-    } else {
-        &step_times[..]
+    Ok(log.result(run_config, method, scores))
+}
+
+/// A run trained elsewhere (a Slurm task), loaded from its folder and evaluated as a local
+/// run is.
+fn evaluate_trained(
+    run: &Planned,
+    model: &Path,
+    evaluation: &Evaluation,
+    device: &Device,
+    cancel: &Cancel,
+) -> Result<RunResult> {
+    let dir = &run.config.output_dir;
+    let log = RunLog::read(dir)?;
+    let trained = log.trained.clone().ok_or_else(|| {
+        EvalError::file(
+            dir.join("metrics.jsonl"),
+            "the run ended without saying where its weights are (no done event)",
+        )
+    })?;
+    let checkpoint = match trained.join("adapter_config.json").is_file() {
+        true => {
+            let mut checkpoint = Checkpoint::load(model, device)?;
+            checkpoint.load_adapter(&trained)?;
+            checkpoint
+        }
+        false => Checkpoint::load(&trained, device)?,
     };
-    Ok(RunResult {
-        method,
-        seed: Some(run_config.seed),
-        run_dir: run_config.output_dir.clone(),
-        harmful_score: hs,
-        harmful_score_model_judge: hs_model,
-        exact_match: em,
-        validation_loss: loss,
-        step_time_s: Some(timed.iter().sum::<f64>() / timed.len().max(1) as f64),
-        final_task_loss: last_loss,
-        refusal_logprob,
-        mechanism: mechanism(&defences),
-    })
+    let scores = evaluate_model(&checkpoint, evaluation, &dir.join("eval"), cancel)?;
+    Ok(log.result(&run.config, run.run.method, scores))
 }
 
 /// A defence's own number over its run's steps: how often SafeGrad projected, the share of

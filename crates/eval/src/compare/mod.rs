@@ -12,6 +12,7 @@ mod aggregate;
 mod config;
 mod execute;
 mod report;
+mod slurm;
 #[cfg(test)]
 mod tests;
 

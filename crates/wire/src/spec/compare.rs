@@ -230,11 +230,94 @@ pub struct CompareConfig {
     #[serde(default)]
     #[schemars(extend("x-section" = WHAT))]
     pub device: Option<String>,
+    /// executor
+    ///
+    /// where the runs train: local (one after another, here) or slurm (each run a task of one
+    /// Slurm job array; the output folder must be one every node sees at the same path)
+    #[serde(default)]
+    #[schemars(extend("x-section" = WHAT))]
+    pub executor: Executor,
+    #[serde(default)]
+    pub slurm: SlurmSettings,
     /// trainer settings
     ///
     /// any run-config key but the ones the comparison sets
     #[serde(default)]
     pub train: TrainSettings,
+}
+
+/// Where a comparison's runs train.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Executor {
+    /// one after another, in the comparison's own process
+    #[default]
+    Local,
+    /// each run a task of one Slurm job array (sbatch), resumed from its checkpoint when
+    /// Slurm requeues it
+    Slurm,
+}
+
+/// Slurm (with executor = slurm)
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct SlurmSettings {
+    /// partition
+    ///
+    /// sbatch --partition (empty: the cluster's default)
+    pub partition: Option<String>,
+    /// generic resources
+    ///
+    /// sbatch --gres, e.g. gpu:1 (empty: none)
+    pub gres: Option<String>,
+    /// more sbatch arguments
+    ///
+    /// passed to sbatch as they are, e.g. --time=02:00:00, --mem=32G, --account=lab
+    pub sbatch_args: Vec<String>,
+    /// program on the nodes
+    ///
+    /// the safeprobe each task runs (empty: this one, at its path here)
+    pub program: Option<PathBuf>,
+    /// poll every (s)
+    ///
+    /// how often the comparison asks Slurm how its tasks are
+    pub poll_seconds: Option<f64>,
+}
+
+impl SlurmSettings {
+    /// The settings' own checks: each names its key (`slurm.partition`).
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let word = |key: &str, value: &Option<String>| match value {
+            Some(v) if v.is_empty() || v.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+                Err(SpecError::new(
+                    format!("slurm.{key}"),
+                    format!("{v:?} is not one word"),
+                ))
+            }
+            _ => Ok(()),
+        };
+        word("partition", &self.partition)?;
+        word("gres", &self.gres)?;
+        if let Some(bad) = self
+            .sbatch_args
+            .iter()
+            .find(|a| !a.starts_with('-') || a.chars().any(char::is_control))
+        {
+            return Err(SpecError::new(
+                "slurm.sbatch_args",
+                format!("{bad:?} is not an option (each starts with -, e.g. --time=01:00:00)"),
+            ));
+        }
+        if let Some(seconds) = self.poll_seconds
+            && !(0.1..=600.0).contains(&seconds)
+        {
+            return Err(SpecError::new(
+                "slurm.poll_seconds",
+                format!("{seconds} must be in 0.1..=600"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for CompareConfig {
@@ -258,6 +341,7 @@ impl CompareConfig {
     pub fn validate_settings(&self) -> Result<(), SpecError> {
         self.check_lists()?;
         self.check_judging()?;
+        self.slurm.validate()?;
         if let Some(Err(e)) = self
             .device
             .as_deref()

@@ -10,7 +10,9 @@ pub mod settings;
 
 use serde_json::Value;
 
-pub use compare::{CompareConfig, RunFiles, SET_BY_COMPARISON, Task, TrainSettings};
+pub use compare::{
+    CompareConfig, Executor, RunFiles, SET_BY_COMPARISON, SlurmSettings, Task, TrainSettings,
+};
 pub use run::{Finetune, LrSchedule, RunConfig, SafetyEvalConfig, poison_count};
 pub use settings::{
     AdamWConfig, AlignmentLoss, LisaConfig, LoraConfig, PROJECTIONS, ProbeUpdate, SafeGradConfig,

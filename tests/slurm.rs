@@ -1,0 +1,235 @@
+//! The Slurm executor against a real Slurm (Debian's slurmctld, slurmd and munge, started by
+//! the test from a generated config): a comparison submitted as a job array gives the local
+//! executor's table, with one task requeued mid-run (it resumes from its checkpoint, and its
+//! adapter is the uninterrupted run's bit for bit); a refused submission, a missing sbatch and
+//! failing tasks are errors that say what happened, and leave nothing queued.
+//!
+//! One test, one cluster, one comparison at a time: the node has this machine's two cores.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+#[path = "support/slurm.rs"]
+mod slurm;
+use slurm::{Cluster, wait_for};
+
+fn demo_model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../eval/demo-model")
+}
+
+/// `safeprobe compare` on a small comparison (SFT and SAP, one seed, LoRA, 60 steps with a
+/// checkpoint every 4, 4 harmful prompts), into `out`.
+fn compare(cluster: &Cluster, out: &Path, extra: &[&str]) -> Command {
+    let mut command = cluster.command(env!("CARGO_BIN_EXE_safeprobe"));
+    command
+        .args(["compare", "--device", "cpu"])
+        .args([
+            "--set",
+            &format!("output_dir={:?}", out.display().to_string()),
+        ])
+        .args([
+            "--set",
+            &format!("model={:?}", demo_model().display().to_string()),
+        ])
+        .args(["--set", "methods=[\"sft\", \"sap\"]"])
+        .args(["--set", "seeds=[0]"])
+        .args(["--set", "poison_fraction=[0.0]"])
+        .args(["--set", "max_prompts=4"])
+        .args(["--set", "max_new_tokens=6"])
+        .args(["--set", "train.finetune=\"lora\""])
+        .args(["--set", "train.max_steps=60"])
+        .args(["--set", "train.checkpoint_every=4"])
+        .args(["--set", "train.eval_every=20"])
+        .args(["--set", "train.batch_size=4"])
+        .args(["--set", "train.safety_batch_size=4"])
+        .args(["--set", "slurm.poll_seconds=0.2"])
+        .args(extra)
+        .stdin(Stdio::null());
+    command
+}
+
+fn finished(command: &mut Command) -> Output {
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The runs of a comparison.json, without what differs between two machines running the same
+/// thing (folders, times).
+fn runs(out: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(out.join("comparison.json")).unwrap();
+    let comparison: Value = serde_json::from_str(&text).unwrap();
+    comparison["conditions"][0]["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|run| {
+            let mut run = run.clone();
+            let object = run.as_object_mut().unwrap();
+            object.remove("run_dir");
+            object.remove("step_time_s");
+            run
+        })
+        .collect()
+}
+
+fn adapter(out: &Path, method: &str) -> Vec<u8> {
+    std::fs::read(
+        out.join(format!("{method}-seed0"))
+            .join("adapter/adapter_model.safetensors"),
+    )
+    .unwrap()
+}
+
+fn queue_is_empty(cluster: &Cluster) -> bool {
+    cluster.run("squeue", &["-h"]).trim().is_empty()
+}
+
+#[test]
+fn a_comparison_on_slurm_equals_the_local_one_through_a_requeue() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(&dir.path().join("slurm"));
+
+    // The reference: the same comparison, run here.
+    let local = dir.path().join("local");
+    finished(&mut compare(&cluster, &local, &["--executor", "local"]));
+    assert!(!local.join("slurm").exists());
+
+    // Under Slurm, task 0 (SFT) requeued once it has a checkpoint.
+    let on_slurm = dir.path().join("on-slurm");
+    let mut child = compare(&cluster, &on_slurm, &["--executor", "slurm"])
+        .stderr(std::fs::File::create(dir.path().join("compare.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let run0 = on_slurm.join("sft-seed0");
+    wait_for(
+        || {
+            std::fs::read_dir(run0.join("checkpoints"))
+                .is_ok_and(|mut entries| entries.next().is_some())
+        },
+        "task 0's first checkpoint",
+        &cluster.dir,
+    );
+    let job = std::fs::read_to_string(on_slurm.join("slurm/job-id")).unwrap();
+    let task = format!("{}_0", job.trim());
+    cluster.run("scontrol", &["requeue", &task]);
+    // A requeued job waits before it may start again; let it start now.
+    wait_for(
+        || {
+            cluster
+                .run("squeue", &["-h", "-r", "-j", &task, "-o", "%T"])
+                .contains("PENDING")
+        },
+        "the requeued task to be pending",
+        &cluster.dir,
+    );
+    cluster.run(
+        "scontrol",
+        &["update", &format!("JobId={task}"), "StartTime=now"],
+    );
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(600),
+            "the comparison did not end"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let stderr = std::fs::read_to_string(dir.path().join("compare.err")).unwrap();
+    assert!(status.success(), "{stderr}");
+
+    // The task ran twice, the second time from its checkpoint; the comparison saw it.
+    let attempts = std::fs::read_to_string(run0.join("task-attempts")).unwrap();
+    assert_eq!(attempts.lines().count(), 2, "{attempts}");
+    assert!(
+        attempts.lines().nth(1).unwrap().contains("attempt 1"),
+        "{attempts}"
+    );
+    let log = std::fs::read_to_string(on_slurm.join("slurm/task-0.log")).unwrap();
+    assert!(log.contains("resuming"), "{log}");
+    for state in ["running", "requeued", "done"] {
+        assert!(
+            stderr.contains(&format!(
+                "slurm task {task} (sft seed 0, benign data) {state}"
+            )),
+            "no {state} in:\n{stderr}"
+        );
+    }
+
+    // The same table, and the same adapters bit for bit.
+    assert_eq!(runs(&on_slurm), runs(&local));
+    for method in ["sft", "sap"] {
+        assert!(
+            adapter(&on_slurm, method) == adapter(&local, method),
+            "{method}'s adapter differs"
+        );
+    }
+    assert!(queue_is_empty(&cluster));
+
+    // A partition that does not exist: sbatch's own words, and nothing submitted.
+    let refused = compare(
+        &cluster,
+        &dir.path().join("refused"),
+        &["--executor", "slurm", "--partition", "nowhere"],
+    )
+    .output()
+    .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        said.contains("sbatch --parsable")
+            && said.contains("--partition=nowhere")
+            && said.contains("invalid partition"),
+        "{said}"
+    );
+    assert!(queue_is_empty(&cluster));
+
+    // No Slurm where the comparison runs.
+    let absent = compare(
+        &cluster,
+        &dir.path().join("absent"),
+        &["--executor", "slurm"],
+    )
+    .env("PATH", "/nonexistent")
+    .output()
+    .unwrap();
+    let said = String::from_utf8_lossy(&absent.stderr);
+    assert!(!absent.status.success());
+    assert!(said.contains("sbatch is not on PATH"), "{said}");
+
+    // Tasks that fail: each run named, with its log's tail, and no table.
+    let failing = dir.path().join("failing");
+    let out = compare(
+        &cluster,
+        &failing,
+        &[
+            "--executor",
+            "slurm",
+            "--set",
+            "slurm.program=\"/bin/false\"",
+        ],
+    )
+    .output()
+    .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        said.contains("2 of the comparison's 2 runs did not train under Slurm")
+            && said.contains("sft (seed 0) (task ")
+            && said.contains("sap (seed 0) (task ")
+            && said.contains("exit status 1"),
+        "{said}"
+    );
+    assert!(!failing.join("comparison.json").exists());
+    assert!(queue_is_empty(&cluster));
+}
