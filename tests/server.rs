@@ -73,6 +73,27 @@ fn api_auth_validation_confinement_and_limits() {
     // Validation errors name the field.
     let cases = [
         (json!({"kind": "bake", "config": {}}), 400, "kind"),
+        // A request cannot choose what Slurm runs, or where sbatch reads and writes.
+        (
+            json!({"kind": "compare", "config": {"executor": "slurm", "slurm": {"program": "/bin/sh"}}}),
+            400,
+            "config.slurm.program: the server's tasks run its own safeprobe",
+        ),
+        (
+            json!({"kind": "compare", "config": {"executor": "slurm", "slurm": {"sbatch_args": ["--output=/etc/cron.d/x"]}}}),
+            400,
+            "config.slurm.sbatch_args: \"--output=/etc/cron.d/x\" is not allowed from a request",
+        ),
+        (
+            json!({"kind": "compare", "config": {"executor": "slurm", "slurm": {"sbatch_args": ["--nodelist=/etc/hosts"]}}}),
+            400,
+            "config.slurm.sbatch_args",
+        ),
+        (
+            json!({"kind": "compare", "config": {"executor": "slurm", "slurm": {"partition": "a b"}}}),
+            400,
+            "config.slurm.partition: \"a b\" is not one word",
+        ),
         (
             json!({"kind": "train", "config": {"train_data": "train.jsonl", "max_steps": 5, "lr": -1.0}}),
             400,

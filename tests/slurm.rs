@@ -10,10 +10,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 #[path = "support/slurm.rs"]
 mod slurm;
+
+#[path = "support/api.rs"]
+mod api;
 use slurm::{Cluster, wait_for};
 
 fn demo_model() -> PathBuf {
@@ -232,4 +235,109 @@ fn a_comparison_on_slurm_equals_the_local_one_through_a_requeue() {
     );
     assert!(!failing.join("comparison.json").exists());
     assert!(queue_is_empty(&cluster));
+
+    // Ctrl-C while the tasks run cancels the array.
+    let interrupted = dir.path().join("interrupted");
+    let mut child = compare(&cluster, &interrupted, &["--executor", "slurm"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(
+        || {
+            cluster
+                .run("squeue", &["-h", "-o", "%T"])
+                .contains("RUNNING")
+        },
+        "the tasks to run",
+        &cluster.dir,
+    );
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(!child.wait().unwrap().success());
+    wait_for(
+        || queue_is_empty(&cluster),
+        "the array to be cancelled",
+        &cluster.dir,
+    );
+
+    // The panel's way: a comparison job with executor = slurm runs as an array, its tasks'
+    // states in the job's events; cancelling a job cancels its array.
+    let data = dir.path().join("server");
+    std::fs::create_dir_all(&data).unwrap();
+    let conf = cluster.conf.display().to_string();
+    let server = api::Server::start_with_env(&data, &[], &[("SLURM_CONF", &conf)]);
+    let config = json!({
+        "executor": "slurm",
+        "device": "cpu",
+        "methods": ["sft", "sap"],
+        "seeds": [0],
+        "poison_fraction": [0.0],
+        "max_prompts": 4,
+        "max_new_tokens": 6,
+        "slurm": {"poll_seconds": 0.2},
+        "train": {"finetune": "lora", "max_steps": 60, "checkpoint_every": 4, "eval_every": 20,
+                  "batch_size": 4, "safety_batch_size": 4},
+    });
+    let (code, job) = server.post("/api/jobs", json!({"kind": "compare", "config": config}));
+    assert_eq!(code, 200, "{job}");
+    let id = job["id"].as_i64().unwrap();
+    let job = server.wait_for(id, "the comparison job", |j| {
+        ["done", "failed"].contains(&j["status"].as_str().unwrap_or(""))
+    });
+    assert_eq!(job["status"], "done", "{job}");
+    let (_, page) = server.get(&format!("/api/jobs/{id}/metrics?after=0&limit=100000"));
+    let events: Vec<&Value> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["body"])
+        .collect();
+    let states = |method: &str| -> Vec<String> {
+        events
+            .iter()
+            .filter(|e| e["event"] == "task" && e["run"]["method"] == method)
+            .map(|e| e["state"].as_str().unwrap().to_string())
+            .collect()
+    };
+    for method in ["sft", "sap"] {
+        let seen = states(method);
+        assert_eq!(
+            seen.last().map(String::as_str),
+            Some("done"),
+            "{method}: {seen:?}"
+        );
+        assert!(seen.contains(&"running".to_string()), "{method}: {seen:?}");
+    }
+    // Each run's steps came through as its own part, in order.
+    let steps = events.iter().filter(|e| e["event"] == "step").count();
+    assert_eq!(steps, 2 * 60);
+    let rows = &job["result"]["conditions"][0]["runs"];
+    assert_eq!(rows.as_array().unwrap().len(), 3, "{rows}");
+
+    let (code, job) = server.post("/api/jobs", json!({"kind": "compare", "config": config}));
+    assert_eq!(code, 200, "{job}");
+    let id = job["id"].as_i64().unwrap();
+    wait_for(
+        || {
+            cluster
+                .run("squeue", &["-h", "-o", "%T"])
+                .contains("RUNNING")
+        },
+        "the job's tasks to run",
+        &cluster.dir,
+    );
+    let (code, answer) = server.post(&format!("/api/jobs/{id}/cancel"), json!({}));
+    assert!(code < 300, "{answer}");
+    server.wait_for(id, "the cancelled job", |j| j["status"] == "cancelled");
+    wait_for(
+        || queue_is_empty(&cluster),
+        "the job's array to be cancelled",
+        &cluster.dir,
+    );
 }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use safeprobe_wire::{Event, JobProgress, LiveMessage, Method, RunOf, StoredEvent};
+use safeprobe_wire::{Event, JobProgress, LiveMessage, Method, RunOf, StoredEvent, TaskState};
 
 pub const COLORS: [&str; 8] = [
     "#2f5bd3", "#c0392b", "#1e8449", "#8e44ad", "#d68910", "#17a589", "#7f8c8d", "#e84393",
@@ -457,6 +457,53 @@ pub fn alignment_series(events: &[Event]) -> Vec<Series> {
         .collect()
 }
 
+/// A comparison's run under a cluster scheduler, as its newest task event left it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskRow {
+    pub id: String,
+    pub run: RunOf,
+    pub state: TaskState,
+    pub detail: Option<String>,
+    /// How many times it was requeued.
+    pub requeued: usize,
+}
+
+/// Each task's newest state, in the order the tasks first reported.
+pub fn tasks(events: &[Event]) -> Vec<TaskRow> {
+    let mut rows: Vec<TaskRow> = Vec::new();
+    for event in events {
+        let Event::Task {
+            run,
+            id,
+            state,
+            detail,
+        } = event
+        else {
+            continue;
+        };
+        let index = match rows.iter().position(|r| &r.id == id) {
+            Some(i) => i,
+            None => {
+                rows.push(TaskRow {
+                    id: id.clone(),
+                    run: run.clone(),
+                    state: *state,
+                    detail: None,
+                    requeued: 0,
+                });
+                rows.len() - 1
+            }
+        };
+        let row = &mut rows[index];
+        if *state == TaskState::Requeued && row.state != TaskState::Requeued {
+            row.requeued += 1;
+        }
+        row.state = *state;
+        row.detail = detail.clone();
+    }
+    rows
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -855,5 +902,47 @@ mod tests {
         assert_eq!(Metric::ProbeAlignment.points(&events), [(2.0, 0.26)]);
         assert!(Metric::TaskLoss.point(&events[2]).is_none());
         assert!(log_lines(&events).is_empty());
+    }
+
+    #[test]
+    fn tasks_show_each_ones_newest_state_and_count_its_requeues() {
+        let run = |method| RunOf {
+            method,
+            seed: 0,
+            condition: "benign data".into(),
+        };
+        let task = |id: &str, method, state, detail: Option<&str>| Event::Task {
+            run: run(method),
+            id: id.into(),
+            state,
+            detail: detail.map(str::to_string),
+        };
+        let events = vec![
+            task("7_0", Method::Sft, TaskState::Pending, Some("Resources")),
+            task("7_1", Method::Sap, TaskState::Pending, None),
+            task("7_0", Method::Sft, TaskState::Running, None),
+            step(1, 1.0),
+            task("7_0", Method::Sft, TaskState::Requeued, Some("BeginTime")),
+            task("7_0", Method::Sft, TaskState::Running, None),
+            task("7_1", Method::Sap, TaskState::Failed, Some("exit status 1")),
+            task("7_0", Method::Sft, TaskState::Done, None),
+        ];
+        let rows = tasks(&events);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            (rows[0].id.as_str(), rows[0].state, rows[0].requeued),
+            ("7_0", TaskState::Done, 1)
+        );
+        assert_eq!(rows[0].run, run(Method::Sft));
+        assert_eq!(rows[0].detail, None);
+        assert_eq!(
+            (rows[1].state, rows[1].detail.as_deref()),
+            (TaskState::Failed, Some("exit status 1"))
+        );
+        assert!(tasks(&[step(1, 1.0)]).is_empty());
+        assert_eq!(
+            log_lines(&events[6..7]),
+            vec!["slurm task 7_1: failed (exit status 1)".to_string()]
+        );
     }
 }

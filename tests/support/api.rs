@@ -28,7 +28,13 @@ impl Server {
     }
 
     pub fn start_with(data_dir: &Path, args: &[&str]) -> Self {
-        let (child, base) = serve::spawn_with(data_dir, TOKEN, &[&fixtures().join("data")], args);
+        Self::start_with_env(data_dir, args, &[])
+    }
+
+    /// A server with these environment variables (its jobs' processes inherit them).
+    pub fn start_with_env(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let (child, base) =
+            serve::spawn_with_env(data_dir, TOKEN, &[&fixtures().join("data")], args, env);
         Self { child, base }
     }
 

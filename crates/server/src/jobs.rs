@@ -265,6 +265,57 @@ fn check_device(map: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The sbatch options a request may pass: none of them names a file, a folder or a program
+/// (a request may not make sbatch read, write or run where it likes; `--output`, `--chdir`,
+/// `--export` and the like stay the server's).
+const REQUEST_SBATCH_OPTIONS: [&str; 19] = [
+    "--time",
+    "--time-min",
+    "--mem",
+    "--mem-per-cpu",
+    "--mem-per-gpu",
+    "--cpus-per-task",
+    "--cpus-per-gpu",
+    "--gpus",
+    "--gpus-per-node",
+    "--gpus-per-task",
+    "--account",
+    "--qos",
+    "--constraint",
+    "--nodelist",
+    "--exclude",
+    "--reservation",
+    "--nice",
+    "--comment",
+    "--exclusive",
+];
+
+/// A comparison request's Slurm settings: the tasks run this server's own safeprobe, and
+/// sbatch takes only the options above, their values naming no path.
+fn check_slurm_request(slurm: &safeprobe_wire::spec::SlurmSettings) -> Result<(), ApiError> {
+    if slurm.program.is_some() {
+        return Err(ApiError::field(
+            "config.slurm.program",
+            "the server's tasks run its own safeprobe; remove it (the command line's compare \
+             takes it)",
+        ));
+    }
+    for arg in &slurm.sbatch_args {
+        let (name, value) = arg.split_once('=').unwrap_or((arg, ""));
+        if !REQUEST_SBATCH_OPTIONS.contains(&name) || value.contains('/') {
+            return Err(ApiError::field(
+                "config.slurm.sbatch_args",
+                format!(
+                    "{arg:?} is not allowed from a request; use --name=value with one of {} \
+                     (values without /)",
+                    REQUEST_SBATCH_OPTIONS.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Checks a job request and resolves its paths; returns the spec to store.
 pub fn validate(
     kind: JobKind,
@@ -328,6 +379,7 @@ pub fn validate(
             );
             let comparison: CompareConfig = typed(map)?;
             comparison.validate_settings()?;
+            check_slurm_request(&comparison.slurm)?;
             let keep = comparison.train.0.get("keep_checkpoints");
             if let Some(keep) = keep.and_then(Value::as_u64) {
                 check_retention(keep as usize, places, "config.train.keep_checkpoints")?;
@@ -511,7 +563,8 @@ mod tests {
         let comparison: CompareConfig =
             toml::from_str("model = 'm'\nprompts = 'p'\njudge_model = 'j'\n").unwrap();
         let mut keys = path_keys::<CompareConfig>(&serde_json::to_value(comparison).unwrap());
-        keys.retain(|k| k != "output_dir");
+        // Chosen by the server, and refused from a request (check_slurm_request).
+        keys.retain(|k| k != "output_dir" && k != "slurm.program");
         assert_eq!(listed(JobKind::Compare, ""), keys, "compare jobs");
 
         let eval = json!({"model": "m", "adapter": "a", "prompts": "p", "judge_model": "j"});

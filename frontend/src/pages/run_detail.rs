@@ -7,7 +7,7 @@ use leptos::prelude::*;
 use leptos::task::spawn_local;
 use safeprobe_wire::{
     ErrorBody, Event, HarmfulReport, Job, JobKind, JobLabel, JobProgress, JobResult, JudgedAnswer,
-    LiveMessage, Method, Status, StoredEvent,
+    LiveMessage, Method, Status, StoredEvent, TaskState,
 };
 
 use super::export::ExportCard;
@@ -77,7 +77,8 @@ pub fn RunDetail(id: i64) -> impl IntoView {
             };
             stored.map(|_| match job.kind() {
                 JobKind::Eval => view! { <Evaluation job/> <Log events/> }.into_any(),
-                _ => view! { <Charts events/> <Log events/> <Evaluation job/> }.into_any(),
+                _ => view! { <Tasks events/> <Charts events/> <Log events/> <Evaluation job/> }
+                    .into_any(),
             })
         })
     };
@@ -88,6 +89,51 @@ pub fn RunDetail(id: i64) -> impl IntoView {
         <Transition fallback=loading>
             <ErrorBoundary fallback=load_errors>{body}</ErrorBoundary>
         </Transition>
+    }
+}
+
+/// A comparison's runs under Slurm: each task's state, how often it was requeued, and for a
+/// failed one its log's tail (nothing for a job without tasks).
+#[component]
+fn Tasks(events: Memo<Vec<Event>>) -> impl IntoView {
+    let rows = Memo::new(move |_| events.with(|e| series::tasks(e)));
+    move || {
+        let rows = rows.get();
+        (!rows.is_empty()).then(|| {
+            let body = rows
+                .into_iter()
+                .map(|row| {
+                    let state = row.state.name();
+                    let class = match row.state {
+                        TaskState::Failed => "error",
+                        TaskState::Done => "ok",
+                        _ => "",
+                    };
+                    let requeued = (row.requeued > 0).then(|| format!(" (requeued {}×)", row.requeued));
+                    let detail = row.detail.map(|d| match row.state {
+                        TaskState::Failed => view! { <pre class="error">{d}</pre> }.into_any(),
+                        _ => view! { <span class="help">{d}</span> }.into_any(),
+                    });
+                    view! {
+                        <tr data-task=row.id.clone() data-state=state>
+                            <td>{format!("{} (seed {}, {})", row.run.method.name(), row.run.seed, row.run.condition)}</td>
+                            <td>{row.id}</td>
+                            <td class=class>{state}{requeued}</td>
+                            <td>{detail}</td>
+                        </tr>
+                    }
+                })
+                .collect_view();
+            view! {
+                <h2>"Slurm tasks"</h2>
+                <div class="card" id="tasks">
+                    <table>
+                        <thead><tr><th>"run"</th><th>"task"</th><th>"state"</th><th>""</th></tr></thead>
+                        <tbody>{body}</tbody>
+                    </table>
+                </div>
+            }
+        })
     }
 }
 

@@ -276,7 +276,9 @@ pub struct SlurmSettings {
     pub sbatch_args: Vec<String>,
     /// program on the nodes
     ///
-    /// the safeprobe each task runs (empty: this one, at its path here)
+    /// the safeprobe each task runs (empty: this one, at its path here; the server always
+    /// runs its own)
+    #[schemars(extend("x-set-by" = "server"))]
     pub program: Option<PathBuf>,
     /// poll every (s)
     ///
@@ -691,9 +693,13 @@ mod tests {
             .unwrap()
             .as_object()
             .unwrap()
-            .keys()
-            .filter(|k| *k != "train")
-            .cloned()
+            .iter()
+            .filter(|(k, _)| *k != "train")
+            .flat_map(|(k, v)| match v.as_object() {
+                // A table's fields are the form's, dotted (slurm.partition).
+                Some(table) => table.keys().map(|inner| format!("{k}.{inner}")).collect(),
+                None => vec![k.clone()],
+            })
             .collect();
         expected.sort();
         let mut sorted = top.clone();
@@ -709,6 +715,23 @@ mod tests {
         assert_eq!(by_key("methods").input, Input::Choices(methods));
         assert!(matches!(by_key("task").input, Input::Choice(ref c) if c.len() == 3));
         assert!(by_key("output_dir").server_sets);
+        assert!(by_key("slurm.program").server_sets);
+        assert_eq!(
+            by_key("executor").input,
+            Input::Choice(vec![
+                (
+                    "local".into(),
+                    "one after another, in the comparison's own process".into()
+                ),
+                (
+                    "slurm".into(),
+                    "each run a task of one Slurm job array (sbatch), resumed from its \
+                     checkpoint when Slurm requeues it"
+                        .into()
+                ),
+            ])
+        );
+        assert_eq!(by_key("slurm.sbatch_args").input, Input::Words);
         assert_eq!(by_key("train.max_steps").default, "120");
         assert_eq!(by_key("train.sap.temperature").default, "100.0");
         assert_eq!(by_key("train.lr").default, "0.0001");
