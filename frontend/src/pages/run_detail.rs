@@ -103,22 +103,30 @@ fn Tasks(events: Memo<Vec<Event>>) -> impl IntoView {
             let body = rows
                 .into_iter()
                 .map(|row| {
-                    let state = row.state.name();
-                    let class = match row.state {
+                    let series::TaskRow {
+                        id,
+                        run,
+                        state,
+                        detail,
+                        requeued,
+                    } = row;
+                    let class = match state {
                         TaskState::Failed => "error",
                         TaskState::Done => "ok",
                         _ => "",
                     };
-                    let requeued = (row.requeued > 0).then(|| format!(" (requeued {}×)", row.requeued));
-                    let detail = row.detail.map(|d| match row.state {
+                    let requeued = (requeued > 0).then(|| format!(" (requeued {requeued}×)"));
+                    let detail = detail.map(|d| match state {
                         TaskState::Failed => view! { <pre class="error">{d}</pre> }.into_any(),
                         _ => view! { <span class="help">{d}</span> }.into_any(),
                     });
+                    let name = format!("{} (seed {}, {})", run.method.name(), run.seed, run.condition);
+                    let key = id.clone();
                     view! {
-                        <tr data-task=row.id.clone() data-state=state>
-                            <td>{format!("{} (seed {}, {})", row.run.method.name(), row.run.seed, row.run.condition)}</td>
-                            <td>{row.id}</td>
-                            <td class=class>{state}{requeued}</td>
+                        <tr data-task=key data-state=state.name()>
+                            <td>{name}</td>
+                            <td>{id}</td>
+                            <td class=class>{state.name()}{requeued}</td>
                             <td>{detail}</td>
                         </tr>
                     }
