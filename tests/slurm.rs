@@ -158,6 +158,27 @@ fn a_comparison_on_slurm_equals_the_local_one_through_a_requeue() {
         attempts.lines().nth(1).unwrap().contains("attempt 1"),
         "{attempts}"
     );
+    // The two tasks started on the two nodes.
+    let first_attempts: Vec<String> = ["sft-seed0", "sap-seed0"]
+        .iter()
+        .map(|run| {
+            let attempts =
+                std::fs::read_to_string(on_slurm.join(run).join("task-attempts")).unwrap();
+            attempts
+                .lines()
+                .next()
+                .unwrap()
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let mut nodes = first_attempts.clone();
+    nodes.sort();
+    let mut expected = cluster.nodes.to_vec();
+    expected.sort();
+    assert_eq!(nodes, expected, "{first_attempts:?}");
     let log = std::fs::read_to_string(on_slurm.join("slurm/task-0.log")).unwrap();
     assert!(log.contains("resuming"), "{log}");
     for state in ["running", "requeued", "done"] {

@@ -135,7 +135,7 @@ fn task_script(program: &Path, dirs: &[PathBuf]) -> String {
         "  *) echo \"safeprobe: task ${{SLURM_ARRAY_TASK_ID:-?}} is not one of this \
          comparison's\" >&2; exit 2 ;;\nesac\n\
          echo \"$(date -u +%Y-%m-%dT%H:%M:%SZ) attempt ${{SLURM_RESTART_COUNT:-0}} on \
-         $(hostname)\" >> \"$run/{ATTEMPTS}\"\n\
+         ${{SLURMD_NODENAME:-$(hostname)}}\" >> \"$run/{ATTEMPTS}\"\n\
          rm -f \"$run/{EXIT}\"\n\
          {} train --config \"$run/{CONFIG}\" --resume-when-requeued\n\
          status=$?\n\
