@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use safeprobe_train::admission::RunSizing;
 use safeprobe_train::run::{RunConfig, RunFile};
-use safeprobe_wire::spec::{RunFiles, SpecError};
+use safeprobe_wire::spec::{Executor, RunFiles, SpecError};
 use safeprobe_wire::{Method, spec};
 
 pub use safeprobe_wire::spec::CompareConfig;
@@ -42,9 +42,10 @@ pub trait Comparing: Sized {
     /// to run.
     fn planned_steps(&self) -> Result<usize>;
 
-    /// The largest memory any part of the comparison takes: its runs (every method and
-    /// condition) and answering the harmful prompts. `fused`: the CPU backend. Checks the
-    /// run settings that depend on the model (probed layers, sequence length) on the way.
+    /// The largest memory any part of the comparison takes here: its runs (every method and
+    /// condition) and answering the harmful prompts; under Slurm the runs train on the nodes,
+    /// so only the answering. `fused`: the CPU backend. Checks the run settings that depend
+    /// on the model (probed layers, sequence length) on the way.
     fn memory_estimate(
         &self,
         model: &safeprobe_model::ModelConfig,
@@ -108,6 +109,9 @@ impl Comparing for CompareConfig {
         for run in self.first_seed_runs(Path::new("model"), &self.run_files())? {
             run.check_against(model)
                 .map_err(|e| EvalError::Spec(e.within("train")))?;
+            if self.executor == Executor::Slurm {
+                continue;
+            }
             let mut estimate = run.memory_estimate(model, fused);
             if estimate.total() > largest.total() {
                 // A comparison takes its trainer settings from [train].

@@ -205,6 +205,43 @@ fn config_errors_name_the_field() {
     }
 }
 
+/// Slurm settings are checked with the config, each named by its key; under Slurm the memory
+/// this machine needs is the answering alone (the runs train on the nodes).
+#[test]
+fn slurm_settings_are_checked_and_size_only_what_runs_here() {
+    for (text, says) in [
+        ("executor = \"pbs\"", "executor"),
+        (
+            "[slurm]\npartition = \"a b\"",
+            "slurm.partition: \"a b\" is not one word",
+        ),
+        (
+            "[slurm]\nsbatch_args = [\"time=1\"]",
+            "slurm.sbatch_args: \"time=1\" is not an option",
+        ),
+        (
+            "[slurm]\npoll_seconds = 0.0",
+            "slurm.poll_seconds: 0 must be in 0.1..=600",
+        ),
+        ("[slurm]\nqueue = \"x\"", "queue"),
+    ] {
+        let err = CompareConfig::parse(text, &[], Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(says), "{text}: {err}");
+    }
+    let model = safeprobe_model::ModelConfig::from_file(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("demo-model/config.json"),
+    )
+    .unwrap();
+    let local = demo_config_with(&[]).unwrap();
+    let on_slurm = demo_config_with(&["executor=\"slurm\""]).unwrap();
+    let answering = crate::harmful::answer_memory(&model, local.max_new_tokens);
+    let here = on_slurm.memory_estimate(&model, true).unwrap();
+    assert_eq!(here.total(), answering.total());
+    assert!(local.memory_estimate(&model, true).unwrap().total() > here.total());
+}
+
 /// The demo compares under the paper's two threat models; one value (as `--set
 /// poison_fraction=0.1` gives) is one condition, whose runs keep the single-condition
 /// layout, while several conditions each get a folder.
