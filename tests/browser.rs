@@ -18,6 +18,9 @@ mod support;
 #[path = "support/mock_hub.rs"]
 mod mock_hub;
 
+#[path = "support/slurm.rs"]
+mod slurm;
+
 const TOKEN: &str = "browser-token";
 
 struct Kill(Child);
@@ -936,6 +939,86 @@ fn the_ui_pulls_a_model_from_the_hub_and_puts_it_in_the_form() {
         let value = browser.script("return document.querySelector(\"input[name='model']\").value");
         (value.as_str() == Some("org/tiny")).then_some(())
     });
+}
+
+/// A comparison started from the Compare form with executor = slurm runs on a real Slurm (the
+/// test's own two-node cluster), and its page lists the tasks and their states.
+#[test]
+fn the_ui_runs_a_comparison_on_slurm_and_lists_its_tasks() {
+    let data = tempfile::tempdir().unwrap();
+    let cluster = slurm::Cluster::start(&data.path().join("slurm"));
+    let conf = cluster.conf.display().to_string();
+    let (child, base) =
+        support::spawn_with_env(data.path(), TOKEN, &[], &[], &[("SLURM_CONF", &conf)]);
+    let _server = Kill(child);
+    let browser = Browser::start();
+    browser.open(&format!("{base}/?token={TOKEN}#/compare"));
+    browser.wait_for("the comparison form", || browser.find("#new-comparison"));
+    browser.click("#new-comparison > summary");
+    browser.wait_for("the executor", || browser.find("select[name='executor']"));
+    browser.click("select[name='executor'] option[value='slurm']");
+    browser.wait_for("what slurm means", || {
+        browser
+            .text("#new-comparison")
+            .contains("each run a task of one Slurm job array")
+            .then_some(())
+    });
+    assert!(browser.find("input[name='slurm.partition']").is_some());
+    assert!(
+        browser.find("input[name='slurm.program']").is_none(),
+        "the server runs its own program"
+    );
+    browser.click("#methods input[value='mix']");
+    for (key, value) in [
+        ("seeds", "0"),
+        ("poison_fraction", "0.0"),
+        ("max_prompts", "4"),
+        ("max_new_tokens", "6"),
+        ("slurm.poll_seconds", "0.2"),
+    ] {
+        browser.type_into(&format!("input[name='{key}']"), value);
+    }
+    // (Opened by script: the sticky start bar covers its summary at this scroll.)
+    browser.script("document.querySelector('#new-comparison details').open = true; return null");
+    for (key, value) in [
+        ("max_steps", "20"),
+        ("batch_size", "4"),
+        ("safety_batch_size", "4"),
+    ] {
+        browser.type_into(&format!("input[name='train.{key}']"), value);
+    }
+    let typed =
+        browser.script("return document.querySelector(\"input[name='train.max_steps']\").value");
+    assert_eq!(typed.as_str(), Some("20"));
+    browser.click("#start-comparison");
+    browser.opened_job("the comparison's page");
+    browser.wait_for("the tasks card", || browser.find("#tasks"));
+    browser.wait_for("the comparison", || {
+        (browser.text("#job-status") == "done").then_some(())
+    });
+    let states = browser.wait_for("both tasks done", || {
+        let states = browser.script(
+            "return [...document.querySelectorAll('#tasks tr[data-task]')].map(r => r.dataset.state).join(',')",
+        );
+        (states.as_str() == Some("done,done")).then_some(states)
+    });
+    assert_eq!(states.as_str(), Some("done,done"));
+    let text = browser.text("#tasks");
+    assert!(
+        text.contains("sft (seed 0, benign data)") && text.contains("sap (seed 0, benign data)"),
+        "{text}"
+    );
+    // 20 steps a run, as the form said, and every part done.
+    assert_eq!(browser.text("#job-progress"), "part 3 of 3 · 100%");
+    let steps = browser.text("#log");
+    assert!(steps.contains("finished 20 steps"), "{steps}");
+    browser.screenshot("30-slurm-tasks");
+    assert!(browser.find("#log").is_some());
+    assert!(
+        browser.text("#log").contains("slurm task"),
+        "{}",
+        browser.text("#log")
+    );
 }
 
 /// The demo as a newcomer sees it, for the README's pictures; not part of the test run, since
