@@ -231,8 +231,16 @@ fn a_comparison_on_slurm_equals_the_local_one_through_a_requeue() {
     assert!(!absent.status.success());
     assert!(said.contains("sbatch is not on PATH"), "{said}");
 
-    // Tasks that fail: each run named, with its log's tail, and no table.
+    // Tasks that fail: each run named, with its log's tail, and no table. Their folder held
+    // an earlier run's events and checkpoint, which must not pass for this one's.
     let failing = dir.path().join("failing");
+    let stale = failing.join("sft-seed0");
+    std::fs::create_dir_all(stale.join("checkpoints/step-4")).unwrap();
+    std::fs::write(
+        stale.join("metrics.jsonl"),
+        "{\"event\": \"validation\", \"step\": 4, \"loss\": 9.0}\n",
+    )
+    .unwrap();
     let out = compare(
         &cluster,
         &failing,
@@ -255,6 +263,7 @@ fn a_comparison_on_slurm_equals_the_local_one_through_a_requeue() {
         "{said}"
     );
     assert!(!failing.join("comparison.json").exists());
+    assert!(!stale.join("checkpoints").exists() && !stale.join("metrics.jsonl").exists());
     assert!(queue_is_empty(&cluster));
 
     // Ctrl-C while the tasks run cancels the array.

@@ -67,9 +67,16 @@ pub fn submit(settings: &SlurmSettings, folder: &Path, runs: &[TaskRun]) -> Resu
             .map_err(|e| EvalError::file(&task.config.output_dir, e.to_string()))?;
         std::fs::create_dir_all(&dir).map_err(|e| EvalError::file(&dir, e.to_string()))?;
         // A folder reused from an earlier comparison keeps nothing that would read as this
-        // one's task having started or ended.
-        for stale in [ATTEMPTS, EXIT] {
+        // one's task having started, trained or ended: its events would be passed on as this
+        // run's, and a task requeued before its first checkpoint would resume from the earlier
+        // run's. (The local executor overwrites the same files.)
+        for stale in [ATTEMPTS, EXIT, "metrics.jsonl"] {
             let _ = std::fs::remove_file(dir.join(stale));
+        }
+        let checkpoints = dir.join("checkpoints");
+        if checkpoints.exists() {
+            std::fs::remove_dir_all(&checkpoints)
+                .map_err(|e| EvalError::file(&checkpoints, e.to_string()))?;
         }
         let mut config = task.config.clone();
         config.output_dir = dir.clone();
