@@ -105,9 +105,11 @@ fn a_comparison_on_slurm_equals_the_local_one_through_a_requeue() {
     finished(&mut compare(&cluster, &local, &["--executor", "local"]));
     assert!(!local.join("slurm").exists());
 
-    // Under Slurm, task 0 (SFT) requeued once it has a checkpoint.
+    // Under Slurm, task 0 (SFT) requeued once it has a checkpoint. The output folder is
+    // relative, as a user's usually is: the tasks must find the runs' data where it is here.
     let on_slurm = dir.path().join("on-slurm");
-    let mut child = compare(&cluster, &on_slurm, &["--executor", "slurm"])
+    let mut child = compare(&cluster, Path::new("on-slurm"), &["--executor", "slurm"])
+        .current_dir(dir.path())
         .stderr(std::fs::File::create(dir.path().join("compare.err")).unwrap())
         .spawn()
         .unwrap();

@@ -93,6 +93,8 @@ pub fn submit(settings: &SlurmSettings, folder: &Path, runs: &[TaskRun]) -> Resu
     let script = own.join("tasks.sh");
     safeprobe_model::weights::write_atomic(&script, task_script(&program, &dirs).as_bytes())?;
 
+    let here = std::env::current_dir()
+        .map_err(|e| EvalError::Invalid(format!("cannot read the current folder: {e}")))?;
     let mut command = Command::new("sbatch");
     command
         .arg("--parsable")
@@ -101,7 +103,10 @@ pub fn submit(settings: &SlurmSettings, folder: &Path, runs: &[TaskRun]) -> Resu
         .arg("--job-name=safeprobe-compare")
         .arg(format!("--output={}", own.join("task-%a.log").display()))
         .arg("--open-mode=append")
-        .arg(format!("--chdir={}", folder.display()));
+        // The tasks start where the comparison was started, so that the paths in the runs'
+        // configs (the data under a relative output folder, a relative model) name the same
+        // files on the nodes as here.
+        .arg(format!("--chdir={}", here.display()));
     if let Some(partition) = &settings.partition {
         command.arg(format!("--partition={partition}"));
     }
