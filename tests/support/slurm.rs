@@ -7,6 +7,8 @@
 //! runs a task on each. Needs root, as slurmd and namespaces do (the tests and CI run as
 //! root).
 
+#![allow(dead_code)]
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
