@@ -224,6 +224,24 @@ fn slurm_settings_are_checked_and_size_only_what_runs_here() {
             "slurm.poll_seconds: 0 must be in 0.1..=600",
         ),
         ("[slurm]\nqueue = \"x\"", "queue"),
+        (
+            &format!("[slurm]\npartition = \"{}\"", "p".repeat(257)),
+            "slurm.partition: 257 characters is longer than 256",
+        ),
+        (
+            &format!(
+                "[slurm]\nsbatch_args = [\"--comment={}\"]",
+                "c".repeat(2000)
+            ),
+            "slurm.sbatch_args: \"--comment=ccc",
+        ),
+        (
+            &format!(
+                "[slurm]\nsbatch_args = [{}]",
+                vec!["\"--nice=1\""; 65].join(", ")
+            ),
+            "slurm.sbatch_args: 65 options is more than 64",
+        ),
     ] {
         let err = CompareConfig::parse(text, &[], Path::new("c.toml"))
             .unwrap_err()

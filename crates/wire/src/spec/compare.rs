@@ -289,6 +289,8 @@ pub struct SlurmSettings {
 impl SlurmSettings {
     /// The settings' own checks: each names its key (`slurm.partition`).
     pub fn validate(&self) -> Result<(), SpecError> {
+        // Slurm's names are short; a bound keeps a request's text out of sbatch's arguments.
+        const LONGEST: usize = 256;
         let word = |key: &str, value: &Option<String>| match value {
             Some(v) if v.is_empty() || v.chars().any(|c| c.is_whitespace() || c.is_control()) => {
                 Err(SpecError::new(
@@ -296,15 +298,23 @@ impl SlurmSettings {
                     format!("{v:?} is not one word"),
                 ))
             }
+            Some(v) if v.len() > LONGEST => Err(SpecError::new(
+                format!("slurm.{key}"),
+                format!("{} characters is longer than {LONGEST}", v.len()),
+            )),
             _ => Ok(()),
         };
         word("partition", &self.partition)?;
         word("gres", &self.gres)?;
-        if let Some(bad) = self
-            .sbatch_args
-            .iter()
-            .find(|a| !a.starts_with('-') || a.chars().any(char::is_control))
-        {
+        if self.sbatch_args.len() > 64 {
+            return Err(SpecError::new(
+                "slurm.sbatch_args",
+                format!("{} options is more than 64", self.sbatch_args.len()),
+            ));
+        }
+        if let Some(bad) = self.sbatch_args.iter().find(|a| {
+            !a.starts_with('-') || a.len() > 4 * LONGEST || a.chars().any(char::is_control)
+        }) {
             return Err(SpecError::new(
                 "slurm.sbatch_args",
                 format!("{bad:?} is not an option (each starts with -, e.g. --time=01:00:00)"),
