@@ -5,7 +5,6 @@
 //! chat. Screenshots are kept in
 //! `<target>/tmp/browser-screenshots/`.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -31,14 +30,6 @@ impl Drop for Kill {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn start_server(data: &Path) -> (Kill, String) {
     let (child, base) = support::spawn(data, TOKEN, &[]);
     (Kill(child), base)
@@ -56,7 +47,7 @@ struct Browser {
 
 impl Browser {
     fn start() -> Self {
-        let port = free_port();
+        let port = slurm::free_port();
         let driver = Command::new("chromedriver")
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
